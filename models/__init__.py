@@ -1,0 +1,23 @@
+"""DATPRL-IR network, named variants, published-checkpoint loading and our safetensors weights format."""
+
+from datprl.models.config import ModelConfig, PromptPoolConfig
+from datprl.models.factory import (
+    VARIANTS,
+    config_from_published,
+    convert_published_state_dict,
+    count_parameters,
+    create_model,
+    load_model,
+    load_published,
+    save_model,
+    variant_config,
+    weights_digest,
+)
+from datprl.models.network import DATPRLIR, RestorationOutput
+from datprl.models.prompts import PoolSelection
+
+__all__ = [
+    "DATPRLIR", "VARIANTS", "ModelConfig", "PoolSelection", "PromptPoolConfig", "RestorationOutput",
+    "config_from_published", "convert_published_state_dict", "count_parameters", "create_model", "load_model",
+    "load_published", "save_model", "variant_config", "weights_digest",
+]  # fmt: skip

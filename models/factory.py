@@ -1,0 +1,231 @@
+"""Named variants, the one factory that builds them, published-checkpoint conversion, and our weights format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+
+from datprl.models.config import ModelConfig, PromptPoolConfig
+from datprl.models.network import DATPRLIR
+
+_TINY = dict(
+    width=16,
+    encoder_blocks=(1, 1, 1),
+    bottleneck_blocks=1,
+    decoder_blocks=(1, 1, 1),
+    refinement_blocks=1,
+    prompt_dim=64,
+    fusion_heads=4,
+)
+
+#: Every registered variant. ``paper`` is the multi-domain network of the paper (53,133,552 parameters);
+#: ``task_only`` its natural-image variant (task pool only); ``restormer`` the same backbone without prompts.
+VARIANTS: dict[str, ModelConfig] = {
+    "paper": ModelConfig(),
+    "task_only": ModelConfig(domain_pool=None),
+    "restormer": ModelConfig(task_pool=None, domain_pool=None),
+    "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=PromptPoolConfig(size=6, top_k=3)),
+    "task_only_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=None),
+    "restormer_tiny": ModelConfig(**_TINY, task_pool=None, domain_pool=None),
+}
+
+
+def variant_config(name: str, **overrides: Any) -> ModelConfig:
+    """The config of a registered variant, with field overrides (e.g. ``task_pool={"size": 20, "top_k": 3}``)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; choose one of: {', '.join(VARIANTS)}")
+    base = VARIANTS[name].model_dump()
+    base.update(overrides)
+    return ModelConfig.model_validate(base)
+
+
+def create_model(name: str | ModelConfig = "paper", **overrides: Any) -> DATPRLIR:
+    """Build a freshly initialised network from a variant name (plus config overrides) or a full :class:`ModelConfig`."""
+    config = name if isinstance(name, ModelConfig) else variant_config(name, **overrides)
+    return DATPRLIR(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """All parameters, trainable or not (the count the paper reports)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Published checkpoints (the authors' DualPromptRestormerv3 layout)
+
+_PUBLISHED_KEYS = {
+    "img_channel", "dim", "enc_blk_nums", "middle_blk_num", "dec_blk_nums", "refine_blk_num", "heads",
+    "ffn_expansion_factor", "LayerNorm_type", "use_prompt", "domain_pool_size", "degradation_pool_size",
+    "domain_prompt_dim", "degradation_prompt_dim", "domain_top_k", "degradation_top_k", "value_num_tokens",
+    "prompt_fusion_method", "fusion_method",
+}  # fmt: skip
+
+# (published prefix regex, our prefix); applied once per key, first match wins.
+_RENAMES = [
+    (r"^patch_embed\.proj\.", "patch_embed."),
+    (r"^latent_blocks\.", "latent."),
+    (r"^degradation_prompt_pool\.", "task_pool."),
+    (r"^domain_prompt_pool\.", "domain_pool."),
+    (r"^degradation_mapper\.", "task_query."),
+    (r"^domain_mapper\.", "domain_query."),
+    (r"^prompt_cross_attention\.", "fusion.cross_attention."),
+    (r"^prompt_fusion_norm\.", "fusion.norm."),
+    (r"^prompt_fusion_ffn\.", "fusion.ffn."),
+]
+
+
+def config_from_published(published: Mapping[str, Any]) -> ModelConfig:
+    """Translate the published constructor arguments (keys of ``tiny.config.json``) into our :class:`ModelConfig`."""
+    unknown = set(published) - _PUBLISHED_KEYS
+    if unknown:
+        raise ValueError(f"unknown published config keys {sorted(unknown)}; expected a subset of {sorted(_PUBLISHED_KEYS)}")
+    p = dict(published)
+    for key, expected in (("LayerNorm_type", "WithBias"), ("prompt_fusion_method", "cross_attention"),
+                          ("fusion_method", "cross_attention")):  # fmt: skip
+        if p.get(key, expected) != expected:
+            raise ValueError(f"published config {key}={p[key]!r} is not supported; only {expected!r} is implemented")
+    domain_dim = p.get("domain_prompt_dim", 1024)
+    task_dim = p.get("degradation_prompt_dim", 1024)
+    if domain_dim != task_dim:
+        raise ValueError(f"domain_prompt_dim={domain_dim} and degradation_prompt_dim={task_dim} must be equal")
+    use_prompt = p.get("use_prompt", True)
+    fields: dict[str, Any] = dict(
+        in_channels=p.get("img_channel", 3),
+        width=p.get("dim", 48),
+        encoder_blocks=tuple(p.get("enc_blk_nums", (4, 6, 6))),
+        bottleneck_blocks=p.get("middle_blk_num", 8),
+        decoder_blocks=tuple(p.get("dec_blk_nums", (6, 6, 4))),
+        refinement_blocks=p.get("refine_blk_num", 4),
+        heads=tuple(p.get("heads", (1, 2, 4, 8))),
+        ffn_expansion=p.get("ffn_expansion_factor", 2.66),
+        prompt_dim=task_dim,
+        value_tokens=p.get("value_num_tokens", 2),
+        task_pool={"size": p.get("degradation_pool_size", 15), "top_k": p.get("degradation_top_k", 3)} if use_prompt else None,
+        domain_pool={"size": p.get("domain_pool_size", 15), "top_k": p.get("domain_top_k", 5)} if use_prompt else None,
+    )
+    fields["fusion_heads"] = next(h for h in (8, 4, 2, 1) if task_dim % h == 0)
+    try:
+        return ModelConfig.model_validate(fields)
+    except ValidationError as error:
+        raise ValueError(f"published config is invalid for this network: {error}") from None
+
+
+def convert_published_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a published state dict (optionally nested under ``params``) to our module names."""
+    if "params" in state_dict and isinstance(state_dict["params"], Mapping):
+        state_dict = state_dict["params"]
+    converted = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("module.")
+        for pattern, replacement in _RENAMES:
+            key, hits = re.subn(pattern, replacement, key)
+            if hits:
+                break
+        converted[key] = tensor
+    return converted
+
+
+def load_published(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> DATPRLIR:
+    """Our ``paper``-variant network from the published constructor arguments and (optionally) a published state dict.
+
+    ``state_dict`` may be nested under ``params`` as in the released ``.pth`` files (load those with
+    ``torch.load(path, map_location="cpu", weights_only=True)``). Every published tensor must be consumed and every one
+    of ours provided, with equal shapes; otherwise a ValueError lists the offending keys.
+    """
+    model = DATPRLIR(config_from_published(config))
+    if state_dict is None:
+        return model
+    load_state_strict(model, convert_published_state_dict(state_dict), source="published checkpoint")
+    return model
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error message that names missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if unexpected:
+            details.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
+        if mismatched:
+            k = mismatched[0]
+            details.append(f"{len(mismatched)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise ValueError(
+            f"{source} does not fit the network built from its config: {'; '.join(details)}. "
+            "Check that the config belongs to these weights."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Our weights format: <stem>.safetensors + <stem>.json (ModelConfig), written atomically.
+
+CONFIG_SUFFIX = ".json"
+WEIGHTS_SUFFIX = ".safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(model: DATPRLIR, path: str | os.PathLike) -> Path:
+    """Write ``<path>.safetensors`` and its config ``<path>.json`` (``path`` with or without the suffix)."""
+    stem = Path(path)
+    if stem.suffix == WEIGHTS_SUFFIX:
+        stem = stem.with_suffix("")
+    weights = stem.with_name(stem.name + WEIGHTS_SUFFIX)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "network": "DATPRL-IR"}))
+    config_json = json.dumps({"model": model.config.model_dump(mode="json")}, indent=1)
+    _atomic_write(stem.with_name(stem.name + CONFIG_SUFFIX), lambda tmp: Path(tmp).write_text(config_json))
+    return weights
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DATPRLIR:
+    """Load a network written by :func:`save_model` (safetensors only, never pickle)."""
+    stem = Path(path)
+    if stem.suffix == WEIGHTS_SUFFIX:
+        stem = stem.with_suffix("")
+    weights = stem.with_name(stem.name + WEIGHTS_SUFFIX)
+    config_file = stem.with_name(stem.name + CONFIG_SUFFIX)
+    for needed in (weights, config_file):
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} not found; exported weights are a .safetensors file with a .json config beside it")
+    try:
+        config = ModelConfig.model_validate(json.loads(config_file.read_text())["model"])
+    except (KeyError, json.JSONDecodeError, ValidationError) as error:
+        raise ValueError(f"{config_file} is not a valid model config: {error}") from None
+    model = DATPRLIR(config)
+    load_state_strict(model, load_file(str(weights), device=str(map_location)), source=str(weights))
+    return model
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a weights file (reported by serving and recorded in manifests)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

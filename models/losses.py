@@ -1,0 +1,212 @@
+"""Training losses of DATPRL-IR (method.md, "Losses").
+
+The released code trains only L_pix + 0.1 L_fft; L_align, L_div, L_bal and L_con are described in the paper but not
+released, so the forms below are ours (each documented with its formula). Every term is computed in float32, so the
+losses are safe under mixed precision (autocast outputs bf16/fp16 similarities and images).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from datprl.models.network import RestorationOutput
+from datprl.models.prompts import PoolSelection
+
+__all__ = [
+    "DATPRLLoss", "LossWeights", "alignment_loss", "balance_loss", "contrastive_selection_loss", "diversity_loss",
+    "fft_loss", "pixel_loss",
+]  # fmt: skip
+
+
+def _same_shape(pred: Tensor, target: Tensor) -> None:
+    # F.l1_loss would silently broadcast e.g. (B,3,H,W) against (3,H,W); fail loudly instead.
+    if pred.shape != target.shape:
+        raise ValueError(f"output shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+
+
+def pixel_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L_pix = mean |pred - target| (L1 between output and target; method.md Losses table, weight 1.0)."""
+    _same_shape(pred, target)
+    return F.l1_loss(pred.float(), target.float())
+
+
+def fft_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L_fft = mean( |Re F(pred) - Re F(target)| , |Im F(pred) - Im F(target)| ), F = torch.fft.fft2 over (H, W)
+    (method.md Losses table, weight 0.1).
+
+    Inputs are cast to float32 first: half-precision FFTs are unsupported on CPU and lossy on GPU. The FFT is
+    unnormalised (``norm="backward"``) as in the released code, so the term's scale grows with the patch size.
+    """
+    _same_shape(pred, target)
+    spectra = [torch.view_as_real(torch.fft.fft2(x.float(), dim=(-2, -1))) for x in (pred, target)]
+    return F.l1_loss(*spectra)
+
+
+def alignment_loss(domain_repr: Tensor, text_embedding: Tensor, mask: Tensor | None = None) -> Tensor:
+    """L_align = mean_{b: mask_b} [ 1 - cos(PR_d^b, e_text^b) ] (method.md Losses table, weight 1.0).
+
+    domain_repr: (B, D) domain representations PR_d; text_embedding: (B, D) embeddings of each image's description
+    (from the frozen text encoder, so normally without grad; it is not detached, so a learnable projection may be
+    trained through it). mask: optional (B,) bool, True where the sample has an embedding; the rows where it is
+    False are ignored (their content, even NaN, never enters the graph). With no selected row the loss is 0 and
+    still attached to ``domain_repr``'s graph, so ``backward()`` and DDP stay uniform across steps.
+    """
+    if domain_repr.ndim != 2 or text_embedding.ndim != 2:
+        raise ValueError(
+            f"expected (batch, dim) tensors, got domain_repr {tuple(domain_repr.shape)} "
+            f"and text_embedding {tuple(text_embedding.shape)}"
+        )
+    if domain_repr.shape[1] != text_embedding.shape[1]:
+        raise ValueError(
+            f"text embedding dim {text_embedding.shape[1]} differs from the prompt dim D={domain_repr.shape[1]}; "
+            "the text encoder's output dim must equal the model's prompt_dim: build the model with "
+            f"prompt_dim={text_embedding.shape[1]} or project the embeddings to {domain_repr.shape[1]} dims"
+        )
+    if domain_repr.shape[0] != text_embedding.shape[0]:
+        raise ValueError(f"batch sizes differ: {domain_repr.shape[0]} representations, {text_embedding.shape[0]} embeddings")
+    if mask is not None:
+        if mask.shape != (domain_repr.shape[0],) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape ({domain_repr.shape[0]},), got {mask.dtype} {tuple(mask.shape)}")
+        # Index instead of multiplying by the mask: placeholder rows (zeros, NaN) then cannot poison the gradient.
+        domain_repr, text_embedding = domain_repr[mask], text_embedding[mask]
+    distance = 1 - F.cosine_similarity(domain_repr.float(), text_embedding.float(), dim=-1)
+    return distance.sum() / max(distance.numel(), 1)
+
+
+def diversity_loss(prompt_values: Tensor, threshold: float = 0.1) -> Tensor:
+    """L_div = 2 / (N (N-1)) * sum_{i<j} max(0, cos(vec V_i, vec V_j) - threshold) (method.md Losses table, weight
+    1.0, threshold 0.1); vec V_j flattens the j-th value's T x D tokens.
+
+    A plain hinge rather than a squared one: a squared hinge has vanishing gradient just above the threshold, so
+    near-duplicate prompts (the collapse this term exists to prevent) would be separated only weakly; the plain hinge
+    pushes every offending pair with constant force and stays in cosine units (at most 1 - threshold per pair),
+    which keeps weight 1.0 interpretable. Pairs below the threshold (random init in high dimension) cost nothing.
+    A pool with a single prompt has no pairs: 0.
+    """
+    if prompt_values.ndim != 3:
+        raise ValueError(f"expected prompt values of shape (N, T, D), got {tuple(prompt_values.shape)}")
+    if not -1.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [-1, 1), got {threshold}")
+    n = prompt_values.shape[0]
+    unit = F.normalize(prompt_values.float().flatten(1), dim=-1)
+    i, j = torch.triu_indices(n, n, offset=1, device=unit.device)
+    cos = (unit[i] * unit[j]).sum(-1)
+    return F.relu(cos - threshold).sum() / max(cos.numel(), 1)
+
+
+def balance_loss(similarities: Tensor) -> Tensor:
+    """L_bal = log N - H(p), H(p) = -sum_j p_j log p_j, p = (1/B) sum_b softmax_j(s_bj) over the whole pool
+    (method.md Losses table, weight 0.1).
+
+    0 when the pool is used uniformly on average over the batch, approaching log N when every sample puts all its
+    mass on one prompt (with tau >= 0.1 the softmax never fully collapses, so log N is a supremum).
+    """
+    if similarities.ndim != 2:
+        raise ValueError(f"expected similarities of shape (batch, N), got {tuple(similarities.shape)}")
+    p = similarities.float().softmax(dim=-1).mean(0)
+    entropy = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum()
+    return math.log(similarities.shape[1]) - entropy
+
+
+def contrastive_selection_loss(similarities: Tensor, indices: Tensor) -> Tensor:
+    """L_con = (1/B) sum_b -log( sum_{j in S_b} exp(s_bj) / sum_{j=1..N} exp(s_bj) ) (method.md Losses table,
+    weight 0.1); S_b = indices[b], the prompts selected for sample b.
+
+    InfoNCE with several positives: s = cos(q, K)/tau already carries the temperature, so the term pulls the query
+    towards its selected keys (and those keys towards it) and pushes it from the unselected ones, sharpening the
+    top-k selection; L_bal counteracts the resulting rich-get-richer tendency. 0 when k = N (nothing to push from).
+    """
+    if similarities.ndim != 2 or indices.ndim != 2 or indices.shape[0] != similarities.shape[0]:
+        raise ValueError(
+            f"expected similarities (batch, N) and indices (batch, k), got {tuple(similarities.shape)} and {tuple(indices.shape)}"
+        )
+    n = similarities.shape[1]
+    if indices.numel() and (indices.min() < 0 or indices.max() >= n):
+        raise ValueError(f"selected indices must lie in [0, {n}), got range [{int(indices.min())}, {int(indices.max())}]")
+    s = similarities.float()
+    return (s.logsumexp(-1) - s.gather(1, indices.long()).logsumexp(-1)).mean()
+
+
+class LossWeights(BaseModel):
+    """Weights of the combined loss (defaults: the paper's, method.md Losses table). A weight of 0 drops its term."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pixel: float = Field(1.0, ge=0)
+    fft: float = Field(0.1, ge=0)
+    align: float = Field(1.0, ge=0)
+    diversity: float = Field(1.0, ge=0)
+    balance: float = Field(0.1, ge=0)
+    contrastive: float = Field(0.1, ge=0)
+    diversity_threshold: float = Field(0.1, ge=0, lt=1, description="cosine above which prompt values are penalised")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / DataParallel (.module) and torch.compile (._orig_mod) do not expose the pools as attributes.
+    while isinstance(inner := getattr(model, "module", getattr(model, "_orig_mod", None)), nn.Module):
+        model = inner
+    return model
+
+
+class DATPRLLoss(nn.Module):
+    """total = w_pix L_pix + w_fft L_fft + w_align L_align(domain pool)
+              + sum_{pool in task, domain} (w_div L_div + w_bal L_bal + w_con L_con).
+
+    Pool terms are summed over the pools present (not averaged), so adding the domain pool does not dilute the task
+    pool's regularisation. Pools present are read from ``output`` (``output.task`` / ``output.domain``); L_div needs the
+    pools' ``prompt_values``, which ``RestorationOutput`` does not carry, so ``forward`` takes the ``model`` (a DDP or
+    torch.compile wrapper is unwrapped). Alignment applies to the domain pool only and is skipped (no error) when there
+    is no domain pool or no ``text_embedding``. Terms with weight 0 are neither computed nor logged. The Restormer
+    variant (no pools) therefore gets L_pix + L_fft only.
+
+    ``forward`` returns ``(total, logs)``: logs maps ``pixel``, ``fft``, ``align``, ``<term>_<pool>`` (e.g.
+    ``balance_task``) and ``total`` to detached, unweighted floats (one device sync for all of them).
+    """
+
+    POOL_TERMS = ("diversity", "balance", "contrastive")
+
+    def __init__(self, weights: LossWeights | None = None) -> None:
+        super().__init__()
+        self.weights = weights or LossWeights()
+
+    def forward(
+        self,
+        output: RestorationOutput,
+        target: Tensor,
+        model: nn.Module | None = None,
+        text_embedding: Tensor | None = None,
+        text_mask: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        w = self.weights
+        terms: dict[str, tuple[float, Tensor]] = {}
+        if w.pixel:
+            terms["pixel"] = (w.pixel, pixel_loss(output.image, target))
+        if w.fft:
+            terms["fft"] = (w.fft, fft_loss(output.image, target))
+        if w.align and output.domain is not None and text_embedding is not None:
+            terms["align"] = (w.align, alignment_loss(output.domain.representation, text_embedding, text_mask))
+        pools: dict[str, PoolSelection] = {k: v for k, v in (("task", output.task), ("domain", output.domain)) if v is not None}
+        net = _unwrap(model) if model is not None else None
+        for name, sel in pools.items():
+            if w.diversity:
+                pool = getattr(net, f"{name}_pool", None)
+                if pool is None:
+                    raise ValueError(
+                        f"the diversity loss needs the {name} pool's prompt values: pass the model that produced the "
+                        "output as model=..., or set LossWeights(diversity=0)"
+                    )
+                terms[f"diversity_{name}"] = (w.diversity, diversity_loss(pool.prompt_values, w.diversity_threshold))
+            if w.balance:
+                terms[f"balance_{name}"] = (w.balance, balance_loss(sel.similarities))
+            if w.contrastive:
+                terms[f"contrastive_{name}"] = (w.contrastive, contrastive_selection_loss(sel.similarities, sel.indices))
+        if not terms:
+            raise ValueError("every applicable loss weight is 0: nothing to train")
+        total = sum(weight * value for weight, value in terms.values())
+        values = torch.stack([v.detach() for _, v in terms.values()] + [total.detach()]).tolist()
+        return total, dict(zip([*terms, "total"], values))

@@ -1,0 +1,126 @@
+"""The DATPRL-IR network: a Restormer U-Net conditioned on a domain-aware task prompt representation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datprl.models.backbone import (
+    BlockStack,
+    Downsample,
+    GatedFusionBlock,
+    TransformerBlock,
+    Upsample,
+)
+from datprl.models.config import ModelConfig
+from datprl.models.prompts import DomainTaskFusion, PoolSelection, PromptPool, QueryProjector
+
+PAD_MULTIPLE = 8  # three 2x downsamplings
+
+
+@dataclass
+class RestorationOutput:
+    """Restored batch plus the prompt machinery's intermediate values (``return_aux=True``).
+
+    task / domain: what each pool did (query, similarities, selected indices and weights, representation);
+    None for an absent pool. prompt: PR_dt, the representation fused into the decoder (PR_t when there is no domain pool).
+    """
+
+    image: torch.Tensor
+    task: PoolSelection | None
+    domain: PoolSelection | None
+    prompt: torch.Tensor | None
+
+
+class DATPRLIR(nn.Module):
+    """DATPRL-IR (ICLR 2026): query, retrieve, compose, fuse (method.md).
+
+    ``model(x)`` maps a (B, C, H, W) batch in [0, 1] to its restoration of the same size; any H, W is accepted
+    (zero-padded at bottom/right to a multiple of 8 and cropped back). ``model(x, return_aux=True)`` returns a
+    :class:`RestorationOutput`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, h, e = config.width, config.heads, config.ffn_expansion
+        prompted = config.uses_prompts
+
+        def plain(channels: int, heads: int, n: int) -> BlockStack:
+            return BlockStack(TransformerBlock(channels, heads, e) for _ in range(n))
+
+        def fused(channels: int, heads: int, n: int) -> BlockStack:
+            if not prompted:
+                return plain(channels, heads, n)
+            return BlockStack(GatedFusionBlock(channels, heads, e, config.prompt_dim) for _ in range(n))
+
+        self.patch_embed = nn.Conv2d(config.in_channels, c, 3, padding=1, bias=False)
+        self.encoder_level1 = plain(c, h[0], config.encoder_blocks[0])
+        self.down1_2 = Downsample(c)
+        self.encoder_level2 = plain(c * 2, h[1], config.encoder_blocks[1])
+        self.down2_3 = Downsample(c * 2)
+        self.encoder_level3 = plain(c * 4, h[2], config.encoder_blocks[2])
+        self.down3_4 = Downsample(c * 4)
+        self.latent = fused(c * 8, h[3], config.bottleneck_blocks)
+        self.up4_3 = Upsample(c * 8)
+        self.reduce_chan_level3 = nn.Conv2d(c * 8, c * 4, 1, bias=False)
+        self.decoder_level3 = fused(c * 4, h[2], config.decoder_blocks[2])
+        self.up3_2 = Upsample(c * 4)
+        self.reduce_chan_level2 = nn.Conv2d(c * 4, c * 2, 1, bias=False)
+        self.decoder_level2 = fused(c * 2, h[1], config.decoder_blocks[1])
+        self.up2_1 = Upsample(c * 2)
+        self.decoder_level1 = fused(c * 2, h[0], config.decoder_blocks[0])
+        self.refinement = fused(c * 2, h[0], config.refinement_blocks)
+        self.output = nn.Conv2d(c * 2, config.in_channels, 3, padding=1, bias=False)
+
+        d, t = config.prompt_dim, config.value_tokens
+        pool_args = dict(
+            dim=d,
+            value_tokens=t,
+            noise_std=config.selection_noise_std,
+            temperature_range=(config.temperature_min, config.temperature_max),
+        )
+        self.task_query = self.task_pool = None
+        self.domain_query = self.domain_pool = self.fusion = None
+        if config.task_pool is not None:
+            self.task_query = QueryProjector(c * 8, d)
+            self.task_pool = PromptPool(config.task_pool.size, config.task_pool.top_k, **pool_args)
+        if config.domain_pool is not None:
+            self.domain_query = QueryProjector(c, d)
+            self.domain_pool = PromptPool(config.domain_pool.size, config.domain_pool.top_k, **pool_args)
+            self.fusion = DomainTaskFusion(d, config.fusion_heads)
+
+    def forward(self, image: torch.Tensor, return_aux: bool = False) -> torch.Tensor | RestorationOutput:
+        if image.ndim != 4 or image.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected a (batch, {self.config.in_channels}, height, width) tensor, got shape {tuple(image.shape)}; "
+                "replicate grayscale images to 3 channels and add a batch axis"
+            )
+        height, width = image.shape[-2:]
+        padded = F.pad(image, (0, -width % PAD_MULTIPLE, 0, -height % PAD_MULTIPLE))
+
+        shallow = self.patch_embed(padded)
+        enc1 = self.encoder_level1(shallow)
+        enc2 = self.encoder_level2(self.down1_2(enc1))
+        enc3 = self.encoder_level3(self.down2_3(enc2))
+        deepest = self.down3_4(enc3)
+
+        task = domain = prompt = None
+        if self.task_pool is not None:
+            task = self.task_pool(self.task_query(deepest))
+            prompt = task.representation
+        if self.domain_pool is not None:
+            domain = self.domain_pool(self.domain_query(shallow))
+            prompt = self.fusion(domain.representation, task.representation)
+
+        latent = self.latent(deepest, prompt)
+        dec3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], 1)), prompt)
+        dec2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], 1)), prompt)
+        dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], 1), prompt)
+        restored = (self.output(self.refinement(dec1, prompt)) + padded)[..., :height, :width]
+        if return_aux:
+            return RestorationOutput(restored, task, domain, prompt)
+        return restored

@@ -1,0 +1,121 @@
+"""Prompt machinery of DATPRL-IR: query projectors, prompt pools with the Prompt Composition Mechanism (PCM), and the
+domain-task fusion that yields the domain-aware task representation PR_dt (method.md, steps 1-4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QueryProjector(nn.Module):
+    """Feature map -> query vector in R^D (method.md step 1): pool, conv, ReLU, pool, conv, ReLU, global pool, linear.
+
+    Attribute ``mapper`` and its indices follow the published layout (convs at 1 and 4, linear at 8).
+    """
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        self.mapper = nn.Sequential(
+            nn.AvgPool2d(2, ceil_mode=True),
+            nn.Conv2d(channels, channels // 2, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(2, ceil_mode=True),
+            nn.Conv2d(channels // 2, channels // 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(1),
+            nn.Linear(channels // 4, dim),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mapper(features)
+
+
+@dataclass
+class PoolSelection:
+    """What one prompt pool did for a batch: everything the auxiliary losses and users need.
+
+    similarities: (B, N) clean cosine similarities over the temperature, s_j = cos(q, K_j) / tau.
+    indices: (B, k) selected prompts; weights: (B, k) softmax of the clean selected similarities.
+    representation: (B, D), the pool's prompt representation.
+    """
+
+    query: torch.Tensor
+    similarities: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+    representation: torch.Tensor
+
+
+class PromptPool(nn.Module):
+    """A pool of N prompts (key K_j in R^D, value V_j in R^{T x D}) composed by PCM (method.md step 3).
+
+    s_j = cos(q, K_j) / clamp(tau, t_min, t_max); top-k on s (+ noise_std * N(0,1) in training only);
+    w = softmax(s_selected); A = sum_j w_j V_j; representation = GELU(LayerNorm(Linear(flatten(A)))).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        top_k: int,
+        dim: int,
+        value_tokens: int,
+        noise_std: float = 0.1,
+        temperature_range: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.noise_std = noise_std
+        self.temperature_range = temperature_range
+        self.prompt_keys = nn.Parameter(torch.randn(size, dim) * 0.02)
+        self.prompt_values = nn.Parameter(torch.randn(size, value_tokens, dim) * 0.02)
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+        self.value_aggregation = nn.Sequential(nn.Linear(value_tokens * dim, dim), nn.LayerNorm(dim), nn.GELU())
+
+    @property
+    def size(self) -> int:
+        return self.prompt_keys.shape[0]
+
+    def similarities(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, D) queries -> (B, N) cosine similarities divided by the clamped temperature."""
+        tau = self.temperature.clamp(*self.temperature_range)
+        return F.normalize(query, dim=-1) @ F.normalize(self.prompt_keys, dim=-1).t() / tau
+
+    def forward(self, query: torch.Tensor) -> PoolSelection:
+        query = query.to(self.prompt_keys.dtype)
+        sims = self.similarities(query)
+        ranking = sims
+        if self.training and self.noise_std > 0:
+            # Noisy selection explores rarely chosen prompts; the weights below still use the clean scores.
+            ranking = sims + self.noise_std * torch.randn_like(sims)
+        indices = ranking.detach().topk(self.top_k, dim=-1).indices
+        weights = sims.gather(1, indices).softmax(dim=-1)
+        composed = torch.einsum("bk,bktd->btd", weights, self.prompt_values[indices])
+        representation = self.value_aggregation(composed.flatten(1))
+        return PoolSelection(query, sims, indices, weights, representation)
+
+
+class DomainTaskFusion(nn.Module):
+    """PR_dt = fuse(PR_d, PR_t) (method.md step 4): cross-attention (query PR_d, key/value PR_t), residual + LayerNorm,
+    then a residual feed-forward D -> 2D -> D with GELU.
+
+    Each representation is a single token, so the attention weights are identically 1 and the attention output is
+    ``out_proj(W_v PR_t + b_v)``; we compute exactly that from the value rows of ``in_proj_weight`` (the query/key rows
+    receive zero gradient, as in the published network). Parameter names follow the published layout.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.cross_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Dropout(0.0), nn.Linear(dim * 2, dim))
+
+    def forward(self, domain: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        attn = self.cross_attention
+        dim = domain.shape[-1]
+        value = F.linear(task, attn.in_proj_weight[2 * dim :], attn.in_proj_bias[2 * dim :])
+        fused = self.norm(domain + attn.out_proj(value))
+        return fused + self.ffn(fused)

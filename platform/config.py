@@ -1,0 +1,343 @@
+"""The one configuration mechanism every job uses: a YAML file plus ``key=value`` CLI overrides, validated by a
+pydantic schema, with the resolved config saved next to every run (torchtune style).
+
+A job declares its schema from :class:`StrictModel` sections and starts with::
+
+    config = parse_cli(TrainJobConfig, sys.argv[1:])      # python -m jobs.train cfg.yaml train.optimizer.lr=1e-4
+    save_resolved_config(config, run_dir / "config.yaml")  # reload later with load_config(TrainJobConfig, that_path)
+
+Every failure (missing file, YAML syntax, unknown key, bad value) is a :class:`ConfigError` naming the field by its
+dotted path and where the value came from; pydantic's own errors never reach the user raw.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import types
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path, PurePath
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
+
+__all__ = ["StrictModel", "ConfigError", "load_config", "parse_cli", "save_resolved_config", "config_to_dict"]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors (a typo must not silently fall back to a default),
+    and assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the field by dotted path, what is wrong, and the source
+    (file path or ``CLI override 'key=value'``)."""
+
+
+# --- YAML dialect -------------------------------------------------------------------------------------------------
+# PyYAML implements YAML 1.1, whose float pattern needs a dot, so `lr: 1e-4` loads as the *string* "1e-4". A float
+# field would coerce it, but a `float | str` field, an Any field or a list would keep the string. Files, overrides and
+# saved configs therefore share one dialect with the YAML 1.2 float pattern; the dumper uses it too, so a string
+# that looks like a float ("1e-4") is quoted on save and round-trips as a string.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+for _cls in (_Loader, _Dumper):
+    # Resolver tables are class attributes shared with SafeLoader/SafeDumper: copy them before editing.
+    _cls.yaml_implicit_resolvers = {first: [r for r in rs if r[0] != _FLOAT_TAG]
+                                    for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _cls.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+# --- schema walking -----------------------------------------------------------------------------------------------
+_OPEN = object()  # a mapping / Any field: keys below it are not checked against a schema
+
+
+def _section(annotation: Any) -> Any:
+    """The model class behind ``X``, ``X | None`` or ``Annotated[X, ...]``; _OPEN for mappings/Any; None for leaves."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _section(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        kinds = [_section(a) for a in get_args(annotation) if a is not type(None)]
+        sections = [k for k in kinds if k is not None]
+        if len(sections) == 1:
+            return sections[0]
+        return _OPEN if sections else None  # several possible sections: leave the keys to pydantic
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if annotation is Any or annotation is dict or origin in (dict, Mapping):
+        return _OPEN
+    return None
+
+
+def _is_text(annotation: Any) -> bool:
+    """str / Path fields (optionally Optional): CLI values for them are taken verbatim, so `name=2024` is "2024"."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (
+        Union, types.UnionType) else [annotation]
+    return len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], (str, PurePath))
+
+
+def _model_at(schema: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The model class at a pydantic error location, or None where it cannot be told (list items, union tags)."""
+    current: Any = schema
+    for part in loc:
+        if not (isinstance(current, type) and isinstance(part, str) and part in current.model_fields):
+            return None
+        current = _section(current.model_fields[part].annotation)
+    return current if isinstance(current, type) else None
+
+
+def _dotted(loc: Sequence[Any]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _default(field: FieldInfo) -> Any:
+    try:
+        return field.get_default(call_default_factory=True)
+    except Exception:  # a factory that needs the validated data: start empty instead
+        return None
+
+
+# --- overrides ----------------------------------------------------------------------------------------------------
+def _apply_override(raw: dict, schema: type[BaseModel], text: str) -> tuple[str, ...]:
+    """Set one ``a.b.c=value`` override into the raw dict (in place), checking the key against the schema first."""
+    key, sep, value_text = text.partition("=")
+    parts = tuple(p.strip() for p in key.split("."))
+    if not sep or not all(parts):
+        raise ConfigError(f"CLI override '{text}' is not of the form key=value (e.g. train.optimizer.lr=1e-4)")
+    try:
+        value = _yaml_load(value_text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"CLI override '{text}': the value is not valid YAML ({err.problem or err})") from None
+
+    node, section = raw, schema
+    for depth, part in enumerate(parts):
+        here, dotted = ".".join(parts[:depth]) or "the top level", ".".join(parts[:depth + 1])
+        field = None
+        if section is not _OPEN:
+            if part not in section.model_fields:
+                raise ConfigError(f"CLI override '{text}': unknown key '{dotted}'; "
+                                  f"valid keys at {here}: {', '.join(section.model_fields)}")
+            field = section.model_fields[part]
+        if depth == len(parts) - 1:
+            if field is not None and _is_text(field.annotation) and (
+                    isinstance(value, (bool, int, float)) or not value_text.strip()):
+                value = value_text.strip()
+            node[part] = value
+            return parts
+        section = _section(field.annotation) if field is not None else _OPEN
+        if section is None:
+            raise ConfigError(f"CLI override '{text}': '{dotted}' is a value ({_type_name(field.annotation)}), "
+                              f"not a section, so it has no key '{parts[depth + 1]}'")
+        child = node.get(part)
+        if child is None:
+            # Absent (or null) in the file: start from the schema's default section, so that `pool.size=20` keeps the
+            # default's other values (which may differ from the section class's own defaults).
+            default = _default(field) if field is not None else None
+            child = default.model_dump() if isinstance(default, BaseModel) else (
+                dict(default) if isinstance(default, Mapping) else {})
+            node[part] = child
+        elif not isinstance(child, dict):
+            raise ConfigError(f"CLI override '{text}': '{dotted}' is {_short(child)} in the config file, "
+                              f"not a mapping, so it has no key '{parts[depth + 1]}'")
+        node = child
+    raise AssertionError("unreachable")
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = _yaml_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    if data is None:  # an empty file is an empty config
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level of {path} must be a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _to_config_error(err: ValidationError, schema: type[BaseModel], path: Path | None,
+                     overrides: list[tuple[tuple[str, ...], str]]) -> ConfigError:
+    file_source = f"from {path}" if path is not None else f"from the defaults of {schema.__name__}"
+
+    def source(loc: tuple) -> str:
+        exact = [text for parts, text in overrides if loc[:len(parts)] == parts]  # override set this value or above
+        if exact:
+            return f"from CLI override '{exact[-1]}'"
+        below = [text for parts, text in overrides if parts[:len(loc)] == loc]  # e.g. a cross-field check
+        return file_source + (" with CLI override " + ", ".join(f"'{t}'" for t in below) if below else "")
+
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(schema, loc[:-1])
+            what = "unknown key" + (f"; valid keys at {_dotted(loc[:-1]) or 'the top level'}: "
+                                    f"{', '.join(parent.model_fields)}" if parent is not None else "")
+        else:
+            what = e["msg"]
+            if e["type"] != "missing" and not isinstance(e.get("input"), dict):
+                what += f" (got {_short(e.get('input'))})"
+        lines.append(f"{_dotted(loc) or '(top level)'}: {what} [{source(loc)}]")
+    return ConfigError(f"invalid {schema.__name__} config:\n  " + "\n  ".join(lines))
+
+
+def load_config(schema: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
+    """Load ``schema`` from a YAML file (optional) with ``key=value`` overrides applied on top, and validate it.
+
+    Override values are YAML (``lr=1e-4``, ``flag=true``, ``sizes=[1,2]``, ``pool={size: 20, top_k: 3}``,
+    ``pool=null``); keys are dotted paths checked against the schema before anything is validated. A dotted override
+    into a section the file does not set starts from the schema's default for that section. Raises
+    :class:`ConfigError` for any problem.
+    """
+    file = Path(path) if path is not None else None
+    raw = _read_yaml(file) if file is not None else {}
+    applied = [(_apply_override(raw, schema, text), text) for text in overrides]
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise _to_config_error(err, schema, file, applied) from None  # from None: no raw pydantic traceback
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return re.sub(r"(?:\w+\.)+(\w+)", r"\1", str(annotation))  # typing.Optional / pkg.mod.Cls -> Optional / Cls
+
+
+_REQUIRED = object()
+
+
+def _inline_yaml(value: Any) -> str:
+    try:
+        value = to_jsonable_python(value)
+    except Exception:  # an exotic default: show its repr rather than fail the help
+        value = repr(value)
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()  # PyYAML ends a bare scalar document with "..."
+
+
+def _help_rows(schema: type[BaseModel], instance: Any, prefix: str) -> list[tuple[str, str, str]]:
+    """(dotted name, 'type = default', description) for every field, recursing into sections. Nested defaults are
+    read from the parent's default instance, since that is what a job gets when it sets nothing."""
+    rows = []
+    for name, field in schema.model_fields.items():
+        dotted = prefix + name
+        if isinstance(instance, BaseModel):
+            default = getattr(instance, name)
+        else:
+            default = _REQUIRED if field.is_required() else _default(field)
+        shown = ("<required>" if default is _REQUIRED else "<section>" if isinstance(default, BaseModel)
+                 else _inline_yaml(default))
+        rows.append((dotted, f"{_type_name(field.annotation)} = {shown}", field.description or ""))
+        section = _section(field.annotation)
+        if isinstance(section, type):
+            rows += _help_rows(section, default if isinstance(default, BaseModel) else None, dotted + ".")
+    return rows
+
+
+def _help_text(schema: type[BaseModel], prog: str) -> str:
+    rows = _help_rows(schema, None, "")
+    width = max((len(r[0]) for r in rows), default=0)
+    type_width = min(max((len(r[1]) for r in rows), default=0), 48)
+    doc = (schema.__doc__ or "").strip().splitlines()
+    lines = [f"usage: {prog} [CONFIG.yaml] [key=value ...]", ""]
+    if doc:
+        lines += [doc[0], ""]
+    lines += [f"Fields of {schema.__name__} (override any with dotted.key=value; values are YAML):"]
+    lines += [f"  {n:<{width}}  {t:<{type_width}}  {d}".rstrip() for n, t, d in rows]
+    return "\n".join(lines)
+
+
+def parse_cli(schema: type[T], argv: Sequence[str], prog: str | None = None) -> T:
+    """Entry-point parsing: ``[CONFIG.yaml|.yml] [key=value ...]``.
+
+    ``-h``/``--help`` prints every field (dotted name, type, default, description) and exits 0. A bad config prints
+    ``error: ...`` to stderr and exits 2 (as argparse does), so a job never dies with a traceback for a typo.
+    """
+    argv = list(argv)
+    prog = prog or Path(sys.argv[0] or "job").name
+    if "-h" in argv or "--help" in argv:
+        print(_help_text(schema, prog))
+        raise SystemExit(0)
+    path = None
+    if argv and "=" not in argv[0] and argv[0].lower().endswith((".yaml", ".yml")):
+        path, argv = argv[0], argv[1:]
+    try:
+        return load_config(schema, path, argv)
+    except ConfigError as err:
+        print(f"{prog}: error: {err}\n(run with --help to list the fields)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --- saving -------------------------------------------------------------------------------------------------------
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    """Plain JSON-compatible dict (tuples become lists, paths strings) - what is saved and logged."""
+    return config.model_dump(mode="json")
+
+
+def save_resolved_config(config: BaseModel, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically (a temp file in the same directory, then os.replace, so a
+    reader never sees half a file), with a header comment recording the UTC time. ``load_config`` reads it back to
+    an equal object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    text = f"# resolved {type(config).__name__} config, saved {stamp} UTC\n" + yaml.dump(
+        config_to_dict(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; the saved config is meant to be read by others
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,246 @@
+"""Losses of DATPRL-IR (datprl.models.losses): minima, gradient paths into the prompt pools, weighting, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datprl.models import create_model
+from datprl.models.losses import (
+    DATPRLLoss,
+    LossWeights,
+    alignment_loss,
+    balance_loss,
+    contrastive_selection_loss,
+    diversity_loss,
+    fft_loss,
+    pixel_loss,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("paper_tiny").train()
+
+
+def _run(model, batch=2, size=16, seed=0):
+    torch.manual_seed(seed)
+    x = torch.rand(batch, 3, size, size)
+    model.zero_grad(set_to_none=True)
+    return model(x, return_aux=True), torch.rand(batch, 3, size, size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Each term's minimum
+
+
+@pytest.mark.parametrize("loss", [pixel_loss, fft_loss])
+def test_image_losses_zero_iff_equal(loss):
+    a = torch.rand(2, 3, 8, 8)
+    assert loss(a, a.clone()).item() == 0.0
+    assert loss(a, a + 0.01 * torch.randn_like(a)).item() > 0
+
+
+def test_pixel_loss_is_mean_l1():
+    a, b = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.5)
+    assert pixel_loss(a, b).item() == pytest.approx(0.5)
+
+
+def test_fft_loss_under_bf16_autocast():
+    a, b = torch.rand(2, 3, 8, 8, requires_grad=True), torch.rand(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = (a * 1.0).to(torch.bfloat16)  # what an autocast network hands the loss
+        value = fft_loss(low, b)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    value.backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert value.item() == pytest.approx(fft_loss(low.float(), b).item())
+
+
+def test_alignment_loss_bounds():
+    v = torch.randn(4, 16)
+    assert alignment_loss(v, 3 * v).item() == pytest.approx(0.0, abs=1e-6)
+    assert alignment_loss(v, -v).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_alignment_mask_ignores_missing_rows():
+    v = torch.randn(3, 8, requires_grad=True)
+    text = torch.stack([v[0].detach(), torch.full((8,), float("nan")), -v[2].detach()])
+    mask = torch.tensor([True, False, True])
+    loss = alignment_loss(v, text, mask)
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)  # mean of 0 and 2; the NaN row never enters
+    loss.backward()
+    assert torch.isfinite(v.grad).all() and v.grad[1].abs().sum() == 0
+
+    none = alignment_loss(v, text, torch.zeros(3, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad
+    none.backward()  # graph intact, no error
+
+
+def test_diversity_orthogonal_vs_identical():
+    eye = torch.eye(8).reshape(8, 2, 4)  # eight orthogonal flattened values
+    assert diversity_loss(eye).item() == 0.0
+    same = torch.randn(1, 2, 4).expand(4, 2, 4)
+    assert diversity_loss(same, threshold=0.1).item() == pytest.approx(0.9, abs=1e-5)
+    assert diversity_loss(torch.randn(1, 2, 4)).item() == 0.0  # no pairs
+
+
+def test_balance_uniform_vs_collapsed():
+    n = 6
+    assert balance_loss(torch.zeros(4, n)).item() == pytest.approx(0.0, abs=1e-6)
+    # Each sample confident on a different prompt: still uniform on average over the batch.
+    assert balance_loss(10 * torch.eye(n)).item() == pytest.approx(0.0, abs=1e-6)
+    collapsed = torch.zeros(4, n)
+    collapsed[:, 0] = 10.0
+    value = balance_loss(collapsed).item()
+    assert 0 < value < math.log(n) and value > 0.9 * math.log(n)
+
+
+def test_contrastive_smaller_when_selected_similarities_larger():
+    sims = torch.zeros(2, 6)
+    idx = torch.tensor([[0, 1], [2, 3]])
+    strong = sims.scatter(1, idx, 5.0)
+    weak = sims.scatter(1, idx, 1.0)
+    assert contrastive_selection_loss(strong, idx) < contrastive_selection_loss(weak, idx)
+    assert contrastive_selection_loss(sims, idx).item() == pytest.approx(math.log(3))  # -log(2/6)
+    assert contrastive_selection_loss(sims, torch.arange(6).expand(2, 6)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient paths into the prompt pools
+
+
+def test_gradients_reach_pool_parameters(tiny):
+    pools = {"task": tiny.task_pool, "domain": tiny.domain_pool}
+    with torch.no_grad():  # make two values of each pool correlated so the diversity hinge is active
+        for pool in pools.values():
+            pool.prompt_values[1].copy_(pool.prompt_values[0] + 0.001 * torch.randn_like(pool.prompt_values[0]))
+
+    def grads(term_fn):
+        out, _ = _run(tiny)
+        term_fn(out).backward()
+        return {(n, p): getattr(pool, p).grad for n, pool in pools.items() for p in ("prompt_keys", "prompt_values")}
+
+    def nonzero(g):
+        return g is not None and g.abs().sum() > 0
+
+    g = grads(lambda out: diversity_loss(tiny.task_pool.prompt_values) + diversity_loss(tiny.domain_pool.prompt_values))
+    for name in pools:
+        assert nonzero(g[name, "prompt_values"]) and g[name, "prompt_keys"] is None
+
+    for term in (
+        lambda out: balance_loss(out.task.similarities) + balance_loss(out.domain.similarities),
+        lambda out: contrastive_selection_loss(out.task.similarities, out.task.indices)
+        + contrastive_selection_loss(out.domain.similarities, out.domain.indices),
+    ):
+        g = grads(term)
+        for name in pools:
+            assert nonzero(g[name, "prompt_keys"]) and g[name, "prompt_values"] is None
+
+    text = torch.randn(2, tiny.config.prompt_dim)
+    g = grads(lambda out: alignment_loss(out.domain.representation, text))
+    assert nonzero(g["domain", "prompt_values"]) and nonzero(g["domain", "prompt_keys"])  # keys via the weights w
+    assert g["task", "prompt_values"] is None and g["task", "prompt_keys"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The combined loss
+
+
+def test_combined_equals_weighted_sum(tiny):
+    weights = LossWeights(pixel=1.0, fft=0.1, align=0.5, diversity=2.0, balance=0.3, contrastive=0.7)
+    out, target = _run(tiny)
+    text = torch.randn(2, tiny.config.prompt_dim)
+    total, logs = DATPRLLoss(weights)(out, target, model=tiny, text_embedding=text)
+    expected_keys = {"pixel", "fft", "align", "total"} | {f"{t}_{p}" for t in DATPRLLoss.POOL_TERMS for p in ("task", "domain")}
+    assert set(logs) == expected_keys
+    w = weights.model_dump()
+    assert total.item() == pytest.approx(sum(w[k.split("_")[0]] * v for k, v in logs.items() if k != "total"), rel=1e-5)
+    assert logs["total"] == pytest.approx(total.item())
+    # ...and the logged terms are the pure functions' values.
+    assert logs["pixel"] == pytest.approx(pixel_loss(out.image, target).item())
+    assert logs["balance_domain"] == pytest.approx(balance_loss(out.domain.similarities).item())
+    assert logs["diversity_task"] == pytest.approx(diversity_loss(tiny.task_pool.prompt_values, 0.1).item())
+    assert logs["align"] == pytest.approx(alignment_loss(out.domain.representation, text).item())
+    total.backward()
+    assert tiny.domain_pool.prompt_keys.grad is not None
+
+
+def test_zero_weights_drop_terms(tiny):
+    out, target = _run(tiny)
+    full_total, full = DATPRLLoss()(out, target, model=tiny)
+    total, logs = DATPRLLoss(LossWeights(balance=0, diversity=0))(out, target)  # no model needed without diversity
+    assert not any(k.startswith(("balance", "diversity")) for k in logs)
+    assert "align" not in logs and "align" not in full  # no text embedding: skipped silently
+    dropped = sum(0.1 * full[f"balance_{p}"] + full[f"diversity_{p}"] for p in ("task", "domain"))
+    assert total.item() == pytest.approx(full_total.item() - dropped, rel=1e-5)
+
+
+def test_task_only_and_restormer_variants():
+    torch.manual_seed(0)
+    task_only = create_model("task_only_tiny").train()
+    out, target = _run(task_only)
+    _, logs = DATPRLLoss()(out, target, model=task_only, text_embedding=torch.randn(2, 64))
+    assert set(logs) == {"pixel", "fft", "diversity_task", "balance_task", "contrastive_task", "total"}
+
+    restormer = create_model("restormer_tiny")
+    out, target = _run(restormer)
+    total, logs = DATPRLLoss()(out, target, text_embedding=torch.randn(2, 64))
+    assert set(logs) == {"pixel", "fft", "total"}
+    assert total.item() == pytest.approx(logs["pixel"] + 0.1 * logs["fft"], rel=1e-5)
+
+
+def test_ddp_style_wrapper_is_unwrapped(tiny):
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    out, target = _run(tiny)
+    _, direct = DATPRLLoss()(out, target, model=tiny)
+    _, wrapped = DATPRLLoss()(out, target, model=Wrapper(tiny))
+    assert wrapped == direct
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs_raise():
+    img = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="differs from target shape"):
+        pixel_loss(img, img[0])
+    with pytest.raises(ValueError, match="differs from target shape"):
+        fft_loss(img, img[..., :4])
+    with pytest.raises(ValueError, match="prompt_dim"):
+        alignment_loss(torch.randn(2, 64), torch.randn(2, 1024))
+    with pytest.raises(ValueError, match="batch sizes"):
+        alignment_loss(torch.randn(2, 8), torch.randn(3, 8))
+    with pytest.raises(ValueError, match="mask"):
+        alignment_loss(torch.randn(2, 8), torch.randn(2, 8), torch.ones(2))
+    with pytest.raises(ValueError, match=r"\(N, T, D\)"):
+        diversity_loss(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="threshold"):
+        diversity_loss(torch.randn(4, 2, 8), threshold=1.0)
+    with pytest.raises(ValueError, match="batch, N"):
+        balance_loss(torch.randn(6))
+    with pytest.raises(ValueError, match="indices"):
+        contrastive_selection_loss(torch.randn(2, 6), torch.tensor([[0, 6], [1, 2]]))
+    with pytest.raises(ValueError):
+        contrastive_selection_loss(torch.randn(2, 6), torch.tensor([0, 1]))
+    with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
+        LossWeights(fft=-0.1)
+    with pytest.raises(ValueError):
+        LossWeights(pixle=1.0)
+
+
+def test_diversity_without_model_raises(tiny):
+    out, target = _run(tiny)
+    with pytest.raises(ValueError, match="model="):
+        DATPRLLoss()(out, target)
+    with pytest.raises(ValueError, match="nothing to train"):
+        DATPRLLoss(LossWeights(pixel=0, fft=0))(_run(create_model("restormer_tiny"))[0], target)
