@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up (or update) the project's virtual environment in .venv. Idempotent: a second run with unchanged
+# pyproject.toml and setup script does nothing and takes well under a second.
+#
+# Why torch is installed here and not pinned in pyproject.toml: an unpinned `torch` on a machine without a GPU
+# resolves to a multi-GB CUDA build. On CPU machines we install the CPU wheel first (from local disk where the
+# machine has one, else from PyTorch's CPU index); on GPU machines pip's default CUDA build is the right one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
+EXTRAS=${EXTRAS:-dev}
+
+stamp="$VENV/.datprl-setup"
+want=$(cat pyproject.toml infra/setup.sh | sha256sum | cut -c1-16)-$EXTRAS
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import datprl.models" 2>/dev/null; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] GPU found: installing the default (CUDA) torch build"
+    "${pip[@]}" install "torch>=2.3"
+  else
+    echo "[setup] no GPU: installing the CPU build of torch ${TORCH_CPU_VERSION}"
+    "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" 2>/dev/null \
+      || "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+echo "[setup] installing datprl-ir[${EXTRAS}] (editable)"
+"${pip[@]}" install -e ".[${EXTRAS}]"
+"$VENV/bin/python" -c "import datprl.models, torch; print('[setup] ok: torch', torch.__version__)"
+echo "$want" > "$stamp"

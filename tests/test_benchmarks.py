@@ -1,0 +1,43 @@
+"""datprl.platform.benchmarks: a tiny end-to-end run returns a complete, positive report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from datprl.platform.benchmarks import BenchmarkConfig, format_report, main, run_benchmark
+from datprl.platform.config import ConfigError, load_config
+
+TINY = dict(variants=["paper_tiny", "restormer_tiny"], size=16, batch=1, warmup=0, rounds=1, device="cpu")
+
+
+def test_tiny_run_reports_throughput_and_ratio() -> None:
+    report = run_benchmark(BenchmarkConfig(**TINY))
+    rows = report["results"]
+    assert [r["variant"] for r in rows] == ["paper_tiny", "restormer_tiny"]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["ms_per_iter"] > 0 and r["params"] > 0
+        assert (r["batch"], r["size"], r["device"], r["dtype"]) == (1, 16, "cpu", "fp32")
+        assert len(r["step_ms"]) == 1
+    assert rows[0]["params"] > rows[1]["params"]  # the prompt machinery adds parameters
+    ratio = report["ratios"]["fp32"]["paper_tiny/restormer_tiny"]
+    assert ratio == pytest.approx(rows[0]["img_per_s"] / rows[1]["img_per_s"])
+    text = format_report(report)
+    assert "| paper_tiny |" in text and f"paper_tiny/restormer_tiny throughput ratio: {ratio:.2f}" in text
+
+
+def test_cli_writes_json(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    argv = [f"{k}={json.dumps(v)}" for k, v in TINY.items()] + ["dtypes=[fp32,bf16]", f"json_out={out}"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert {r["dtype"] for r in report["results"]} == {"fp32", "bf16"}
+    assert set(report["ratios"]) == {"fp32", "bf16"}
+    assert "throughput ratio" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override", ["variants=[nope]", "dtypes=[fp16]", "variants=[paper,paper]"])
+def test_bad_options_are_config_errors(override: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(BenchmarkConfig, overrides=[override])
