@@ -28,12 +28,17 @@ _TINY = dict(
     fusion_heads=4,
 )
 
-#: Every registered variant. ``paper`` is the multi-domain network of the paper (53,133,552 parameters);
-#: ``task_only`` its natural-image variant (task pool only); ``restormer`` the same backbone without prompts.
+#: Every registered variant.
+#: ``paper``: the multi-domain network of the paper (53,133,552 parameters).
+#: ``task_only``: its natural-image variant, task pool only (42,563,115).
+#: ``restormer``: the plain Restormer the paper compares against (decoder levels 1/2/3 with 4/6/6 blocks,
+#: 26,126,644 parameters). The published DATPRL-IR decoder has 6/6/4 instead.
+#: ``paper_backbone``: the paper's own backbone with both pools removed (the "no pools" ablation row).
 VARIANTS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),
     "task_only": ModelConfig(domain_pool=None),
-    "restormer": ModelConfig(task_pool=None, domain_pool=None),
+    "restormer": ModelConfig(task_pool=None, domain_pool=None, decoder_blocks=(4, 6, 6)),
+    "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
     "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=PromptPoolConfig(size=6, top_k=3)),
     "task_only_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=None),
     "restormer_tiny": ModelConfig(**_TINY, task_pool=None, domain_pool=None),
@@ -184,6 +189,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights must stay readable by a serving user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -218,8 +224,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except (KeyError, json.JSONDecodeError, ValidationError) as error:
         raise ValueError(f"{config_file} is not a valid model config: {error}") from None
     model = DATPRLIR(config)
-    load_state_strict(model, load_file(str(weights), device=str(map_location)), source=str(weights))
-    return model
+    load_state_strict(model, load_file(str(weights)), source=str(weights))
+    return model.to(map_location)
 
 
 def weights_digest(path: str | os.PathLike) -> str:

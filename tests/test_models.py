@@ -34,7 +34,8 @@ from datprl.models import (
 from datprl.models.backbone import GatedFusionBlock
 
 TINY_VARIANTS = sorted(name for name in VARIANTS if name.endswith("_tiny"))
-KEYS_TSV = Path("/work/shared/reference/official-checkpoint/paper-6task-keys.tsv")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"  # same as conftest.REFERENCE
+KEYS_TSV = REFERENCE / "official-checkpoint" / "paper-6task-keys.tsv"
 INERT = re.compile(r"\.cross_attn_[qk]\.(weight|bias)$")
 
 # (batch, height, width): sizes that are not multiples of 8, the smallest legal size, and a single tall image.
@@ -182,15 +183,9 @@ def test_task_only_parameter_count():
     assert count_parameters(create_model("task_only")) == 42_563_115
 
 
-def test_plain_restormer_parameter_count():
-    # The original Restormer (decoder level 1/2/3 with 4/6/6 blocks) has 26,126,644 parameters.
-    model = create_model("restormer", decoder_blocks=(4, 6, 6))
-    assert count_parameters(model) == 26_126_644
-
-
-def test_restormer_variant_is_paper_backbone_without_prompts(paper):
-    # `restormer` keeps the paper's decoder (levels 1/2/3 with 6/6/4 blocks) and drops every prompt part.
-    restormer = create_model("restormer")
+def test_paper_backbone_is_paper_without_prompts(paper):
+    # `paper_backbone` keeps the paper's decoder (levels 1/2/3 with 6/6/4 blocks) and drops every prompt part.
+    restormer = create_model("paper_backbone")
     prompt_parts = (paper.task_query, paper.task_pool, paper.domain_query, paper.domain_pool, paper.fusion)
     agf = sum(
         p.numel()
@@ -203,11 +198,6 @@ def test_restormer_variant_is_paper_backbone_without_prompts(paper):
     assert count_parameters(restormer) == expected == 25_449_682
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`restormer` variant has decoder_blocks=(6, 6, 4) (the paper network's) and 25,449,682 parameters; "
-    "the paper's plain Restormer (26,126,644) has decoder levels 1/2/3 with 4/6/6 blocks",
-)
 def test_restormer_variant_matches_paper_restormer_count():
     assert count_parameters(create_model("restormer")) == 26_126_644
 
