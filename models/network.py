@@ -19,6 +19,8 @@ from datprl.models.config import ModelConfig
 from datprl.models.prompts import DomainTaskFusion, PoolSelection, PromptPool, QueryProjector
 
 PAD_MULTIPLE = 8  # three 2x downsamplings
+DOMAIN_QUERY_GRID = 8  # pooling grids of the query projectors, as in the published network
+TASK_QUERY_GRID = 4
 
 
 @dataclass
@@ -86,10 +88,10 @@ class DATPRLIR(nn.Module):
         self.task_query = self.task_pool = None
         self.domain_query = self.domain_pool = self.fusion = None
         if config.task_pool is not None:
-            self.task_query = QueryProjector(c * 8, d)
+            self.task_query = QueryProjector(c * 8, d, grid=TASK_QUERY_GRID)
             self.task_pool = PromptPool(config.task_pool.size, config.task_pool.top_k, **pool_args)
         if config.domain_pool is not None:
-            self.domain_query = QueryProjector(c, d)
+            self.domain_query = QueryProjector(c, d, grid=DOMAIN_QUERY_GRID)
             self.domain_pool = PromptPool(config.domain_pool.size, config.domain_pool.top_k, **pool_args)
             self.fusion = DomainTaskFusion(d, config.fusion_heads)
 

@@ -13,16 +13,19 @@ from torch import nn
 class QueryProjector(nn.Module):
     """Feature map -> query vector in R^D (method.md step 1): pool, conv, ReLU, pool, conv, ReLU, global pool, linear.
 
-    Attribute ``mapper`` and its indices follow the published layout (convs at 1 and 4, linear at 8).
+    The pools are adaptive averages to ``grid`` x ``grid`` and then half that, so the query does not depend on the
+    image size; the published network uses grid 8 for the domain query (full-resolution shallow features) and 4 for
+    the task query (1/8-resolution features), which the reference fixture pins down. Attribute ``mapper`` and its
+    indices follow the published layout (convs at 1 and 4, linear at 8).
     """
 
-    def __init__(self, channels: int, dim: int) -> None:
+    def __init__(self, channels: int, dim: int, grid: int) -> None:
         super().__init__()
         self.mapper = nn.Sequential(
-            nn.AvgPool2d(2, ceil_mode=True),
+            nn.AdaptiveAvgPool2d(grid),
             nn.Conv2d(channels, channels // 2, 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.AvgPool2d(2, ceil_mode=True),
+            nn.AdaptiveAvgPool2d(max(1, grid // 2)),
             nn.Conv2d(channels // 2, channels // 4, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1),

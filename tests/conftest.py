@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OFFICIAL_CHECKPOINT = FIXTURES / "official-checkpoint"  # copied from the shared reference (see its README)
 
 # Ray must only ever talk to loopback in tests (single node; see ray-stack-facts.md).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

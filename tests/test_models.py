@@ -34,8 +34,8 @@ from datprl.models import (
 from datprl.models.backbone import GatedFusionBlock
 
 TINY_VARIANTS = sorted(name for name in VARIANTS if name.endswith("_tiny"))
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"  # same as conftest.REFERENCE
-KEYS_TSV = REFERENCE / "official-checkpoint" / "paper-6task-keys.tsv"
+OFFICIAL_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "official-checkpoint"
+KEYS_TSV = OFFICIAL_CHECKPOINT / "paper-6task-keys.tsv"
 INERT = re.compile(r"\.cross_attn_[qk]\.(weight|bias)$")
 
 # (batch, height, width): sizes that are not multiples of 8, the smallest legal size, and a single tall image.
