@@ -1,0 +1,1 @@
+"""Ray Serve application serving the restoration network over HTTP."""
