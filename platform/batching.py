@@ -1,0 +1,156 @@
+"""Paired crops, augmentation and task-balanced batch assembly (the consumer side of the data pipeline).
+
+Pure numpy/torch: used inside Ray Data map stages and inside Ray Train workers, and testable without Ray.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def to_unit_float(image: np.ndarray, white_level: int | None = None) -> np.ndarray:
+    """uint8/uint16 (H, W[, C]) -> float32 in [0, 1]; ``white_level`` is the stored value that maps to 1.0
+    (default: the dtype's maximum). Bit depth is kept until here, the model's input normalisation."""
+    if image.dtype == np.uint8:
+        scale = white_level or 255
+    elif image.dtype == np.uint16:
+        scale = white_level or 65535
+    elif np.issubdtype(image.dtype, np.floating):
+        return np.clip(image.astype(np.float32), 0.0, 1.0)
+    else:
+        raise ValueError(f"unsupported image dtype {image.dtype}; expected uint8, uint16 or float in [0, 1]")
+    return np.clip(image.astype(np.float32) / float(scale), 0.0, 1.0)
+
+
+def to_chw3(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 1|3) float -> (3, H, W); grayscale is replicated to 3 channels as the paper does."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    if image.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got shape {image.shape}")
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def paired_random_crop(
+    lq: np.ndarray, gt: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same random ``size`` x ``size`` window from both images (reflect-padded first if an image is smaller)."""
+    if lq.shape[:2] != gt.shape[:2]:
+        raise ValueError(f"input and target sizes differ: {lq.shape[:2]} vs {gt.shape[:2]}")
+    h, w = lq.shape[:2]
+    if h < size or w < size:
+        pad = [(0, max(0, size - h)), (0, max(0, size - w))] + [(0, 0)] * (lq.ndim - 2)
+        lq, gt = np.pad(lq, pad, mode="reflect"), np.pad(gt, pad, mode="reflect")
+        h, w = lq.shape[:2]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return lq[top : top + size, left : left + size], gt[top : top + size, left : left + size]
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Deterministic central window (evaluation on fixed crops); images smaller than ``size`` are returned whole."""
+    h, w = image.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[top : top + size, left : left + size]
+
+
+def paired_augment(lq: np.ndarray, gt: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One of the 8 dihedral transforms (flips and 90-degree rotations), the same for both images."""
+    k, flip = int(rng.integers(0, 4)), bool(rng.integers(0, 2))
+    out = []
+    for image in (lq, gt):
+        image = np.rot90(image, k, axes=(0, 1))
+        out.append(np.ascontiguousarray(image[:, ::-1] if flip else image))
+    return out[0], out[1]
+
+
+@dataclass
+class BalancedBatcher:
+    """Assemble batches with exactly ``per_task`` samples of every task (the paper's task-balanced sampler).
+
+    Rows arrive in whatever order the upstream shuffle produces. Each task keeps a buffer of its recent samples;
+    a batch takes ``per_task`` fresh samples per task when there are enough and otherwise tops up by re-drawing
+    buffered ones, so rare tasks are oversampled exactly as a class-balanced sampler would, and every fresh sample
+    is used. ``max_pending`` bounds the fresh samples held per task, so memory stays bounded on unbalanced data.
+    """
+
+    tasks: Sequence[str]
+    per_task: int = 2
+    max_pending: int = 64
+    reservoir: int = 32
+    seed: int = 0
+    _fresh: dict[str, collections.deque] = field(init=False, repr=False)
+    _seen: dict[str, collections.deque] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("BalancedBatcher needs at least one task")
+        if self.per_task < 1:
+            raise ValueError("per_task must be >= 1")
+        self._rng = random.Random(self.seed)
+        self._fresh = {t: collections.deque() for t in self.tasks}
+        self._seen = {t: collections.deque(maxlen=self.reservoir) for t in self.tasks}
+        self.fresh_used = 0
+        self.redrawn = 0
+
+    def _ready(self) -> bool:
+        # Every task must have been seen at least once; at least one task must have a full set of fresh samples.
+        have = [len(self._fresh[t]) + len(self._seen[t]) for t in self.tasks]
+        return min(have) > 0 and max(len(self._fresh[t]) for t in self.tasks) >= self.per_task
+
+    def _take(self, task: str) -> list[dict]:
+        picked = []
+        for _ in range(self.per_task):
+            if self._fresh[task]:
+                row = self._fresh[task].popleft()
+                self._seen[task].append(row)
+                self.fresh_used += 1
+            else:
+                row = self._rng.choice(self._seen[task])
+                self.redrawn += 1
+            picked.append(row)
+        return picked
+
+    def add(self, row: dict) -> Iterator[list[dict]]:
+        """Offer one row (a dict with a ``task`` key); yields any batches (lists of rows) that became complete."""
+        task = row["task"]
+        if task not in self._fresh:
+            return  # a task outside the training set (e.g. held out for zero-shot evaluation)
+        self._fresh[task].append(row)
+        if len(self._fresh[task]) > 8 * self.max_pending:
+            missing = [t for t in self.tasks if not self._fresh[t] and not self._seen[t]]
+            raise ValueError(
+                f"no sample of task(s) {missing} among the first {8 * self.max_pending} samples of {task!r}; "
+                "remove them from the training tasks or check that the dataset contains them"
+            )
+        while self._ready() and (
+            min(len(self._fresh[t]) for t in self.tasks) >= self.per_task
+            or max(len(self._fresh[t]) for t in self.tasks) >= self.max_pending
+        ):
+            batch = [r for t in self.tasks for r in self._take(t)]
+            self._rng.shuffle(batch)
+            yield batch
+
+    def batches(self, rows: Iterable[dict]) -> Iterator[list[dict]]:
+        """Balanced batches from a stream of rows (rows of unknown tasks are ignored)."""
+        for row in rows:
+            yield from self.add(row)
+
+
+def collate(rows: Sequence[dict]) -> dict:
+    """Rows with float32 (3, H, W) ``lq``/``gt`` arrays -> a dict of stacked tensors plus per-sample metadata lists."""
+    batch = {
+        "lq": torch.from_numpy(np.stack([r["lq"] for r in rows])),
+        "gt": torch.from_numpy(np.stack([r["gt"] for r in rows])),
+    }
+    for key in rows[0]:
+        if key not in batch:
+            batch[key] = [r[key] for r in rows]
+    return batch
