@@ -148,6 +148,10 @@ class SampleRecord(BaseModel):
     simulated: bool = Field(False, description="clean image itself simulated (e.g. a phantom), not measured")
     height: int = Field(gt=0)
     width: int = Field(gt=0)
+    white_level: int | None = Field(None, gt=0, description="stored value that maps to 1.0 at the model input "
+                                    "(default: 2**bit_depth - 1; 4095 for 12-bit scans stored as 16-bit)")
+    modality: str | None = Field(None, description="acquisition kind of the clean image, e.g. 'ct', 'mr', 'photo'")
+    tile: tuple[int, int] | None = Field(None, description="top-left (row, col) of the tile within the source image")
 
     @field_validator("key")
     @classmethod

@@ -1,0 +1,328 @@
+"""Build a multi-domain (degraded, clean) WebDataset: the embedded default corpus, users' paired folders, or users'
+clean folders plus a list of tasks.
+
+Splits are made **by source image** (no source in two splits), every sample records its degradation parameters and
+seed, and the manifest records the command and the package versions of the image sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import Field, model_validator
+from tqdm import tqdm
+
+from datprl.platform.config import StrictModel, parse_cli
+from datprl.platform.degradations import TASKS, degrade
+from datprl.platform.shards import DatasetWriter, SampleRecord, decode_image
+from datprl.platform.storage import S3Settings, join_url
+
+Split = Literal["train", "val", "test"]
+
+# Which paper task applies to which kind of clean image (method.md task table).
+# PET has no real data on any registry: counts are simulated from the nuclear-medicine scan and from MR slices
+# used as activity-like images (labelled simulated). The CT perfusion map is not an attenuation image: no task.
+NATURAL_TASKS = ("sr_x4", "derain", "motion_deblur")
+DEFAULT_TASKS_BY_MODALITY: dict[str, tuple[str, ...]] = {
+    "photo": NATURAL_TASKS,
+    "astronomy": NATURAL_TASKS,
+    "fundus": NATURAL_TASKS,
+    "microscopy": NATURAL_TASKS,
+    "mr": ("mri_sr_x4", "pet_low_count"),
+    "ct": ("ct_low_dose",),
+    "ct_perfusion": (),
+    "nm": ("pet_low_count",),
+    "sentinel2_rgb": ("rs_sr_x4", "cloud", "haze"),
+    "aerial": ("rs_sr_x4", "cloud", "haze"),
+}
+
+
+class PairedFolders(StrictModel):
+    """Users' paired data: LQ and GT folders with matching file names (the layout of the paper's benchmarks)."""
+
+    lq_dir: Path
+    gt_dir: Path
+    domain: Literal["natural", "medical", "remote_sensing"]
+    task: str = Field(description="task label recorded with every pair, e.g. derain")
+    split: Split = "train"
+
+
+class CleanFolder(StrictModel):
+    """Users' clean images, degraded here with the listed tasks."""
+
+    dir: Path
+    domain: Literal["natural", "medical", "remote_sensing"]
+    tasks: list[str]
+
+
+class BuildConfig(StrictModel):
+    """Build a dataset of WebDataset shards plus manifest.json. With no arguments: the embedded default corpus."""
+
+    output: str = Field("data/default", description="local folder or s3://bucket/prefix")
+    s3: S3Settings | None = None
+    paired: PairedFolders | None = None
+    clean: CleanFolder | None = None
+    extra_tasks: list[str] = Field(default_factory=list, description="classic natural tasks to add, e.g. [denoise_25, jpeg]")
+    tile: int = Field(256, ge=32, description="clean images are cut into tiles of this size (pixels)")
+    max_tiles_per_source: int = Field(4, ge=1)
+    samples_per_tile: int = Field(1, ge=1, description="degraded versions per (tile, task), each with its own seed")
+    val_sources: int = Field(1, ge=0, description="sources per modality held out for validation")
+    test_sources: int = Field(1, ge=0, description="sources per modality held out for testing")
+    max_samples_per_shard: int = Field(256, ge=1)
+    seed: int = 0
+    contact_sheet: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "BuildConfig":
+        if self.paired is not None and self.clean is not None:
+            raise ValueError("give either paired or clean folders, not both")
+        for task in [*self.extra_tasks, *(self.clean.tasks if self.clean else [])]:
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        return self
+
+
+@dataclass
+class PendingSample:
+    key: str
+    record: dict
+    lq: np.ndarray
+    gt: np.ndarray
+
+
+def _stable_int(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+def assign_splits(source_ids: dict[str, str], val: int, test: int, seed: int) -> dict[str, Split]:
+    """Split by source: within each group (modality), a seeded order puts ``test`` sources in test, ``val`` in val and the
+    rest in train, keeping at least one training source per group."""
+    groups: dict[str, list[str]] = {}
+    for source_id, group in source_ids.items():
+        groups.setdefault(group, []).append(source_id)
+    splits: dict[str, Split] = {}
+    for members in groups.values():
+        members.sort(key=lambda s: _stable_int(seed, s))
+        n_test = min(test, max(0, len(members) - 1))
+        n_val = min(val, max(0, len(members) - 1 - n_test))
+        for i, source_id in enumerate(members):
+            splits[source_id] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return splits
+
+
+def tiles(image: np.ndarray, size: int, limit: int, min_std: float = 0.02) -> list[tuple[int, int, np.ndarray]]:
+    """Up to ``limit`` non-overlapping ``size`` tiles (row-major, evenly spread); smaller images are one tile.
+
+    Near-empty tiles (std below ``min_std`` of the image's maximum, e.g. the air around a scan) are skipped
+    unless nothing else is left."""
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        return [(0, 0, image)]
+    positions = [(r, c) for r in range(0, h - size + 1, size) for c in range(0, w - size + 1, size)]
+    peak = float(image.max()) or 1.0
+    busy = [(r, c) for r, c in positions if image[r : r + size, c : c + size].std() >= min_std * peak] or positions
+    step = max(1, len(busy) // limit)
+    return [(r, c, image[r : r + size, c : c + size]) for r, c in busy[::step][:limit]]
+
+
+def _float(image: np.ndarray, white: int) -> np.ndarray:
+    return image.astype(np.float32) / float(white)
+
+
+def _stored(degraded: np.ndarray, dtype: np.dtype, white: int) -> np.ndarray:
+    return np.clip(np.round(degraded * white), 0, white).astype(dtype)
+
+
+def synthesize(
+    source_id: str, image: np.ndarray, tasks: tuple[str, ...], config: BuildConfig, meta: dict
+) -> Iterator[PendingSample]:
+    """Degraded/clean pairs of one clean source image for each task, seeded by (config seed, source, tile, task, i)."""
+    white = int(meta.get("white_level") or (255 if image.dtype == np.uint8 else 65535))
+    for r, c, tile in tiles(image, config.tile, config.max_tiles_per_source):
+        clean = _float(tile, white)
+        for task in tasks:
+            for i in range(config.samples_per_tile):
+                seed = _stable_int(config.seed, source_id, r, c, task, i)
+                degraded, params = degrade(task, clean, seed)
+                key = hashlib.sha1(f"{source_id}/{r}/{c}/{task}/{i}".encode()).hexdigest()[:20]
+                record = {
+                    **meta,
+                    "key": key,
+                    "task": task,
+                    "source_id": source_id,
+                    "degradation": params,
+                    "seed": seed,
+                    "tile": (r, c),
+                    "white_level": white,
+                    "bit_depth": 8 if tile.dtype == np.uint8 else 16,
+                    "channels": 1 if tile.ndim == 2 else 3,
+                    "height": int(tile.shape[0]),
+                    "width": int(tile.shape[1]),
+                    "simulated": bool(TASKS[task].simulated_note) or meta.get("simulated", False),
+                }
+                yield PendingSample(key, record, _stored(degraded, tile.dtype, white), tile)
+
+
+def contact_sheet(samples: dict[tuple[str, str], PendingSample], path: Path, size: int = 160) -> Path:
+    """One (degraded | clean) pair per (domain, task), labelled, so a person can look at every degradation."""
+    from PIL import ImageDraw
+
+    rows = []
+    for (domain, task), sample in sorted(samples.items()):
+        pair = []
+        for image in (sample.lq, sample.gt):
+            white = sample.record["white_level"]
+            view = np.clip(image.astype(np.float32) / white * 255, 0, 255).astype(np.uint8)
+            if view.ndim == 2:
+                view = np.repeat(view[..., None], 3, axis=-1)
+            pair.append(np.asarray(Image.fromarray(view).resize((size, size), Image.BICUBIC)))
+        label = np.full((size, 150, 3), 255, np.uint8)
+        canvas = Image.fromarray(label)
+        ImageDraw.Draw(canvas).text((5, size // 2 - 10), f"{domain}\n{task}", fill=(0, 0, 0))
+        rows.append(np.concatenate([np.asarray(canvas), *pair], axis=1))
+    sheet = np.concatenate(rows, axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(path)
+    return path
+
+
+def count_table(counts: Counter) -> str:
+    """Markdown table of samples per (domain, task, split)."""
+    lines = ["| domain | task | train | val | test |", "| --- | --- | --- | --- | --- |"]
+    pairs = sorted({(d, t) for d, t, _ in counts})
+    for d, t in pairs:
+        lines.append(f"| {d} | {t} | {counts[(d, t, 'train')]} | {counts[(d, t, 'val')]} | {counts[(d, t, 'test')]} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Job:
+    """One clean image and the tasks to synthesise from it."""
+
+    source_id: str
+    load: object  # () -> ndarray as stored (uint8 / uint16)
+    tasks: tuple[str, ...]
+    meta: dict  # SampleRecord fields shared by every sample of this source (domain, split, package, units...)
+
+
+def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str]]:
+    from datprl.platform import sources
+
+    catalogue = sources.catalogue()
+    if not catalogue:
+        raise RuntimeError("no clean source images are installed; run infra/setup.sh (it installs the image packages)")
+    usable = [s for s in catalogue if DEFAULT_TASKS_BY_MODALITY.get(s.modality, ()) or s.domain == "natural"]
+    splits = assign_splits({s.id: s.modality for s in usable}, config.val_sources, config.test_sources, config.seed)
+    jobs = []
+    for src in usable:
+        tasks = DEFAULT_TASKS_BY_MODALITY.get(src.modality, NATURAL_TASKS if src.domain == "natural" else ())
+        if src.domain == "natural":
+            tasks = (*tasks, *config.extra_tasks)
+        meta = dict(domain=src.domain, split=splits[src.id], source_package=f"{src.package}=={src.package_version}",
+                    units=src.units, to_physical=src.to_physical, modality=src.modality, white_level=src.white_level)
+        jobs.append(Job(src.id, src.load, tasks, meta))
+    return jobs, sources.package_versions(usable)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def _read_file(path: Path) -> np.ndarray:
+    """A user image as stored: 8-bit RGB/gray or 16-bit gray (other modes are converted to 8-bit RGB)."""
+    try:
+        image = decode_image(path.read_bytes())
+    except Exception as error:  # noqa: BLE001 - report which file failed and why
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    return image
+
+
+def _folder_images(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {folder} not found")
+    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return files
+
+
+def _clean_folder_jobs(clean: CleanFolder, config: BuildConfig) -> list[Job]:
+    files = _folder_images(clean.dir)
+    splits = assign_splits({name: "user" for name in files}, config.val_sources, config.test_sources, config.seed)
+    return [
+        Job(f"{clean.dir.name}/{name}", (lambda p=path: _read_file(p)), tuple(clean.tasks),
+            dict(domain=clean.domain, split=splits[name], source_package="user-folder"))  # fmt: skip
+        for name, path in files.items()
+    ]
+
+
+def _paired_samples(paired: PairedFolders) -> Iterator[PendingSample]:
+    lq_files, gt_files = _folder_images(paired.lq_dir), _folder_images(paired.gt_dir)
+    unmatched = sorted(set(lq_files) ^ set(gt_files))
+    if unmatched:
+        raise ValueError(
+            f"{len(unmatched)} file name(s) appear in only one of {paired.lq_dir} and {paired.gt_dir} "
+            f"(e.g. {unmatched[:3]}); paired folders need matching file names"
+        )
+    for name in sorted(gt_files):
+        lq, gt = _read_file(lq_files[name]), _read_file(gt_files[name])
+        if lq.ndim != gt.ndim or lq.dtype != gt.dtype:
+            raise ValueError(f"{name}: input and target differ in channels or bit depth ({lq.shape}/{lq.dtype} vs {gt.shape}/{gt.dtype})")
+        key = hashlib.sha1(f"{paired.gt_dir}/{name}".encode()).hexdigest()[:20]
+        record = dict(key=key, domain=paired.domain, task=paired.task, split=paired.split,
+                      source_id=f"{paired.gt_dir.name}/{name}", source_package="user-folder",
+                      degradation={"given": "paired folders", "lq_file": lq_files[name].name}, seed=0,
+                      bit_depth=8 if gt.dtype == np.uint8 else 16, channels=1 if gt.ndim == 2 else 3,
+                      height=int(gt.shape[0]), width=int(gt.shape[1]))  # fmt: skip
+        yield PendingSample(key, record, lq, gt)
+
+
+def build(config: BuildConfig, command: list[str] | None = None) -> dict:
+    """Write the dataset described by ``config``; returns a summary (counts, manifest path, contact sheet)."""
+    versions: dict[str, str] = {}
+    if config.paired is not None:
+        samples: Iterator[PendingSample] = _paired_samples(config.paired)
+        total = None
+    else:
+        if config.clean is not None:
+            jobs = _clean_folder_jobs(config.clean, config)
+        else:
+            jobs, versions = _default_jobs(config)
+        samples = (s for job in jobs for s in synthesize(job.source_id, job.load(), job.tasks, config, job.meta))
+        total = None
+    counts: Counter = Counter()
+    examples: dict[tuple[str, str], PendingSample] = {}
+    name = Path(config.output.rstrip("/")).name or "dataset"
+    with DatasetWriter(config.output, name, config.max_samples_per_shard, config.s3, command=command,
+                       package_versions=versions or None, metadata={"config": config.model_dump(mode="json")}) as writer:  # fmt: skip
+        for sample in tqdm(samples, total=total, desc="samples", unit="pair", disable=None):
+            record = SampleRecord.model_validate(sample.record)
+            writer.write(record, sample.lq, sample.gt)
+            counts[(record.domain, record.task, record.split)] += 1
+            best = examples.get((record.domain, record.task))
+            if best is None or sample.gt.std() / sample.record.get("white_level", 255) > best.gt.std() / best.record.get("white_level", 255):
+                examples[(record.domain, record.task)] = sample  # the most textured example shows the degradation best
+    summary = {"manifest": join_url(config.output, "manifest.json"), "samples": sum(counts.values()),
+               "table": count_table(counts)}  # fmt: skip
+    if config.contact_sheet and examples:
+        sheet = Path(config.output) / "contact_sheet.png" if "://" not in config.output else Path("contact_sheet.png")
+        summary["contact_sheet"] = str(contact_sheet(examples, sheet))
+    print(summary["table"])
+    print(f"{summary['samples']} samples -> {summary['manifest']}" + (f"; contact sheet {summary.get('contact_sheet')}" if "contact_sheet" in summary else ""))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: ``python jobs/build_dataset.py [config.yaml] [key=value ...]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    build(parse_cli(BuildConfig, argv), command=["jobs/build_dataset.py", *argv])
+    return 0
