@@ -138,10 +138,23 @@ class BalancedBatcher:
             self._rng.shuffle(batch)
             yield batch
 
+    def flush(self) -> Iterator[list[dict]]:
+        """At the end of a pass: batches until no fresh sample is left (other tasks topped up by re-drawing), so every
+        sample of the pass is used once. Needs every task to have been seen at least once."""
+        if any(not self._fresh[t] and not self._seen[t] for t in self.tasks):
+            for t in self.tasks:
+                self._fresh[t].clear()
+            return
+        while any(self._fresh[t] for t in self.tasks):
+            batch = [r for t in self.tasks for r in self._take(t)]
+            self._rng.shuffle(batch)
+            yield batch
+
     def batches(self, rows: Iterable[dict]) -> Iterator[list[dict]]:
-        """Balanced batches from a stream of rows (rows of unknown tasks are ignored)."""
+        """Balanced batches from one pass over a stream of rows (rows of unknown tasks are ignored)."""
         for row in rows:
             yield from self.add(row)
+        yield from self.flush()
 
 
 def collate(rows: Sequence[dict]) -> dict:

@@ -1,0 +1,183 @@
+"""The Ray Data pipeline: shards (local or s3://) -> decoded, cropped, augmented pairs -> task-balanced batches.
+
+One Ray Data task per shard streams its tar through :func:`datprl.platform.shards.iter_samples`, so a truncated
+shard, an undecodable image or a bad record costs only that sample: it becomes an ``error`` row that the consumer
+counts and reports (shard and key) instead of failing the whole read, as Ray's own WebDataset reader does.
+Images keep their stored bit depth until this stage, where they are normalised by their ``white_level`` and grayscale
+is replicated to 3 channels (method.md). Ray Train workers receive a disjoint part of the stream through
+``ray.train.get_dataset_shard`` and assemble balanced batches with :func:`training_batches`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from datprl.platform.batching import (
+    BalancedBatcher,
+    center_crop,
+    collate,
+    paired_augment,
+    paired_random_crop,
+    to_chw3,
+    to_unit_float,
+)
+from datprl.platform.config import StrictModel
+from datprl.platform.shards import CorruptionReport, CorruptSampleError, iter_samples, manifest_shard_urls, read_manifest
+from datprl.platform.storage import S3Settings
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["train", "eval"]
+
+
+class DataConfig(StrictModel):
+    """Where the dataset lives and how training and evaluation read it."""
+
+    dataset: str = Field("data/default", description="local folder or s3://bucket/prefix holding manifest.json")
+    s3: S3Settings | None = Field(None, description="S3 endpoint and credentials (endpoint_url for MinIO/moto)")
+    tasks: list[str] | None = Field(None, description="training tasks; None = every task of the training split")
+    crop_size: int = Field(128, ge=8, description="paired random crop for training (pixels)")
+    augment: bool = Field(True, description="random flips and 90-degree rotations in training")
+    per_task_batch: int = Field(2, ge=1, description="samples of every task in each batch (batch = tasks x this)")
+    shuffle_buffer: int = Field(64, ge=0, description="rows in the consumer's local shuffle buffer")
+    eval_crop: int | None = Field(None, ge=8, description="central crop for evaluation; None = full images")
+    on_corrupt: Literal["skip", "raise"] = Field("skip", description="skip and report damaged samples, or fail")
+
+
+def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, Any]:
+    return {
+        "key": record.key if record else "",
+        "task": record.task if record else "",
+        "domain": record.domain if record else "",
+        "source_id": record.source_id if record else "",
+        "lq": lq,
+        "gt": gt,
+        "error": error,
+    }
+
+
+_EMPTY = np.zeros((3, 0, 0), np.float32)
+
+
+def decode_shard(
+    item: dict[str, Any],
+    mode: Mode,
+    crop_size: int,
+    augment: bool,
+    eval_crop: int | None,
+    s3: S3Settings | None,
+    on_corrupt: str,
+) -> Iterator[dict[str, Any]]:
+    """Ray Data ``flat_map`` stage: one shard URL -> model-ready rows (float32, 3 x H x W, in [0, 1]).
+
+    Damaged samples yield one row with an ``error`` message naming shard and key and empty images.
+    """
+    report = CorruptionReport()
+    rng = np.random.default_rng()
+    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report):
+        white = record.white_level or (2**record.bit_depth - 1)
+        if mode == "train":
+            lq, gt = paired_random_crop(lq, gt, crop_size, rng)
+            if augment:
+                lq, gt = paired_augment(lq, gt, rng)
+        elif eval_crop is not None:
+            lq, gt = center_crop(lq, eval_crop), center_crop(gt, eval_crop)
+        yield _row(record, to_chw3(to_unit_float(lq, white)), to_chw3(to_unit_float(gt, white)))
+    for url, key, reason in report.skipped:
+        yield _row(None, _EMPTY, _EMPTY, error=f"{url} [{key or 'shard'}]: {reason}")
+
+
+def read_split(config: DataConfig, split: str, mode: Mode = "train"):
+    """A Ray Dataset of model-ready rows from one split of the dataset's manifest (one read task per shard)."""
+    import ray
+
+    urls = manifest_shard_urls(config.dataset, split, config.s3)
+    if not urls:
+        raise ValueError(f"the {split!r} split of {config.dataset} has no shards; build it with jobs/build_dataset.py")
+    items = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+    return items.flat_map(
+        decode_shard,
+        fn_kwargs=dict(mode=mode, crop_size=config.crop_size, augment=config.augment, eval_crop=config.eval_crop,
+                       s3=config.s3, on_corrupt=config.on_corrupt),  # fmt: skip
+    )
+
+
+def split_tasks(config: DataConfig, split: str = "train") -> list[str]:
+    """The tasks of ``split`` in the manifest, or ``config.tasks`` (checked against the manifest)."""
+    manifest = read_manifest(config.dataset, config.s3)
+    present = sorted({c.task for c in manifest.counts if c.split == split and c.samples > 0})
+    if config.tasks is None:
+        return present
+    missing = sorted(set(config.tasks) - set(present))
+    if missing:
+        raise ValueError(f"tasks {missing} have no {split} samples in {config.dataset}; present: {present}")
+    return list(config.tasks)
+
+
+@dataclass
+class StreamReport:
+    """What a consumer saw: rows used and damaged samples skipped (shard and key in each message)."""
+
+    rows: int = 0
+    corrupt: list[str] = field(default_factory=list)
+
+    def note(self, row: dict) -> bool:
+        """Count ``row``; False (and recorded) if it is an error row."""
+        if row["error"]:
+            self.corrupt.append(row["error"])
+            log.warning("skipped damaged sample: %s", row["error"])
+            return False
+        self.rows += 1
+        return True
+
+
+def _rows(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        n = len(batch["key"])
+        for i in range(n):
+            yield {k: v[i] for k, v in batch.items()}
+
+
+def iterate_rows(source, shuffle_buffer: int = 0) -> Iterator[dict[str, Any]]:
+    """Rows from a Ray Dataset or a Ray Train dataset shard (DataIterator), optionally through a local shuffle buffer."""
+    kwargs = {"local_shuffle_buffer_size": shuffle_buffer} if shuffle_buffer else {}
+    return _rows(source.iter_batches(batch_size=16, batch_format="numpy", **kwargs))
+
+
+def training_batches(
+    source, tasks: list[str], per_task: int, shuffle_buffer: int = 64, report: StreamReport | None = None, seed: int = 0
+) -> Iterator[dict[str, Any]]:
+    """One pass over ``source`` as task-balanced batches (``per_task`` samples of every task): dicts with
+    ``lq``/``gt`` tensors (B, 3, H, W) and per-sample ``task``/``domain``/``key``/``source_id`` lists."""
+    report = report if report is not None else StreamReport()
+    batcher = BalancedBatcher(tasks, per_task=per_task, seed=seed)
+    rows = (row for row in iterate_rows(source, shuffle_buffer) if report.note(row))
+    for batch in batcher.batches(rows):
+        yield collate(batch)
+
+
+def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None) -> Iterator[dict]:
+    """Every sample of ``split`` once, in manifest order (deterministic: full images or fixed central crops)."""
+    import ray
+
+    report = report if report is not None else StreamReport()
+    context = ray.data.DataContext.get_current()
+    previous, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        for row in _rows(read_split(config, split, mode="eval").iter_batches(batch_size=1, batch_format="numpy")):
+            if report.note(row):
+                yield row
+    finally:
+        context.execution_options.preserve_order = previous
+
+
+__all__ = [
+    "CorruptSampleError", "DataConfig", "StreamReport", "decode_shard", "evaluation_rows", "iterate_rows", "read_split",
+    "split_tasks", "training_batches",
+]  # fmt: skip
