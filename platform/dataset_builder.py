@@ -21,9 +21,9 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from datprl.platform.config import StrictModel, parse_cli
-from datprl.platform.degradations import TASKS, degrade
-from datprl.platform.shards import DatasetWriter, SampleRecord, decode_image
-from datprl.platform.storage import S3Settings, join_url
+from datprl.platform.degradations import GRAYSCALE_ONLY_TASKS, TASKS, degrade
+from datprl.platform.shards import DatasetWriter, SampleRecord, decode_image, default_package_versions
+from datprl.platform.storage import S3Settings, atomic_write_bytes, join_url
 
 Split = Literal["train", "val", "test"]
 
@@ -87,6 +87,10 @@ class BuildConfig(StrictModel):
         for task in [*self.extra_tasks, *(self.clean.tasks if self.clean else [])]:
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        rgb_only = [t for t in self.extra_tasks if t in GRAYSCALE_ONLY_TASKS]
+        if rgb_only:  # extra tasks run on the RGB natural images, which these tasks reject
+            raise ValueError(f"extra_tasks {rgb_only} need single-channel scans; extra_tasks apply to the natural "
+                             "(RGB) images only")
         return self
 
 
@@ -171,6 +175,11 @@ def synthesize(
                 yield PendingSample(key, record, _stored(degraded, tile.dtype, white), tile)
 
 
+def _white(sample: PendingSample) -> int:
+    """The sample's full-scale stored value (paired-folder records carry none: the container's maximum)."""
+    return int(sample.record.get("white_level") or (255 if sample.gt.dtype == np.uint8 else 65535))
+
+
 def contact_sheet(samples: dict[tuple[str, str], PendingSample], path: Path, size: int = 160) -> Path:
     """One (degraded | clean) pair per (domain, task), labelled, so a person can look at every degradation."""
     from PIL import ImageDraw
@@ -179,7 +188,7 @@ def contact_sheet(samples: dict[tuple[str, str], PendingSample], path: Path, siz
     for (domain, task), sample in sorted(samples.items()):
         pair = []
         for image in (sample.lq, sample.gt):
-            white = sample.record["white_level"]
+            white = _white(sample)
             view = np.clip(image.astype(np.float32) / white * 255, 0, 255).astype(np.uint8)
             if view.ndim == 2:
                 view = np.repeat(view[..., None], 3, axis=-1)
@@ -225,7 +234,7 @@ def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str]]:
     for src in usable:
         tasks = DEFAULT_TASKS_BY_MODALITY.get(src.modality, NATURAL_TASKS if src.domain == "natural" else ())
         if src.domain == "natural":
-            tasks = (*tasks, *config.extra_tasks)
+            tasks = tuple(dict.fromkeys((*tasks, *config.extra_tasks)))  # a repeated task would repeat keys
         meta = dict(domain=src.domain, split=splits[src.id], source_package=f"{src.package}=={src.package_version}",
                     units=src.units, to_physical=src.to_physical, modality=src.modality, white_level=src.white_level)
         jobs.append(Job(src.id, src.load, tasks, meta))
@@ -259,7 +268,7 @@ def _clean_folder_jobs(clean: CleanFolder, config: BuildConfig) -> list[Job]:
     files = _folder_images(clean.dir)
     splits = assign_splits({name: "user" for name in files}, config.val_sources, config.test_sources, config.seed)
     return [
-        Job(f"{clean.dir.name}/{name}", (lambda p=path: _read_file(p)), tuple(clean.tasks),
+        Job(f"{clean.dir.name}/{name}", (lambda p=path: _read_file(p)), tuple(dict.fromkeys(clean.tasks)),
             dict(domain=clean.domain, split=splits[name], source_package="user-folder"))  # fmt: skip
         for name, path in files.items()
     ]
@@ -303,19 +312,26 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
     examples: dict[tuple[str, str], PendingSample] = {}
     name = Path(config.output.rstrip("/")).name or "dataset"
     with DatasetWriter(config.output, name, config.max_samples_per_shard, config.s3, command=command,
-                       package_versions=versions or None, metadata={"config": config.model_dump(mode="json")}) as writer:  # fmt: skip
+                       package_versions={**default_package_versions(), **versions}, metadata={"config": config.model_dump(mode="json")}) as writer:  # fmt: skip
         for sample in tqdm(samples, total=total, desc="samples", unit="pair", disable=None):
             record = SampleRecord.model_validate(sample.record)
             writer.write(record, sample.lq, sample.gt)
             counts[(record.domain, record.task, record.split)] += 1
             best = examples.get((record.domain, record.task))
-            if best is None or sample.gt.std() / sample.record.get("white_level", 255) > best.gt.std() / best.record.get("white_level", 255):
+            if best is None or sample.gt.std() / _white(sample) > best.gt.std() / _white(best):
                 examples[(record.domain, record.task)] = sample  # the most textured example shows the degradation best
     summary = {"manifest": join_url(config.output, "manifest.json"), "samples": sum(counts.values()),
                "table": count_table(counts)}  # fmt: skip
     if config.contact_sheet and examples:
-        sheet = Path(config.output) / "contact_sheet.png" if "://" not in config.output else Path("contact_sheet.png")
-        summary["contact_sheet"] = str(contact_sheet(examples, sheet))
+        if "://" not in config.output:
+            summary["contact_sheet"] = str(contact_sheet(examples, Path(config.output) / "contact_sheet.png"))
+        else:  # next to the manifest in the bucket, not in the caller's working directory
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                data = contact_sheet(examples, Path(tmp) / "contact_sheet.png").read_bytes()
+            summary["contact_sheet"] = join_url(config.output, "contact_sheet.png")
+            atomic_write_bytes(summary["contact_sheet"], data, config.s3)
     print(summary["table"])
     print(f"{summary['samples']} samples -> {summary['manifest']}" + (f"; contact sheet {summary.get('contact_sheet')}" if "contact_sheet" in summary else ""))
     return summary

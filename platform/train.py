@@ -1,0 +1,305 @@
+"""Training on Ray Train: data-parallel DATPRL-IR with the paper's recipe, checkpoints to the run's storage, resume.
+
+The driver (:func:`fit`) builds a ``TorchTrainer``; each worker runs :func:`train_loop_per_worker`: DDP model (every
+trainable parameter takes part in every step, so no ``find_unused_parameters``), Adam (0.9, 0.99), cosine decay to
+``min_lr``, gradient clipping, optional EMA, bf16 autocast on GPU, all losses of ``datprl.models.losses``.
+Checkpoints carry model, optimiser, scheduler, EMA, step and data position; Ray Train persists them to the run's
+storage (local path or s3://) and hands the latest back after a restart (worker failure, or the same run name
+launched again), so a run resumes from its last checkpoint rather than from step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from datprl.models import create_model, save_model
+from datprl.models.losses import DATPRLLoss, LossWeights
+from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
+from datprl.platform.data import DataConfig, StreamReport, read_split, split_tasks, training_batches
+from datprl.platform.storage import S3Settings
+
+log = logging.getLogger(__name__)
+
+
+class OptimConfig(StrictModel):
+    """The paper's recipe (method.md "Training recipe")."""
+
+    lr: float = Field(4e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    min_lr: float = Field(1e-6, ge=0, description="end of the cosine decay")
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None = no clipping")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the weights (e.g. 0.999); None = off")
+
+
+class TrainConfig(StrictModel):
+    """A training run. ``python jobs/train.py [config.yaml] [key=value ...]``; with no arguments: the embedded default."""
+
+    name: str = Field("default", description="run name; launching the same name again resumes it")
+    storage: str = Field("runs", description="run storage: local folder or s3://bucket/prefix (shared on clusters)")
+    s3: S3Settings | None = None
+    ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray")
+    data: DataConfig = DataConfig(crop_size=64)
+    build_dataset_if_missing: bool = Field(True, description="build the embedded default corpus when data.dataset has no manifest")
+    variant: str = Field("paper_tiny", description="model variant (datprl.models.VARIANTS)")
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="ModelConfig fields, e.g. {prompt_dim: 128}")
+    loss: LossWeights = LossWeights()
+    optim: OptimConfig = OptimConfig(lr=1e-3)
+    steps: int = Field(600, ge=1)
+    num_workers: int | tuple[int, int] = Field(1, description="workers, or (min, max) for elastic training")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(20, ge=1)
+    text_embeddings: str | None = Field(None, description="Parquet of description embeddings keyed by source_id")
+    evaluate_split: str | None = Field("val", description="split evaluated after training; None = skip")
+    output_dir: str = Field("outputs/train", description="exported weights, evaluation tables and pictures")
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _load_text_embeddings(path: str | None, s3: S3Settings | None) -> dict[str, torch.Tensor] | None:
+    if path is None:
+        return None
+    import pyarrow.parquet as pq
+
+    from datprl.platform.storage import filesystem
+
+    fs, local = filesystem(path, s3)
+    table = pq.read_table(local, filesystem=fs, columns=["source_id", "embedding"])
+    return {sid: torch.tensor(emb, dtype=torch.float32) for sid, emb in zip(table["source_id"].to_pylist(), table["embedding"].to_pylist())}
+
+
+def _text_batch(table: dict[str, torch.Tensor] | None, source_ids: list[str], device) -> tuple[Any, Any]:
+    if table is None:
+        return None, None
+    dim = next(iter(table.values())).numel()
+    mask = torch.tensor([s in table for s in source_ids], device=device)
+    rows = [table.get(s, torch.zeros(dim)) for s in source_ids]
+    return torch.stack(rows).to(device), mask
+
+
+def _schedule(optim: OptimConfig, steps: int):
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps))
+        floor = optim.min_lr / optim.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    tasks: list[str] = loop_config["tasks"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed + rank)
+    device = ray.train.torch.get_device()
+
+    model = create_model(config.variant, **config.model_overrides)
+    net = ray.train.torch.prepare_model(model)  # DDP when world > 1, on the worker's device
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.optim.lr, betas=config.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
+    ema = None
+    if config.optim.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay))
+    criterion = DATPRLLoss(config.loss)
+    texts = _load_text_embeddings(config.text_embeddings, config.s3)
+    if texts is None and rank == 0 and config.loss.align and model.domain_pool is not None:
+        print("[train] no text embeddings (text_embeddings=None): the alignment loss L_align is off", flush=True)
+
+    step, passes = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step, passes = state["step"], state["passes"]
+        if rank == 0:
+            print(f"[train] resumed from step {step} (pass {passes})", flush=True)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    shard = ray.train.get_dataset_shard("train")
+    report = StreamReport()
+    window: list[float] = []
+    started = time.perf_counter()
+    while step < config.steps:
+        for batch in training_batches(shard, tasks, config.data.per_task_batch, config.data.shuffle_buffer, report,
+                                      seed=config.seed + 1000 * passes + rank):  # fmt: skip
+            lq, gt = batch["lq"].to(device, non_blocking=True), batch["gt"].to(device, non_blocking=True)
+            text, mask = _text_batch(texts, batch["source_id"], device)
+            with autocast:
+                output = net(lq, return_aux=True)
+            loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            _clamp_temperatures(model, config)
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            window.append(terms["total"])
+            last = step >= config.steps
+            if step % config.log_every == 0 or step % config.checkpoint_every == 0 or last:
+                metrics = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                           "passes": passes, "samples_per_s": len(window) * lq.shape[0] * world / (time.perf_counter() - started),
+                           "corrupt_samples": len(report.corrupt), **{f"loss_{k}": v for k, v in terms.items()}}  # fmt: skip
+                window, started = [], time.perf_counter()
+                if step % config.checkpoint_every == 0 or last:
+                    _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank)
+                else:
+                    ray.train.report(metrics)
+                if rank == 0:
+                    print(f"[train] step {step}/{config.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)  # fmt: skip
+            if last:
+                break
+        passes += 1
+
+
+def _clamp_temperatures(model: torch.nn.Module, config: TrainConfig) -> None:
+    # The forward pass clamps tau to [min, max] (method.md step 3), which gives the raw parameter zero gradient once it
+    # leaves the range: project it back after each step so it can always move again.
+    with torch.no_grad():
+        for pool in (model.task_pool, model.domain_pool):
+            if pool is not None:
+                pool.temperature.clamp_(*pool.temperature_range)
+
+
+def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:  # one copy of the replicated state; every worker still reports
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None, "step": step, "passes": passes}  # fmt: skip
+            torch.save(state, Path(folder) / "state.pt")
+            (Path(folder) / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+            weights = ema.module if ema is not None else model
+            save_model(weights, Path(folder) / "model")
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def _init_ray(config: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=512 * 1024**2)
+
+
+def _ensure_dataset(config: TrainConfig) -> None:
+    from datprl.platform.shards import read_manifest
+
+    try:
+        read_manifest(config.data.dataset, config.data.s3)
+    except FileNotFoundError:
+        if not config.build_dataset_if_missing:
+            raise FileNotFoundError(f"no dataset at {config.data.dataset}; build it with jobs/build_dataset.py") from None
+        from datprl.platform.dataset_builder import BuildConfig, build
+
+        print(f"[train] no dataset at {config.data.dataset}: building the embedded default corpus", flush=True)
+        build(BuildConfig(output=config.data.dataset, s3=config.data.s3))
+
+
+def fit(config: TrainConfig):
+    """Run (or resume) training on Ray Train; returns the ``ray.train.Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    _init_ray(config)
+    _ensure_dataset(config)
+    tasks = split_tasks(config.data, "train")
+    use_gpu = torch.cuda.is_available() if config.use_gpu == "auto" else config.use_gpu
+    storage_fs = None
+    storage_path = config.storage
+    if config.storage.startswith("s3://"):
+        from datprl.platform.storage import filesystem
+
+        storage_fs, storage_path = filesystem(config.storage, config.s3)
+    else:
+        storage_path = str(Path(config.storage).resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_to_dict(config), "tasks": tasks},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
+        datasets={"train": read_split(config.data, "train")},
+        run_config=ray.train.RunConfig(
+            name=config.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def export_final(result, output_dir: Path) -> Path:
+    """Copy the final checkpoint's weights (safetensors + json) to ``output_dir/model.*``; returns the weights path."""
+    from datprl.models import load_model
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as folder:
+        model = load_model(Path(folder) / "model.safetensors")
+    return save_model(model, output_dir / "model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: train, export, evaluate, print the table."""
+    config = parse_cli(TrainConfig, sys.argv[1:] if argv is None else argv)
+    output_dir = Path(config.output_dir)
+    save_resolved_config(config, output_dir / "config.yaml")
+    result = fit(config)
+    if result.error is not None:
+        raise SystemExit(f"training failed: {result.error}")
+    weights = export_final(result, output_dir)
+    print(f"[train] exported {weights}", flush=True)
+    if config.evaluate_split:
+        from datprl.models import load_model
+        from datprl.platform.evaluate import evaluate
+
+        evaluation = evaluate(load_model(weights), config.data, split=config.evaluate_split, out_dir=output_dir / "eval")
+        print(evaluation.markdown())
+    return 0
