@@ -45,6 +45,9 @@ class ModelConfig(BaseModel):
     temperature_min: float = Field(0.1, gt=0)
     temperature_max: float = Field(2.0, gt=0)
     fusion_heads: int = Field(8, ge=1, description="heads of the domain-task cross-attention")
+    zero_init_output: bool = Field(
+        True, description="start the final conv at zero so a fresh network is the identity (residual learning)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

@@ -77,6 +77,10 @@ class DATPRLIR(nn.Module):
         self.decoder_level1 = fused(c * 2, h[0], config.decoder_blocks[0])
         self.refinement = fused(c * 2, h[0], config.refinement_blocks)
         self.output = nn.Conv2d(c * 2, config.in_channels, 3, padding=1, bias=False)
+        if config.zero_init_output:
+            # With the global residual this makes a fresh network the identity, so training starts from the input's
+            # own quality instead of below it (published weights overwrite this when loaded).
+            nn.init.zeros_(self.output.weight)
 
         d, t = config.prompt_dim, config.value_tokens
         pool_args = dict(
