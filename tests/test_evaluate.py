@@ -1,0 +1,174 @@
+"""Evaluation: metrics agree with direct computation, the do-nothing model scores its input, every output file is
+written and readable, prompt usage adds up, task filtering, zero-shot marking and the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datprl.models import create_model
+from datprl.platform.data import DataConfig, evaluation_rows
+from datprl.platform.dataset_builder import BuildConfig, build
+from datprl.platform.evaluate import EvalConfig, evaluate, main
+from datprl.platform.metrics import PAPER, psnr, ssim
+
+pytestmark = pytest.mark.ray
+
+SPLIT = "test"
+
+
+class Identity(torch.nn.Module):
+    """Returns its input: no parameters, no ``config``, no ``return_aux``."""
+
+    def forward(self, x):
+        return x
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-corpus") / "default"
+    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, contact_sheet=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(dataset):
+    return DataConfig(dataset=str(dataset))
+
+
+@pytest.fixture(scope="module")
+def rows(ray_local, data):
+    return list(evaluation_rows(data, SPLIT))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("paper_tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, data, tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-tiny")
+    tiny.train()  # evaluate must switch to eval mode and restore the training mode afterwards
+    result = evaluate(tiny, data, split=SPLIT, out_dir=out, max_grids_per_task=1, metadata={"step": 7})
+    assert tiny.training
+    return result, out
+
+
+def test_metrics_match_direct_computation(tiny_run, rows, tiny):
+    result, _ = tiny_run
+    assert result.n_images == len(rows)
+    by_key = {im["key"]: im for im in result.images}
+    tiny.eval()
+    with torch.inference_mode():
+        for row in rows[:2]:
+            lq, gt = torch.tensor(row["lq"])[None], torch.tensor(row["gt"])[None]
+            out = tiny(lq)
+            im = by_key[row["key"]]
+            assert im["input_psnr"] == pytest.approx(float(psnr(lq, gt, PAPER)[0]), abs=1e-9)
+            assert im["input_ssim"] == pytest.approx(float(ssim(lq, gt, PAPER)[0]), abs=1e-9)
+            assert im["output_psnr"] == pytest.approx(float(psnr(out, gt, PAPER)[0]), abs=1e-3)
+            assert im["output_ssim"] == pytest.approx(float(ssim(out, gt, PAPER)[0]), abs=1e-5)
+    # per-row and headline means from the per-image input PSNRs computed here from the raw rows
+    direct = {r["key"]: float(psnr(torch.tensor(r["lq"])[None], torch.tensor(r["gt"])[None])[0]) for r in rows}
+    per_task = {}
+    for r in rows:
+        per_task.setdefault(r["task"], []).append(direct[r["key"]])
+    for row in result.rows:
+        assert row["input_psnr"] == pytest.approx(np.mean(per_task[row["task"]]))
+        assert row["delta_psnr"] == pytest.approx(row["output_psnr"] - row["input_psnr"])
+    assert result.mean["n_tasks"] == len(per_task) == 9
+    assert result.mean["input_psnr"] == pytest.approx(np.mean([np.mean(v) for v in per_task.values()]))
+    assert result.mean["output_psnr"] == pytest.approx(np.mean([r["output_psnr"] for r in result.rows]))
+    assert result.protocol == PAPER.describe() and PAPER.describe() in result.markdown()
+
+
+def test_identity_model_scores_its_input(ray_local, data):
+    result = evaluate(Identity(), data, split=SPLIT)
+    assert result.prompt_usage is None and result.model_config is None
+    for row in [*result.rows, result.mean]:
+        assert row["output_psnr"] == row["input_psnr"] and row["output_ssim"] == row["input_ssim"]
+        assert row["delta_psnr"] == 0
+    assert "+0.00" in result.markdown()
+
+
+def test_output_files_exist_and_parse(tiny_run, tiny):
+    result, out = tiny_run
+    for name in ("metrics.md", "metrics.csv", "metrics.json", "prompt_usage.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp")) and (out / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert (out / "metrics.md").read_text() == result.markdown()
+    assert "| **Mean** | all tasks (9) |" in result.markdown()
+
+    table = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(table) == len(result.rows) + 1 and table[-1]["domain"] == "mean"
+    assert float(table[0]["output_psnr"]) == pytest.approx(result.rows[0]["output_psnr"])
+    assert float(table[-1]["output_psnr"]) == pytest.approx(result.mean["output_psnr"])
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result.rows)) and saved["mean"] == result.mean
+    assert saved["protocol"] == PAPER.describe() and saved["split"] == SPLIT
+    assert saved["model_config"] == tiny.config.model_dump(mode="json")
+    assert saved["n_images"] == result.n_images == len(saved["images"]) and saved["metadata"] == {"step": 7}
+
+    grids = sorted((out / "grids").glob("*.png"))
+    assert len(grids) == 9  # one per task (max_grids_per_task=1)
+    for path in grids:
+        domain, task, key = path.stem.split("__")
+        assert any(r["domain"] == domain and r["task"] == task for r in result.rows)
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.mode == "RGB"
+            assert image.width == 3 * image.height
+    with Image.open(out / "prompt_usage.png") as image:
+        assert image.format == "PNG" and image.width > 100
+
+
+def test_prompt_usage_adds_up(tiny_run, tiny):
+    result, _ = tiny_run
+    usage, n = result.prompt_usage, result.n_images
+    assert set(usage) == {"task", "domain"}
+    for pool, spec in (("task", tiny.config.task_pool), ("domain", tiny.config.domain_pool)):
+        entry = usage[pool]
+        assert entry["size"] == spec.size and entry["top_k"] == spec.top_k and entry["images"] == n
+        assert sum(entry["total"]) == n * spec.top_k
+        assert sum(sum(c) for c in entry["by_task"].values()) == n * spec.top_k
+        assert sum(sum(c) for c in entry["by_domain"].values()) == n * spec.top_k
+        for task, counts in entry["by_task"].items():
+            assert max(counts) <= entry["images_by_task"][task]  # an image selects each prompt at most once
+
+
+def test_task_filter_and_zero_shot_marking(ray_local, data, tiny, tmp_path):
+    result = evaluate(create_model("restormer_tiny"), data, split=SPLIT, tasks=["haze", "cloud"],
+                      zero_shot_tasks=["haze"], out_dir=tmp_path)
+    assert {r["task"] for r in result.rows} == {"haze", "cloud"} and result.mean["n_tasks"] == 2
+    assert {im["task"] for im in result.images} == {"haze", "cloud"}
+    assert [r["zero_shot"] for r in result.rows if r["task"] == "haze"] == [True]
+    text = result.markdown()
+    assert "haze (zero-shot)" in text and "cloud (zero-shot)" not in text and "zero-shot tasks (1)" in text
+    assert result.mean["zero_shot"]["n_tasks"] == 1 and result.mean["seen"]["n_tasks"] == 1
+    assert result.prompt_usage is None and not (tmp_path / "prompt_usage.png").exists()  # no pools, no heatmap
+    assert len(list((tmp_path / "grids").glob("*.png"))) == 2
+    with pytest.raises(ValueError, match="no 'test' samples"):
+        evaluate(Identity(), data, split=SPLIT, tasks=["no_such_task"])
+
+
+def test_cli_in_process(ray_local, dataset, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["variant=paper_tiny", f"data.dataset={dataset}", f"out_dir={out}", "split=val", "tasks=[derain]",
+                 "device=cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "derain" in printed and "Metric protocol" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["split"] == "val" and saved["metadata"]["variant"] == "paper_tiny"
+    assert math.isfinite(saved["mean"]["output_psnr"])
+    assert (out / "config.yaml").is_file() and (out / "prompt_usage.png").is_file()
+    with pytest.raises(ValueError, match="exactly one"):
+        EvalConfig()
