@@ -27,15 +27,23 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=256 * 1024**2,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        start_local_ray()
     yield ray
     ray.shutdown()
+
+
+def start_local_ray(**extra):
+    """The test session's Ray: 2 CPUs, 256 MiB object store, no dashboard (tests that restart Ray use it too)."""
+    import ray
+
+    return ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 1024**2,
+        log_to_driver=False,
+        configure_logging=False,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -63,14 +63,13 @@ def test_stdlib_platform_in_ray_task_with_repo_working_dir(repo_root):
     """(c) in a Ray worker whose runtime working_dir is the repository (the worker's cwd and sys.path hold it)."""
     import ray
 
+    from conftest import start_local_ray
+
+    # A working_dir upload is only possible for the whole job (ray.init), so restart Ray around this test and give
+    # the session's Ray back afterwards.
+    was_running = ray.is_initialized()
     ray.shutdown()
-    ray.init(
-        num_cpus=1,
-        include_dashboard=False,
-        object_store_memory=128 * 1024**2,
-        log_to_driver=False,
-        runtime_env={"working_dir": str(repo_root), "excludes": [".venv", ".git", "outputs", "runs", "data"]},
-    )
+    start_local_ray(runtime_env={"working_dir": str(repo_root), "excludes": [".venv", ".git", "outputs", "runs", "data"]})
     try:
 
         @ray.remote
@@ -87,6 +86,8 @@ def test_stdlib_platform_in_ray_task_with_repo_working_dir(repo_root):
         system, module_file, cwd, path_head, name = ray.get(probe.remote(), timeout=120)
     finally:
         ray.shutdown()
+        if was_running:
+            start_local_ray()
     assert system
     _assert_stdlib(module_file)
     # the worker really runs inside an uploaded copy of the repo
