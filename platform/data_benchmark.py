@@ -1,0 +1,417 @@
+"""Throughput of the Ray Data training pipeline against a plain WebDataset + DataLoader baseline.
+
+Both sides read the same train shards and do the same work per sample: decode both PNGs at their stored bit depth,
+take the same paired random crop, apply one of the 8 flips/rotations, normalise by the sample's white level to
+float32 ``(3, crop, crop)`` (grey replicated to 3 channels; both sides call the functions of
+:mod:`datprl.platform.batching`), and hand the consumer batches or rows.
+
+* ``baseline``: ``wds.WebDataset(urls).shuffle(n).decode(png).map(crop/augment/normalise)`` in a
+  ``torch.utils.data.DataLoader(num_workers=N, batch_size=B, persistent_workers=True)``, N = the CPUs given to Ray.
+  WebDataset hands whole shards to DataLoader workers, so with fewer shards than workers some workers stay idle
+  (``empty_check=False`` lets them; the default would raise).
+* Ray: :func:`~datprl.platform.data.read_split` on a local Ray with N CPUs, consumed as training consumes it:
+  :func:`~datprl.platform.data.training_batches` (task-balanced batches of ``tasks x batch_size // tasks``) and/or
+  plain :func:`~datprl.platform.data.iterate_rows`.
+
+Every pass is a whole epoch over the train split, timed from creating its iterator to exhausting it, so each side's
+per-epoch start-up is included. The first ``warmup`` passes of every side are not counted (process start, imports,
+page cache); the timed passes are interleaved (B R1 R2, R1 R2 B, ...) so that load changes hit every side alike, and
+the median per side is reported. Samples/s counts the decoded samples of a pass (balanced batches also re-draw
+samples of rare tasks; those repeats cost no decoding and are not counted). Every pass of every side must yield the
+train split's sample count, or the run fails.
+
+On Linux, when the benchmark starts Ray itself, it also reports the CPU time each side spent per sample (this process
+plus the DataLoader workers for the baseline; this process plus every Ray process for Ray, Ray's own daemons
+included), which unlike wall time hardly depends on what else runs on the machine. Ray starts its workers with OS
+niceness 15 by default while the DataLoader workers keep the caller's; on a busy machine that alone moves the wall-time
+ratio, so ``ray_worker_niceness`` (default 0) gives both sides the same priority.
+
+Launch with ``python jobs/benchmark_data.py [key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from datprl.platform.batching import paired_augment, paired_random_crop, to_chw3, to_unit_float
+from datprl.platform.config import StrictModel, config_to_dict, parse_cli
+
+__all__ = ["DataBenchmarkConfig", "baseline_loader", "run_benchmark", "format_report", "main"]
+
+Consumer = Literal["training_batches", "iterate_rows"]
+BASELINE = "baseline"
+
+
+class DataBenchmarkConfig(StrictModel):
+    """Samples/s of 128x128 paired training crops: Ray Data pipeline vs WebDataset + DataLoader, same CPUs."""
+
+    dataset: str = Field("data/bench", description="local dataset folder with manifest.json; if the manifest is "
+                         "missing, the default corpus is built there first (about 30 s)")
+    passes: int = Field(5, ge=1, description="timed passes (epochs over the train split) per side, interleaved")
+    warmup: int = Field(1, ge=0, description="untimed passes per side before the timed ones")
+    cpus: int = Field(2, ge=1, description="CPUs given to Ray (ray.init(num_cpus=...)) = DataLoader num_workers")
+    crop_size: int = Field(128, ge=8, description="paired random crop (pixels)")
+    batch_size: int = Field(18, ge=1, description="DataLoader batch; Ray's balanced batches take batch_size // tasks "
+                            "samples per task (18 = 9 tasks x 2)")
+    shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer of both training_batches and the "
+                                "baseline's wds .shuffle() (iterate_rows never shuffles)")
+    consumers: list[Consumer] = Field(["training_batches", "iterate_rows"], min_length=1,
+                                      description="Ray consumer paths to time; the first gives the headline ratio")
+    ray_worker_niceness: int | None = Field(0, ge=0, le=19, description="OS niceness of Ray's workers "
+                                            "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the priority "
+                                            "of the DataLoader workers; null = Ray's default (15)")
+    json_out: Path | None = Field(None, description="also write the results as JSON here")
+
+    @field_validator("dataset")
+    @classmethod
+    def _local_only(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError("the benchmark reads a local dataset folder (the baseline opens shards as local files)")
+        return value
+
+    @field_validator("consumers")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("consumers must not repeat")
+        return value
+
+
+# --- the baseline: plain webdataset + DataLoader --------------------------------------------------------------------
+
+_RNG: np.random.Generator | None = None
+
+
+def _rng() -> np.random.Generator:
+    """One generator per process, created where it is used (DataLoader workers are forked from this process)."""
+    global _RNG
+    if _RNG is None:
+        _RNG = np.random.default_rng()
+    return _RNG
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """PNG -> array at its stored bit depth (uint8 RGB/grey, uint16 grey), as the pipeline decodes it."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image)
+
+
+def _baseline_sample(sample: dict[str, Any], crop_size: int) -> dict[str, Any]:
+    """The pipeline's training transform on a webdataset sample: crop, flip/rotate, normalise, 3 x H x W float32."""
+    meta = sample["json"]
+    white = meta.get("white_level") or (2 ** meta["bit_depth"] - 1)
+    rng = _rng()
+    lq, gt = paired_random_crop(sample["lq.png"], sample["gt.png"], crop_size, rng)
+    lq, gt = paired_augment(lq, gt, rng)
+    return {"lq": to_chw3(to_unit_float(lq, white)), "gt": to_chw3(to_unit_float(gt, white)),
+            "task": meta["task"], "key": sample["__key__"]}  # fmt: skip
+
+
+def baseline_loader(urls: Sequence[str], crop_size: int, batch_size: int, workers: int, shuffle_buffer: int):
+    """What a plain webdataset user writes: shards -> shuffle -> decode -> map -> DataLoader batches."""
+    import torch.utils.data
+    import webdataset as wds
+
+    # empty_check=False: with fewer shards than workers the idle workers would otherwise raise "No samples found".
+    dataset = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False)
+    if shuffle_buffer:
+        dataset = dataset.shuffle(shuffle_buffer)
+    dataset = dataset.decode(wds.handle_extension("png", _decode_png)).map(
+        functools.partial(_baseline_sample, crop_size=crop_size))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=False)
+
+
+# --- CPU time of this process tree (Linux) --------------------------------------------------------------------------
+
+
+def _cpu_snapshot() -> dict[int, tuple[str, float]] | None:
+    """CPU seconds (user + system) of this process and of each descendant, by pid, with its kind: ``driver`` (this
+    process), ``dataloader`` (forks of it: same command line) or ``ray`` (everything else: Ray's daemons and workers,
+    which ``ray.init`` started below this process). None where /proc is not available."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    parent: dict[int, int] = {}
+    seconds: dict[int, float] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime stime at 11, 12
+        parent[int(entry.name)] = int(fields[1])
+        seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    own_command = (proc / str(me) / "cmdline").read_bytes()
+    out, todo = {me: ("driver", seconds.get(me, 0.0))}, list(children.get(me, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            kind = "dataloader" if (proc / str(pid) / "cmdline").read_bytes() == own_command else "ray"
+        except OSError:
+            continue
+        out[pid] = (kind, seconds[pid])
+    return out
+
+
+def _cpu_spent(before, after, kinds: tuple[str, ...]) -> float | None:
+    """CPU seconds spent between two snapshots by processes of ``kinds`` (processes that ended meanwhile are lost)."""
+    if before is None or after is None:
+        return None
+    return sum(s - (before[pid][1] if pid in before else 0.0) for pid, (kind, s) in after.items() if kind in kinds)
+
+
+# --- one pass per side ----------------------------------------------------------------------------------------------
+# A pass returns: samples (decoded and used), batches, emitted (samples handed out, re-draws included), corrupt
+# (damaged samples skipped), and lq_shape / lq_dtype of one sample as the consumer received it.
+
+
+def _new_pass() -> dict[str, Any]:
+    return dict(samples=0, batches=0, emitted=0, corrupt=0, lq_shape=None, lq_dtype=None)
+
+
+def _note_lq(out: dict[str, Any], lq, batched: bool) -> None:
+    if out["lq_shape"] is None:
+        out["lq_shape"] = list(lq.shape[1:] if batched else lq.shape)
+        out["lq_dtype"] = str(lq.dtype).replace("torch.", "")
+
+
+def _baseline_pass(loader) -> dict[str, Any]:
+    out = _new_pass()
+    for batch in loader:
+        n = len(batch["lq"])
+        out["samples"] += n
+        out["emitted"] += n
+        out["batches"] += 1
+        _note_lq(out, batch["lq"], batched=True)
+    return out
+
+
+def _training_batches_pass(dataset, tasks: list[str], per_task: int, shuffle_buffer: int, seed: int) -> dict:
+    from datprl.platform.data import StreamReport, training_batches
+
+    report, out = StreamReport(), _new_pass()
+    for batch in training_batches(dataset, tasks, per_task, shuffle_buffer=shuffle_buffer, report=report, seed=seed):
+        out["batches"] += 1
+        out["emitted"] += len(batch["key"])
+        _note_lq(out, batch["lq"], batched=True)
+    out["samples"], out["corrupt"] = report.rows, len(report.corrupt)
+    return out
+
+
+def _iterate_rows_pass(dataset) -> dict[str, Any]:
+    from datprl.platform.data import StreamReport, iterate_rows
+
+    report, out = StreamReport(), _new_pass()
+    for row in iterate_rows(dataset):
+        if report.note(row):
+            _note_lq(out, row["lq"], batched=False)
+    out["samples"] = out["emitted"] = report.rows
+    out["corrupt"] = len(report.corrupt)
+    return out
+
+
+# --- the benchmark --------------------------------------------------------------------------------------------------
+
+
+def _ensure_dataset(path: str) -> None:
+    from datprl.platform.shards import MANIFEST_NAME
+
+    if not (Path(path) / MANIFEST_NAME).exists():
+        from datprl.platform.dataset_builder import BuildConfig, build
+
+        print(f"{path}/{MANIFEST_NAME} not found: building the default corpus there", flush=True)
+        build(BuildConfig(output=path), command=["jobs/benchmark_data.py", f"output={path}"])
+
+
+def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
+    """(started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used as it is."""
+    import ray
+
+    start = time.perf_counter()
+    if ray.is_initialized():
+        return False, int(ray.cluster_resources().get("CPU", cpus)), 0.0
+    previous = os.environ.get("RAY_worker_niceness")
+    if niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet that ray.init starts
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_worker_niceness", None)
+        else:
+            os.environ["RAY_worker_niceness"] = previous
+    return True, int(ray.cluster_resources().get("CPU", cpus)), time.perf_counter() - start
+
+
+def _ray_worker_niceness() -> int:
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
+
+
+def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
+    """Time every side of ``config`` and return a JSON-ready dict.
+
+    ``results`` has one row per side (``baseline`` first, then the Ray consumers): ``side, consumer,
+    samples_per_pass, batches_per_pass, emitted_per_pass, corrupt_per_pass, samples_per_s`` (median over the timed
+    passes), ``s_per_pass`` (median), ``pass_s`` (every timed pass), ``warmup_s`` (every warm-up pass),
+    ``cpu_ms_per_sample`` (median; None when not measurable) and ``lq_shape``/``lq_dtype`` of what the consumer
+    received. ``ratios`` maps ``"ray_pipeline/baseline"`` (first consumer) and ``"ray_pipeline[<consumer>]/baseline"``
+    (each consumer) to ratios of median samples/s.
+    """
+    import ray
+    import torch
+    import webdataset
+
+    from datprl.platform.data import DataConfig, read_split, split_tasks
+    from datprl.platform.shards import manifest_shard_urls, read_manifest
+
+    _ensure_dataset(config.dataset)
+    manifest = read_manifest(config.dataset)
+    expected = sum(c.samples for c in manifest.counts if c.split == "train")
+    urls = manifest_shard_urls(config.dataset, "train")
+    data_config = DataConfig(dataset=config.dataset, crop_size=config.crop_size, shuffle_buffer=config.shuffle_buffer)
+    tasks = split_tasks(data_config, "train")
+    per_task = max(1, config.batch_size // len(tasks))
+
+    owned, cpus, ray_start_s = _start_ray(config.cpus, config.ray_worker_niceness)
+    context = ray.data.DataContext.get_current()
+    progress, context.enable_progress_bars = context.enable_progress_bars, False
+    data_log = logging.getLogger("ray.data")  # otherwise an INFO block per pass ("Starting execution of ...")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    load_before = os.getloadavg()
+    loader = None
+    try:
+        niceness = {"ray_workers": _ray_worker_niceness(), "dataloader_workers": os.nice(0)}
+        dataset = read_split(data_config, "train")
+        loader = baseline_loader(urls, config.crop_size, config.batch_size, cpus, config.shuffle_buffer)
+        runs: dict[str, Callable[[], dict]] = {BASELINE: lambda: _baseline_pass(loader)}
+        seeds = iter(range(1_000_000))
+        for consumer in config.consumers:
+            if consumer == "training_batches":
+                runs[consumer] = lambda: _training_batches_pass(dataset, tasks, per_task, config.shuffle_buffer,
+                                                                next(seeds))  # fmt: skip
+            else:
+                runs[consumer] = lambda: _iterate_rows_pass(dataset)
+        sides = list(runs)
+        timing: dict[str, dict[str, list]] = {s: {"warmup": [], "timed": [], "cpu": []} for s in sides}
+        first: dict[str, dict] = {}
+        for round_ in range(config.warmup + config.passes):
+            shift = round_ % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                cpu_before = _cpu_snapshot() if owned else None
+                start = time.perf_counter()
+                result = runs[side]()
+                seconds = time.perf_counter() - start
+                cpu = _cpu_spent(cpu_before, _cpu_snapshot() if owned else None,
+                                 ("driver", "dataloader") if side == BASELINE else ("driver", "ray"))  # fmt: skip
+                if result["samples"] + result["corrupt"] != expected or result["samples"] == 0:
+                    raise RuntimeError(f"{side} pass {round_} yielded {result['samples']} samples "
+                                       f"(+{result['corrupt']} damaged); the train split has {expected}")
+                if side in first and (result["samples"], result["lq_shape"]) != (
+                        first[side]["samples"], first[side]["lq_shape"]):  # fmt: skip
+                    raise RuntimeError(f"{side}: pass {round_} differs from its first: {result} vs {first[side]}")
+                first.setdefault(side, result)
+                if round_ < config.warmup:
+                    timing[side]["warmup"].append(seconds)
+                else:
+                    timing[side]["timed"].append(seconds)
+                    timing[side]["cpu"].append(cpu)
+    finally:
+        context.enable_progress_bars = progress
+        data_log.setLevel(level)
+        loader = None  # stops the persistent DataLoader workers
+        if owned:
+            ray.shutdown()
+
+    shapes = {(tuple(p["lq_shape"]), p["lq_dtype"]) for p in first.values()}
+    if shapes != {((3, config.crop_size, config.crop_size), "float32")}:
+        raise RuntimeError(f"the sides produced different samples: {shapes}")
+    results = []
+    for side in sides:
+        timed, samples, cpu = timing[side]["timed"], first[side]["samples"], timing[side]["cpu"]
+        results.append(dict(
+            side="webdataset+DataLoader" if side == BASELINE else "ray_data", consumer=side,
+            samples_per_pass=samples, batches_per_pass=first[side]["batches"],
+            emitted_per_pass=first[side]["emitted"], corrupt_per_pass=first[side]["corrupt"],
+            samples_per_s=statistics.median(samples / t for t in timed), s_per_pass=statistics.median(timed),
+            pass_s=timed, warmup_s=timing[side]["warmup"],
+            cpu_ms_per_sample=None if None in cpu else statistics.median(1e3 * c / samples for c in cpu),
+            lq_shape=first[side]["lq_shape"], lq_dtype=first[side]["lq_dtype"]))  # fmt: skip
+    base = results[0]["samples_per_s"]
+    ratios = {"ray_pipeline/baseline": results[1]["samples_per_s"] / base}
+    ratios.update({f"ray_pipeline[{r['consumer']}]/baseline": r["samples_per_s"] / base for r in results[1:]})
+    return dict(
+        config=config_to_dict(config), cpus=cpus, ray_started_here=owned, ray_start_s=ray_start_s,
+        train_shards=len(urls), train_samples=expected, tasks=tasks, per_task=per_task, niceness=niceness,
+        loadavg={"before": list(load_before), "after": list(os.getloadavg())},
+        versions={"ray": ray.__version__, "webdataset": getattr(webdataset, "__version__", "?"),
+                  "torch": torch.__version__, "numpy": np.__version__},
+        results=results, ratios=ratios)  # fmt: skip
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The Markdown table of :func:`run_benchmark` and its ratio lines; the first is
+    ``ray_pipeline/baseline throughput ratio: X.XX`` (the first Ray consumer against the baseline)."""
+    head = ["pipeline", "consumer", "samples/pass", "batches/pass", "samples/s median", "s/pass median",
+            "samples/s min-max", "CPU ms/sample", "warm-up pass s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["results"]:
+        rates = [r["samples_per_pass"] / t for t in r["pass_s"]]
+        cpu = "-" if r["cpu_ms_per_sample"] is None else f"{r['cpu_ms_per_sample']:.1f}"
+        cells = [r["side"], r["consumer"], r["samples_per_pass"], r["batches_per_pass"] or "-",
+                 f"{r['samples_per_s']:.1f}", f"{r['s_per_pass']:.2f}", f"{min(rates):.1f}-{max(rates):.1f}", cpu,
+                 ", ".join(f"{t:.2f}" for t in r["warmup_s"]) or "-"]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines.append("")
+    lines += [f"{name} throughput ratio: {ratio:.2f}" for name, ratio in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``jobs/benchmark_data.py``: parse ``key=value`` options, run, print, optionally save JSON."""
+    config = parse_cli(DataBenchmarkConfig, argv, prog="benchmark_data.py")
+    start = time.perf_counter()
+    report = run_benchmark(config)
+    v, nice, load = report["versions"], report["niceness"], report["loadavg"]
+    print(f"ray {v['ray']}, webdataset {v['webdataset']}, torch {v['torch']}; {report['cpus']} CPUs (Ray num_cpus = "
+          f"DataLoader num_workers); {config.dataset}: {report['train_samples']} train samples in "
+          f"{report['train_shards']} shard(s), {len(report['tasks'])} tasks; crop {config.crop_size}, batch "
+          f"{config.batch_size} (balanced: {report['per_task']} per task), shuffle buffer {config.shuffle_buffer}; "
+          f"{config.warmup} warm-up + {config.passes} interleaved timed passes per side; niceness: Ray workers "
+          f"{nice['ray_workers']}, DataLoader workers {nice['dataloader_workers']}; load average "
+          f"{load['before'][0]:.1f} -> {load['after'][0]:.1f}")
+    print(format_report(report))
+    print(f"total {time.perf_counter() - start:.1f} s (Ray start {report['ray_start_s']:.1f} s)")
+    if config.json_out is not None:
+        config.json_out.parent.mkdir(parents=True, exist_ok=True)
+        config.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"results written to {config.json_out}")
+    sys.stdout.flush()
+    return 0
