@@ -16,10 +16,10 @@ TASKS = [("natural", "sr_x4"), ("remote_sensing", "haze"), ("medical", "ct_low_d
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    """Three tasks x 4 train samples of 40x40 pixels in 3 shards (RGB 8-bit and 12-bit grey stored as 16-bit)."""
+    """Three tasks x 4 train samples of 40x40 pixels in one shard (RGB 8-bit and 12-bit grey stored as 16-bit)."""
     root = tmp_path_factory.mktemp("bench") / "tiny"
     rng = np.random.default_rng(0)
-    with DatasetWriter(str(root), "tiny", max_samples_per_shard=4, command=["test"], package_versions={}) as writer:
+    with DatasetWriter(str(root), "tiny", max_samples_per_shard=16, command=["test"], package_versions={}) as writer:
         for i in range(4):
             for domain, task in TASKS:
                 grey = domain == "medical"
@@ -42,7 +42,7 @@ def test_tiny_run_compares_equal_work(ray_local, tiny_dataset, tmp_path, capsys)
     report = json.loads(out.read_text())
     rows = report["results"]
     assert [r["consumer"] for r in rows] == ["baseline", "training_batches", "iterate_rows"]
-    assert report["train_samples"] == 12 and report["train_shards"] == 3 and report["per_task"] == 2
+    assert report["train_samples"] == 12 and report["train_shards"] == 1 and report["per_task"] == 2
     for r in rows:  # every side decoded every sample once and produced the same float32 3 x crop x crop samples
         assert r["samples_per_pass"] == 12 and r["corrupt_per_pass"] == 0
         assert (r["lq_shape"], r["lq_dtype"]) == ([3, 32, 32], "float32")
