@@ -1,0 +1,274 @@
+"""Cluster submission: the cluster configs validate, and jobs/train.py runs through `ray job submit` on a separately
+started Ray head node with token authentication on, ending in a checkpoint and exported weights.
+
+The head is started by `ray start --head` in its own session (setsid), with its own temp dir, free loopback ports and
+its own token, so it never touches the test session's in-process Ray. It is stopped by signalling exactly the
+processes of that session and their descendants: `ray stop` would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from datprl.platform.config import load_config
+from datprl.platform.train import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INFRA = REPO_ROOT / "infra"
+LAUNCH = "ray job submit --working-dir . -- python jobs/train.py infra/train-cluster.yaml"
+MiB = 1024**2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The configs
+
+
+def test_cluster_training_config_validates():
+    text = (INFRA / "train-cluster.yaml").read_text()
+    header = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")]
+    assert LAUNCH in header, "the header comment must give the exact launch command"
+    config = load_config(TrainConfig, INFRA / "train-cluster.yaml")
+    assert config.storage.startswith("s3://") and config.data.dataset.startswith("s3://"), "nodes share s3:// storage"
+    assert config.use_gpu is True and config.variant == "paper" and config.data.crop_size == 128
+    assert isinstance(config.num_workers, int) and config.num_workers > 1
+    assert config.checkpoint_every < config.steps
+    # The job runs in a temporary copy of the repo: a relative output_dir would be written into it.
+    assert Path(config.output_dir).is_absolute()
+
+
+def test_local_training_config_validates():
+    config = load_config(TrainConfig, INFRA / "train-local.yaml")
+    assert config.use_gpu is False and config.steps <= 20 and config.evaluate_split is None
+    assert config.cpus_per_worker < 2, "a worker holding every CPU of a 2-CPU head starves the Ray Data reads"
+    for path in (config.storage, config.data.dataset, config.output_dir):
+        assert Path(path).is_absolute(), path
+
+
+def test_ray_cluster_launcher_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config  # what `ray up` runs on the file
+
+    raw = yaml.safe_load((INFRA / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    assert any("bash infra/setup.sh" in c for c in raw["setup_commands"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in raw[key] if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start), f"{key}: token auth must stay on"
+        assert all(".venv/bin/activate" in c for c in start), f"{key}: Ray must run from the project's venv"
+    assert "RAY_AUTH_MODE=disabled" not in yaml.safe_dump(raw)
+    assert raw["file_mounts"].get("~/.ray/auth_token"), "every node needs the cluster's token"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A local head node of our own
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id), from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        table[int(entry)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def _session_processes(session: int) -> set[int]:
+    """Every process of ``session`` and every descendant of one (a job's driver runs in a session of its own)."""
+    table = _process_table()
+    found = {pid for pid, (_, sid) in table.items() if sid == session}
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    found.discard(os.getpid())
+    return found
+
+
+class LocalHead:
+    """`ray start --head` on loopback ports with token auth on (a fresh token of its own, never ~/.ray/auth_token)."""
+
+    def __init__(self, num_cpus: int = 2, object_store_mib: int = 256):
+        # A short temp dir: Ray's Unix socket paths under it must stay below 108 bytes.
+        self.temp = Path(tempfile.mkdtemp(prefix="drc-", dir="/tmp"))
+        token = self.temp / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        venv_bin = Path(sys.executable).parent  # the job's `python` is the head's: this venv's, where datprl lives
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        self.env.update(
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # bind every port to 127.0.0.1
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(token),
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+            PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        # The head's processes get RAY_ADDRESS: they find their cluster by it, else by /tmp/ray/ray_current_cluster (not
+        # the one in our --temp-dir), else by scanning for GCS processes, which fails while other Ray instances run on
+        # the machine (Ray Train's PlacementGroupCleaner died of "Found multiple active Ray instances" without it).
+        # The CLI calls must not see it: RAY_ADDRESS overrides `ray job submit --address` (RAY_API_SERVER_ADDRESS
+        # overrides both, so it is set to the same dashboard URL).
+        gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.start_env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+        self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
+        self.ray_bin = str(venv_bin / "ray")
+        self.args = [
+            "--head", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+            f"--object-store-memory={object_store_mib * MiB}", f"--temp-dir={self.temp}", "--disable-usage-stats",
+        ]  # fmt: skip
+        self.session: int | None = None
+
+    def start(self) -> None:
+        # start_new_session: `ray start` becomes a session leader; the daemons it spawns (GCS, raylet, dashboard, ...)
+        # and the workers the raylet forks keep that session id, which is how stop() finds exactly them.
+        proc = subprocess.Popen([self.ray_bin, "start", *self.args], env=self.start_env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.session = proc.pid
+        assert self.session != os.getsid(0)
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        assert proc.returncode == 0, f"ray start failed:\n{out[-4000:]}"
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([self.ray_bin, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO_ROOT)  # fmt: skip
+
+    def submit(self, job_id: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+        """`ray job submit` (blocks until the job ends; non-zero exit unless it succeeded). Right after `ray start` the
+        head's dashboard agent may not have registered yet ("No available agent to submit job, please try again
+        later" after the job server's 10 s wait, seen on a loaded machine): retry that, nothing else."""
+        for attempt in range(4):
+            done = self.ray("job", "submit", "--address", self.dashboard, "--submission-id", job_id, *args,
+                            timeout=timeout)  # fmt: skip
+            if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr:
+                break
+            time.sleep(5)
+        return done
+
+    def stop(self) -> None:
+        if self.session is not None:
+            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                for pid in _session_processes(self.session):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                deadline = time.monotonic() + grace
+                while _session_processes(self.session) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            left = _session_processes(self.session)
+            assert not left, f"Ray processes of the test head survived SIGKILL: {sorted(left)}"
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def __enter__(self) -> LocalHead:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Submission
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="stopping only our head reads /proc (Linux)")
+def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
+    from datprl.models import load_model, variant_config
+    from datprl.platform.dataset_builder import BuildConfig, build
+
+    dataset, runs, out = tmp_path / "data", tmp_path / "runs", tmp_path / "out"
+    build(BuildConfig(output=str(dataset), tile=64, max_tiles_per_source=1, contact_sheet=False))
+    local = load_config(TrainConfig, INFRA / "train-local.yaml")
+
+    with LocalHead() as head:
+        # Token auth is on: the job API refuses a request without the token.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{head.dashboard}/api/jobs/", timeout=30)
+        assert refused.value.code in (401, 403)
+
+        job = f"datprl-train-{uuid.uuid4().hex[:8]}"
+        # As documented (`ray job submit --working-dir . -- python jobs/train.py CONFIG`), plus this test's paths.
+        submit = head.submit(
+            job, "--working-dir", str(REPO_ROOT), "--", "python", "jobs/train.py", "infra/train-local.yaml",
+            f"data.dataset={dataset}", f"storage={runs}", "name=submitted", f"output_dir={out}",
+        )  # fmt: skip
+        log = submit.stdout + submit.stderr
+        (tmp_path / "job.log").write_text(log)  # the client's copy of the job's output, kept with pytest's tmp dirs
+        assert submit.returncode == 0, f"ray job submit failed:\n{_tail(log)}"
+        status = head.ray("job", "status", job, "--address", head.dashboard)
+        assert f"Job '{job}' succeeded" in status.stdout, _tail(status.stdout + status.stderr)  # status SUCCEEDED
+        assert f"[train] step {local.steps}/{local.steps}" in log, _tail(log)
+
+        # What was uploaded: the unpacked working dir on the head. Ray honours .gitignore (.venv, data, runs, outputs)
+        # and leaves out .git, .venv, venv and __pycache__ by default.
+        uploaded = [p for p in (head.temp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
+                    if p.is_dir()]
+        assert len(uploaded) == 1, uploaded
+        files = [p for p in uploaded[0].rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        print(f"uploaded working dir: {len(files)} files, {size / MiB:.2f} MiB unpacked")
+        assert size < 50 * MiB  # Ray refuses packages near its gRPC message limit
+        names = {p.relative_to(uploaded[0]).parts[0] for p in files}
+        assert {"jobs", "platform", "infra"} <= names and not names & {".venv", "data", "runs", "outputs", ".git"}
+
+    # Stopping our head left the test session's in-process Ray running.
+    assert ray_local.get(ray_local.remote(lambda: "alive").remote(), timeout=60) == "alive"
+
+    # The last checkpoint holds the final step; the exported weights load and are that checkpoint's.
+    checkpoints = sorted((runs / "submitted").glob("checkpoint_*/state.pt"))
+    assert checkpoints, sorted(p.name for p in (runs / "submitted").iterdir())
+    states = [torch.load(c, map_location="cpu", weights_only=True) for c in checkpoints]
+    final = max(states, key=lambda s: s["step"])
+    assert final["step"] == local.steps, [s["step"] for s in states]
+    model = load_model(out / "model.safetensors")
+    assert model.config == variant_config(local.variant)
+    exported = model.state_dict()
+    assert exported.keys() == final["model"].keys()
+    assert all(torch.equal(exported[k], final["model"][k]) for k in exported)
+    assert (out / "config.yaml").exists()
