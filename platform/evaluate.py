@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.data import DataConfig, StreamReport, evaluation_rows
+from datprl.platform.storage import atomic_write_bytes
 from datprl.platform.metrics import PAPER, MetricProtocol, psnr, ssim
 
 
@@ -224,19 +225,8 @@ def _safe_name(text: str) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` (mode 0644, fsynced), then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically, readable by others (see :func:`datprl.platform.storage.atomic_write_bytes`)."""
+    atomic_write_bytes(str(path), data)
 
 
 def _write_text(path: Path, text: str) -> None:

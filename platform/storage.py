@@ -180,6 +180,7 @@ def atomic_write_bytes(url: str | os.PathLike, data: bytes, s3: S3Settings | Non
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; datasets and results are meant to be read by other users
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
