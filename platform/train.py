@@ -6,6 +6,12 @@ trainable parameter takes part in every step, so no ``find_unused_parameters``),
 Checkpoints carry model, optimiser, scheduler, EMA, step and data position; Ray Train persists them to the run's
 storage (local path or s3://) and hands the latest back after a restart (worker failure, or the same run name
 launched again), so a run resumes from its last checkpoint rather than from step 0.
+
+Each report carries the step, ``resumed_from_step`` (where this attempt began), the learning rate, throughput and
+every loss term averaged over the steps since the previous report (``loss`` = ``loss_total``); :func:`fit` appends
+rank 0's reports to ``<output_dir>/metrics.jsonl``. One optimisation step is :func:`train_step`, usable on its own.
+``DATPRL_TEST_CRASH_AT_STEP`` / ``DATPRL_TEST_CRASH_MARKER`` in the workers' environment is a fault-injection hook
+for tests (see :func:`_crash_hook`).
 """
 
 from __future__ import annotations
@@ -144,35 +150,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"[train] resumed from step {step} (pass {passes})", flush=True)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    start_step = step  # reported with every metric: where this attempt began (0, or the checkpoint it resumed)
+    crash_at = _crash_hook()
     shard = ray.train.get_dataset_shard("train")
     report = StreamReport()
-    window: list[float] = []
+    window: list[dict[str, float]] = []  # loss terms of the steps since the last report
     started = time.perf_counter()
     while step < config.steps:
         for batch in training_batches(shard, tasks, config.data.per_task_batch, config.data.shuffle_buffer, report,
                                       seed=config.seed + 1000 * passes + rank):  # fmt: skip
-            lq, gt = batch["lq"].to(device, non_blocking=True), batch["gt"].to(device, non_blocking=True)
-            text, mask = _text_batch(texts, batch["source_id"], device)
-            with autocast:
-                output = net(lq, return_aux=True)
-            loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            _clamp_temperatures(model, config)
+            terms = train_step(net, model, batch, criterion, optimizer, scheduler, params, config, device, texts)
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
-            window.append(terms["total"])
+            if crash_at is not None and rank == 0:
+                crash_at(step)
+            window.append(terms)
             last = step >= config.steps
             if step % config.log_every == 0 or step % config.checkpoint_every == 0 or last:
-                metrics = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                           "passes": passes, "samples_per_s": len(window) * lq.shape[0] * world / (time.perf_counter() - started),
-                           "corrupt_samples": len(report.corrupt), **{f"loss_{k}": v for k, v in terms.items()}}  # fmt: skip
+                batch_size = batch["lq"].shape[0]
+                means = {k: sum(t[k] for t in window) / len(window) for k in window[-1]}
+                metrics = {"step": step, "resumed_from_step": start_step, "loss": means["total"],
+                           "lr": scheduler.get_last_lr()[0], "passes": passes,
+                           "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
+                           "corrupt_samples": len(report.corrupt), **{f"loss_{k}": v for k, v in means.items()}}  # fmt: skip
                 window, started = [], time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
                     _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank)
@@ -184,6 +185,52 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if last:
                 break
         passes += 1
+
+
+def train_step(
+    net, model, batch, criterion, optimizer, scheduler, params, config: TrainConfig, device, texts
+) -> dict[str, float]:
+    """One optimisation step on one worker's part of the batch; returns the loss terms (detached floats).
+
+    ``net`` is the (possibly DDP-wrapped) module that runs forward/backward, ``model`` the bare network (pools,
+    temperatures); ``batch`` holds ``lq``/``gt`` tensors (B, 3, H, W) and, when ``texts`` is given, ``source_id``.
+    Forward under bf16 autocast on GPU, all losses, backward (DDP averages the gradients across workers here),
+    optional gradient clipping, optimiser and scheduler step, temperature projection.
+    """
+    lq, gt = batch["lq"].to(device, non_blocking=True), batch["gt"].to(device, non_blocking=True)
+    text, mask = _text_batch(texts, batch["source_id"], device) if texts is not None else (None, None)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        output = net(lq, return_aux=True)
+    loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    _clamp_temperatures(model, config)
+    return terms
+
+
+def _crash_hook():
+    """Fault injection for tests (never set in production): with ``DATPRL_TEST_CRASH_AT_STEP=N`` in the workers'
+    environment, rank 0 kills its own process (``os._exit(1)``, no cleanup, as a lost node would) right after
+    optimiser step N, once: it first creates the file ``DATPRL_TEST_CRASH_MARKER`` and never crashes while that file
+    exists (without a marker path it crashes every time it reaches step N). Returns None when the hook is off."""
+    at = os.environ.get("DATPRL_TEST_CRASH_AT_STEP")
+    if not at:
+        return None
+    marker = os.environ.get("DATPRL_TEST_CRASH_MARKER")
+
+    def crash(step: int) -> None:
+        if step != int(at) or (marker and Path(marker).exists()):
+            return
+        if marker:
+            Path(marker).write_text(f"crashed at step {step}\n")
+        print(f"[train] DATPRL_TEST_CRASH_AT_STEP: worker exits at step {step}", flush=True)
+        os._exit(1)
+
+    return crash
 
 
 def _clamp_temperatures(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -241,8 +288,28 @@ def _ensure_dataset(config: TrainConfig) -> None:
         build(BuildConfig(output=config.data.dataset, s3=config.data.s3))
 
 
+def _metrics_log(path: Path):
+    """A Ray Train callback that appends rank 0's metrics of every report as one JSON line to ``path``.
+
+    Ray Train V2 keeps only the metrics of the retained checkpoints (``Result.metrics_dataframe``); this file keeps the
+    whole curve. The callback runs in the Train controller, which Ray places on the driver's node, so ``path`` is a
+    local path there. A resumed run (same name, or a restart after a worker failure) appends, so steps between the
+    last checkpoint and a failure can appear twice; ``resumed_from_step`` tells the attempts apart.
+    """
+    import ray.train
+
+    class MetricsLog(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({**metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    return MetricsLog()
+
+
 def fit(config: TrainConfig):
-    """Run (or resume) training on Ray Train; returns the ``ray.train.Result``."""
+    """Run (or resume) training on Ray Train; returns the ``ray.train.Result``. Every report's metrics (rank 0) are
+    appended to ``<output_dir>/metrics.jsonl`` (see :func:`_metrics_log`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -271,6 +338,7 @@ def fit(config: TrainConfig):
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=[_metrics_log(Path(config.output_dir).resolve() / "metrics.jsonl")],
         ),
     )
     return trainer.fit()
