@@ -291,7 +291,20 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class ShardWriter:
+class _CommitOnSuccess:
+    """``with writer:`` closes (commits) on a clean exit and aborts on an exception, so nothing half-written lands."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardWriter(_CommitOnSuccess):
     """Write samples into ``{url_prefix}-{index:05d}.tar`` shards, each written atomically when full or on close.
 
     A shard is closed when it holds ``max_samples_per_shard`` samples or when the next sample would take it past
@@ -402,15 +415,6 @@ class ShardWriter:
         """Discard the shard being assembled (already written shards stay)."""
         self._tar = self._buffer = None
         self._closed = True
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 # --- manifest -----------------------------------------------------------------------------------------------------
@@ -547,7 +551,7 @@ def verify_manifest(url: str, s3: S3Settings | None = None) -> list[str]:
     return problems
 
 
-class DatasetWriter:
+class DatasetWriter(_CommitOnSuccess):
     """Write a whole dataset under ``root_url``: shards per split (``{split}/shard-NNNNN.tar``) and, on
     :meth:`close`, ``manifest.json`` (written last). Keys are unique across splits."""
 
@@ -622,15 +626,6 @@ class DatasetWriter:
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.abort()
-
-    def __enter__(self) -> DatasetWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
