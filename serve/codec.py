@@ -1,0 +1,574 @@
+"""Image bytes in and out of the restoration endpoint, without Ray: format sniffing, content-type checks, pixel limits
+read from the header *before* any pixel is decoded, decoding to stored values, normalisation to [0, 1] and back.
+
+Formats in: PNG (8/16-bit, gray, gray+alpha, RGB, RGBA, palette), JPEG (8-bit gray/RGB/CMYK), TIFF (one page, 8/16-bit
+unsigned, 1-4 samples) and single-frame DICOM (8/16-bit, gray or RGB, any transfer syntax pydicom decodes).
+Formats out: PNG (default), JPEG (8-bit), TIFF, and DICOM for DICOM input.
+
+Every problem with the input is a :class:`RequestError` carrying the HTTP status, a message naming the problem and a
+hint how to fix it; the application turns it into a JSON 4xx response.
+
+Normalisation (the model's input convention, as in training: stored value / white level, grayscale replicated to
+3 channels by the caller):
+
+* 8-bit images: / 255. 16-bit PNG/TIFF: / 65535, or / ``white_level`` when the request gives one (e.g. 4095 for
+  12-bit content, the convention of the medical training data).
+* DICOM CT with a rescale (HU): ``stored = clip(HU + 1024, 0, 4095)`` / 4095, exactly the training corpus' convention.
+  Other 16-bit DICOM: ``(raw - lo) / (hi - lo)`` with ``lo = min(0, raw.min())``, ``hi = raw.max()`` (the training
+  corpus scales each file by its maximum too). 8-bit DICOM: / 255.
+
+The way back (:func:`encode`) inverts that scaling, so values keep their meaning: a 16-bit PNG of a CT slice holds
+HU + 1024; a DICOM out holds the original raw pixel representation with the original rescale.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile
+
+__all__ = [
+    "RequestError",
+    "DecodedImage",
+    "FORMATS_IN",
+    "FORMATS_OUT",
+    "MEDIA_TYPES",
+    "sniff",
+    "check_content_type",
+    "decode",
+    "encode",
+    "to_gray_or_rgb",
+]
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (400), never silently padded
+
+FORMATS_IN = ("png", "jpeg", "tiff", "dicom")
+FORMATS_OUT = ("png", "jpeg", "tiff", "dicom")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "tiff": "image/tiff", "dicom": "application/dicom"}
+_DECLARED = {
+    "image/png": "png",
+    "image/x-png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/pjpeg": "jpeg",
+    "image/tiff": "tiff",
+    "image/tif": "tiff",
+    "application/dicom": "dicom",
+    "application/dicom+binary": "dicom",
+}
+_SNIFF_ANY = {"", "application/octet-stream", "binary/octet-stream"}
+_UNSUPPORTED_SIGNATURES = [
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"%PDF", "PDF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+    (b"II\x2b\x00", "BigTIFF"),
+    (b"MM\x00\x2b", "BigTIFF"),
+]
+_SUPPORTED_TEXT = "PNG, JPEG, TIFF or single-frame DICOM"
+
+# CT storage convention of the training corpus (datprl.platform.sources): stored = clip(HU + 1024, 0, 4095).
+CT_OFFSET = 1024
+CT_WHITE = 4095
+
+
+class RequestError(Exception):
+    """A problem with the request: HTTP ``status``, ``error`` naming it, ``fix`` saying what to send instead."""
+
+    def __init__(self, status: int, error: str, fix: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.fix = fix
+
+    def payload(self) -> dict[str, Any]:
+        return {"error": self.error, "fix": self.fix, "status": self.status}
+
+
+@dataclass
+class DecodedImage:
+    """Stored values of one image plus everything needed to write the restoration back the same way.
+
+    pixels: (H, W, C) uint8 or uint16 colour channels (C = 1 or 3); alpha: (H, W) of the same dtype or None.
+    white_level: the stored value meaning 1.0. dicom: the parsed dataset (DICOM input only) and how its raw values
+    map to stored ones (``dicom_map``).
+    """
+
+    format: str
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    bit_depth: int
+    white_level: int
+    dicom: Any = None
+    dicom_map: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def colour_channels(self) -> int:
+        return int(self.pixels.shape[2])
+
+    @property
+    def channels(self) -> int:
+        return self.colour_channels + (self.alpha is not None)
+
+    def to_unit(self) -> np.ndarray:
+        """(3, H, W) float32 in [0, 1]: stored / white level, grayscale replicated to 3 channels (the paper's input)."""
+        unit = np.clip(self.pixels.astype(np.float32) / float(self.white_level), 0.0, 1.0)
+        if unit.shape[2] == 1:
+            unit = np.repeat(unit, 3, axis=2)
+        return np.ascontiguousarray(unit.transpose(2, 0, 1))
+
+
+# --- format detection -----------------------------------------------------------------------------------------------
+
+
+def sniff(data: bytes) -> str | None:
+    """The supported format of ``data`` from its signature, or None. DICOM is tested first: its 128-byte preamble
+    may itself hold a TIFF header (dual-personality files, e.g. pydicom's CT_small.dcm)."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    return None
+
+
+def _unsupported_name(data: bytes) -> str | None:
+    for signature, name in _UNSUPPORTED_SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypavif", b"ftypmif1"):
+        return "HEIF/AVIF"
+    return None
+
+
+def media_type_of(content_type: str | None) -> str:
+    """``'Image/PNG; charset=x'`` -> ``'image/png'``."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def check_content_type(data: bytes, content_type: str | None) -> str:
+    """The format to decode ``data`` as, after checking it against the declared content type.
+
+    A missing or ``application/octet-stream`` type is sniffed; a declared image type must match the bytes; anything
+    else (text, JSON, a form-encoded body, an unsupported image type) is a 415.
+    """
+    declared = media_type_of(content_type)
+    if not data:
+        raise RequestError(400, "empty request body: no image was sent",
+                           f"send the image bytes ({_SUPPORTED_TEXT}) as the body or as a multipart field 'file'")
+    actual = sniff(data)
+    if declared in _SNIFF_ANY:
+        pass
+    elif declared in _DECLARED:
+        if actual is not None and actual != _DECLARED[declared]:
+            raise RequestError(415, f"Content-Type {declared} does not match the body, which is {actual.upper()}",
+                               f"send Content-Type {MEDIA_TYPES[actual]} (or application/octet-stream to let the "
+                               "server detect the format)")
+    elif declared.startswith("image/"):
+        raise RequestError(415, f"unsupported image type {declared}",
+                           f"send {_SUPPORTED_TEXT}; convert other formats to PNG first")
+    else:
+        hint = (" (curl --data-binary sends application/x-www-form-urlencoded unless told otherwise)"
+                if declared == "application/x-www-form-urlencoded" else "")
+        raise RequestError(415, f"wrong Content-Type {declared}: expected an image{hint}",
+                           "send -H 'Content-Type: image/png' (or image/jpeg, image/tiff, application/dicom, "
+                           "application/octet-stream) with the raw bytes, or a multipart upload with -F file=@image.png")
+    if actual is None:
+        other = _unsupported_name(data)
+        if other:
+            raise RequestError(415, f"unsupported image format {other}",
+                               f"send {_SUPPORTED_TEXT}; convert {other} to PNG first")
+        raise RequestError(415, "the body is not an image in a supported format (no PNG, JPEG, TIFF or DICOM signature)",
+                           f"send the file's bytes unchanged ({_SUPPORTED_TEXT}); do not base64- or form-encode them")
+    return actual
+
+
+# --- decoding -------------------------------------------------------------------------------------------------------
+
+
+def _too_many(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise RequestError(400, f"the image header gives an empty size {width}x{height}", "send a valid image")
+    if width * height > max_pixels:
+        raise RequestError(413, f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
+                           f"{max_pixels} pixels", "downscale or crop the image, or raise the server's max_pixels")
+
+
+def _corrupt(fmt: str, error: BaseException) -> RequestError:
+    detail = str(error).strip() or type(error).__name__
+    return RequestError(400, f"could not decode the {fmt.upper()} image (truncated or corrupt): {detail[:200]}",
+                        "send the complete, unmodified file")
+
+
+def decode(data: bytes, fmt: str, max_pixels: int, white_level: int | None = None) -> DecodedImage:
+    """Decode ``data`` (format ``fmt`` from :func:`check_content_type`), checking the pixel count from the header
+    first. ``white_level`` overrides the full-scale value of 16-bit PNG/TIFF input."""
+    if fmt == "png":
+        image = _decode_png(data, max_pixels)
+    elif fmt == "jpeg":
+        image = _decode_pillow(data, "jpeg", max_pixels)
+    elif fmt == "tiff":
+        image = _decode_tiff(data, max_pixels)
+    elif fmt == "dicom":
+        image = _decode_dicom(data, max_pixels)
+    else:  # pragma: no cover - check_content_type only returns the formats above
+        raise RequestError(415, f"unsupported format {fmt}", f"send {_SUPPORTED_TEXT}")
+    if white_level is not None:
+        if image.format == "dicom":
+            raise RequestError(422, "white_level does not apply to DICOM input (its own rescale is used)",
+                               "leave out white_level for DICOM")
+        if not 1 <= white_level <= 2**image.bit_depth - 1:
+            raise RequestError(422, f"white_level={white_level} is outside 1..{2**image.bit_depth - 1} for a "
+                               f"{image.bit_depth}-bit image", "give the stored value that means full scale")
+        image.white_level = white_level
+    return image
+
+
+def _split_alpha(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    if array.ndim == 2:
+        return array[..., None], None
+    if array.shape[2] in (2, 4):
+        return array[..., :-1], array[..., -1]
+    return array, None
+
+
+def _png_header(data: bytes) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) from the IHDR chunk, without decoding."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise RequestError(400, "could not decode the PNG image (truncated or corrupt): no IHDR header",
+                           "send the complete, unmodified file")
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, colour
+
+
+def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
+    width, height, depth, colour = _png_header(data)
+    _too_many(width, height, max_pixels)
+    if depth == 16 and colour in (2, 4, 6):
+        # 16-bit RGB / gray+alpha / RGBA: Pillow would reduce them to 8 bits; pypng keeps all 16.
+        import png
+
+        try:
+            w, h, flat, info = png.Reader(bytes=data).read_flat()
+            array = np.frombuffer(flat, dtype=np.uint16).reshape(h, -1)
+        except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file
+            raise _corrupt("png", error) from None
+        planes = int(info["planes"])
+        if array.shape != (h, w * planes):
+            raise _corrupt("png", ValueError(f"decoded {array.shape}, expected {(h, w * planes)}"))
+        pixels, alpha = _split_alpha(array.reshape(h, w, planes))
+        return DecodedImage("png", pixels, alpha, 16, 65535)
+    return _decode_pillow(data, "png", max_pixels)
+
+
+def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt.upper()])
+            _too_many(image.width, image.height, max_pixels)
+            image.load()
+    except RequestError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise RequestError(413, f"image rejected as a decompression bomb: {error}",
+                           "downscale or crop the image, or raise the server's max_pixels") from None
+    except Exception as error:  # noqa: BLE001 - truncated, corrupt, unsupported variant
+        raise _corrupt(fmt, error) from None
+    return _from_pillow(image, fmt)
+
+
+def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
+    notes: list[str] = []
+    mode = image.mode
+    if mode == "1":
+        image, mode = image.convert("L"), "L"
+        notes.append("1-bit input is returned as 8-bit grayscale")
+    elif mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        mode = image.mode
+        notes.append(f"palette input is returned as {mode}")
+    elif mode == "CMYK":
+        image, mode = image.convert("RGB"), "RGB"
+        notes.append("CMYK input is returned as RGB")
+    elif mode in ("YCbCr", "LAB", "HSV"):
+        image, mode = image.convert("RGB"), "RGB"
+        notes.append(f"{mode} input is returned as RGB")
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        pixels, alpha = _split_alpha(np.asarray(image, dtype=np.uint8))
+        return DecodedImage(fmt, pixels, alpha, 8, 255, notes=notes)
+    if mode.startswith("I;16") or mode == "I":
+        array = np.asarray(image)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise RequestError(415, f"{fmt.upper()} with 32-bit integer samples is not supported",
+                               "send 8- or 16-bit unsigned samples")
+        return DecodedImage(fmt, array.astype(np.uint16)[..., None], None, 16, 65535, notes=notes)
+    raise RequestError(415, f"{fmt.upper()} images of mode {mode} are not supported",
+                       "send 8- or 16-bit grayscale, RGB or RGBA")
+
+
+def _decode_tiff(data: bytes, max_pixels: int) -> DecodedImage:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(io.BytesIO(data))
+        pages = tif.pages
+        page = pages.first
+        shape, axes, dtype = page.shape, page.axes, np.dtype(page.dtype)
+        many = len(pages) > 1
+    except Exception as error:  # noqa: BLE001
+        raise _corrupt("tiff", error) from None
+    height, width = int(page.imagelength), int(page.imagewidth)
+    _too_many(width, height, max_pixels)
+    if many:
+        raise RequestError(422, f"multi-page TIFF ({len(pages)} pages): one image per request",
+                           "send each page as its own request")
+    if dtype not in (np.uint8, np.uint16):
+        raise RequestError(415, f"TIFF with {dtype} samples is not supported", "send 8- or 16-bit unsigned samples")
+    try:
+        array = page.asarray()
+    except KeyError as error:  # a compression tifffile cannot decode without imagecodecs: try Pillow
+        try:
+            return _decode_pillow(data, "tiff", max_pixels)
+        except RequestError:
+            raise RequestError(415, f"TIFF compression not supported: {error}",
+                               "send an uncompressed, deflate- or LZW-compressed TIFF, or a PNG") from None
+    except Exception as error:  # noqa: BLE001
+        raise _corrupt("tiff", error) from None
+    finally:
+        tif.close()
+    if axes.startswith("S") and array.ndim == 3:  # planar (separate) samples
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (2, 3, 4)):
+        raise RequestError(415, f"TIFF of shape {shape} ({axes}) is not supported",
+                           "send a gray, gray+alpha, RGB or RGBA image")
+    pixels, alpha = _split_alpha(np.ascontiguousarray(array))
+    bits = 8 if dtype == np.uint8 else 16
+    return DecodedImage("tiff", pixels, alpha, bits, 2**bits - 1)
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as error:
+        raise RequestError(415, f"not a DICOM file: {error}", "send a DICOM Part 10 file") from None
+    except Exception as error:  # noqa: BLE001
+        raise _corrupt("dicom", error) from None
+    if "PixelData" not in ds:
+        raise RequestError(422, "the DICOM file has no pixel data (not an image object)",
+                           "send an image object (CT, MR, CR, DX, NM, US, SC, ...)")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        bits = int(ds.BitsAllocated)
+    except Exception as error:  # noqa: BLE001
+        raise _corrupt("dicom", error) from None
+    _too_many(cols, rows, max_pixels)
+    if frames > 1:
+        raise RequestError(422, f"multi-frame DICOM ({frames} frames): one frame per request",
+                           "send a single-frame object (split the series into frames)")
+    if samples not in (1, 3) or bits not in (8, 16):
+        raise RequestError(415, f"DICOM with {samples} samples of {bits} bits is not supported",
+                           "send 8- or 16-bit grayscale or RGB")
+    try:
+        raw = ds.pixel_array
+    except Exception as error:  # noqa: BLE001 - truncated pixel data, missing codec
+        text = str(error)
+        if "plugin" in text.lower() or "decoder" in text.lower() or "handler" in text.lower():
+            raise RequestError(415, f"cannot decode this DICOM transfer syntax "
+                               f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {text[:200]}",
+                               "send an uncompressed DICOM (Explicit VR Little Endian)") from None
+        raise _corrupt("dicom", error) from None
+    if raw.shape[:2] != (rows, cols):
+        raise _corrupt("dicom", ValueError(f"pixel array {raw.shape} does not match Rows x Columns {rows}x{cols}"))
+    mapping: dict[str, Any] = {"dtype": str(raw.dtype), "samples": samples}
+    if bits == 8:
+        stored = raw.astype(np.uint8)
+        white = 255
+        mapping["kind"] = "identity8"
+    elif str(ds.get("Modality", "")).upper() == "CT" and "RescaleIntercept" in ds:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.RescaleIntercept)
+        hu = raw.astype(np.float64) * slope + intercept
+        stored = np.clip(np.rint(hu + CT_OFFSET), 0, CT_WHITE).astype(np.uint16)
+        white = CT_WHITE
+        mapping.update(kind="ct", slope=slope, intercept=intercept)
+    else:
+        lo = min(0, int(raw.min()))
+        hi = max(int(raw.max()), lo + 1)
+        stored = (raw.astype(np.int64) - lo).astype(np.uint16)
+        white = hi - lo
+        mapping.update(kind="range", lo=lo)
+    pixels = stored[..., None] if stored.ndim == 2 else stored
+    notes = ["CT values are returned as HU + 1024 in [0, 4095]"] if mapping["kind"] == "ct" else []
+    return DecodedImage("dicom", pixels, None, bits, white, dicom=ds, dicom_map=mapping, notes=notes)
+
+
+# --- encoding -------------------------------------------------------------------------------------------------------
+
+
+def to_gray_or_rgb(restored: np.ndarray, channels: int) -> np.ndarray:
+    """(3, H, W) network output -> (H, W, channels): grayscale input (replicated to 3 channels on the way in) gets
+    the mean of the three restored channels."""
+    hwc = restored.transpose(1, 2, 0)
+    if channels == 1:
+        return hwc.mean(axis=2, keepdims=True)
+    return hwc
+
+
+def _quantise(unit: np.ndarray, scale: int, bits: int) -> np.ndarray:
+    dtype = np.uint8 if bits == 8 else np.uint16
+    return np.clip(np.rint(np.clip(unit, 0.0, 1.0) * scale), 0, 2**bits - 1).astype(dtype)
+
+
+def _convert_alpha(alpha: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 16 and alpha.dtype == np.uint8:
+        return alpha.astype(np.uint16) * 257
+    if bits == 8 and alpha.dtype == np.uint16:
+        return np.rint(alpha / 257.0).astype(np.uint8)
+    return alpha
+
+
+def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png", bit_depth: int | None = None) -> tuple[bytes, dict[str, Any]]:
+    """Write the restoration ``restored`` ((3, H, W) float in [0, 1]) like ``source``: same size, channel count
+    (alpha passed through) and, unless ``bit_depth`` says otherwise, bit depth and value scale.
+
+    Returns (bytes, description with media_type, format, width, height, channels, bit_depth, notes)."""
+    fmt = fmt.lower()
+    if fmt == "jpg":
+        fmt = "jpeg"
+    if fmt == "tif":
+        fmt = "tiff"
+    if fmt not in FORMATS_OUT:
+        raise RequestError(422, f"unknown output format {fmt!r}", f"choose one of {', '.join(FORMATS_OUT)}")
+    notes = [n for n in source.notes if not (fmt == "dicom" and n.startswith("CT values"))]
+    if bit_depth is None:
+        bits = 8 if fmt == "jpeg" else source.bit_depth
+        if fmt == "jpeg" and source.bit_depth == 16:
+            notes.append("JPEG holds 8 bits: the 16-bit input is returned at 8 bits")
+    else:
+        bits = bit_depth
+    if bits not in (8, 16):
+        raise RequestError(422, f"bit_depth={bits} is not supported", "choose bit_depth 8 or 16")
+    if fmt == "jpeg" and bits != 8:
+        raise RequestError(422, "JPEG holds 8 bits per sample, bit_depth=16 was asked",
+                           "ask format=png or format=tiff for 16 bits, or bit_depth=8")
+    if fmt == "dicom" and source.format != "dicom":
+        raise RequestError(422, "format=dicom needs DICOM input (the header is taken from it)",
+                           "ask format=png or format=tiff")
+    if fmt == "dicom" and bit_depth is not None and bit_depth != source.bit_depth:
+        raise RequestError(422, "format=dicom keeps the input's bit depth", "leave out bit_depth for DICOM output")
+    scale = source.white_level if bits == source.bit_depth else 2**bits - 1
+    values = _quantise(to_gray_or_rgb(restored, source.colour_channels), scale, bits)
+    alpha = None if source.alpha is None else _convert_alpha(source.alpha, bits)
+    if fmt == "jpeg" and alpha is not None:
+        notes.append("JPEG has no alpha channel: the input's alpha is dropped")
+        alpha = None
+    if alpha is not None:
+        values = np.concatenate([values, alpha[..., None]], axis=2)
+    channels = values.shape[2]
+    if fmt == "png":
+        data = _encode_png(values, bits)
+    elif fmt == "jpeg":
+        buffer = io.BytesIO()
+        Image.fromarray(values[..., 0] if channels == 1 else values).save(buffer, format="JPEG", quality=95)
+        data = buffer.getvalue()
+    elif fmt == "tiff":
+        data = _encode_tiff(values)
+    else:
+        data = _encode_dicom(values, source)
+    described = {"media_type": MEDIA_TYPES[fmt], "format": fmt, "width": int(values.shape[1]),
+                 "height": int(values.shape[0]), "channels": int(channels), "bit_depth": int(bits), "notes": notes}
+    return data, described
+
+
+def _encode_png(values: np.ndarray, bits: int) -> bytes:
+    height, width, channels = values.shape
+    buffer = io.BytesIO()
+    if bits == 8:
+        modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+        Image.fromarray(values[..., 0] if channels == 1 else values, mode=None).convert(modes[channels]).save(
+            buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+    if channels == 1:
+        Image.fromarray(values[..., 0].astype(np.uint16)).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+    import png
+
+    writer = png.Writer(width, height, greyscale=channels == 2, alpha=channels in (2, 4), bitdepth=16,
+                        compression=1)
+    writer.write(buffer, values.reshape(height, width * channels))
+    return buffer.getvalue()
+
+
+def _encode_tiff(values: np.ndarray) -> bytes:
+    import tifffile
+
+    channels = values.shape[2]
+    buffer = io.BytesIO()
+    if channels == 1:
+        tifffile.imwrite(buffer, values[..., 0], photometric="minisblack")
+    elif channels == 2:
+        tifffile.imwrite(buffer, values, photometric="minisblack", planarconfig="contig", extrasamples=["unassalpha"])
+    elif channels == 3:
+        tifffile.imwrite(buffer, values, photometric="rgb")
+    else:
+        tifffile.imwrite(buffer, values, photometric="rgb", extrasamples=["unassalpha"])
+    return buffer.getvalue()
+
+
+def _encode_dicom(values: np.ndarray, source: DecodedImage) -> bytes:
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = source.dicom.copy()
+    mapping = source.dicom_map
+    dtype = np.dtype(mapping["dtype"])
+    stored = values.astype(np.float64)
+    if mapping["kind"] == "ct":
+        raw = (stored - CT_OFFSET - mapping["intercept"]) / mapping["slope"]
+    elif mapping["kind"] == "range":
+        raw = stored + mapping["lo"]
+    else:
+        raw = stored
+    info = np.iinfo(dtype)
+    raw = np.clip(np.rint(raw), info.min, info.max).astype(dtype)
+    if raw.shape[2] == 1:
+        raw = raw[..., 0]
+    photometric = "RGB" if raw.ndim == 3 else str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
+        photometric = "MONOCHROME2"
+    ds.set_pixel_data(raw, photometric_interpretation=photometric, bits_stored=int(ds.get("BitsStored", raw.itemsize * 8)))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

@@ -1,0 +1,131 @@
+"""Typed configuration of the serving application (one :class:`ServeConfig` for ``jobs/serve.py``, ``serve run``,
+``serve deploy`` and the tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from datprl.platform.config import ConfigError, StrictModel, load_config
+
+__all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "config_from_args", "resolve_num_gpus"]
+
+#: Where ``jobs/train.py`` exports its final weights by default (``output_dir=outputs/train``); ``weights: auto``
+#: serves them when they exist and a freshly initialised ``variant`` otherwise.
+TRAINED_WEIGHTS = "outputs/train/model.safetensors"
+
+
+class AutoscalingSettings(StrictModel):
+    """Ray Serve ``autoscaling_config`` of the restoration deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept running when idle")
+    max_replicas: int = Field(2, ge=1, description="upper bound under load")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="ongoing requests per replica the autoscaler aims for (batches fill up to this)"
+    )
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        return self
+
+    def to_ray(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class ServeConfig(StrictModel):
+    """Serve DATPRL-IR restoration over HTTP (Ray Serve + FastAPI)."""
+
+    weights: str | None = Field(
+        "auto",
+        description="exported weights (<stem>.safetensors with <stem>.json beside it), local path or s3://; "
+        f"'auto' = {TRAINED_WEIGHTS} when it exists, else a fresh `variant`; null = always a fresh `variant`",
+    )
+    variant: str = Field("paper_tiny", description="variant initialised freshly (untrained) when no weights are used")
+    seed: int = Field(0, description="seed of the fresh initialisation")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for s3:// weights (credentials come from the environment)"
+    )
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy (0.0.0.0 exposes it)")
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = Field("/", description="URL prefix the application is mounted at")
+    app_name: str = Field("datprl", description="Serve application name")
+    max_body_bytes: int = Field(64 * 2**20, ge=1, description="largest accepted request body (413 above)")
+    max_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest accepted image, width x height, checked from the header before decoding"
+    )
+    tile_size: int = Field(512, ge=16, description="tile edge (pixels) for tiled inference; a multiple of 8")
+    tile_overlap: int = Field(64, ge=0, description="overlap between neighbouring tiles (pixels), blended")
+    tile_above_pixels: int = Field(
+        768 * 768, ge=1, description="images with more pixels than this are restored tile by tile (tiling=auto)"
+    )
+    max_untiled_pixels: int = Field(
+        2048 * 2048, ge=1, description="largest image restored in one piece when a request asks for tiling=never"
+    )
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests (or tiles) in one forward")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: how long a batch waits to fill")
+    max_ongoing_requests: int = Field(32, ge=1, description="concurrent requests one replica accepts")
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count; None = autoscaling")
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per replica; auto = 1 when the Ray cluster (or this machine) has a GPU, else 0"
+    )
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per replica; 0 = leave the default")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.tile_size % 8:
+            raise ValueError(f"tile_size={self.tile_size} must be a multiple of 8 (the network downsamples 3 times)")
+        if self.tile_overlap * 2 >= self.tile_size:
+            raise ValueError(f"tile_overlap={self.tile_overlap} must be below half of tile_size={self.tile_size}")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix={self.route_prefix!r} must start with '/'")
+        if isinstance(self.num_gpus, float) and self.num_gpus < 0:
+            raise ValueError("num_gpus must be >= 0 or 'auto'")
+        return self
+
+    def resolved_weights(self) -> str | None:
+        """The weights that will be served: a path/URL, or None for a fresh ``variant``."""
+        if self.weights == "auto":
+            return TRAINED_WEIGHTS if os.path.exists(TRAINED_WEIGHTS) else None
+        return self.weights
+
+
+def config_from_args(args: Mapping[str, Any] | None) -> ServeConfig:
+    """A :class:`ServeConfig` from Serve application-builder args: the ``args:`` mapping of a Serve config file
+    (nested sections allowed) or the ``key=value`` strings of ``serve run module:build_app key=value``
+    (dotted keys such as ``autoscaling.max_replicas=3`` allowed). Errors name the dotted field."""
+    overrides: list[str] = []
+    for key, value in (args or {}).items():
+        if isinstance(value, str):
+            overrides.append(f"{key}={value}")
+        else:  # JSON is YAML: nested mappings, numbers, null and lists keep their type
+            overrides.append(f"{key}={json.dumps(value)}")
+    return load_config(ServeConfig, None, overrides)
+
+
+def resolve_num_gpus(config: ServeConfig) -> float:
+    """``num_gpus: auto`` -> 1 when the connected Ray cluster has a GPU (or, without Ray, when torch sees one)."""
+    if config.num_gpus != "auto":
+        return float(config.num_gpus)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    except Exception:  # noqa: BLE001 - no Ray: fall back to the local view
+        pass
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+ConfigError = ConfigError  # re-exported for callers of config_from_args

@@ -1,0 +1,237 @@
+"""The restoration engine behind the endpoint, without Ray: loads exported weights (safetensors + json config, local
+or s3://; never pickle) or builds a fresh variant, runs padded batched forwards, summarises prompt selections and
+restores large images tile by tile. The benchmark's in-process baseline calls the same object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datprl.models.factory import CONFIG_SUFFIX, VARIANTS, WEIGHTS_SUFFIX, count_parameters, create_model, load_model, weights_digest
+from datprl.models.network import PAD_MULTIPLE, DATPRLIR
+from datprl.platform import storage
+from datprl.serve.config import ServeConfig
+from datprl.serve.tiling import TileCanvas, tile_grid, tiled_apply
+
+__all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "load_engine", "pad_to_multiple"]
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_NOTE = (
+    "UNTRAINED: freshly initialised {variant} weights (seed {seed}); the network starts as the identity, so it "
+    "returns its input nearly unchanged. Serve trained weights with weights=<path or s3://...>.safetensors."
+)
+
+
+@dataclass
+class ModelInfo:
+    """What ``GET /v1/model`` reports."""
+
+    variant: str
+    source: str  # "fresh" or "weights"
+    trained: bool | None  # False for a fresh network, None when a weights file does not say
+    weights: str | None
+    weights_sha256: str
+    parameters: int
+    config: dict[str, Any]
+    device: str
+    pools: dict[str, dict[str, int]]
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+
+def _variant_name(model: DATPRLIR) -> str:
+    for name, config in VARIANTS.items():
+        if config.model_dump() == model.config.model_dump():
+            return name
+    return "custom"
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return hashlib.sha256(save(state)).hexdigest()
+
+
+def _stem(path: str) -> str:
+    return path[: -len(WEIGHTS_SUFFIX)] if path.endswith(WEIGHTS_SUFFIX) else path
+
+
+def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, str]:
+    """(network, sha256 of the .safetensors file) from a local path or s3:// URL."""
+    stem = _stem(path)
+    if storage.is_s3(stem):
+        s3 = storage.S3Settings(endpoint_url=config.s3_endpoint_url) if config.s3_endpoint_url else storage.S3Settings()
+        with tempfile.TemporaryDirectory(prefix="datprl-serve-") as tmp:
+            for suffix in (WEIGHTS_SUFFIX, CONFIG_SUFFIX):
+                url = stem + suffix
+                try:
+                    data = storage.read_bytes(url, s3)
+                except (FileNotFoundError, OSError) as error:
+                    raise FileNotFoundError(f"{url} could not be read ({error}); exported weights are a .safetensors "
+                                            "file with a .json config beside it") from None
+                Path(tmp, "model" + suffix).write_bytes(data)
+            local = os.path.join(tmp, "model" + WEIGHTS_SUFFIX)
+            return load_model(local), weights_digest(local)
+    local = stem + WEIGHTS_SUFFIX
+    return load_model(local), weights_digest(local)
+
+
+def pad_to_multiple(batch: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) at bottom/right to multiples of ``multiple``: exactly what the network does itself, so
+    restoring the padded batch and cropping equals restoring each image alone."""
+    height, width = batch.shape[-2:]
+    return F.pad(batch, (0, -width % multiple, 0, -height % multiple))
+
+
+@dataclass
+class BatchOutput:
+    """Restored (B, 3, H, W) on the CPU plus each pool's selection: {pool: (indices (B, k), weights (B, k))}."""
+
+    images: torch.Tensor
+    selections: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class PromptTally:
+    """Which prompts of each pool were selected for one image, over one or more tiles: the mean weight of every
+    prompt over the tiles (0 where a tile did not select it), reported for the top-k prompts."""
+
+    def __init__(self, pools: dict[str, dict[str, int]]) -> None:
+        self.pools = pools
+        self.sums = {name: torch.zeros(p["size"], dtype=torch.float64) for name, p in pools.items()}
+        self.counts = {name: torch.zeros(p["size"], dtype=torch.int64) for name, p in pools.items()}
+        self.tiles = 0
+
+    def add(self, selections: dict[str, tuple[torch.Tensor, torch.Tensor]], row: int) -> None:
+        self.tiles += 1
+        for name, (indices, weights) in selections.items():
+            self.sums[name].index_add_(0, indices[row].long(), weights[row].double())
+            self.counts[name].index_add_(0, indices[row].long(), torch.ones_like(indices[row], dtype=torch.int64))
+
+    def summary(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, pool in self.pools.items():
+            mean = self.sums[name] / max(self.tiles, 1)
+            order = torch.argsort(mean, descending=True)[: pool["top_k"]]
+            entries = []
+            for index in order.tolist():
+                entry = {"index": int(index), "weight": round(float(mean[index]), 6)}
+                if self.tiles > 1:
+                    entry["selected_in_tiles"] = int(self.counts[name][index])
+                entries.append(entry)
+            out[name] = entries
+        return out
+
+
+class Engine:
+    """A network on its device plus the serving logic around a forward pass."""
+
+    def __init__(self, model: DATPRLIR, info: ModelInfo, device: torch.device) -> None:
+        self.model = model.eval()
+        self.info = info
+        self.device = device
+        self.pools = info.pools
+
+    # -- one forward ---------------------------------------------------------------------------------------------
+    def forward(self, batch: torch.Tensor) -> BatchOutput:
+        """Restore (B, 3, H, W) in [0, 1] (any H, W; padded to a multiple of 8 and cropped back)."""
+        height, width = batch.shape[-2:]
+        with torch.inference_mode():
+            padded = pad_to_multiple(batch.to(self.device, torch.float32))
+            out = self.model(padded, return_aux=True)
+            images = out.image[..., :height, :width].clamp_(0, 1).float().cpu()
+            selections = {}
+            for name in ("task", "domain"):
+                selection = getattr(out, name)
+                if selection is not None:
+                    selections[name] = (selection.indices.cpu(), selection.weights.float().cpu())
+        return BatchOutput(images, selections)
+
+    # -- whole images, in-process (tests, benchmark baseline, and the reference the endpoint must equal) -----------
+    def restore(self, unit: torch.Tensor | np.ndarray, tiling: bool = False, tile_size: int = 512,
+                tile_overlap: int = 64, batch_size: int = 4) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(3, H, W) in [0, 1] -> (restored (3, H, W), prompts summary); ``tiling`` restores it tile by tile."""
+        image = torch.as_tensor(unit, dtype=torch.float32)
+        tally = PromptTally(self.pools)
+        if not tiling:
+            out = self.forward(image[None])
+            tally.add(out.selections, 0)
+            return out.images[0], tally.summary()
+
+        def run(tiles: torch.Tensor) -> torch.Tensor:
+            out = self.forward(tiles)
+            for row in range(tiles.shape[0]):
+                tally.add(out.selections, row)
+            return out.images
+
+        restored = tiled_apply(run, image, tile_size, tile_overlap, batch_size)
+        return restored, tally.summary()
+
+    def restore_many(self, units: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Restore several (3, H, W) images: one forward per group of equal padded shape (the batching rule the
+        endpoint uses)."""
+        results: list[torch.Tensor | None] = [None] * len(units)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, unit in enumerate(units):
+            groups.setdefault(padded_shape(unit), []).append(i)
+        for members in groups.values():
+            batch = torch.stack([pad_to_multiple(units[i][None])[0] for i in members])
+            out = self.forward(batch)
+            for row, i in enumerate(members):
+                h, w = units[i].shape[-2:]
+                results[i] = out.images[row, :, :h, :w]
+        return results  # type: ignore[return-value]
+
+
+def padded_shape(unit: torch.Tensor) -> tuple[int, int]:
+    height, width = unit.shape[-2:]
+    return height + (-height % PAD_MULTIPLE), width + (-width % PAD_MULTIPLE)
+
+
+def load_engine(config: ServeConfig, device: str | torch.device | None = None) -> Engine:
+    """The network the config asks for (trained weights when given or found, else a fresh ``variant``) on
+    ``device`` (default: CUDA when visible, else CPU)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    weights = config.resolved_weights()
+    if weights is not None:
+        model, digest = _load_weights(weights, config)
+        variant = _variant_name(model)
+        identity = not bool(model.output.weight.detach().any())
+        note = ("the weights file holds the untrained identity initialisation (final conv all zero)" if identity
+                else "weights loaded from an exported file")
+        info_args = dict(variant=variant, source="weights", trained=False if identity else None, weights=weights,
+                         weights_sha256=digest, note=note)
+    else:
+        torch.manual_seed(config.seed)
+        model = create_model(config.variant)
+        info_args = dict(variant=config.variant, source="fresh", trained=False, weights=None,
+                         weights_sha256=_state_digest(model),
+                         note=UNTRAINED_NOTE.format(variant=config.variant, seed=config.seed))
+        log.warning("[serve] %s", info_args["note"])
+    model = model.to(device).eval()
+    pools = {}
+    if model.config.task_pool is not None:
+        pools["task"] = {"size": model.config.task_pool.size, "top_k": model.config.task_pool.top_k}
+    if model.config.domain_pool is not None:
+        pools["domain"] = {"size": model.config.domain_pool.size, "top_k": model.config.domain_pool.top_k}
+    info = ModelInfo(parameters=count_parameters(model), config=model.config.model_dump(mode="json"),
+                     device=str(device), pools=pools, **info_args)
+    return Engine(model, info, device)
