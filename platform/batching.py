@@ -6,12 +6,16 @@ Pure numpy/torch: used inside Ray Data map stages and inside Ray Train workers, 
 from __future__ import annotations
 
 import collections
+import logging
+import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def to_unit_float(image: np.ndarray, white_level: int | None = None) -> np.ndarray:
@@ -99,6 +103,9 @@ class BalancedBatcher:
         self._seen = {t: collections.deque(maxlen=self.reservoir) for t in self.tasks}
         self.fresh_used = 0
         self.redrawn = 0
+        self._held: collections.deque = collections.deque()  # complete batches beyond a pass's fixed count
+        self._warned_missing = False
+        self._lenient = False  # set by fixed_batches: fill a never-seen task's places instead of raising
 
     def _ready(self) -> bool:
         # Every task must have been seen at least once; at least one task must have a full set of fresh samples.
@@ -124,6 +131,9 @@ class BalancedBatcher:
         if task not in self._fresh:
             return  # a task outside the training set (e.g. held out for zero-shot evaluation)
         self._fresh[task].append(row)
+        if self._lenient and len(self._fresh[task]) > self.max_pending and not self._ready():
+            yield self._fill_batch()  # fixed_batches: a task this worker never saw must not stall the others
+            return
         if len(self._fresh[task]) > 8 * self.max_pending:
             missing = [t for t in self.tasks if not self._fresh[t] and not self._seen[t]]
             raise ValueError(
@@ -155,6 +165,75 @@ class BalancedBatcher:
         for row in rows:
             yield from self.add(row)
         yield from self.flush()
+
+    def fixed_batches(self, rows: Iterable[dict], num_batches: int) -> Iterator[list[dict]]:
+        """Exactly ``num_batches`` balanced batches from one pass over ``rows``, whatever the pass contains.
+
+        Data-parallel workers must take the same number of steps per pass: DDP blocks a worker in its gradient
+        all-reduce until every worker arrives, and Ray Data's streaming split starts a new pass only once every worker
+        asks for one, so a worker whose part of the data gives fewer batches would wait for the next pass while the
+        others wait for its gradients (a hang). Batches are built as rows arrive; batches beyond ``num_batches`` are
+        kept for the next pass, and once ``num_batches`` were yielded the rest of the pass is kept as fresh samples
+        (at most ``max_pending`` per task; older ones move to the re-draw reservoir). A pass that ends short is topped
+        up by re-drawing seen samples; a task this worker has never seen is replaced by samples of the others (logged
+        once), so a rare task missing from one worker's part cannot stall the run.
+        """
+        if num_batches < 1:
+            raise ValueError("num_batches must be >= 1")
+        self._lenient = True
+        produced = 0
+        while self._held and produced < num_batches:
+            yield self._held.popleft()
+            produced += 1
+        for row in rows:
+            if produced >= num_batches:
+                self._stash(row)
+                continue
+            for batch in self.add(row):
+                if produced < num_batches:
+                    yield batch
+                    produced += 1
+                else:
+                    self._held.append(batch)
+        if produced < num_batches and not any(self._fresh[t] or self._seen[t] for t in self.tasks):
+            raise ValueError("this worker received no training sample in a whole pass; the dataset has fewer samples "
+                             "than workers, or every sample was damaged (see the skipped-sample warnings)")
+        while produced < num_batches:
+            yield self._fill_batch()
+            produced += 1
+
+    def _stash(self, row: dict) -> None:
+        task = row["task"]
+        if task not in self._fresh:
+            return
+        fresh = self._fresh[task]
+        fresh.append(row)
+        if len(fresh) > self.max_pending:
+            self._seen[task].append(fresh.popleft())
+
+    def _fill_batch(self) -> list[dict]:
+        missing = [t for t in self.tasks if not self._fresh[t] and not self._seen[t]]
+        if missing and not self._warned_missing:
+            self._warned_missing = True
+            log.warning("no sample of task(s) %s reached this worker yet; their places in the batch are filled with "
+                        "samples of the other tasks", missing)  # fmt: skip
+        pool = [r for t in self.tasks for r in self._seen[t]] + [r for t in self.tasks for r in self._fresh[t]]
+        batch = []
+        for task in self.tasks:
+            if task in missing:
+                batch.extend(self._rng.choice(pool) for _ in range(self.per_task))
+                self.redrawn += self.per_task
+            else:
+                batch.extend(self._take(task))
+        self._rng.shuffle(batch)
+        return batch
+
+
+def batches_per_pass(samples_per_task: dict[str, int], tasks: Sequence[str], per_task: int, workers: int) -> int:
+    """Steps per pass that every data-parallel worker takes (:meth:`BalancedBatcher.fixed_batches`): enough batches
+    to use each worker's expected share of the most common task once, as the single-process sampler would."""
+    largest = max((samples_per_task.get(t, 0) for t in tasks), default=0)
+    return max(1, math.ceil(math.ceil(largest / max(1, workers)) / per_task))
 
 
 def collate(rows: Sequence[dict]) -> dict:

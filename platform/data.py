@@ -49,6 +49,9 @@ class DataConfig(StrictModel):
     shuffle_buffer: int = Field(64, ge=0, description="rows in the consumer's local shuffle buffer")
     eval_crop: int | None = Field(None, ge=8, description="central crop for evaluation; None = full images")
     on_corrupt: Literal["skip", "raise"] = Field("skip", description="skip and report damaged samples, or fail")
+    progress_bars: bool = Field(False, description="Ray Data's per-pass progress bars (noisy in training logs)")
+    decode_parts_per_shard: int | None = Field(None, ge=1, description="read tasks per shard, each decoding every "
+                                               "n-th sample; None = auto (enough to use every CPU with few shards)")
 
 
 def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, Any]:
@@ -81,7 +84,8 @@ def decode_shard(
     """
     report = CorruptionReport()
     rng = np.random.default_rng()
-    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report):
+    part = (int(item["part"]), int(item["parts"])) if item.get("parts", 1) > 1 else None
+    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=part):
         white = record.white_level or (2**record.bit_depth - 1)
         if mode == "train":
             lq, gt = paired_random_crop(lq, gt, crop_size, rng)
@@ -101,15 +105,32 @@ def decode_shard(
 MAX_BLOCK_BYTES = 16 * 2**20
 
 
+def decode_parts(config: DataConfig, shards: int) -> int:
+    """Read tasks per shard: ``config.decode_parts_per_shard``, or (auto) enough to give every CPU of the Ray
+    cluster a task when there are fewer shards than CPUs, else 1."""
+    if config.decode_parts_per_shard is not None:
+        return config.decode_parts_per_shard
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(1, -(-cpus // max(1, shards)))
+
+
 def read_split(config: DataConfig, split: str, mode: Mode = "train"):
-    """A Ray Dataset of model-ready rows from one split of the dataset's manifest (one read task per shard, whose
-    rows stream out in blocks of at most :data:`MAX_BLOCK_BYTES`)."""
+    """A Ray Dataset of model-ready rows from one split of the dataset's manifest: one read task per shard, or
+    several when there are fewer shards than CPUs (each decodes every n-th sample, :func:`decode_parts`), whose rows
+    stream out in blocks of at most :data:`MAX_BLOCK_BYTES`."""
     import ray
 
     urls = manifest_shard_urls(config.dataset, split, config.s3)
     if not urls:
         raise ValueError(f"the {split!r} split of {config.dataset} has no shards; build it with jobs/build_dataset.py")
-    items = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+    parts = decode_parts(config, len(urls)) if mode == "train" else 1  # evaluation keeps the manifest order
+    # Decoding (two PNGs per sample) is the pipeline's cost. One task per shard would leave CPUs idle whenever a
+    # split has fewer shards than CPUs (the default corpus has one training shard): n tasks then read the same shard
+    # and each decodes its own n-th of the samples, in parallel.
+    items = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
+    items = ray.data.from_items(items, override_num_blocks=len(items))
     dataset = items.flat_map(
         decode_shard,
         fn_kwargs=dict(mode=mode, crop_size=config.crop_size, augment=config.augment, eval_crop=config.eval_crop,
@@ -118,6 +139,7 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     context = dataset.context  # this dataset's own copy of the DataContext: the global one is left as it is
     if context.target_max_block_size is not None and context.target_max_block_size > MAX_BLOCK_BYTES:
         context.target_max_block_size = MAX_BLOCK_BYTES
+    context.enable_progress_bars = config.progress_bars
     return dataset
 
 
@@ -183,15 +205,32 @@ def iterate_rows(source, shuffle_buffer: int = 0) -> Iterator[dict[str, Any]]:
 
 
 def training_batches(
-    source, tasks: list[str], per_task: int, shuffle_buffer: int = 64, report: StreamReport | None = None, seed: int = 0
+    source, tasks: list[str], per_task: int, shuffle_buffer: int = 64, report: StreamReport | None = None, seed: int = 0,
+    num_batches: int | None = None, batcher: BalancedBatcher | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One pass over ``source`` as task-balanced batches (``per_task`` samples of every task): dicts with
-    ``lq``/``gt`` tensors (B, 3, H, W) and per-sample ``task``/``domain``/``key``/``source_id`` lists."""
+    ``lq``/``gt`` tensors (B, 3, H, W) and per-sample ``task``/``domain``/``key``/``source_id`` lists.
+
+    With ``num_batches``: exactly that many batches per pass (what data-parallel workers need to stay in step, see
+    :meth:`BalancedBatcher.fixed_batches`); pass the same ``batcher`` to every pass so that samples left over from
+    one pass start the next. Without: every sample once, as many batches as that takes."""
     report = report if report is not None else StreamReport()
-    batcher = BalancedBatcher(tasks, per_task=per_task, seed=seed)
+    batcher = batcher if batcher is not None else BalancedBatcher(tasks, per_task=per_task, seed=seed)
     rows = (row for row in iterate_rows(source, shuffle_buffer) if report.note(row))
-    for batch in batcher.batches(rows):
+    batches = batcher.batches(rows) if num_batches is None else batcher.fixed_batches(rows, num_batches)
+    for batch in batches:
         yield collate(batch)
+
+
+def local_evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None) -> Iterator[dict]:
+    """The rows of :func:`evaluation_rows`, in the same order, read in this process without Ray Data (for small
+    splits read inside a Ray Train worker, where a Ray Data read would compete with the training read for CPUs)."""
+    report = report if report is not None else StreamReport()
+    for url in manifest_shard_urls(config.dataset, split, config.s3):
+        for row in decode_shard({"url": url}, mode="eval", crop_size=config.crop_size, augment=False,
+                                eval_crop=config.eval_crop, s3=config.s3, on_corrupt=config.on_corrupt):  # fmt: skip
+            if report.note(row):
+                yield row
 
 
 def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None) -> Iterator[dict]:
@@ -210,6 +249,6 @@ def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport
 
 
 __all__ = [
-    "CorruptSampleError", "DataConfig", "StreamReport", "decode_shard", "evaluation_rows", "iterate_rows", "read_split",
-    "split_tasks", "training_batches",
+    "CorruptSampleError", "DataConfig", "StreamReport", "decode_shard", "evaluation_rows", "iterate_rows",
+    "local_evaluation_rows", "read_split", "split_tasks", "training_batches",
 ]  # fmt: skip

@@ -36,7 +36,7 @@ import torch
 from pydantic import Field, model_validator
 
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
-from datprl.platform.data import DataConfig, StreamReport, evaluation_rows
+from datprl.platform.data import DataConfig, StreamReport, evaluation_rows, local_evaluation_rows
 from datprl.platform.storage import atomic_write_bytes
 from datprl.platform.metrics import PAPER, MetricProtocol, psnr, ssim
 
@@ -322,10 +322,13 @@ def evaluate(
     device: str | torch.device | None = "cpu",
     zero_shot_tasks: Sequence[str] = (),
     metadata: dict | None = None,
+    read_in_process: bool = False,
 ) -> EvalResult:
     """Score ``model`` on every sample of ``split`` (those of ``tasks`` only, when given); see the module docstring.
 
-    Needs Ray (the rows come from :func:`datprl.platform.data.evaluation_rows`). The network runs in eval mode under
+    The rows come from :func:`datprl.platform.data.evaluation_rows` (Ray Data), or with ``read_in_process`` from
+    :func:`~datprl.platform.data.local_evaluation_rows` (same rows and order, no Ray: periodic validation inside a
+    training worker). The network runs in eval mode under
     ``torch.inference_mode`` on ``device`` (``"auto"`` = cuda when available; ``None`` = wherever its parameters
     already are); its train/eval mode and device are restored afterwards, so the training loop can call this between
     steps. ``model`` may be any module mapping a (1, 3, H, W) batch to its restoration; networks whose ``forward``
@@ -354,7 +357,8 @@ def evaluate(
         net.to(target_device)
     try:
         with torch.inference_mode():
-            for row in evaluation_rows(data, split, report=report):
+            rows = local_evaluation_rows if read_in_process else evaluation_rows
+            for row in rows(data, split, report=report):
                 task, domain = str(row["task"]), str(row["domain"])
                 if wanted is not None and task not in wanted:
                     continue

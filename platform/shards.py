@@ -801,10 +801,23 @@ def _end_problem(tar: tarfile.TarFile, reader: _TailReader) -> str | None:
 
 
 def _iter_shard(
-    url: str, s3: S3Settings | None, fail
+    url: str, s3: S3Settings | None, report_problem, part: tuple[int, int] | None = None
 ) -> Iterator[tuple[SampleRecord, np.ndarray, np.ndarray]]:
-    """One shard. ``fail(key, reason)`` records (or raises) a problem. I/O errors of the storage itself (network,
-    permissions) propagate: they say nothing about the data."""
+    """One shard (the samples of ``part`` only, see :func:`iter_samples`). ``report_problem(key, reason)`` records
+    (or raises) a problem. I/O errors of the storage itself (network, permissions) propagate: they say nothing about
+    the data."""
+    order: dict[str, int] = {}  # key -> position of the sample in the shard
+
+    def owned(key: str | None) -> bool:
+        if part is None:
+            return True
+        if key is None:
+            return part[0] == 0
+        return order.get(key, len(order)) % part[1] == part[0]
+
+    def fail(key: str | None, reason: str) -> None:
+        if owned(key):
+            report_problem(key, reason)
     try:
         raw = storage.open_input_stream(url, s3)
     except FileNotFoundError as exc:
@@ -818,7 +831,7 @@ def _iter_shard(
         bad_current = False  # the current sample was already reported (duplicate member / repeated key)
 
         def finish() -> Iterator[tuple[SampleRecord, np.ndarray, np.ndarray]]:
-            if current is None or bad_current:
+            if current is None or bad_current or not owned(current):
                 return
             try:
                 yield _decode_members(current, members)
@@ -859,6 +872,7 @@ def _iter_shard(
                     repeated = key in seen
                     current, members, bad_current = key, {}, repeated
                     seen.add(key)
+                    order.setdefault(key, len(order))
                     if repeated:
                         fail(key, "key appears again after other samples (members not contiguous, or duplicate key)")
                 if bad_current:
@@ -883,12 +897,20 @@ def iter_samples(
     s3: S3Settings | None = None,
     on_error: Literal["skip", "raise"] = "skip",
     report: CorruptionReport | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Iterator[tuple[SampleRecord, np.ndarray, np.ndarray]]:
     """Stream ``(record, lq, gt)`` from shards, in order. Damaged samples are skipped and added to ``report``
     (pass a :class:`CorruptionReport` to inspect them; each skip is also logged as a warning), or with
-    ``on_error="raise"`` raise :class:`CorruptSampleError` naming the shard and the key."""
+    ``on_error="raise"`` raise :class:`CorruptSampleError` naming the shard and the key.
+
+    ``part=(i, n)`` decodes only every n-th sample of each shard, starting at the i-th (0-based), so that n readers
+    of one shard decode it in parallel and together yield every sample once. Each reader still reads the whole
+    archive (cheap next to decoding); a damaged sample is reported by the reader that owns it, damage to the shard
+    itself by reader 0 only."""
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise ValueError(f"part must be (index, count) with 0 <= index < count, not {part!r}")
     if isinstance(shard_urls, str):
         shard_urls = [shard_urls]
     for url in shard_urls:
@@ -901,4 +923,4 @@ def iter_samples(
             if report is not None:
                 report.add(_url, key, reason)
 
-        yield from _iter_shard(url, s3, fail)
+        yield from _iter_shard(url, s3, fail, part)

@@ -32,6 +32,7 @@ from pydantic import Field
 from datprl.models import create_model, save_model
 from datprl.models.losses import DATPRLLoss, LossWeights
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
+from datprl.platform.batching import BalancedBatcher, batches_per_pass
 from datprl.platform.data import DataConfig, StreamReport, read_split, split_tasks, training_batches
 from datprl.platform.storage import S3Settings
 
@@ -69,8 +70,17 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(20, ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker; None = Ray's default "
+                                      "(cpus_per_worker). The embedded default uses 2: decoding needs little CPU")
     text_embeddings: str | None = Field(None, description="Parquet of description embeddings keyed by source_id")
-    evaluate_split: str | None = Field("val", description="split evaluated after training; None = skip")
+    zero_shot_tasks: list[str] = Field(default_factory=list, description="tasks held out of training, evaluated "
+                                       "zero-shot (marked in the tables)")
+    zero_shot_domains: list[str] = Field(default_factory=list, description="domains held out of training: all their "
+                                         "tasks are evaluated zero-shot")
+    evaluate_split: str | None = Field("val", description="split evaluated after training (and by validate_every); "
+                                       "None = skip")
+    validate_every: int | None = Field(None, ge=1, description="validate on evaluate_split every this many steps "
+                                       "(rank 0; PSNR per task in the reports and the log); None = only at the end")
     output_dir: str = Field("outputs/train", description="exported weights, evaluation tables and pictures")
     seed: int = 0
 
@@ -111,6 +121,12 @@ def _schedule(optim: OptimConfig, steps: int):
     return factor
 
 
+def _worker_print(*parts: object, flush: bool = True) -> None:
+    # Ray Train V2 patches print() in workers to go both to the console and to its logger, which the driver shows
+    # twice; the process's real stdout is forwarded to the driver once.
+    print(*parts, file=sys.__stdout__, flush=flush)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -121,6 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     device = ray.train.torch.get_device()
 
     model = create_model(config.variant, **config.model_overrides)
@@ -134,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     criterion = DATPRLLoss(config.loss)
     texts = _load_text_embeddings(config.text_embeddings, config.s3)
     if texts is None and rank == 0 and config.loss.align and model.domain_pool is not None:
-        print("[train] no text embeddings (text_embeddings=None): the alignment loss L_align is off", flush=True)
+        _worker_print("[train] no text embeddings (text_embeddings=None): the alignment loss L_align is off")
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -148,17 +166,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ema.load_state_dict(state["ema"])
         step, passes = state["step"], state["passes"]
         if rank == 0:
-            print(f"[train] resumed from step {step} (pass {passes})", flush=True)
+            _worker_print(f"[train] resumed from step {step} (pass {passes})")
 
     start_step = step  # reported with every metric: where this attempt began (0, or the checkpoint it resumed)
     crash_at = _crash_hook()
     shard = ray.train.get_dataset_shard("train")
     report = StreamReport()
+    # Every worker takes the same number of steps per pass, or DDP and the streaming split would wait on each other.
+    steps_per_pass = batches_per_pass(loop_config["counts"], tasks, config.data.per_task_batch, world)
+    batcher = BalancedBatcher(tasks, per_task=config.data.per_task_batch, seed=config.seed + 1000 * passes + rank)
     window: list[dict[str, float]] = []  # loss terms of the steps since the last report
     started = time.perf_counter()
     while step < config.steps:
         for batch in training_batches(shard, tasks, config.data.per_task_batch, config.data.shuffle_buffer, report,
-                                      seed=config.seed + 1000 * passes + rank):  # fmt: skip
+                                      num_batches=steps_per_pass, batcher=batcher):  # fmt: skip
             terms = train_step(net, model, batch, criterion, optimizer, scheduler, params, config, device, texts)
             if ema is not None:
                 ema.update_parameters(model)
@@ -167,21 +188,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 crash_at(step)
             window.append(terms)
             last = step >= config.steps
-            if step % config.log_every == 0 or step % config.checkpoint_every == 0 or last:
+            validate = bool(config.validate_every and config.evaluate_split and step % config.validate_every == 0)
+            if step % config.log_every == 0 or step % config.checkpoint_every == 0 or validate or last:
                 batch_size = batch["lq"].shape[0]
                 means = {k: sum(t[k] for t in window) / len(window) for k in window[-1]}
                 metrics = {"step": step, "resumed_from_step": start_step, "loss": means["total"],
                            "lr": scheduler.get_last_lr()[0], "passes": passes,
                            "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
                            "corrupt_samples": len(report.corrupt), **{f"loss_{k}": v for k, v in means.items()}}  # fmt: skip
+                if config.validate_every and config.evaluate_split and (step % config.validate_every == 0 or last):
+                    metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank, step))
                 window, started = [], time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
                     _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank)
                 else:
                     ray.train.report(metrics)
                 if rank == 0:
-                    print(f"[train] step {step}/{config.steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)  # fmt: skip
+                    _worker_print(f"[train] step {step}/{config.steps} loss {metrics['loss']:.4f} "
+                                  f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s")  # fmt: skip
             if last:
                 break
         passes += 1
@@ -212,6 +236,25 @@ def train_step(
     return terms
 
 
+def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank: int, step: int) -> dict[str, float]:
+    """Periodic validation on rank 0 (the weights are the same on every worker): PSNR per task of the EMA weights when
+    EMA is on, read in this process (a Ray Data read would compete with the training read for the worker's CPUs)."""
+    if rank != 0:
+        return {}
+    from datprl.platform.evaluate import evaluate
+
+    net = ema.module if ema is not None else model
+    result = evaluate(net, config.data, split=config.evaluate_split, max_grids_per_task=0, device=device,
+                      zero_shot_tasks=held_out, read_in_process=True)  # fmt: skip
+    metrics = {"val_psnr": result.mean["output_psnr"], "val_input_psnr": result.mean["input_psnr"]}
+    for row in result.rows:
+        metrics[f"val_delta_psnr/{row['task']}"] = row["delta_psnr"]
+    deltas = " ".join(f"{row['task']} {row['delta_psnr']:+.2f}" for row in result.rows)
+    _worker_print(f"[train] step {step} validation ({config.evaluate_split}): PSNR {metrics['val_psnr']:.2f} dB "
+          f"(input {metrics['val_input_psnr']:.2f}); per task dB vs input: {deltas}", flush=True)  # fmt: skip
+    return metrics
+
+
 def _crash_hook():
     """Fault injection for tests (never set in production): with ``DATPRL_TEST_CRASH_AT_STEP=N`` in the workers'
     environment, rank 0 kills its own process (``os._exit(1)``, no cleanup, as a lost node would) right after
@@ -227,7 +270,7 @@ def _crash_hook():
             return
         if marker:
             Path(marker).write_text(f"crashed at step {step}\n")
-        print(f"[train] DATPRL_TEST_CRASH_AT_STEP: worker exits at step {step}", flush=True)
+        _worker_print(f"[train] DATPRL_TEST_CRASH_AT_STEP: worker exits at step {step}")
         os._exit(1)
 
     return crash
@@ -271,7 +314,10 @@ def _init_ray(config: TrainConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=512 * 1024**2)
+        # The dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group cleaner polls; without
+        # it the cleaner logs a warning every second for the whole run.
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
+                 object_store_memory=512 * 1024**2)
 
 
 def _ensure_dataset(config: TrainConfig) -> None:
@@ -307,6 +353,38 @@ def _metrics_log(path: Path):
     return MetricsLog()
 
 
+def training_tasks(config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(tasks trained on, tasks held out for zero-shot evaluation): the training split's tasks (or ``data.tasks``)
+    minus ``zero_shot_tasks`` and every task of ``zero_shot_domains``."""
+    from datprl.platform.shards import read_manifest
+
+    tasks = split_tasks(config.data, "train")
+    manifest = read_manifest(config.data.dataset, config.data.s3)
+    domains = {c.domain for c in manifest.counts}
+    unknown = sorted(set(config.zero_shot_domains) - domains)
+    if unknown:
+        raise ValueError(f"zero_shot_domains: {unknown} not in {config.data.dataset} (domains: {sorted(domains)})")
+    all_tasks = {c.task for c in manifest.counts}
+    unknown = sorted(set(config.zero_shot_tasks) - all_tasks)
+    if unknown:
+        raise ValueError(f"zero_shot_tasks: {unknown} not in {config.data.dataset} (tasks: {sorted(all_tasks)})")
+    held = set(config.zero_shot_tasks) | {c.task for c in manifest.counts if c.domain in config.zero_shot_domains}
+    trained = [t for t in tasks if t not in held]
+    if not trained:
+        raise ValueError("zero_shot_tasks / zero_shot_domains hold out every training task; keep at least one")
+    return trained, sorted(held)
+
+
+def _train_counts(config: TrainConfig) -> dict[str, int]:
+    from datprl.platform.shards import read_manifest
+
+    counts: dict[str, int] = {}
+    for c in read_manifest(config.data.dataset, config.data.s3).counts:
+        if c.split == "train":
+            counts[c.task] = counts.get(c.task, 0) + c.samples
+    return counts
+
+
 def fit(config: TrainConfig):
     """Run (or resume) training on Ray Train; returns the ``ray.train.Result``. Every report's metrics (rank 0) are
     appended to ``<output_dir>/metrics.jsonl`` (see :func:`_metrics_log`)."""
@@ -315,7 +393,10 @@ def fit(config: TrainConfig):
 
     _init_ray(config)
     _ensure_dataset(config)
-    tasks = split_tasks(config.data, "train")
+    tasks, held_out = training_tasks(config)
+    counts = _train_counts(config)
+    if held_out:
+        print(f"[train] held out of training (zero-shot): {held_out}", flush=True)
     use_gpu = torch.cuda.is_available() if config.use_gpu == "auto" else config.use_gpu
     storage_fs = None
     storage_path = config.storage
@@ -327,7 +408,8 @@ def fit(config: TrainConfig):
         storage_path = str(Path(config.storage).resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_to_dict(config), "tasks": tasks},
+        # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.
+        train_loop_config={"config": config.model_dump(), "tasks": tasks, "counts": counts, "held_out": held_out},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
         ),
@@ -368,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         from datprl.models import load_model
         from datprl.platform.evaluate import evaluate
 
-        evaluation = evaluate(load_model(weights), config.data, split=config.evaluate_split, out_dir=output_dir / "eval")
+        _, held_out = training_tasks(config)
+        evaluation = evaluate(load_model(weights), config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
+                              zero_shot_tasks=held_out, metadata={"weights": str(weights), "run": config.name})  # fmt: skip
         print(evaluation.markdown())
     return 0

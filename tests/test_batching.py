@@ -9,6 +9,7 @@ import pytest
 
 from datprl.platform.batching import (
     BalancedBatcher,
+    batches_per_pass,
     center_crop,
     collate,
     paired_augment,
@@ -92,6 +93,50 @@ def test_unknown_tasks_ignored_and_absent_task_reported():
     assert list(batcher.batches([{"task": "zero_shot"}] * 5)) == []
     with pytest.raises(ValueError, match=r"task\(s\) \['b'\]"):
         list(batcher.batches([{"task": "a"}] * 100))
+
+
+def _balanced(batch, tasks, per_task):
+    return collections.Counter(r["task"] for r in batch) == {t: per_task for t in tasks}
+
+
+@pytest.mark.parametrize("counts", [{"a": 3, "b": 1}, {"a": 40, "b": 9}, {"a": 2, "b": 2}])
+def test_fixed_batches_give_the_same_count_whatever_the_pass_holds(counts):
+    # Data-parallel workers receive different mixes of tasks; each must take exactly as many steps per pass.
+    batcher = BalancedBatcher(tasks=["a", "b"], per_task=2, seed=1)
+    for pass_index in range(3):
+        batches = list(batcher.fixed_batches(_rows(counts, seed=pass_index), num_batches=5))
+        assert len(batches) == 5
+        assert all(_balanced(b, ["a", "b"], 2) for b in batches)
+
+
+def test_fixed_batches_carry_the_surplus_into_the_next_pass():
+    batcher = BalancedBatcher(tasks=["a", "b"], per_task=2, max_pending=64)
+    first = list(batcher.fixed_batches(_rows({"a": 20, "b": 20}, seed=0), num_batches=4))  # uses 8 + 8, keeps 12 + 12
+    assert batcher.fresh_used == 16
+    second = list(batcher.fixed_batches([], num_batches=6))  # an empty pass: the kept samples are used first
+    assert len(first) == 4 and len(second) == 6
+    assert batcher.fresh_used == 16 + 24
+    ids = [r["id"] for b in first + second for r in b]
+    assert len(set(ids)) == 40  # every sample once, none lost between passes
+
+
+def test_fixed_batches_fill_a_task_this_worker_never_saw(caplog):
+    batcher = BalancedBatcher(tasks=["a", "rare"], per_task=2, max_pending=8, seed=0)
+    with caplog.at_level("WARNING"):
+        batches = list(batcher.fixed_batches(_rows({"a": 200}), num_batches=30))
+    assert len(batches) == 30 and all(len(b) == 4 for b in batches)
+    assert all(r["task"] == "a" for b in batches for r in b)
+    assert "rare" in caplog.text
+    with pytest.raises(ValueError, match="no training sample"):
+        list(BalancedBatcher(tasks=["a"], per_task=1).fixed_batches([], num_batches=2))
+
+
+def test_batches_per_pass_covers_each_workers_share_of_the_largest_task():
+    counts = {"a": 32, "b": 4, "c": 20}
+    assert batches_per_pass(counts, ["a", "b", "c"], per_task=2, workers=1) == 16
+    assert batches_per_pass(counts, ["a", "b", "c"], per_task=2, workers=2) == 8
+    assert batches_per_pass(counts, ["b"], per_task=2, workers=4) == 1
+    assert batches_per_pass({}, ["x"], per_task=2, workers=1) == 1
 
 
 def test_collate_stacks_tensors_and_keeps_metadata():

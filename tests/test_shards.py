@@ -458,6 +458,35 @@ def test_corrupt_sample_is_skipped_and_reported(five_shard, case, mutate, reason
         list(iter_samples([str(path)], on_error="raise"))
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_parts_of_a_shard_yield_every_sample_once(five_shard, parts):
+    path, samples = five_shard
+    got = [list(iter_samples(str(path), part=(i, parts))) for i in range(parts)]
+    assert [_keys(g) for g in got][0] == [f"s{i}" for i in range(0, 5, parts)]
+    merged = sorted((x for g in got for x in g), key=lambda x: x[0].key)
+    _assert_same(merged, samples)
+    with pytest.raises(ValueError, match="part"):
+        list(iter_samples(str(path), part=(2, 2)))
+
+
+@pytest.mark.parametrize("cut_shard", [False, True])
+def test_parts_report_each_problem_once(five_shard, cut_shard):
+    path, samples = five_shard
+    members = _members(path)
+    _rewrite(path, [(n, b"x" if n == "s3.gt.png" else d) for n, d in members])
+    if cut_shard:  # and damage the shard itself after s4 (reported by part 0 only)
+        with tarfile.open(path) as tar:
+            last = tar.getmember("s4.gt.png")
+        path.write_bytes(path.read_bytes()[: last.offset_data + 512 * ((last.size + 511) // 512) + 512])
+    reports = [CorruptionReport() for _ in range(2)]
+    got = [list(iter_samples(str(path), report=reports[i], part=(i, 2))) for i in range(2)]
+    assert sorted(k for g in got for k in _keys(g)) == ["s0", "s1", "s2", "s4"]
+    sample_problems = [(i, k) for i, r in enumerate(reports) for _, k, _ in r.skipped if k is not None]
+    shard_problems = [i for i, r in enumerate(reports) for _, k, _ in r.skipped if k is None]
+    assert sample_problems == [(1, "s3")]  # s3 is the 4th sample: part 1 of 2 owns it
+    assert shard_problems == ([0] if cut_shard else [])
+
+
 def test_several_problems_in_several_shards(tmp_path, five_shard):
     path, samples = five_shard
     members = _members(path)
