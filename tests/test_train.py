@@ -213,3 +213,39 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
     print(f"largest weight change {moved:.3e}; largest 1-vs-2-worker difference {diff:.3e}")
     assert moved > 1e-3  # the steps really trained (Adam moves a weight by up to lr per step)
     assert diff < 1e-5
+
+
+def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_local, dataset, tmp_path):
+    """Two DDP workers on a split where one task has very few samples (a worker may receive none of them) finish the
+    same number of steps without hanging; periodic validation reports PSNR per task, including the task held out of
+    training for zero-shot evaluation, which the training batches never contain."""
+    from datprl.platform.shards import read_manifest
+    from datprl.platform.train import training_tasks
+
+    config = _config(
+        dataset, tmp_path, name="two-workers", steps=12, num_workers=2, cpus_per_worker=0.5,
+        data=DataConfig(dataset=str(dataset), crop_size=16, tasks=["haze", "ct_low_dose", "cloud"], per_task_batch=2,
+                        shuffle_buffer=4, eval_crop=32),
+        zero_shot_tasks=["cloud"], evaluate_split="val", validate_every=6, log_every=6, checkpoint_every=12,
+    )  # fmt: skip
+    counts = {c.task: c.samples for c in read_manifest(str(dataset)).counts if c.split == "train"}
+    assert counts["ct_low_dose"] < counts["haze"]  # the unbalanced case this test is about
+    assert training_tasks(config) == (["haze", "ct_low_dose"], ["cloud"])
+    result = fit(config)
+    assert result.error is None and _state(result)["step"] == 12
+    validated = [m for m in _metrics(config) if "val_psnr" in m]
+    assert [m["step"] for m in validated] == [6, 12]
+    for m in validated:
+        assert {"val_delta_psnr/haze", "val_delta_psnr/ct_low_dose", "val_delta_psnr/cloud"} <= set(m)
+        assert m["val_psnr"] > 0 and m["val_input_psnr"] > 0
+
+
+def test_bad_zero_shot_names_are_rejected(dataset, tmp_path):
+    from datprl.platform.train import training_tasks
+
+    with pytest.raises(ValueError, match="zero_shot_tasks.*nope"):
+        training_tasks(_config(dataset, tmp_path, zero_shot_tasks=["nope"]))
+    with pytest.raises(ValueError, match="zero_shot_domains.*astro"):
+        training_tasks(_config(dataset, tmp_path, zero_shot_domains=["astro"]))
+    with pytest.raises(ValueError, match="every training task"):
+        training_tasks(_config(dataset, tmp_path, zero_shot_tasks=["haze"]))
