@@ -32,7 +32,7 @@ from datprl.serve.config import ServeConfig, config_from_args, resolve_num_gpus
 from datprl.serve.engine import Engine, PromptTally, load_engine, pad_to_multiple
 from datprl.serve.tiling import TileCanvas, tile_grid
 
-__all__ = ["build_app", "deployment_options", "Restorer", "api"]
+__all__ = ["build_app", "deployment_options", "start_serve", "Restorer", "api"]
 
 log = logging.getLogger("ray.serve")
 
@@ -300,3 +300,19 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     config = config_from_args(args)
     return Restorer.options(**deployment_options(config)).bind(config.model_dump(mode="json"))
 
+
+
+# Serve's controller kills a proxy that is not ready within 5 s and fails its health check after 10 s; on a small,
+# busy machine (2 CPUs shared with training) both happen while nothing is wrong. These apply only when this process
+# starts Serve (an existing controller keeps its settings).
+_TOLERANT_CONTROLLER_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
+
+
+def start_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """``serve.start`` with the HTTP proxy on ``host:port`` (loopback unless told otherwise) and proxy timeouts that
+    tolerate a busy machine."""
+    serve.start(http_options={"host": host, "port": port},
+                controller_options={"runtime_env": {"env_vars": dict(_TOLERANT_CONTROLLER_ENV)}})

@@ -109,7 +109,10 @@ def config_from_args(args: Mapping[str, Any] | None) -> ServeConfig:
             overrides.append(f"{key}={value}")
         else:  # JSON is YAML: nested mappings, numbers, null and lists keep their type
             overrides.append(f"{key}={json.dumps(value)}")
-    return load_config(ServeConfig, None, overrides)
+    try:
+        return load_config(ServeConfig, None, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"invalid serve application args: {error}") from None
 
 
 def resolve_num_gpus(config: ServeConfig) -> float:
@@ -127,5 +130,3 @@ def resolve_num_gpus(config: ServeConfig) -> float:
 
     return 1.0 if torch.cuda.is_available() else 0.0
 
-
-ConfigError = ConfigError  # re-exported for callers of config_from_args

@@ -233,5 +233,5 @@ def load_engine(config: ServeConfig, device: str | torch.device | None = None) -
     if model.config.domain_pool is not None:
         pools["domain"] = {"size": model.config.domain_pool.size, "top_k": model.config.domain_pool.top_k}
     info = ModelInfo(parameters=count_parameters(model), config=model.config.model_dump(mode="json"),
-                     device=str(device), pools=pools, **info_args)
+                     device=str(device), pools=pools, extra={"torch_threads": torch.get_num_threads()}, **info_args)
     return Engine(model, info, device)
