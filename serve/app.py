@@ -157,6 +157,7 @@ class Restorer:
         self._infer.set_max_batch_size(self.config.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.batches = {"batches": 0, "forwards": 0, "items": 0, "largest": 0}
+        self._tiled_slots = asyncio.Semaphore(self.config.max_concurrent_tiled)
         info = self.engine.info
         log.info("[serve] replica ready: %s (%s, sha256 %s) on %s", info.variant, info.source,
                  info.weights_sha256[:12], info.device)
@@ -223,7 +224,8 @@ class Restorer:
         return {**self.engine.info.as_dict(), "limits": {
             "max_pixels": cfg.max_pixels, "max_body_bytes": cfg.max_body_bytes, "tile_size": cfg.tile_size,
             "tile_overlap": cfg.tile_overlap, "tile_above_pixels": cfg.tile_above_pixels,
-            "max_untiled_pixels": cfg.max_untiled_pixels, "max_batch_size": cfg.max_batch_size},
+            "max_untiled_pixels": cfg.max_untiled_pixels, "max_concurrent_tiled": cfg.max_concurrent_tiled,
+            "max_batch_size": cfg.max_batch_size},
             "batching": dict(self.batches)}
 
     @api.post("/v1/restore", summary="Restore one image", openapi_extra={"requestBody": _RESTORE_BODY},
@@ -257,9 +259,14 @@ class Restorer:
         if tiling == "never" and pixels > cfg.max_untiled_pixels:
             raise RequestError(413, f"tiling=never with {pixels} pixels exceeds max_untiled_pixels="
                                f"{cfg.max_untiled_pixels}", "use tiling=auto for large images")
-        unit = torch.from_numpy(image.to_unit())
-        restored, prompts, tiles, batch = await self._restore(unit, tiled)
-        encoded, described = await asyncio.to_thread(encode, restored.numpy(), image, format, bit_depth)
+        if tiled:  # large images wait for one of max_concurrent_tiled slots: bounded memory per replica
+            async with self._tiled_slots:
+                restored, prompts, tiles, batch = await self._restore(torch.from_numpy(image.to_unit()), tiled)
+                encoded, described = await asyncio.to_thread(encode, restored.numpy(), image, format, bit_depth)
+                del restored
+        else:
+            restored, prompts, tiles, batch = await self._restore(torch.from_numpy(image.to_unit()), tiled)
+            encoded, described = await asyncio.to_thread(encode, restored.numpy(), image, format, bit_depth)
         info = self.engine.info
         headers = {"X-Tiles": str(tiles), "X-Batch-Size": str(batch), "X-Weights-SHA256": info.weights_sha256,
                    "X-Model-Trained": {True: "true", False: "false", None: "unknown"}[info.trained]}

@@ -1,8 +1,8 @@
 """Serving benchmark: p50/p99 latency and throughput of ``POST /v1/restore`` against calling the same network
 in-process on the same images, in one run, and their ratio (the serving overhead).
 
-    python jobs/benchmark_serve.py                      # local Ray + Serve, paper_tiny, 128x128 PNG photo crops
-    python jobs/benchmark_serve.py size=64 requests=400 clients=16
+    python jobs/benchmark_serve.py                      # local Ray + Serve, paper_tiny, 64x64 PNG photo crops
+    python jobs/benchmark_serve.py size=128 requests=400 clients=16
     python jobs/benchmark_serve.py url=http://127.0.0.1:8000 weights=outputs/train/model.safetensors  # a running app
 
 In-process baseline: decoded (3, H, W) tensors, one ``Engine.forward`` per image, sequentially, with the replica's
@@ -38,7 +38,7 @@ class BenchmarkConfig(StrictModel):
     url: str | None = Field(None, description="a running app (e.g. http://127.0.0.1:8000); None = start one here")
     weights: str | None = Field(None, description="weights the app serves (the baseline loads the same); None = fresh")
     variant: str = Field("paper_tiny", description="fresh variant when weights is None")
-    size: int = Field(128, ge=8, description="edge of the square photo crops (pixels)")
+    size: int = Field(64, ge=8, description="edge of the square photo crops (pixels)")
     images: int = Field(16, ge=1, description="distinct images, cycled through")
     requests: int = Field(200, ge=1, description="timed requests (and timed in-process calls)")
     clients: int = Field(8, ge=1, description="concurrent HTTP clients")

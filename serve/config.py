@@ -69,6 +69,10 @@ class ServeConfig(StrictModel):
     max_untiled_pixels: int = Field(
         2048 * 2048, ge=1, description="largest image restored in one piece when a request asks for tiling=never"
     )
+    max_concurrent_tiled: int = Field(
+        2, ge=1, description="large (tiled) images restored at once per replica; bounds a replica's memory to about "
+        "this many images of max_pixels (float32 input + output canvas, ~28 bytes/pixel) plus one batch"
+    )
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests (or tiles) in one forward")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: how long a batch waits to fill")
     max_ongoing_requests: int = Field(32, ge=1, description="concurrent requests one replica accepts")

@@ -236,6 +236,12 @@ def test_tiled_equals_untiled_within_tolerance(served):
     psnr = 10 * np.log10(1 / (diff**2).mean())
     print(f"HTTP tiled vs untiled (8-bit PNG out): max {diff.max():.4f} mean {diff.mean():.5f} PSNR {psnr:.1f} dB")
     assert psnr >= TILE_MIN_PSNR and diff.mean() <= TILE_MAX_MEAN_ABS
+    # Concurrent large images queue for the replica's max_concurrent_tiled slots and come out the same.
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda _: _post(served.url, data, "image/png"), range(3)))
+    assert all(r.status_code == 200 for r in replies)
+    for reply in replies:
+        np.testing.assert_allclose(_decode(reply.content).pixels.astype(float) / 255, b, atol=1.5 / 255)
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
