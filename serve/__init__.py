@@ -1,1 +1,12 @@
-"""Ray Serve application serving the restoration network over HTTP."""
+"""Ray Serve application serving the restoration network over HTTP (README, "Serving").
+
+Modules (importing this package imports none of them, so the codecs and the engine never pull in Ray):
+
+* ``config``: :class:`~datprl.serve.config.ServeConfig`, the typed settings every launcher shares.
+* ``codec``: format sniffing, content-type checks, header-first pixel limits, decoding and encoding (PNG 8/16-bit,
+  JPEG, TIFF, DICOM) and the normalisation to [0, 1] and back.
+* ``tiling``: overlapping tiles of one shape with cross-fade blending.
+* ``engine``: weights loading (local or s3://, safetensors only), padded batched forwards, prompt summaries.
+* ``app``: the Serve deployment with its FastAPI ingress and ``build_app``, the application builder.
+* ``launch``: ``jobs/serve.py``; ``benchmark``: ``jobs/benchmark_serve.py``.
+"""

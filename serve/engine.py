@@ -21,7 +21,7 @@ from datprl.models.factory import CONFIG_SUFFIX, VARIANTS, WEIGHTS_SUFFIX, count
 from datprl.models.network import PAD_MULTIPLE, DATPRLIR
 from datprl.platform import storage
 from datprl.serve.config import ServeConfig
-from datprl.serve.tiling import TileCanvas, tile_grid, tiled_apply
+from datprl.serve.tiling import tiled_apply
 
 __all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "load_engine", "pad_to_multiple"]
 
