@@ -199,6 +199,11 @@ def test_dicom_out_and_selectable_format_and_bit_depth(served):
     assert (out.format, out.bit_depth, out.channels) == ("tiff", 16, 3)
     reply = _post(served.url, _encode_pil(_photo(40, 40), "PNG"), "image/png", params={"format": "jpeg"})
     assert reply.headers["content-type"] == "image/jpeg" and _decode(reply.content).width == 40
+    reply = requests.post(f"{served.url}/v1/restore", data=gray16, timeout=120,
+                          headers={"Content-Type": "image/png", "Accept": "application/json"})
+    body = reply.json()  # JSON by Accept header; white_level default 65535 for 16-bit input
+    assert (body["bit_depth"], body["channels"], body["input"]["white_level"]) == (16, 1, 65535)
+    assert _decode(base64.b64decode(body["image"])).bit_depth == 16
 
 
 def test_endpoint_equals_in_process_model_and_reports_prompts(served):
