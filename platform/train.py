@@ -385,12 +385,27 @@ def _train_counts(config: TrainConfig) -> dict[str, int]:
     return counts
 
 
+def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
+    """Relative local paths made absolute against the driver's working directory: Ray Train workers run in a
+    directory of their own, so ``data/default`` would not exist there."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or path.startswith("s3://") or Path(path).is_absolute():
+            return path
+        return str(Path(path).resolve())
+
+    data = config.data.model_copy(update={"dataset": absolute(config.data.dataset)})
+    return config.model_copy(update={"data": data, "text_embeddings": absolute(config.text_embeddings),
+                                     "storage": absolute(config.storage), "output_dir": absolute(config.output_dir)})
+
+
 def fit(config: TrainConfig):
     """Run (or resume) training on Ray Train; returns the ``ray.train.Result``. Every report's metrics (rank 0) are
     appended to ``<output_dir>/metrics.jsonl`` (see :func:`_metrics_log`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    config = _absolute_local_paths(config)
     _init_ray(config)
     _ensure_dataset(config)
     tasks, held_out = training_tasks(config)

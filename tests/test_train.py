@@ -249,3 +249,17 @@ def test_bad_zero_shot_names_are_rejected(dataset, tmp_path):
         training_tasks(_config(dataset, tmp_path, zero_shot_domains=["astro"]))
     with pytest.raises(ValueError, match="every training task"):
         training_tasks(_config(dataset, tmp_path, zero_shot_tasks=["haze"]))
+
+
+def test_relative_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):
+    """Workers run in a directory of their own: the driver hands them absolute local paths (s3:// kept as is)."""
+    from datprl.platform.train import _absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(data=DataConfig(dataset="data/default"), text_embeddings="s3://bucket/emb.parquet",
+                         storage="runs", output_dir="outputs/train")  # fmt: skip
+    resolved = _absolute_local_paths(config)
+    assert resolved.data.dataset == str(tmp_path / "data/default")
+    assert resolved.storage == str(tmp_path / "runs") and resolved.output_dir == str(tmp_path / "outputs/train")
+    assert resolved.text_embeddings == "s3://bucket/emb.parquet"
+    assert resolved.data.crop_size == config.data.crop_size
