@@ -8,5 +8,6 @@ Modules (importing this package imports none of them, so the codecs and the engi
 * ``tiling``: overlapping tiles of one shape with cross-fade blending.
 * ``engine``: weights loading (local or s3://, safetensors only), padded batched forwards, prompt summaries.
 * ``app``: the Serve deployment with its FastAPI ingress and ``build_app``, the application builder.
-* ``launch``: ``jobs/serve.py``; ``benchmark``: ``jobs/benchmark_serve.py``.
+* ``launch``: ``jobs/serve.py``; ``benchmark``: ``jobs/benchmark_serve.py``; ``samples``: sample inputs and helpers
+  shared by the benchmark and the tests.
 """

@@ -7,13 +7,16 @@ Launch it with ``python jobs/serve.py`` (local Ray or a running cluster), ``serv
 or ``serve deploy infra/serve.yaml``; :func:`build_app` is the application builder all three use.
 
 Throughput: requests (and the tiles of large images) go through one ``@serve.batch`` queue per replica; each batch is
-split into groups of equal padded (H, W) and every group is one forward pass, run in a worker thread so the event
-loop keeps answering health checks. Replicas autoscale on ongoing requests and take a GPU when the cluster has one.
+split into groups of equal padded (H, W) and every group is one forward pass (``Engine.restore_many``), run in a
+worker thread. Everything else that scales with the image (decoding and normalising, the tile canvas, encoding) runs
+in worker threads too, so the event loop keeps answering health checks and other requests. Replicas autoscale on
+ongoing requests and take a GPU when the cluster has one.
 """
 
 # No `from __future__ import annotations` here: FastAPI must resolve the route signatures of the ingress class.
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from typing import Any
@@ -27,10 +30,22 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from datprl.serve.codec import FORMATS_OUT, MEDIA_TYPES, RequestError, check_content_type, decode, encode, media_type_of
-from datprl.serve.config import ServeConfig, config_from_args, resolve_num_gpus
-from datprl.serve.engine import Engine, PromptTally, load_engine, pad_to_multiple
-from datprl.serve.tiling import TileCanvas, tile_grid
+from datprl.serve.codec import (
+    FORMATS_OUT,
+    MEDIA_TYPES,
+    DecodedImage,
+    RequestError,
+    check_content_type,
+    check_output,
+    decode,
+    encode,
+    media_type_of,
+    output_format,
+    probe,
+)
+from datprl.serve.config import ServeConfig, replica_config, resolve_num_gpus
+from datprl.serve.engine import Engine, PromptTally, Restored, load_engine
+from datprl.serve.tiling import TiledJob
 
 __all__ = ["build_app", "deployment_options", "start_serve", "Restorer", "api"]
 
@@ -70,6 +85,7 @@ _RESTORE_RESPONSES: dict[int | str, dict[str, Any]] = {
     415: {"description": "wrong Content-Type, unsupported or unrecognised format", "content": _ERROR_SCHEMA},
     422: {"description": "invalid parameters (format, bit_depth, tiling, white_level) or unusable image "
                          "(multi-frame, no pixel data)", "content": _ERROR_SCHEMA},
+    503: {"description": "(GET /healthz only) the model's self-check forward failed", "content": _ERROR_SCHEMA},
 }
 
 
@@ -143,6 +159,15 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str | None]
         await form.close()
 
 
+def _decode_for_model(data: bytes, fmt: str, max_pixels: int, white_level: int | None) -> tuple[DecodedImage, torch.Tensor]:
+    """Decode and normalise in one worker-thread call: (image, (3, H, W) float32 in [0, 1]). The stored values are
+    released once normalised (encoding needs only their shape)."""
+    image = decode(data, fmt, max_pixels, white_level)
+    unit = torch.from_numpy(image.to_unit())
+    image.release_pixels()
+    return image, unit
+
+
 @serve.deployment(name="Restorer", max_ongoing_requests=32, health_check_period_s=10)
 @serve.ingress(api)
 class Restorer:
@@ -156,67 +181,60 @@ class Restorer:
         self.engine: Engine = load_engine(self.config)
         self._infer.set_max_batch_size(self.config.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-        self.batches = {"batches": 0, "forwards": 0, "items": 0, "largest": 0}
-        self._tiled_slots = asyncio.Semaphore(self.config.max_concurrent_tiled)
+        self._large_slots = asyncio.Semaphore(self.config.max_concurrent_tiled)
         info = self.engine.info
         log.info("[serve] replica ready: %s (%s, sha256 %s) on %s", info.variant, info.source,
                  info.weights_sha256[:12], info.device)
         if info.trained is False:
             log.warning("[serve] %s", info.note)
 
-    def check_health(self) -> None:  # called by the Serve controller
-        if self.engine is None:
-            raise RuntimeError("model not loaded")
+    async def check_health(self) -> None:  # called by the Serve controller; raising marks the replica unhealthy
+        await asyncio.to_thread(self.engine.self_check)
 
     # -- batching ----------------------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _infer(self, items: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict, int]]:
-        """Padded (3, H, W) inputs of concurrent requests/tiles -> (restored, selections, batch size) each; one
-        forward per group of equal shape."""
-        return await asyncio.to_thread(self._run_groups, items)
+    async def _infer(self, items: list[torch.Tensor]) -> list[Restored | Exception]:
+        """(3, H, W) inputs of concurrent requests/tiles -> a :class:`Restored` each, or the exception of its group's
+        forward (returned, not raised: Serve would fail every request of the batch)."""
+        return await asyncio.to_thread(self.engine.restore_many, items)
 
-    def _run_groups(self, items: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict, int]]:
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(tuple(item.shape), []).append(i)
-        results: list[Any] = [None] * len(items)
-        self.batches["batches"] += 1
-        for members in groups.values():
-            out = self.engine.forward(torch.stack([items[i] for i in members]))
-            self.batches["forwards"] += 1
-            self.batches["items"] += len(members)
-            self.batches["largest"] = max(self.batches["largest"], len(members))
-            for row, i in enumerate(members):
-                selection = {name: (idx[row : row + 1], w[row : row + 1]) for name, (idx, w) in out.selections.items()}
-                results[i] = (out.images[row], selection, len(members))
-        return results
+    async def _forward(self, unit: torch.Tensor) -> Restored:
+        result = await self._infer(unit)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     async def _restore(self, unit: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, dict, int, int]:
         """(restored (3, H, W), prompt summary, number of tiles, largest batch this image's forwards ran in)."""
-        _, height, width = unit.shape
         tally = PromptTally(self.engine.pools)
         if not tiled:
-            restored, selection, batch = await self._infer(pad_to_multiple(unit[None])[0])
-            tally.add(selection, 0)
-            return restored[:, :height, :width], tally.summary(), 1, batch
+            out = await self._forward(unit)
+            tally.add(out.selection, 0)
+            return out.image, tally.summary(), 1, out.batch
         cfg = self.config
-        tiles = tile_grid(height, width, cfg.tile_size, cfg.tile_overlap)
-        canvas = TileCanvas(3, height, width, tiles[0], cfg.tile_overlap)
+        job = TiledJob(unit, cfg.tile_size, cfg.tile_overlap, cfg.max_batch_size)
         largest = 0
-        for start in range(0, len(tiles), cfg.max_batch_size):  # at most one batch of tiles in flight per image
-            group = tiles[start : start + cfg.max_batch_size]
-            outs = await asyncio.gather(*(self._infer(pad_to_multiple(t.crop(unit)[None])[0]) for t in group))
-            for t, (restored, selection, batch) in zip(group, outs):
-                canvas.add(t, restored[:, : t.height, : t.width])
-                tally.add(selection, 0)
-                largest = max(largest, batch)
-        return canvas.result(), tally.summary(), len(tiles), largest
+        for group in job.groups():  # at most one batch of tiles in flight per image
+            outs = await asyncio.gather(*(self._forward(crop) for crop in job.crops(group)))
+            await asyncio.to_thread(job.add, group, [o.image for o in outs])  # allocates the canvas on the first
+            for out in outs:
+                tally.add(out.selection, 0)
+                largest = max(largest, out.batch)
+        restored = await asyncio.to_thread(job.result)
+        return restored, tally.summary(), len(job.tiles), largest
 
     # -- routes ------------------------------------------------------------------------------------------------------
-    @api.get("/healthz", summary="Readiness: 200 once the model is loaded")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ready", "model_loaded": True, "variant": self.engine.info.variant,
-                "trained": self.engine.info.trained}
+    @api.get("/healthz", summary="Readiness: 200 once the model is loaded and a tiny forward works, else 503",
+             responses={503: _RESTORE_RESPONSES[503]})
+    async def healthz(self) -> Response:
+        try:
+            await asyncio.to_thread(self.engine.self_check)
+        except Exception as error:  # noqa: BLE001 - reported, not raised
+            return JSONResponse({"error": f"model self-check failed: {type(error).__name__}: {error}",
+                                 "fix": "see the replica log; Serve restarts an unhealthy replica", "status": 503},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "model_loaded": True, "variant": self.engine.info.variant,
+                             "trained": self.engine.info.trained, "batch_errors": self.engine.stats["errors"]})
 
     @api.get("/v1/model", summary="The served network: variant, config, weights hash, untrained or not")
     async def model(self) -> dict[str, Any]:
@@ -226,7 +244,7 @@ class Restorer:
             "tile_overlap": cfg.tile_overlap, "tile_above_pixels": cfg.tile_above_pixels,
             "max_untiled_pixels": cfg.max_untiled_pixels, "max_concurrent_tiled": cfg.max_concurrent_tiled,
             "max_batch_size": cfg.max_batch_size},
-            "batching": dict(self.batches)}
+            "batching": dict(self.engine.stats)}
 
     @api.post("/v1/restore", summary="Restore one image", openapi_extra={"requestBody": _RESTORE_BODY},
               responses=_RESTORE_RESPONSES, response_class=Response)
@@ -243,30 +261,32 @@ class Restorer:
     ) -> Response:
         started = time.perf_counter()
         cfg = self.config
+        # Everything that can be checked without the body is checked before reading it.
         if response not in ("image", "json"):
             raise RequestError(422, f"response={response!r} is not one of image, json", "ask response=image or json")
         if tiling not in ("auto", "always", "never"):
             raise RequestError(422, f"tiling={tiling!r} is not one of auto, always, never", "ask tiling=auto")
-        if format.lower() not in FORMATS_OUT + ("jpg", "tif"):
-            raise RequestError(422, f"unknown output format {format!r}", f"choose one of {', '.join(FORMATS_OUT)}")
-        if bit_depth is not None and bit_depth not in (8, 16):
-            raise RequestError(422, f"bit_depth={bit_depth} is not supported", "choose bit_depth 8 or 16")
+        out_format = output_format(format, bit_depth)
         data, content_type = await _image_bytes(request, cfg.max_body_bytes)
         fmt = check_content_type(data, content_type)
-        image = await asyncio.to_thread(decode, data, fmt, cfg.max_pixels, white_level)
-        pixels = image.width * image.height
+        check_output(out_format, bit_depth, fmt)
+        # The header gives the size before any pixel is decoded: limits, tiling and the large-image slot come first.
+        width, height = await asyncio.to_thread(probe, data, fmt, cfg.max_pixels)
+        pixels = width * height
         tiled = tiling == "always" or (tiling == "auto" and pixels > cfg.tile_above_pixels)
         if tiling == "never" and pixels > cfg.max_untiled_pixels:
             raise RequestError(413, f"tiling=never with {pixels} pixels exceeds max_untiled_pixels="
                                f"{cfg.max_untiled_pixels}", "use tiling=auto for large images")
-        if tiled:  # large images wait for one of max_concurrent_tiled slots: bounded memory per replica
-            async with self._tiled_slots:
-                restored, prompts, tiles, batch = await self._restore(torch.from_numpy(image.to_unit()), tiled)
-                encoded, described = await asyncio.to_thread(encode, restored.numpy(), image, format, bit_depth)
-                del restored
-        else:
-            restored, prompts, tiles, batch = await self._restore(torch.from_numpy(image.to_unit()), tiled)
-            encoded, described = await asyncio.to_thread(encode, restored.numpy(), image, format, bit_depth)
+        # Large images (tiled or not) are decoded and restored at most max_concurrent_tiled at a time per replica.
+        slot = self._large_slots if pixels > cfg.tile_above_pixels else contextlib.nullcontext()
+        async with slot:
+            image, unit = await asyncio.to_thread(_decode_for_model, data, fmt, cfg.max_pixels, white_level)
+            del data  # the request body is not needed any more
+            check_output(out_format, bit_depth, image.format, image.bit_depth)  # before the forward, not after
+            restored, prompts, tiles, batch = await self._restore(unit, tiled)
+            del unit
+            encoded, described = await asyncio.to_thread(encode, restored.numpy(), image, out_format, bit_depth)
+            del restored
         info = self.engine.info
         headers = {"X-Tiles": str(tiles), "X-Batch-Size": str(batch), "X-Weights-SHA256": info.weights_sha256,
                    "X-Model-Trained": {True: "true", False: "false", None: "unknown"}[info.trained]}
@@ -303,8 +323,10 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """Application builder for ``serve run datprl.serve.app:build_app key=value ...``, the ``import_path`` of
-    ``infra/serve.yaml`` and ``jobs/serve.py``. ``args`` are :class:`ServeConfig` fields (nested or dotted)."""
-    config = config_from_args(args)
+    ``infra/serve.yaml`` and ``jobs/serve.py``. ``args`` are :class:`ServeConfig` fields (nested or dotted), except
+    ``host``, ``port``, ``route_prefix`` and ``app_name``, which a builder cannot apply: they are rejected with where
+    they go instead. ``weights`` is resolved to an absolute path here (:func:`~datprl.serve.config.replica_config`)."""
+    config = replica_config(args)
     return Restorer.options(**deployment_options(config)).bind(config.model_dump(mode="json"))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from datprl.platform.config import StrictModel, parse_cli
+from datprl.serve.samples import free_port
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "main"]
 
@@ -142,12 +142,6 @@ def _endpoint(config: BenchmarkConfig, url: str, images: list[np.ndarray]) -> di
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """Both measurements on the same images; starts (and stops) a local Ray + app when ``config.url`` is None."""
     images = _images(config)
@@ -162,7 +156,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
             started_here = True
-        port = _free_port()
+        port = free_port()
         start_serve("127.0.0.1", port)
         serve.run(build_app({"weights": config.weights, "variant": config.variant, "num_replicas": 1,
                              "num_cpus": config.replica_cpus, "torch_threads": config.torch_threads,

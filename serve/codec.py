@@ -18,7 +18,16 @@ Normalisation (the model's input convention, as in training: stored value / whit
   corpus scales each file by its maximum too). 8-bit DICOM: / 255.
 
 The way back (:func:`encode`) inverts that scaling, so values keep their meaning: a 16-bit PNG of a CT slice holds
-HU + 1024; a DICOM out holds the original raw pixel representation with the original rescale.
+HU + 1024; a DICOM out holds the original raw pixel representation with the original rescale, clipped to the range
+``BitsStored``/``PixelRepresentation`` allow, and CT pixels outside the model's range (HU below -1024 such as padding
+-2000/-3024, or above 3071 such as metal) keep their original raw values.
+
+Colour and metadata: EXIF (orientation included) is passed through unchanged, never applied: the pixels keep their
+stored orientation, and PNG/JPEG/TIFF output carries the input's EXIF (TIFF: its Orientation tag), so viewers show the
+output as they showed the input. An ICC profile passes through when it matches the output's colour space (gray or
+RGB). A PNG tRNS colour key on gray/RGB input becomes an alpha channel (0 where the key matched). TIFF: MINISBLACK and
+RGB are read as stored (extra samples as alpha), MINISWHITE is inverted and returned as MINISBLACK (it displays the
+same), palette and CMYK (SEPARATED) and YCbCr are converted to RGB through Pillow; other photometric modes are a 415.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +52,17 @@ __all__ = [
     "check_content_type",
     "decode",
     "encode",
+    "probe",
+    "output_format",
+    "check_output",
     "to_gray_or_rgb",
 ]
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error (400), never silently padded
+# Pillow warns about (and at 2x, refuses) images above Image.MAX_IMAGE_PIXELS when it opens them; our own header check
+# (_too_many) decides, so the warning is noise. Installed once here: warnings.catch_warnings() around each decode is
+# not thread-safe, and decodes run concurrently in worker threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 FORMATS_IN = ("png", "jpeg", "tiff", "dicom")
 FORMATS_OUT = ("png", "jpeg", "tiff", "dicom")
@@ -100,7 +117,8 @@ class DecodedImage:
 
     pixels: (H, W, C) uint8 or uint16 colour channels (C = 1 or 3); alpha: (H, W) of the same dtype or None.
     white_level: the stored value meaning 1.0. dicom: the parsed dataset (DICOM input only) and how its raw values
-    map to stored ones (``dicom_map``).
+    map to stored ones (``dicom_map``). icc_profile / exif: passed through to the output (exif as Pillow's
+    ``Exif.tobytes()``, starting with ``Exif\\0\\0``).
     """
 
     format: str
@@ -111,6 +129,8 @@ class DecodedImage:
     dicom: Any = None
     dicom_map: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     @property
     def height(self) -> int:
@@ -134,6 +154,11 @@ class DecodedImage:
         if unit.shape[2] == 1:
             unit = np.repeat(unit, 3, axis=2)
         return np.ascontiguousarray(unit.transpose(2, 0, 1))
+
+    def release_pixels(self) -> None:
+        """Drop the stored values once :meth:`to_unit` has been taken (they are not needed to encode the result);
+        shape and dtype stay, backed by one zero."""
+        self.pixels = np.broadcast_to(np.zeros(1, self.pixels.dtype), self.pixels.shape)
 
 
 # --- format detection -----------------------------------------------------------------------------------------------
@@ -255,6 +280,27 @@ def _split_alpha(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return array, None
 
 
+def _key_alpha(pixels: np.ndarray, key: Any, maximum: int) -> np.ndarray | None:
+    """Alpha from a PNG tRNS colour key: 0 where a pixel equals the key, ``maximum`` elsewhere."""
+    key = np.asarray(key if isinstance(key, (tuple, list)) else (key,), dtype=np.int64).reshape(-1)
+    if key.size != pixels.shape[2]:
+        return None
+    match = np.all(pixels == key.astype(pixels.dtype), axis=2)
+    return np.where(match, 0, maximum).astype(pixels.dtype)
+
+
+def _exif_bytes(exif: Any) -> bytes | None:
+    """Pillow's ``info['exif']`` / an ``Image.Exif`` -> bytes starting with ``Exif\\0\\0`` (None when empty)."""
+    if exif is None:
+        return None
+    if isinstance(exif, Image.Exif):
+        return exif.tobytes() if len(exif) else None
+    data = bytes(exif)
+    if not data:
+        return None
+    return data if data.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + data
+
+
 def _png_header(data: bytes) -> tuple[int, int, int, int]:
     """(width, height, bit depth, colour type) from the IHDR chunk, without decoding."""
     if len(data) < 33 or data[12:16] != b"IHDR":
@@ -262,6 +308,43 @@ def _png_header(data: bytes) -> tuple[int, int, int, int]:
                            "send the complete, unmodified file")
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     return width, height, depth, colour
+
+
+def probe(data: bytes, fmt: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone (no pixel is decoded), after the ``max_pixels`` check: what the app
+    needs to choose tiling and to take a large-image slot before it decodes."""
+    if fmt == "png":
+        width, height, _, _ = _png_header(data)
+    elif fmt == "jpeg":
+        try:
+            with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as error:
+            raise RequestError(413, f"image rejected as a decompression bomb: {error}",
+                               "downscale or crop the image, or raise the server's max_pixels") from None
+        except Exception as error:  # noqa: BLE001
+            raise _corrupt("jpeg", error) from None
+    elif fmt == "tiff":
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                page = tif.pages.first
+                width, height = int(page.imagewidth), int(page.imagelength)
+        except Exception as error:  # noqa: BLE001
+            raise _corrupt("tiff", error) from None
+    elif fmt == "dicom":
+        ds = _read_dicom(data, stop_before_pixels=True)
+        if "Rows" not in ds or "Columns" not in ds:
+            return 0, 0  # no image object: decode says what is missing (422)
+        try:
+            width, height = int(ds.Columns), int(ds.Rows)
+        except Exception as error:  # noqa: BLE001
+            raise _corrupt("dicom", error) from None
+    else:  # pragma: no cover
+        raise RequestError(415, f"unsupported format {fmt}", f"send {_SUPPORTED_TEXT}")
+    _too_many(width, height, max_pixels)
+    return width, height
 
 
 def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
@@ -280,17 +363,26 @@ def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
         if array.shape != (h, w * planes):
             raise _corrupt("png", ValueError(f"decoded {array.shape}, expected {(h, w * planes)}"))
         pixels, alpha = _split_alpha(array.reshape(h, w, planes))
-        return DecodedImage("png", pixels, alpha, 16, 65535)
+        notes = []
+        if alpha is None and info.get("transparent") is not None:
+            alpha = _key_alpha(pixels, info["transparent"], 65535)
+            if alpha is not None:
+                notes.append("the PNG tRNS colour key is returned as an alpha channel")
+        try:  # metadata only: Pillow reads the chunks before IDAT (and eXIf after it) without decoding pixels
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as meta:
+                icc, exif = meta.info.get("icc_profile"), meta.info.get("exif")
+        except Exception:  # noqa: BLE001 - pypng decoded it; metadata is optional
+            icc, exif = None, None
+        return DecodedImage("png", pixels, alpha, 16, 65535, notes=notes, icc_profile=icc or None,
+                            exif=_exif_bytes(exif))
     return _decode_pillow(data, "png", max_pixels)
 
 
 def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> DecodedImage:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt.upper()])
-            _too_many(image.width, image.height, max_pixels)
-            image.load()
+        image = Image.open(io.BytesIO(data), formats=[fmt.upper()])
+        _too_many(image.width, image.height, max_pixels)
+        image.load()
     except RequestError:
         raise
     except Image.DecompressionBombError as error:
@@ -304,6 +396,12 @@ def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> DecodedImage:
 def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
     notes: list[str] = []
     mode = image.mode
+    icc = image.info.get("icc_profile") or None
+    exif = _exif_bytes(image.info.get("exif"))
+    if exif is None and fmt == "tiff":
+        orientation = image.getexif().get(274)
+        exif = _orientation_exif(orientation)
+    key = image.info.get("transparency") if mode in ("L", "RGB", "I", "I;16", "I;16B") else None
     if mode == "1":
         image, mode = image.convert("L"), "L"
         notes.append("1-bit input is returned as 8-bit grayscale")
@@ -312,23 +410,42 @@ def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
         image = image.convert("RGBA" if has_alpha else "RGB")
         mode = image.mode
         notes.append(f"palette input is returned as {mode}")
-    elif mode == "CMYK":
-        image, mode = image.convert("RGB"), "RGB"
-        notes.append("CMYK input is returned as RGB")
-    elif mode in ("YCbCr", "LAB", "HSV"):
-        image, mode = image.convert("RGB"), "RGB"
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         notes.append(f"{mode} input is returned as RGB")
+        image, mode = image.convert("RGB"), "RGB"
     if mode in ("L", "LA", "RGB", "RGBA"):
         pixels, alpha = _split_alpha(np.asarray(image, dtype=np.uint8))
-        return DecodedImage(fmt, pixels, alpha, 8, 255, notes=notes)
+        if alpha is None and key is not None:
+            alpha = _key_alpha(pixels, key, 255)
+            if alpha is not None:
+                notes.append("the PNG tRNS colour key is returned as an alpha channel")
+        return DecodedImage(fmt, pixels, alpha, 8, 255, notes=notes, icc_profile=icc, exif=exif)
     if mode.startswith("I;16") or mode == "I":
         array = np.asarray(image)
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise RequestError(415, f"{fmt.upper()} with 32-bit integer samples is not supported",
                                "send 8- or 16-bit unsigned samples")
-        return DecodedImage(fmt, array.astype(np.uint16)[..., None], None, 16, 65535, notes=notes)
+        pixels = array.astype(np.uint16)[..., None]
+        alpha = None if key is None else _key_alpha(pixels, key, 65535)
+        if alpha is not None:
+            notes.append("the PNG tRNS colour key is returned as an alpha channel")
+        return DecodedImage(fmt, pixels, alpha, 16, 65535, notes=notes, icc_profile=icc, exif=exif)
     raise RequestError(415, f"{fmt.upper()} images of mode {mode} are not supported",
                        "send 8- or 16-bit grayscale, RGB or RGBA")
+
+
+def _orientation_exif(orientation: Any) -> bytes | None:
+    if orientation in (None, 1):
+        return None
+    exif = Image.Exif()
+    exif[274] = int(orientation)
+    return exif.tobytes()
+
+
+# TIFF photometric interpretations (tifffile.PHOTOMETRIC): read as stored, or converted to RGB through Pillow.
+_TIFF_DIRECT = {0: "MINISWHITE", 1: "MINISBLACK", 2: "RGB"}
+_TIFF_VIA_PILLOW = {3: "PALETTE", 5: "SEPARATED (CMYK)", 6: "YCBCR"}
+_TIFF_MAX_BYTES_PER_PIXEL = 4 * 2  # at most 4 samples of 16 bits
 
 
 def _decode_tiff(data: bytes, max_pixels: int) -> DecodedImage:
@@ -336,53 +453,118 @@ def _decode_tiff(data: bytes, max_pixels: int) -> DecodedImage:
 
     try:
         tif = tifffile.TiffFile(io.BytesIO(data))
-        pages = tif.pages
-        page = pages.first
-        shape, axes, dtype = page.shape, page.axes, np.dtype(page.dtype)
-        many = len(pages) > 1
     except Exception as error:  # noqa: BLE001
         raise _corrupt("tiff", error) from None
-    height, width = int(page.imagelength), int(page.imagewidth)
+    try:
+        return _decode_tiff_page(tif, data, max_pixels)
+    finally:
+        tif.close()
+
+
+def _decode_tiff_page(tif: Any, data: bytes, max_pixels: int) -> DecodedImage:
+    try:
+        pages = tif.pages
+        page = pages.first
+        many = len(pages) > 1
+        height, width = int(page.imagelength), int(page.imagewidth)
+        samples, depth = int(page.samplesperpixel), int(page.imagedepth)
+        photometric = int(page.photometric)
+    except Exception as error:  # noqa: BLE001
+        raise _corrupt("tiff", error) from None
     _too_many(width, height, max_pixels)
     if many:
         raise RequestError(422, f"multi-page TIFF ({len(pages)} pages): one image per request",
                            "send each page as its own request")
+    # Checked before anything is decoded: samples and depth multiply the pixel count (a 64x64 deflate TIFF with 1000
+    # samples per pixel would decode to 470x its size).
+    if not 1 <= samples <= 4 or depth != 1:
+        raise RequestError(415, f"TIFF with {samples} samples per pixel and image depth {depth} is not supported",
+                           "send a 2-D gray, gray+alpha, RGB or RGBA image (1-4 samples per pixel, image depth 1)")
+    if photometric in _TIFF_VIA_PILLOW:
+        name = _TIFF_VIA_PILLOW[photometric]
+        try:
+            image = _decode_pillow(data, "tiff", max_pixels)
+        except RequestError as error:
+            if error.status == 413:
+                raise
+            raise RequestError(415, f"TIFF with photometric interpretation {name} could not be converted to RGB "
+                               f"({error.error})", "send a gray or RGB TIFF, or a PNG") from None
+        return image  # Pillow's conversion note says what it became
+    if photometric not in _TIFF_DIRECT:
+        try:
+            name = tifffile_name(photometric)
+        except Exception:  # noqa: BLE001
+            name = str(photometric)
+        raise RequestError(415, f"TIFF with photometric interpretation {name} is not supported",
+                           "send a MINISBLACK (gray), RGB, palette or CMYK TIFF, or a PNG")
+    colour = 3 if photometric == 2 else 1
+    if samples not in (colour, colour + 1):
+        raise RequestError(415, f"TIFF {_TIFF_DIRECT[photometric]} with {samples} samples per pixel is not supported",
+                           "send gray (1 sample), gray+alpha (2), RGB (3) or RGBA (4)")
+    try:
+        dtype = np.dtype(page.dtype)
+        nbytes = int(page.nbytes)
+    except Exception as error:  # noqa: BLE001
+        raise _corrupt("tiff", error) from None
     if dtype not in (np.uint8, np.uint16):
         raise RequestError(415, f"TIFF with {dtype} samples is not supported", "send 8- or 16-bit unsigned samples")
+    if nbytes > max_pixels * _TIFF_MAX_BYTES_PER_PIXEL:
+        raise RequestError(413, f"TIFF would decode to {nbytes} bytes, above the limit of "
+                           f"{max_pixels * _TIFF_MAX_BYTES_PER_PIXEL} bytes", "send a smaller image")
     try:
         array = page.asarray()
     except KeyError as error:  # a compression tifffile cannot decode without imagecodecs: try Pillow
         try:
-            return _decode_pillow(data, "tiff", max_pixels)
+            image = _decode_pillow(data, "tiff", max_pixels)
         except RequestError:
             raise RequestError(415, f"TIFF compression not supported: {error}",
                                "send an uncompressed, deflate- or LZW-compressed TIFF, or a PNG") from None
+        if photometric == 0:  # Pillow reads MINISWHITE as stored as well
+            image.pixels = np.iinfo(image.pixels.dtype).max - image.pixels
+            image.notes.append("MINISWHITE input is returned as MINISBLACK (inverted: it displays the same)")
+        return image
     except Exception as error:  # noqa: BLE001
         raise _corrupt("tiff", error) from None
-    finally:
-        tif.close()
-    if axes.startswith("S") and array.ndim == 3:  # planar (separate) samples
+    if array.ndim == 3 and page.planarconfig == 2 and array.shape[0] == samples:  # planar (separate) samples
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (2, 3, 4)):
-        raise RequestError(415, f"TIFF of shape {shape} ({axes}) is not supported",
+    if array.shape[:2] != (height, width) or array.ndim not in (2, 3):
+        raise RequestError(415, f"TIFF of shape {page.shape} ({page.axes}) is not supported",
                            "send a gray, gray+alpha, RGB or RGBA image")
     pixels, alpha = _split_alpha(np.ascontiguousarray(array))
     bits = 8 if dtype == np.uint8 else 16
-    return DecodedImage("tiff", pixels, alpha, bits, 2**bits - 1)
+    notes = []
+    if photometric == 0:
+        pixels = (2**bits - 1) - pixels
+        notes.append("MINISWHITE input is returned as MINISBLACK (inverted: it displays the same)")
+    icc = page.tags.get(34675)
+    orientation = page.tags.get(274)
+    return DecodedImage("tiff", pixels, alpha, bits, 2**bits - 1, notes=notes,
+                        icc_profile=bytes(icc.value) if icc is not None else None,
+                        exif=_orientation_exif(orientation.value if orientation is not None else None))
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+def tifffile_name(photometric: int) -> str:
+    import tifffile
+
+    return tifffile.PHOTOMETRIC(photometric).name
+
+
+def _read_dicom(data: bytes, stop_before_pixels: bool = False) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as error:
         raise RequestError(415, f"not a DICOM file: {error}", "send a DICOM Part 10 file") from None
     except Exception as error:  # noqa: BLE001
         raise _corrupt("dicom", error) from None
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    ds = _read_dicom(data)
     if "PixelData" not in ds:
         raise RequestError(422, "the DICOM file has no pixel data (not an image object)",
                            "send an image object (CT, MR, CR, DX, NM, US, SC, ...)")
@@ -419,8 +601,11 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     elif str(ds.get("Modality", "")).upper() == "CT" and "RescaleIntercept" in ds:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.RescaleIntercept)
-        hu = raw.astype(np.float64) * slope + intercept
-        stored = np.clip(np.rint(hu + CT_OFFSET), 0, CT_WHITE).astype(np.uint16)
+        shifted = np.rint(raw.astype(np.float64) * slope + intercept + CT_OFFSET)
+        outside = (shifted < 0) | (shifted > CT_WHITE)
+        if outside.any():  # padding (-2000/-3024 HU) or metal: the DICOM out gives these pixels back unchanged
+            mapping["outside"] = (outside, raw[outside])
+        stored = np.clip(shifted, 0, CT_WHITE).astype(np.uint16)
         white = CT_WHITE
         mapping.update(kind="ct", slope=slope, intercept=intercept)
     else:
@@ -446,9 +631,14 @@ def to_gray_or_rgb(restored: np.ndarray, channels: int) -> np.ndarray:
     return hwc
 
 
-def _quantise(unit: np.ndarray, scale: int, bits: int) -> np.ndarray:
+def _quantise(values: np.ndarray, scale: int, bits: int) -> np.ndarray:
+    """[0, 1] floats -> integers of ``bits``; works in place on ``values`` (the restored tensor is ours to spend)."""
     dtype = np.uint8 if bits == 8 else np.uint16
-    return np.clip(np.rint(np.clip(unit, 0.0, 1.0) * scale), 0, 2**bits - 1).astype(dtype)
+    values = np.clip(values, 0.0, 1.0, out=values if values.dtype.kind == "f" and values.flags.writeable else None)
+    values *= scale
+    np.rint(values, out=values)
+    np.clip(values, 0, 2**bits - 1, out=values)
+    return values.astype(dtype)
 
 
 def _convert_alpha(alpha: np.ndarray, bits: int) -> np.ndarray:
@@ -459,18 +649,49 @@ def _convert_alpha(alpha: np.ndarray, bits: int) -> np.ndarray:
     return alpha
 
 
+_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
+
+
+def output_format(fmt: str, bit_depth: int | None) -> str:
+    """The output format ``fmt`` names (``jpg``/``tif`` accepted), after the checks that need no input: known format,
+    bit depth 8 or 16, JPEG only at 8 bits. 422 otherwise."""
+    name = _ALIASES.get(fmt.lower(), fmt.lower())
+    if name not in FORMATS_OUT:
+        raise RequestError(422, f"unknown output format {fmt!r}", f"choose one of {', '.join(FORMATS_OUT)}")
+    if bit_depth is not None and bit_depth not in (8, 16):
+        raise RequestError(422, f"bit_depth={bit_depth} is not supported", "choose bit_depth 8 or 16")
+    if name == "jpeg" and bit_depth == 16:
+        raise RequestError(422, "JPEG holds 8 bits per sample, bit_depth=16 was asked",
+                           "ask format=png or format=tiff for 16 bits, or bit_depth=8")
+    return name
+
+
+def check_output(fmt: str, bit_depth: int | None, source_format: str, source_bit_depth: int | None = None) -> str:
+    """:func:`output_format` plus the checks that need the input's format (known once the body is sniffed) and bit
+    depth (known after decoding): DICOM output only for DICOM input, at the input's bit depth."""
+    name = output_format(fmt, bit_depth)
+    if name == "dicom" and source_format != "dicom":
+        raise RequestError(422, "format=dicom needs DICOM input (the header is taken from it)",
+                           "ask format=png or format=tiff")
+    if name == "dicom" and None not in (bit_depth, source_bit_depth) and bit_depth != source_bit_depth:
+        raise RequestError(422, "format=dicom keeps the input's bit depth", "leave out bit_depth for DICOM output")
+    return name
+
+
+def _icc_for(icc: bytes | None, colour_channels: int) -> bytes | None:
+    """The ICC profile when its colour space (header bytes 16-20) fits the output: GRAY for 1, RGB for 3 channels."""
+    if not icc or len(icc) < 20:
+        return None
+    return icc if icc[16:20] == (b"GRAY" if colour_channels == 1 else b"RGB ") else None
+
+
 def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png", bit_depth: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """Write the restoration ``restored`` ((3, H, W) float in [0, 1]) like ``source``: same size, channel count
-    (alpha passed through) and, unless ``bit_depth`` says otherwise, bit depth and value scale.
+    (alpha passed through) and, unless ``bit_depth`` says otherwise, bit depth and value scale. EXIF and a matching
+    ICC profile pass through. ``restored`` may be overwritten.
 
     Returns (bytes, description with media_type, format, width, height, channels, bit_depth, notes)."""
-    fmt = fmt.lower()
-    if fmt == "jpg":
-        fmt = "jpeg"
-    if fmt == "tif":
-        fmt = "tiff"
-    if fmt not in FORMATS_OUT:
-        raise RequestError(422, f"unknown output format {fmt!r}", f"choose one of {', '.join(FORMATS_OUT)}")
+    fmt = check_output(fmt, bit_depth, source.format, source.bit_depth)
     notes = [n for n in source.notes if not (fmt == "dicom" and n.startswith("CT values"))]
     if bit_depth is None:
         bits = 8 if fmt == "jpeg" else source.bit_depth
@@ -478,16 +699,6 @@ def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png", bit_dep
             notes.append("JPEG holds 8 bits: the 16-bit input is returned at 8 bits")
     else:
         bits = bit_depth
-    if bits not in (8, 16):
-        raise RequestError(422, f"bit_depth={bits} is not supported", "choose bit_depth 8 or 16")
-    if fmt == "jpeg" and bits != 8:
-        raise RequestError(422, "JPEG holds 8 bits per sample, bit_depth=16 was asked",
-                           "ask format=png or format=tiff for 16 bits, or bit_depth=8")
-    if fmt == "dicom" and source.format != "dicom":
-        raise RequestError(422, "format=dicom needs DICOM input (the header is taken from it)",
-                           "ask format=png or format=tiff")
-    if fmt == "dicom" and bit_depth is not None and bit_depth != source.bit_depth:
-        raise RequestError(422, "format=dicom keeps the input's bit depth", "leave out bit_depth for DICOM output")
     scale = source.white_level if bits == source.bit_depth else 2**bits - 1
     values = _quantise(to_gray_or_rgb(restored, source.colour_channels), scale, bits)
     alpha = None if source.alpha is None else _convert_alpha(source.alpha, bits)
@@ -497,14 +708,16 @@ def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png", bit_dep
     if alpha is not None:
         values = np.concatenate([values, alpha[..., None]], axis=2)
     channels = values.shape[2]
+    icc = _icc_for(source.icc_profile, source.colour_channels)
     if fmt == "png":
-        data = _encode_png(values, bits)
+        data = _png_with_chunks(_encode_png(values, bits), icc, source.exif)
     elif fmt == "jpeg":
         buffer = io.BytesIO()
-        Image.fromarray(values[..., 0] if channels == 1 else values).save(buffer, format="JPEG", quality=95)
+        extra = {k: v for k, v in (("icc_profile", icc), ("exif", source.exif)) if v}
+        Image.fromarray(values[..., 0] if channels == 1 else values).save(buffer, format="JPEG", quality=95, **extra)
         data = buffer.getvalue()
     elif fmt == "tiff":
-        data = _encode_tiff(values)
+        data = _encode_tiff(values, icc, source.exif)
     else:
         data = _encode_dicom(values, source)
     described = {"media_type": MEDIA_TYPES[fmt], "format": fmt, "width": int(values.shape[1]),
@@ -531,20 +744,59 @@ def _encode_png(values: np.ndarray, bits: int) -> bytes:
     return buffer.getvalue()
 
 
-def _encode_tiff(values: np.ndarray) -> bytes:
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def _png_with_chunks(data: bytes, icc: bytes | None, exif: bytes | None) -> bytes:
+    """``data`` with iCCP and eXIf chunks right after IHDR (before PLTE/IDAT, as the PNG spec wants); one code path
+    for Pillow's and pypng's output."""
+    chunks = b""
+    if icc:
+        chunks += _png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc))
+    if exif:
+        chunks += _png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    if not chunks:
+        return data
+    end_of_ihdr = 8 + 8 + 13 + 4
+    return data[:end_of_ihdr] + chunks + data[end_of_ihdr:]
+
+
+def _encode_tiff(values: np.ndarray, icc: bytes | None = None, exif: bytes | None = None) -> bytes:
     import tifffile
 
     channels = values.shape[2]
+    extra: dict[str, Any] = {}
+    if icc:
+        extra["iccprofile"] = icc
+    if exif:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        orientation = parsed.get(274)
+        if orientation not in (None, 1):
+            extra["extratags"] = [(274, "H", 1, int(orientation), True)]
     buffer = io.BytesIO()
     if channels == 1:
-        tifffile.imwrite(buffer, values[..., 0], photometric="minisblack")
+        tifffile.imwrite(buffer, values[..., 0], photometric="minisblack", **extra)
     elif channels == 2:
-        tifffile.imwrite(buffer, values, photometric="minisblack", planarconfig="contig", extrasamples=["unassalpha"])
+        tifffile.imwrite(buffer, values, photometric="minisblack", planarconfig="contig", extrasamples=["unassalpha"],
+                         **extra)
     elif channels == 3:
-        tifffile.imwrite(buffer, values, photometric="rgb")
+        tifffile.imwrite(buffer, values, photometric="rgb", **extra)
     else:
-        tifffile.imwrite(buffer, values, photometric="rgb", extrasamples=["unassalpha"])
+        tifffile.imwrite(buffer, values, photometric="rgb", extrasamples=["unassalpha"], **extra)
     return buffer.getvalue()
+
+
+def _stored_range(ds: Any, dtype: np.dtype) -> tuple[int, int]:
+    """The values ``BitsStored`` and ``PixelRepresentation`` allow (within ``dtype``'s range)."""
+    info = np.iinfo(dtype)
+    bits = int(ds.get("BitsStored", info.bits) or info.bits)
+    if int(ds.get("PixelRepresentation", 1 if info.min < 0 else 0) or 0) == 1:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        lo, hi = 0, 2**bits - 1
+    return max(lo, int(info.min)), min(hi, int(info.max))
 
 
 def _encode_dicom(values: np.ndarray, source: DecodedImage) -> bytes:
@@ -560,10 +812,13 @@ def _encode_dicom(values: np.ndarray, source: DecodedImage) -> bytes:
         raw = stored + mapping["lo"]
     else:
         raw = stored
-    info = np.iinfo(dtype)
-    raw = np.clip(np.rint(raw), info.min, info.max).astype(dtype)
     if raw.shape[2] == 1:
         raw = raw[..., 0]
+    if "outside" in mapping:  # outside the model's HU range: the original raw value, not the clipped restoration
+        outside, original = mapping["outside"]
+        raw[outside] = original
+    lo, hi = _stored_range(ds, dtype)
+    raw = np.clip(np.rint(raw), lo, hi).astype(dtype)
     photometric = "RGB" if raw.ndim == 3 else str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
         photometric = "MONOCHROME2"

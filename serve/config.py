@@ -12,11 +12,21 @@ from pydantic import Field, model_validator
 
 from datprl.platform.config import ConfigError, StrictModel, load_config
 
-__all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "config_from_args", "resolve_num_gpus"]
+__all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "LISTEN_FIELDS", "config_from_args", "replica_config",
+           "resolve_num_gpus"]
 
 #: Where ``jobs/train.py`` exports its final weights by default (``output_dir=outputs/train``); ``weights: auto``
 #: serves them when they exist and a freshly initialised ``variant`` otherwise.
 TRAINED_WEIGHTS = "outputs/train/model.safetensors"
+
+#: Fields only ``jobs/serve.py`` uses: where the HTTP proxy listens and where the application is mounted. The
+#: application builder (``serve run``/``serve deploy``) cannot apply them and rejects them (see :func:`replica_config`).
+LISTEN_FIELDS = ("host", "port", "route_prefix", "app_name")
+_LISTEN_HELP = (
+    "host/port belong to Serve's HTTP proxy: `serve run --host H --port P`, or `http_options` in a Serve config "
+    "file; route_prefix/app_name belong to the application: `serve run --route-prefix /x --name NAME`, or "
+    "`route_prefix`/`name` of the file's `applications` entry. `python jobs/serve.py` takes all four as fields."
+)
 
 
 class AutoscalingSettings(StrictModel):
@@ -70,8 +80,9 @@ class ServeConfig(StrictModel):
         2048 * 2048, ge=1, description="largest image restored in one piece when a request asks for tiling=never"
     )
     max_concurrent_tiled: int = Field(
-        2, ge=1, description="large (tiled) images restored at once per replica; bounds a replica's memory to about "
-        "this many images of max_pixels (float32 input + output canvas, ~28 bytes/pixel) plus one batch"
+        2, ge=1, description="large images (above tile_above_pixels, tiled or not) decoded and restored at once per "
+        "replica; the slot is taken before decoding, so a replica's image memory is about this many images of "
+        "max_pixels (~40 bytes/pixel at peak, README 'Large images') plus the request bodies and one batch"
     )
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests (or tiles) in one forward")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: how long a batch waits to fill")
@@ -102,6 +113,13 @@ class ServeConfig(StrictModel):
             return TRAINED_WEIGHTS if os.path.exists(TRAINED_WEIGHTS) else None
         return self.weights
 
+    def absolute_weights(self) -> str | None:
+        """:meth:`resolved_weights` with a local path made absolute against this process's working directory."""
+        weights = self.resolved_weights()
+        if weights is None or weights.startswith("s3://"):
+            return weights
+        return os.path.abspath(weights)
+
 
 def config_from_args(args: Mapping[str, Any] | None) -> ServeConfig:
     """A :class:`ServeConfig` from Serve application-builder args: the ``args:`` mapping of a Serve config file
@@ -117,6 +135,19 @@ def config_from_args(args: Mapping[str, Any] | None) -> ServeConfig:
         return load_config(ServeConfig, None, overrides)
     except ConfigError as error:
         raise ConfigError(f"invalid serve application args: {error}") from None
+
+
+def replica_config(args: Mapping[str, Any] | None) -> ServeConfig:
+    """The config a replica gets from application-builder ``args``: validated, listen fields rejected (the builder
+    cannot apply them; the error says where they go), and ``weights`` resolved here, in the process that builds
+    the app (``auto`` and relative paths against its working directory), to an absolute path or None, so a replica
+    with another working directory loads the same file."""
+    given = sorted(k for k in (args or {}) if str(k).split(".", 1)[0] in LISTEN_FIELDS)
+    if given:
+        raise ConfigError(f"invalid serve application args: {', '.join(given)} cannot be set through the application "
+                          f"builder. {_LISTEN_HELP}")
+    config = config_from_args(args)
+    return config.model_copy(update={"weights": config.absolute_weights()})
 
 
 def resolve_num_gpus(config: ServeConfig) -> float:

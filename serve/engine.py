@@ -23,7 +23,8 @@ from datprl.platform import storage
 from datprl.serve.config import ServeConfig
 from datprl.serve.tiling import tiled_apply
 
-__all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "load_engine", "pad_to_multiple"]
+__all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "Restored", "load_engine", "pad_to_multiple",
+           "padded_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ class Engine:
         self.info = info
         self.device = device
         self.pools = info.pools
+        self.stats = {"batches": 0, "forwards": 0, "items": 0, "largest": 0, "errors": 0}
+        self._probe: torch.Tensor | None = None
 
     # -- one forward ---------------------------------------------------------------------------------------------
     def forward(self, batch: torch.Tensor) -> BatchOutput:
@@ -183,20 +186,49 @@ class Engine:
         restored = tiled_apply(run, image, tile_size, tile_overlap, batch_size)
         return restored, tally.summary()
 
-    def restore_many(self, units: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Restore several (3, H, W) images: one forward per group of equal padded shape (the batching rule the
-        endpoint uses)."""
-        results: list[torch.Tensor | None] = [None] * len(units)
+    def restore_many(self, units: list[torch.Tensor]) -> list[Restored | Exception]:
+        """Restore several (3, H, W) images (any sizes): one forward per group of equal padded shape. This is the
+        batching rule of the endpoint (its ``@serve.batch`` function is this method). A group whose forward fails
+        gets the exception in each of its slots; the other groups are unaffected."""
+        results: list[Restored | Exception | None] = [None] * len(units)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, unit in enumerate(units):
             groups.setdefault(padded_shape(unit), []).append(i)
+        self.stats["batches"] += 1
         for members in groups.values():
-            batch = torch.stack([pad_to_multiple(units[i][None])[0] for i in members])
-            out = self.forward(batch)
+            try:
+                out = self.forward(torch.stack([pad_to_multiple(units[i][None])[0] for i in members]))
+            except Exception as error:  # noqa: BLE001 - reported to this group's requests only
+                log.exception("[serve] forward of a group of %d failed", len(members))
+                self.stats["errors"] += 1
+                for i in members:
+                    results[i] = error
+                continue
+            self.stats["forwards"] += 1
+            self.stats["items"] += len(members)
+            self.stats["largest"] = max(self.stats["largest"], len(members))
             for row, i in enumerate(members):
                 h, w = units[i].shape[-2:]
-                results[i] = out.images[row, :, :h, :w]
+                selection = {name: (idx[row : row + 1], wt[row : row + 1]) for name, (idx, wt) in out.selections.items()}
+                results[i] = Restored(out.images[row, :, :h, :w], selection, len(members))
         return results  # type: ignore[return-value]
+
+    def self_check(self) -> None:
+        """A forward of a cached 8x8 input: raises when the network (or its device) no longer works."""
+        if self._probe is None:
+            self._probe = torch.full((1, 3, 8, 8), 0.5)
+        out = self.forward(self._probe)
+        if out.images.shape != (1, 3, 8, 8) or not bool(torch.isfinite(out.images).all()):
+            raise RuntimeError(f"self-check forward gave {tuple(out.images.shape)} with non-finite values")
+
+
+@dataclass
+class Restored:
+    """One restored (3, H, W) image of a batched call, its prompt selection (rows of 1) and its group's size."""
+
+    image: torch.Tensor
+    selection: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    batch: int
 
 
 def padded_shape(unit: torch.Tensor) -> tuple[int, int]:

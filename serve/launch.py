@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field
 
 from datprl.platform.config import config_to_dict, parse_cli
-from datprl.serve.config import ServeConfig
+from datprl.serve.config import LISTEN_FIELDS, ServeConfig
 
 
 class ServeJobConfig(ServeConfig):
@@ -80,17 +80,17 @@ def main(argv: Sequence[str]) -> int:
     from datprl.serve.app import build_app, start_serve
 
     serve_config = config.serve_config()
-    weights = serve_config.resolved_weights()
+    weights = serve_config.absolute_weights()  # what the replicas load: build_app resolves it the same way, here
     print(f"[serve] weights: {weights or f'none: a FRESH, UNTRAINED {config.variant} (seed {config.seed})'}", flush=True)
     started_here = _start_ray(config)
     try:
         start_serve(config.host, config.port)
-        args: dict[str, Any] = config_to_dict(serve_config)
+        args: dict[str, Any] = {k: v for k, v in config_to_dict(serve_config).items() if k not in LISTEN_FIELDS}
         serve.run(build_app(args), name=config.app_name, route_prefix=config.route_prefix)
         url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
         print(f"[serve] ready: {url}/v1/restore  (docs: {url}/docs, health: {url}/healthz, model: {url}/v1/model)",
               flush=True)
-        if serve_config.resolved_weights() is None:
+        if weights is None:
             print(f"[serve] NOTE: serving an UNTRAINED, freshly initialised {config.variant}: it returns its input "
                   "nearly unchanged. Pass weights=<exported .safetensors> to serve a trained network.", flush=True)
         if config.smoke:

@@ -7,12 +7,12 @@ back to end at the image border), so they batch together, also with tiles of oth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Tile", "tile_grid", "blend_window", "TileCanvas", "tiled_apply"]
+__all__ = ["Tile", "tile_grid", "blend_window", "TileCanvas", "TiledJob", "tiled_apply"]
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,44 @@ class TileCanvas:
         self.weight[region] += self.window
 
     def result(self) -> torch.Tensor:
-        return self.sum / self.weight.clamp_min(1e-12)
+        """The blended image; divides the accumulator in place (no second canvas) and frees the weights."""
+        out = self.sum.div_(self.weight.clamp_min_(1e-12))
+        self.weight = torch.empty(0)
+        return out
 
 
-def _chunks(items: list[Tile], size: int) -> Iterator[list[Tile]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+class TiledJob:
+    """Tile-by-tile restoration of one (C, H, W) image, whoever runs the network: :func:`tiled_apply` (synchronous,
+    ``Engine.restore``) and the Serve app (tiles through its batch queue, canvas work in a worker thread) drive the
+    same steps: :meth:`groups` of at most ``batch_size`` tiles, :meth:`crops` of a group, :meth:`add` of its outputs
+    (the canvas is allocated on the first add), :meth:`result`."""
+
+    def __init__(self, image: torch.Tensor, tile: int, overlap: int, batch_size: int) -> None:
+        self.image = image
+        self.overlap = overlap
+        self.batch_size = batch_size
+        self.tiles = tile_grid(int(image.shape[-2]), int(image.shape[-1]), tile, overlap)
+        self.canvas: TileCanvas | None = None
+
+    def groups(self) -> Iterator[list[Tile]]:
+        for start in range(0, len(self.tiles), self.batch_size):
+            yield self.tiles[start : start + self.batch_size]
+
+    def crops(self, group: Sequence[Tile]) -> list[torch.Tensor]:
+        return [t.crop(self.image) for t in group]
+
+    def add(self, group: Sequence[Tile], outputs: Sequence[torch.Tensor] | torch.Tensor) -> None:
+        for t, out in zip(group, outputs):
+            if self.canvas is None:
+                _, height, width = self.image.shape
+                self.canvas = TileCanvas(out.shape[0], height, width, self.tiles[0], self.overlap, device=out.device)
+            self.canvas.add(t, out)
+
+    def result(self) -> torch.Tensor:
+        assert self.canvas is not None, "no tile was added"
+        out = self.canvas.result()
+        self.canvas = None
+        return out
 
 
 def tiled_apply(
@@ -88,14 +120,7 @@ def tiled_apply(
     batch_size: int = 4,
 ) -> torch.Tensor:
     """Apply ``fn`` ((B, C, h, w) -> (B, C', h, w)) to a (C, H, W) image tile by tile; returns (C', H, W)."""
-    _, height, width = image.shape
-    tiles = tile_grid(height, width, tile, overlap)
-    canvas: TileCanvas | None = None
-    for group in _chunks(tiles, batch_size):
-        outputs = fn(torch.stack([t.crop(image) for t in group]))
-        if canvas is None:
-            canvas = TileCanvas(outputs.shape[1], height, width, tiles[0], overlap, device=outputs.device)
-        for t, out in zip(group, outputs):
-            canvas.add(t, out)
-    assert canvas is not None
-    return canvas.result()
+    job = TiledJob(image, tile, overlap, batch_size)
+    for group in job.groups():
+        job.add(group, fn(torch.stack(job.crops(group))))
+    return job.result()

@@ -1,12 +1,14 @@
-"""Serving logic without Ray: image codecs and limits, tiling, the engine (batching rule, S3 weights), configs."""
+"""Serving logic without Ray: image codecs and limits, tiling, the engine (batching rule, S3 weights), configs, and
+the replica's request path in-process (the deployment class called directly, with Serve's real batch queue)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
-import struct
 import subprocess
 import sys
-import zlib
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +18,9 @@ from PIL import Image
 
 from datprl.models.factory import create_model, save_model, weights_digest
 from datprl.serve.codec import DecodedImage, RequestError, check_content_type, decode, encode, sniff
-from datprl.serve.config import ServeConfig, config_from_args
-from datprl.serve.engine import load_engine
+from datprl.serve.config import ServeConfig, config_from_args, replica_config
+from datprl.serve.engine import Restored, load_engine
+from datprl.serve.samples import encode_pil, photo, png_bomb
 from datprl.serve.tiling import blend_window, tile_grid, tiled_apply
 
 # Tolerance of tiled against untiled inference (README "Serving"): the network's channel attention and its prompt
@@ -27,16 +30,8 @@ TILE_MIN_PSNR = 40.0
 TILE_MAX_MEAN_ABS = 0.008
 
 
-def _photo(height: int, width: int, top: int = 100, left: int = 150) -> np.ndarray:
-    import skimage.data
-
-    return skimage.data.astronaut()[top : top + height, left : left + width]
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+_photo = photo
+_png = encode_pil
 
 
 def _noisy_model(seed: int = 0):
@@ -113,18 +108,9 @@ def test_dicom_ct_keeps_hu_and_raw_values():
     np.testing.assert_array_equal(back.pixel_array, raw)
 
 
-def _png_bomb(width: int, height: int) -> bytes:
-    """A valid tiny PNG whose IHDR claims width x height (a decompression bomb's header)."""
-    small = bytearray(_png(np.zeros((4, 4), np.uint8)))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    small[16:29] = ihdr
-    small[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
-    return bytes(small)
-
-
 def test_pixel_limit_is_checked_from_the_header():
     with pytest.raises(RequestError) as info:
-        decode(_png_bomb(100_000, 100_000), "png", max_pixels=10**6)
+        decode(png_bomb(100_000, 100_000), "png", max_pixels=10**6)
     assert info.value.status == 413 and "100000x100000" in info.value.error
     big = _png(np.zeros((40, 40), np.uint8))
     with pytest.raises(RequestError) as info:
@@ -143,6 +129,128 @@ def test_jpeg_output_is_8_bit_and_drops_alpha():
     with pytest.raises(RequestError) as info:
         encode(source.to_unit(), source, "jpeg", bit_depth=16)
     assert info.value.status == 422
+
+
+# --- codec: bombs, colour modes, metadata, DICOM ranges -------------------------------------------------------
+
+
+def _tiff(array: np.ndarray, **kwargs) -> bytes:
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def test_tiff_samples_and_depth_are_checked_before_decoding(monkeypatch):
+    import tifffile
+
+    def never(*_, **__):
+        raise AssertionError("asarray must not run for a rejected TIFF")
+
+    # 64x64 pixels pass max_pixels, but 1000 samples per pixel would decode to ~470x the file's size.
+    bomb = _tiff(np.zeros((64, 64, 1000), np.uint8), photometric="minisblack", planarconfig="contig",
+                 compression="zlib")
+    volume = _tiff(np.zeros((4, 16, 16), np.uint8), photometric="minisblack", volumetric=True)
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", never)
+    for data, word in ((bomb, "1000 samples"), (volume, "image depth 4")):
+        with pytest.raises(RequestError) as info:
+            decode(data, "tiff", max_pixels=10**6)
+        assert info.value.status == 415 and word in info.value.error
+
+
+def test_tiff_photometric_modes():
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    white = decode(_tiff(values, photometric="miniswhite"), "tiff", 10**6)
+    np.testing.assert_array_equal(white.pixels[..., 0], 255 - values)  # inverted: displays as the input did
+    assert "MINISWHITE" in white.notes[0]
+    out, _ = encode(white.to_unit(), white, "tiff")  # written back as MINISBLACK with the inverted values
+    back = decode(out, "tiff", 10**6)
+    np.testing.assert_array_equal(back.pixels, white.pixels)
+
+    cmap = np.zeros((3, 256), np.uint16)
+    cmap[0, 1], cmap[1, 2], cmap[2, 3] = 65535, 65535, 65535
+    palette = decode(_tiff((values % 4).astype(np.uint8), photometric="palette", colormap=cmap), "tiff", 10**6)
+    assert palette.pixels.shape == (16, 16, 3)  # colours, not palette indices
+    np.testing.assert_array_equal(palette.pixels[0, :4], [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]])
+
+    cmyk = np.zeros((8, 8, 4), np.uint8)
+    cmyk[..., 0] = 255  # pure cyan: K is not alpha
+    converted = decode(_tiff(cmyk, photometric="separated"), "tiff", 10**6)
+    assert converted.alpha is None and converted.pixels.shape == (8, 8, 3)
+    np.testing.assert_array_equal(converted.pixels[0, 0], [0, 255, 255])
+
+    gray_extra = decode(_tiff(np.zeros((8, 8, 2), np.uint8), photometric="minisblack", planarconfig="contig",
+                              extrasamples=["unassalpha"]), "tiff", 10**6)
+    assert (gray_extra.colour_channels, gray_extra.alpha is not None) == (1, True)
+    with pytest.raises(RequestError) as info:
+        decode(_tiff(np.zeros((8, 8, 3), np.uint8), photometric="cielab"), "tiff", 10**6)
+    assert info.value.status == 415 and "CIELAB" in info.value.error
+
+
+def test_exif_orientation_and_icc_pass_through_and_trns_becomes_alpha():
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90 degrees on display
+    jpeg = encode_pil(_photo(24, 32), "JPEG", quality=95, exif=exif.tobytes(), icc_profile=icc)
+    source = decode(jpeg, "jpeg", 10**6)
+    assert source.width == 32  # orientation is not applied: stored pixels, same size out
+    for fmt in ("png", "jpeg", "tiff"):
+        data, described = encode(source.to_unit(), source, fmt)
+        back = decode(data, fmt, 10**6)
+        assert (back.width, back.height) == (32, 24) and back.icc_profile == icc, fmt
+        with Image.open(io.BytesIO(data)) as out:
+            assert out.getexif().get(274) == 6, fmt
+    gray = _photo(8, 8).mean(axis=2).astype(np.uint8)
+    gray[0, 0] = 7
+    gray[gray == 7] = 8
+    gray[0, 0] = 7
+    keyed = encode_pil(gray, "PNG", transparency=7)
+    image = decode(keyed, "png", 10**6)
+    assert image.channels == 2 and image.alpha[0, 0] == 0 and (image.alpha[1:] == 255).all()
+    rgb = _photo(8, 8).copy()
+    rgb[2, 3] = (1, 2, 3)
+    image = decode(encode_pil(rgb, "PNG", transparency=(1, 2, 3)), "png", 10**6)
+    assert image.channels == 4 and image.alpha[2, 3] == 0 and int(image.alpha.sum()) == 255 * 63
+
+
+def _ct(raw: np.ndarray, bits_stored: int):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.set_pixel_data(raw.astype(np.int16), photometric_interpretation="MONOCHROME2", bits_stored=bits_stored)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dicom_out_clips_to_bits_stored_and_keeps_values_outside_the_model_range():
+    import pydicom
+
+    raw = np.array([[-2000, -1000, 0], [500, 1500, 2047]] * 2)  # signed 12-bit, -2000: padding below -1024 HU
+    image = decode(_ct(raw, 12), "dicom", 10**6)
+    out, _ = encode(np.ones((3, 4, 3), np.float32), image, "dicom")  # all white: HU 3071, beyond 12-bit signed
+    back = pydicom.dcmread(io.BytesIO(out)).pixel_array
+    assert back[0, 0] == -2000 and back[2, 0] == -2000  # the padding value, not -1024
+    assert (back[:, 1:] == 2047).all() and (back[1] == 2047).all()  # clipped to what 12 signed bits hold
+    raw16 = np.array([[-3024, 0], [4000, 100]])  # padding and metal in a 16-bit CT
+    image = decode(_ct(raw16, 16), "dicom", 10**6)
+    out, _ = encode(image.to_unit(), image, "dicom")
+    np.testing.assert_array_equal(pydicom.dcmread(io.BytesIO(out)).pixel_array, raw16)
+
+
+def test_decompression_bomb_warning_filter_is_installed_once_at_import():
+    from datprl.serve import codec
+
+    assert "with warnings.catch_warnings()" not in Path(codec.__file__).read_text()
+    check = ("import warnings; from PIL import Image; import datprl.serve.codec; "
+             "assert any(f[0] == 'ignore' and f[2] is Image.DecompressionBombWarning for f in warnings.filters)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 # --- tiling ------------------------------------------------------------------------------------------------------
@@ -194,11 +302,29 @@ def test_batched_groups_equal_single_images(tmp_path):
     save_model(_noisy_model(), tmp_path / "m")
     engine = load_engine(ServeConfig(weights=str(tmp_path / "m.safetensors")))
     units = [torch.rand(3, 30, 41), torch.rand(3, 32, 48), torch.rand(3, 20, 20)]  # first two pad to 32x48
-    together = engine.restore_many(units)
+    together = engine.restore_many(units)  # the function the endpoint's @serve.batch runs
+    assert [r.batch for r in together] == [2, 2, 1] and engine.stats["forwards"] == 2
     for unit, batched in zip(units, together):
-        alone, _ = engine.restore(unit)
-        assert batched.shape == unit.shape
-        torch.testing.assert_close(batched, alone, atol=2e-5, rtol=0)
+        alone, prompts = engine.restore(unit)
+        assert isinstance(batched, Restored) and batched.image.shape == unit.shape
+        torch.testing.assert_close(batched.image, alone, atol=2e-5, rtol=0)
+        assert batched.selection["task"][0].shape[0] == 1  # this image's row of the selection
+
+
+def test_one_failing_group_fails_only_its_own_items():
+    engine = load_engine(ServeConfig(weights=None))
+    forward = engine.forward
+
+    def flaky(batch):
+        if batch.shape[-1] == 24:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return forward(batch)
+
+    engine.forward = flaky
+    results = engine.restore_many([torch.rand(3, 16, 16), torch.rand(3, 16, 24), torch.rand(3, 16, 16)])
+    assert isinstance(results[1], RuntimeError) and "simulated" in str(results[1])
+    assert all(isinstance(results[i], Restored) and results[i].image.shape == (3, 16, 16) for i in (0, 2))
+    assert engine.stats["errors"] == 1 and engine.stats["forwards"] == 1
 
 
 def test_fresh_engine_says_untrained_and_weights_engine_reports_hash(tmp_path):
@@ -279,3 +405,169 @@ def test_job_help_lists_the_fields(repo_root):
     bad = subprocess.run([sys.executable, "jobs/serve.py", "tile_size=100"], cwd=repo_root, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "tile_size" in bad.stderr
+
+
+def test_build_app_resolves_weights_and_rejects_listen_fields(tmp_path, monkeypatch):
+    from datprl.platform.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    save_model(create_model("paper_tiny"), tmp_path / "outputs/train/model")
+    expected = str(tmp_path / "outputs/train/model.safetensors")
+    assert replica_config({}).weights == expected  # auto, resolved here: absolute
+    assert replica_config({"weights": "outputs/train/model.safetensors"}).weights == expected
+    assert replica_config({"weights": None}).weights is None
+    assert replica_config({"weights": "s3://b/m.safetensors"}).weights == "s3://b/m.safetensors"
+    monkeypatch.chdir(tmp_path / "outputs")  # a replica elsewhere loads the same file
+    assert load_engine(ServeConfig.model_validate(replica_config(None).model_dump(mode="json"))).info.source == "fresh"
+    assert load_engine(ServeConfig(weights=expected)).info.source == "weights"
+    for key in ("host", "port", "route_prefix", "app_name"):
+        with pytest.raises(ConfigError, match=key) as info:
+            replica_config({key: "x"})
+        assert "serve run" in str(info.value) and "jobs/serve.py" in str(info.value)
+
+
+# --- the replica's request path, in-process ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def replica(monkeypatch):
+    """A factory of the deployment's class itself (no Ray, no HTTP), with Serve's real @serve.batch queue."""
+    import ray.serve.batching
+
+    from datprl.serve.app import Restorer
+
+    # The only part of the batch queue that needs a running replica is a warning about max_ongoing_requests.
+    monkeypatch.setattr(ray.serve.batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+    cls = Restorer.func_or_class.__wrapped__
+    # Serve keeps one batch queue per decorated method (a replica is one process), bound to the event loop of its
+    # first call: each test (one asyncio.run) starts with a fresh one.
+    monkeypatch.setattr(cls._infer.set_max_batch_size.__self__, "_queue", None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the replica sets it: undone afterwards
+
+    def make(**settings):
+        base = dict(weights=None, tile_size=16, tile_overlap=4, tile_above_pixels=24 * 24, max_untiled_pixels=40 * 40,
+                    max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_tiled=1, max_pixels=400 * 400)
+        return cls(ServeConfig(**{**base, **settings}).model_dump(mode="json"))
+
+    return make
+
+
+def _request(body: bytes, content_type: str = "image/png", reads: list | None = None):
+    from starlette.requests import Request
+
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if reads is not None:
+            reads.append(len(body))
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/restore", "query_string": b"",
+             "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]}
+    return Request(scope, receive)
+
+
+def _restore(r, body: bytes, reads: list | None = None, **params):
+    args = {**dict(format="png", bit_depth=None, response="image", tiling="auto", white_level=None), **params}
+    return type(r).restore(r, _request(body, reads=reads), **args)
+
+
+@pytest.mark.timeout(300)
+def test_replica_keeps_image_work_off_the_event_loop(replica, monkeypatch):
+    from datprl.serve import tiling
+
+    on_loop = []
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            on_loop.append((name, threading.current_thread() is threading.main_thread()))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    spy(DecodedImage, "to_unit")
+    spy(tiling.TileCanvas, "__init__")
+    spy(tiling.TileCanvas, "add")
+    spy(tiling.TileCanvas, "result")
+    r = replica()
+    reply = asyncio.run(_restore(r, _png(_photo(40, 36)), tiling="always"))
+    assert reply.status_code == 200 and reply.headers["x-tiles"] == "9"
+    assert {name for name, _ in on_loop} == {"to_unit", "__init__", "add", "result"}
+    assert not [name for name, loop in on_loop if loop], on_loop  # asyncio.run's loop is the main thread
+
+
+@pytest.mark.timeout(300)
+def test_replica_takes_the_large_image_slot_before_decoding(replica, monkeypatch):
+    from datprl.serve import app
+
+    r = replica()
+    held = []
+    decode_ = app.decode
+
+    def spy(*args, **kwargs):
+        held.append(r._large_slots.locked())
+        return decode_(*args, **kwargs)
+
+    monkeypatch.setattr(app, "decode", spy)
+
+    async def three():  # one event loop: the replica's batch queue lives on the loop of its first call
+        for size, tiling in ((30, "auto"), (30, "never"), (20, "auto")):  # 900 px > tile_above_pixels=576 > 400 px
+            assert (await _restore(r, _png(_photo(size, size)), tiling=tiling)).status_code == 200
+
+    asyncio.run(three())
+    assert held == [True, True, False]  # tiled and untiled large images both wait for the slot; small ones do not
+
+
+@pytest.mark.timeout(300)
+def test_replica_rejects_output_parameters_before_the_body_and_the_forward(replica, monkeypatch):
+    from datprl.serve import app
+
+    r = replica()
+    reads: list[int] = []
+    with pytest.raises(RequestError) as info:
+        asyncio.run(_restore(r, _png(_photo(16, 16)), reads=reads, format="jpeg", bit_depth=16))
+    assert info.value.status == 422 and "JPEG" in info.value.error and reads == []  # body never read
+    monkeypatch.setattr(app, "decode", lambda *a, **k: pytest.fail("decoded an image that cannot be answered"))
+    with pytest.raises(RequestError) as info:
+        asyncio.run(_restore(r, _png(_photo(16, 16)), reads=reads, format="dicom"))
+    assert info.value.status == 422 and "DICOM" in info.value.error and reads
+
+
+@pytest.mark.timeout(300)
+def test_replica_batch_with_a_failing_group_fails_only_that_request(replica):
+    r = replica()
+    forward = r.engine.forward
+
+    def flaky(batch):
+        if batch.shape[-1] == 24:
+            raise RuntimeError("simulated forward failure")
+        return forward(batch)
+
+    r.engine.forward = flaky
+
+    async def both():
+        return await asyncio.gather(r._forward(torch.rand(3, 16, 16)), r._forward(torch.rand(3, 16, 24)),
+                                    return_exceptions=True)
+
+    good, bad = asyncio.run(both())
+    assert r.engine.stats["batches"] == 1  # both went through one @serve.batch call
+    assert isinstance(good, Restored) and good.image.shape == (3, 16, 16)
+    assert isinstance(bad, RuntimeError) and "simulated" in str(bad)
+
+
+def test_replica_health_check_runs_the_model(replica):
+    r = replica()
+    asyncio.run(r.check_health())
+    assert asyncio.run(type(r).healthz(r)).status_code == 200
+    with torch.no_grad():
+        r.engine.model.output.weight.fill_(float("nan"))  # a broken network (or device) is unhealthy
+    with pytest.raises(RuntimeError, match="self-check"):
+        asyncio.run(r.check_health())
+    assert asyncio.run(type(r).healthz(r)).status_code == 503
