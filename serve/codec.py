@@ -150,10 +150,12 @@ class DecodedImage:
 
     def to_unit(self) -> np.ndarray:
         """(3, H, W) float32 in [0, 1]: stored / white level, grayscale replicated to 3 channels (the paper's input)."""
-        unit = np.clip(self.pixels.astype(np.float32) / float(self.white_level), 0.0, 1.0)
-        if unit.shape[2] == 1:
-            unit = np.repeat(unit, 3, axis=2)
-        return np.ascontiguousarray(unit.transpose(2, 0, 1))
+        height, width, channels = self.pixels.shape
+        unit = np.empty((3, height, width), np.float32)  # written channel by channel: no full-size temporaries
+        for c in range(3):
+            np.divide(self.pixels[..., c if channels == 3 else 0], float(self.white_level), out=unit[c],
+                      casting="unsafe")
+        return np.clip(unit, 0.0, 1.0, out=unit)
 
     def release_pixels(self) -> None:
         """Drop the stored values once :meth:`to_unit` has been taken (they are not needed to encode the result);

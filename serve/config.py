@@ -82,7 +82,7 @@ class ServeConfig(StrictModel):
     max_concurrent_tiled: int = Field(
         2, ge=1, description="large images (above tile_above_pixels, tiled or not) decoded and restored at once per "
         "replica; the slot is taken before decoding, so a replica's image memory is about this many images of "
-        "max_pixels (~40 bytes/pixel at peak, README 'Large images') plus the request bodies and one batch"
+        "max_pixels (40-47 bytes/pixel at peak, README 'Large images') plus the request bodies and one batch"
     )
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests (or tiles) in one forward")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: how long a batch waits to fill")
