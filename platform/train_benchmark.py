@@ -4,8 +4,9 @@ Both sides train the same network (``variant``, default ``paper_tiny``, initiali
 on task-balanced batches of ``per_task_batch`` samples of every training task (``tasks x per_task_batch``), cropped to
 ``crop_size`` and augmented by :func:`~datprl.platform.data.decode_shard` (``mode="train"``), with ``threads`` torch
 threads, and both call :func:`datprl.platform.train.train_step` with the optimiser, loss and schedule of the same
-:class:`~datprl.platform.train.TrainConfig` (Adam, :class:`~datprl.models.losses.DATPRLLoss`, ``LambdaLR`` of the
-cosine schedule, gradient clipping; EMA and text embeddings are off in that config, so neither side runs them).
+:class:`~datprl.platform.train.TrainConfig` with its defaults (Adam, :class:`~datprl.models.losses.DATPRLLoss`,
+``LambdaLR`` of the cosine schedule, gradient clipping), followed by the EMA update of the weights when the config's
+``optim.ema_decay`` is set (it is by default), as the Ray worker does. No text embeddings, no validation.
 
 * ``bare``: one process, no Ray. The train split is read once before any timing, in this process
   (``decode_shard`` per shard URL of the manifest, rows shuffled, :class:`~datprl.platform.batching.BalancedBatcher`
@@ -168,7 +169,7 @@ def bare_batches(train_config, count: int) -> tuple[list[dict], dict[str, Any]]:
 
 
 def _bare_round(train_config, batches: list[dict], warmup: int, report_every: int, threads: int) -> dict[str, Any]:
-    """A fresh model and optimiser; ``warmup`` untimed steps, then every remaining batch timed (window per
+    """A fresh model, optimiser (and EMA); ``warmup`` untimed steps, then every remaining batch timed (window per
     ``report_every`` steps, like the Ray side's reports)."""
     import torch
 
@@ -186,12 +187,18 @@ def _bare_round(train_config, batches: list[dict], warmup: int, report_every: in
         optimizer = torch.optim.Adam(params, lr=optim.lr, betas=optim.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(optim, train_config.steps))
         criterion = DATPRLLoss(train_config.loss)
+        ema = None
+        if optim.ema_decay:  # as train_loop_per_worker builds it
+            ema = torch.optim.swa_utils.AveragedModel(
+                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(optim.ema_decay))
         device = torch.device("cpu")
         windows: list[tuple[int, float]] = []
         losses: list[float] = []
         start = time.perf_counter()
         for i, batch in enumerate(batches):
             terms = train_step(model, model, batch, criterion, optimizer, scheduler, params, train_config, device, None)
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(terms["total"])
             if (i + 1) % report_every == 0 or i + 1 == len(batches):
                 now = time.perf_counter()
@@ -386,7 +393,8 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
                        corrupt=[r["corrupt"] for r in runs])  # fmt: skip
         results.append(row)
     return dict(
-        config=config_to_dict(config), cpus=cpus, ray_started_here=owned, ray_start_s=ray_start_s,
+        config=config_to_dict(config), ema_decay=_train_config(config).optim.ema_decay, cpus=cpus,
+        ray_started_here=owned, ray_start_s=ray_start_s,
         bare_read_s=bare_read_s, data=data_info, niceness=niceness, omp_wait_policy=omp_wait_policy,
         loadavg={"before": list(load_before), "after": list(os.getloadavg())},
         versions={"ray": ray.__version__, "torch": torch.__version__},
@@ -418,9 +426,10 @@ def main(argv: Sequence[str]) -> int:
     omp = report["omp_wait_policy"]
     ray_row = report["results"][1]
     print(f"ray {v['ray']}, torch {v['torch']}; {config.variant}, crop {config.crop_size}, batch "
-          f"{len(data['tasks'])} tasks x {config.per_task_batch}, {config.threads} torch threads per side; Ray: "
-          f"{report['cpus']} CPUs, 1 worker with {config.cpus_per_worker} CPU(s), a report every "
-          f"{config.report_every} steps; {config.warmup_steps} warm-up + {config.steps} timed steps per side, "
+          f"{len(data['tasks'])} tasks x {config.per_task_batch}, EMA {report['ema_decay'] or 'off'}, "
+          f"{config.threads} torch threads per side; Ray: {report['cpus']} CPUs, 1 worker with "
+          f"{config.cpus_per_worker} CPU(s), a report every {config.report_every} steps; {config.warmup_steps} "
+          f"warm-up + {config.steps} timed steps per side, "
           f"{config.rounds} interleaved round(s); {config.dataset}: {data['rows_per_pass']} train samples in "
           f"{data['shards']} shard(s), {data['steps_per_pass']} steps per pass; niceness: Ray workers "
           f"{nice['ray_workers']}, bare {nice['bare']}; OMP_WAIT_POLICY: Ray workers {omp['ray_workers']}, bare "
