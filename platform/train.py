@@ -73,7 +73,7 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(50, ge=1)
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker; None = Ray's default "
-                                      "(cpus_per_worker). The embedded default uses 2: decoding needs little CPU")
+                                      "(cpus_per_worker)")
     text_embeddings: str | None = Field(None, description="Parquet of description embeddings keyed by source_id")
     zero_shot_tasks: list[str] = Field(default_factory=list, description="tasks held out of training, evaluated "
                                        "zero-shot (marked in the tables)")
