@@ -44,6 +44,22 @@ def test_training_pass_is_balanced_and_uses_every_sample(ray_local, dataset):
     assert len(seen) == report.rows  # every training sample was used in the pass
 
 
+@pytest.mark.parametrize("parts", [2, None])
+def test_several_decode_tasks_per_shard_read_every_sample_once(ray_local, dataset, parts):
+    config = DataConfig(dataset=str(dataset), crop_size=16, decode_parts_per_shard=parts)
+    keys = [r["key"] for r in read_split(config, "train").iter_rows()]
+    assert len(keys) == len(set(keys)) == _count(read_manifest(str(dataset)), "train")
+
+
+def test_in_process_evaluation_rows_equal_the_ray_rows(ray_local, dataset):
+    from datprl.platform.data import local_evaluation_rows
+
+    config = DataConfig(dataset=str(dataset), eval_crop=24)
+    ray_rows, local_rows = list(evaluation_rows(config, "val")), list(local_evaluation_rows(config, "val"))
+    assert [r["key"] for r in ray_rows] == [r["key"] for r in local_rows]
+    assert all(np.array_equal(a["lq"], b["lq"]) and np.array_equal(a["gt"], b["gt"]) for a, b in zip(ray_rows, local_rows))
+
+
 def test_grayscale_scans_are_replicated_and_keep_their_bit_depth(ray_local, dataset):
     rows = [r for r in evaluation_rows(DataConfig(dataset=str(dataset)), "train") if r["domain"] == "medical"]
     assert rows
