@@ -260,15 +260,18 @@ def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
     # Stopping our head left the test session's in-process Ray running.
     assert ray_local.get(ray_local.remote(lambda: "alive").remote(), timeout=60) == "alive"
 
-    # The last checkpoint holds the final step; the exported weights load and are that checkpoint's.
+    # The last checkpoint holds the final step; the exported weights load and are that checkpoint's weights (its
+    # model.safetensors: the EMA weights when EMA is on, the trained weights otherwise).
     checkpoints = sorted((runs / "submitted").glob("checkpoint_*/state.pt"))
     assert checkpoints, sorted(p.name for p in (runs / "submitted").iterdir())
-    states = [torch.load(c, map_location="cpu", weights_only=True) for c in checkpoints]
-    final = max(states, key=lambda s: s["step"])
-    assert final["step"] == local.steps, [s["step"] for s in states]
+    states = {c.parent: torch.load(c, map_location="cpu", weights_only=True) for c in checkpoints}
+    folder, final = max(states.items(), key=lambda item: item[1]["step"])
+    assert final["step"] == local.steps, [s["step"] for s in states.values()]
     model = load_model(out / "model.safetensors")
     assert model.config == variant_config(local.variant)
-    exported = model.state_dict()
-    assert exported.keys() == final["model"].keys()
-    assert all(torch.equal(exported[k], final["model"][k]) for k in exported)
+    exported, saved = model.state_dict(), load_model(folder / "model.safetensors").state_dict()
+    assert exported.keys() == saved.keys() == final["model"].keys()
+    assert all(torch.equal(exported[k], saved[k]) for k in exported)
+    if final.get("ema") is None:
+        assert all(torch.equal(exported[k], final["model"][k]) for k in exported)
     assert (out / "config.yaml").exists()
