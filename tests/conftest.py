@@ -71,3 +71,28 @@ def s3_server():
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+
+
+TINY_TASKS = [("natural", "sr_x4"), ("remote_sensing", "haze"), ("medical", "ct_low_dose")]
+
+
+def write_tiny_dataset(root: Path) -> Path:
+    """Three tasks x 4 train samples of 40x40 pixels in one shard (RGB 8-bit and 12-bit grey stored as 16-bit):
+    the smallest dataset the benchmarks' end-to-end tests run on."""
+    import numpy as np
+
+    from datprl.platform.shards import DatasetWriter, SampleRecord
+
+    rng = np.random.default_rng(0)
+    with DatasetWriter(str(root), "tiny", max_samples_per_shard=16, command=["test"], package_versions={}) as writer:
+        for i in range(4):
+            for domain, task in TINY_TASKS:
+                grey = domain == "medical"
+                shape, dtype, high = ((40, 40), np.uint16, 4096) if grey else ((40, 40, 3), np.uint8, 256)
+                gt, lq = (rng.integers(0, high, shape).astype(dtype) for _ in range(2))
+                record = SampleRecord(
+                    key=f"{task}-{i}", domain=domain, task=task, split="train", source_id=f"src{i}",
+                    source_package="test", degradation={"seed": i}, seed=i, bit_depth=16 if grey else 8,
+                    channels=1 if grey else 3, height=40, width=40, white_level=4095 if grey else None)  # fmt: skip
+                writer.write(record, lq, gt)
+    return root

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from datprl.platform.config import ConfigError, load_config
 from datprl.platform.data_benchmark import DataBenchmarkConfig, format_report, main
-from datprl.platform.shards import DatasetWriter, SampleRecord
 
-TASKS = [("natural", "sr_x4"), ("remote_sensing", "haze"), ("medical", "ct_low_dose")]
+from conftest import write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    """Three tasks x 4 train samples of 40x40 pixels in one shard (RGB 8-bit and 12-bit grey stored as 16-bit)."""
-    root = tmp_path_factory.mktemp("bench") / "tiny"
-    rng = np.random.default_rng(0)
-    with DatasetWriter(str(root), "tiny", max_samples_per_shard=16, command=["test"], package_versions={}) as writer:
-        for i in range(4):
-            for domain, task in TASKS:
-                grey = domain == "medical"
-                shape, dtype, high = ((40, 40), np.uint16, 4096) if grey else ((40, 40, 3), np.uint8, 256)
-                gt, lq = (rng.integers(0, high, shape).astype(dtype) for _ in range(2))
-                record = SampleRecord(
-                    key=f"{task}-{i}", domain=domain, task=task, split="train", source_id=f"src{i}",
-                    source_package="test", degradation={"seed": i}, seed=i, bit_depth=16 if grey else 8,
-                    channels=1 if grey else 3, height=40, width=40, white_level=4095 if grey else None)  # fmt: skip
-                writer.write(record, lq, gt)
-    return root
+    return write_tiny_dataset(tmp_path_factory.mktemp("bench") / "tiny")
 
 
 @pytest.mark.ray
