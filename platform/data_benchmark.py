@@ -237,18 +237,20 @@ def _iterate_rows_pass(dataset) -> dict[str, Any]:
 # --- the benchmark --------------------------------------------------------------------------------------------------
 
 
-def _ensure_dataset(path: str) -> None:
+def _ensure_dataset(path: str, command: Sequence[str] = ("jobs/benchmark_data.py",)) -> None:
+    """Build the default corpus at ``path`` unless it holds a manifest (``command`` is recorded in the manifest)."""
     from datprl.platform.shards import MANIFEST_NAME
 
     if not (Path(path) / MANIFEST_NAME).exists():
         from datprl.platform.dataset_builder import BuildConfig, build
 
         print(f"{path}/{MANIFEST_NAME} not found: building the default corpus there", flush=True)
-        build(BuildConfig(output=path), command=["jobs/benchmark_data.py", f"output={path}"])
+        build(BuildConfig(output=path), command=[*command, f"dataset={path}"])
 
 
-def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
-    """(started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used as it is."""
+def _start_ray(cpus: int, niceness: int | None, dashboard: bool = False) -> tuple[bool, int, float]:
+    """(started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used as it is. With
+    ``dashboard``, Ray's dashboard runs on 127.0.0.1 (Ray Train's placement-group cleaner needs its state API)."""
     import ray
 
     start = time.perf_counter()
@@ -258,8 +260,8 @@ def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
     if niceness is not None:
         os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet that ray.init starts
     try:
-        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
+        ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 object_store_memory=256 * 2**20, log_to_driver=False, configure_logging=False)  # fmt: skip
     finally:
         if previous is None:
             os.environ.pop("RAY_worker_niceness", None)

@@ -67,6 +67,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from datprl.platform import data_benchmark
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["TrainBenchmarkConfig", "bare_batches", "run_benchmark", "format_report", "main"]
@@ -263,13 +264,7 @@ def _rates(windows: list[tuple[int, float]], warmup: int, batch: int, last_loss:
 
 
 def _ensure_dataset(path: str) -> None:
-    from datprl.platform.shards import MANIFEST_NAME
-
-    if not (Path(path) / MANIFEST_NAME).exists():
-        from datprl.platform.dataset_builder import BuildConfig, build
-
-        print(f"{path}/{MANIFEST_NAME} not found: building the default corpus there", flush=True)
-        build(BuildConfig(output=path), command=["jobs/benchmark_train.py", f"dataset={path}"])
+    data_benchmark._ensure_dataset(path, command=["jobs/benchmark_train.py"])
 
 
 def _loopback_only() -> None:
@@ -287,23 +282,7 @@ def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
     serves a dashboard there, the cleaner hears "no such actor", takes the controller for dead and removes the
     worker's placement group, killing the run ("A worker health check failed"; seen on this shared machine)."""
     _loopback_only()
-    import ray
-
-    start = time.perf_counter()
-    if ray.is_initialized():
-        return False, int(ray.cluster_resources().get("CPU", cpus)), 0.0
-    previous = os.environ.get("RAY_worker_niceness")
-    if niceness is not None:
-        os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet that ray.init starts
-    try:
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=256 * 2**20,
-                 log_to_driver=False, configure_logging=False)  # fmt: skip
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_worker_niceness", None)
-        else:
-            os.environ["RAY_worker_niceness"] = previous
-    return True, int(ray.cluster_resources().get("CPU", cpus)), time.perf_counter() - start
+    return data_benchmark._start_ray(cpus, niceness, dashboard=True)
 
 
 def _set_omp_wait_policy(policy: str | None) -> str:
