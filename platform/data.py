@@ -52,6 +52,9 @@ class DataConfig(StrictModel):
     progress_bars: bool = Field(False, description="Ray Data's per-pass progress bars (noisy in training logs)")
     decode_parts_per_shard: int | None = Field(1, ge=1, description="read tasks per shard, each decoding every "
                                                "n-th sample; None = auto (enough to use every CPU with few shards)")
+    cache_decoded: bool | None = Field(None, description="training: decode the split's images once into Ray's "
+                                       "object store and only crop, augment and normalise them each pass; None = "
+                                       "auto (when the estimated decoded size fits in a quarter of the object store)")
 
 
 def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, Any]:
@@ -67,6 +70,16 @@ def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, A
 
 
 _EMPTY = np.zeros((3, 0, 0), np.float32)
+
+
+def _training_pair(lq: np.ndarray, gt: np.ndarray, white: float, crop_size: int, augment: bool,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stored-depth images -> one training pair: paired random crop, optional flip/rotation, normalised float32
+    3 x crop x crop (grey replicated to 3 channels)."""
+    lq, gt = paired_random_crop(lq, gt, crop_size, rng)
+    if augment:
+        lq, gt = paired_augment(lq, gt, rng)
+    return to_chw3(to_unit_float(lq, white)), to_chw3(to_unit_float(gt, white))
 
 
 def decode_shard(
@@ -88,14 +101,90 @@ def decode_shard(
     for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=part):
         white = record.white_level or (2**record.bit_depth - 1)
         if mode == "train":
-            lq, gt = paired_random_crop(lq, gt, crop_size, rng)
-            if augment:
-                lq, gt = paired_augment(lq, gt, rng)
-        elif eval_crop is not None:
+            yield _row(record, *_training_pair(lq, gt, white, crop_size, augment, rng))
+            continue
+        if eval_crop is not None:
             lq, gt = center_crop(lq, eval_crop), center_crop(gt, eval_crop)
         yield _row(record, to_chw3(to_unit_float(lq, white)), to_chw3(to_unit_float(gt, white)))
     for url, key, reason in report.skipped:
         yield _row(None, _EMPTY, _EMPTY, error=f"{url} [{key or 'shard'}]: {reason}")
+
+
+# --- the decoded cache: decode once, crop every pass ----------------------------------------------------------------
+# Decoding two PNGs is about 5 of the 7 CPU-ms a training sample costs (data benchmark). When the decoded split fits
+# in the object store, it is decoded once into it (Dataset.materialize) and each pass only crops, augments and
+# normalises, with a fresh random crop and transform per sample and pass. Images are cached at their stored bit depth
+# as raw bytes plus shape and dtype: an Arrow tensor column cannot mix uint8 photos with uint16 scans.
+
+# Decoded bytes per stored (PNG) shard byte, to size a split before decoding it. Measured 2.0 on the default corpus
+# (40 MB of shards -> 77 MiB of pixels); 3 leaves room for images that compress better.
+DECODED_BYTES_PER_SHARD_BYTE = 3.0
+# The cache may take at most this fraction of the object store (training batches and checkpoints need the rest).
+CACHE_OBJECT_STORE_FRACTION = 0.25
+
+_RNG: np.random.Generator | None = None
+
+
+def _worker_rng() -> np.random.Generator:
+    """One generator per process, seeded from OS entropy on first use: every pass draws new crops."""
+    global _RNG
+    if _RNG is None:
+        _RNG = np.random.default_rng()
+    return _RNG
+
+
+def _shape3(image: np.ndarray) -> list[int]:
+    return [image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 0]
+
+
+def decode_shard_images(item: dict[str, Any], s3: S3Settings | None, on_corrupt: str) -> Iterator[dict[str, Any]]:
+    """Ray Data ``flat_map`` stage of the decoded cache: one shard URL -> rows of stored-depth pixels (``lq``/``gt``
+    raw bytes, ``lq_shape``/``gt_shape`` as [H, W, C] with C = 0 for 2-D grey, ``dtype``, ``white``) and metadata.
+    Damaged samples become error rows, as in :func:`decode_shard`."""
+    report = CorruptionReport()
+    part = (int(item["part"]), int(item["parts"])) if item.get("parts", 1) > 1 else None
+    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=part):
+        yield {"key": record.key, "task": record.task, "domain": record.domain, "source_id": record.source_id,
+               "white": float(record.white_level or (2**record.bit_depth - 1)), "dtype": lq.dtype.str,
+               "lq": np.ascontiguousarray(lq).tobytes(), "lq_shape": _shape3(lq),
+               "gt": np.ascontiguousarray(gt).tobytes(), "gt_shape": _shape3(gt), "error": ""}  # fmt: skip
+    for url, key, reason in report.skipped:
+        yield {"key": "", "task": "", "domain": "", "source_id": "", "white": 0.0, "dtype": "|u1", "lq": b"",
+               "lq_shape": [0, 0, 0], "gt": b"", "gt_shape": [0, 0, 0],
+               "error": f"{url} [{key or 'shard'}]: {reason}"}  # fmt: skip
+
+
+def _cached_image(data: bytes, shape, dtype: str) -> np.ndarray:
+    h, w, c = (int(v) for v in shape)
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape((h, w, c) if c else (h, w))
+
+
+def crop_cached_row(row: dict[str, Any], crop_size: int, augment: bool) -> dict[str, Any]:
+    """Ray Data ``map`` stage over the decoded cache: one cached sample -> the row :func:`decode_shard` yields in
+    training (a fresh random crop and transform each pass); error rows pass through."""
+    if row["error"]:
+        return {"key": "", "task": "", "domain": "", "source_id": "", "lq": _EMPTY, "gt": _EMPTY,
+                "error": row["error"]}  # fmt: skip
+    lq = _cached_image(row["lq"], row["lq_shape"], row["dtype"])
+    gt = _cached_image(row["gt"], row["gt_shape"], row["dtype"])
+    lq, gt = _training_pair(lq, gt, row["white"], crop_size, augment, _worker_rng())
+    return {"key": row["key"], "task": row["task"], "domain": row["domain"], "source_id": row["source_id"],
+            "lq": lq, "gt": gt, "error": ""}  # fmt: skip
+
+
+def use_decoded_cache(config: DataConfig, split: str) -> bool:
+    """``config.cache_decoded``, or (auto) whether the split's estimated decoded size
+    (:data:`DECODED_BYTES_PER_SHARD_BYTE` x its shard bytes) fits in :data:`CACHE_OBJECT_STORE_FRACTION` of the
+    Ray cluster's object store."""
+    if config.cache_decoded is not None:
+        return config.cache_decoded
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    shard_bytes = sum(s.bytes for s in read_manifest(config.dataset, config.s3).shards if s.split == split)
+    return DECODED_BYTES_PER_SHARD_BYTE * shard_bytes <= CACHE_OBJECT_STORE_FRACTION * store
 
 
 # Rows leave a read task in blocks of at most this many bytes (about 40 rows of two 3x128x128 float32 crops). With
@@ -116,10 +205,22 @@ def decode_parts(config: DataConfig, shards: int) -> int:
     return max(1, -(-cpus // max(1, shards)))
 
 
+def _limit_blocks(dataset, progress_bars: bool):
+    context = dataset.context  # this dataset's own copy of the DataContext: the global one is left as it is
+    if context.target_max_block_size is not None and context.target_max_block_size > MAX_BLOCK_BYTES:
+        context.target_max_block_size = MAX_BLOCK_BYTES
+    context.enable_progress_bars = progress_bars
+    return dataset
+
+
 def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     """A Ray Dataset of model-ready rows from one split of the dataset's manifest: one read task per shard, or
     several when there are fewer shards than CPUs (each decodes every n-th sample, :func:`decode_parts`), whose rows
-    stream out in blocks of at most :data:`MAX_BLOCK_BYTES`."""
+    stream out in blocks of at most :data:`MAX_BLOCK_BYTES`.
+
+    In training with the decoded cache (:func:`use_decoded_cache`), the split is decoded here, once, into the object
+    store; every pass of the returned dataset then reads the cache in a random block order and crops, augments and
+    normalises it (:func:`crop_cached_row`)."""
     import ray
 
     urls = manifest_shard_urls(config.dataset, split, config.s3)
@@ -132,16 +233,21 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     # measured no faster than 1 (data benchmark, 0.86 vs 0.88 of the baseline); it pays off on long passes.
     items = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
     items = ray.data.from_items(items, override_num_blocks=len(items))
+    if mode == "train" and use_decoded_cache(config, split):
+        decoded = _limit_blocks(items.flat_map(decode_shard_images, fn_kwargs=dict(
+            s3=config.s3, on_corrupt=config.on_corrupt)), config.progress_bars)  # fmt: skip
+        cache = decoded.materialize()
+        log.info("decoded the %s split into the object store once: %d rows, %.1f MiB", split, cache.count(),
+                 cache.size_bytes() / 2**20)
+        # randomize_block_order without a seed draws a new order at every execution, i.e. every pass.
+        return _limit_blocks(cache.randomize_block_order().map(crop_cached_row, fn_kwargs=dict(
+            crop_size=config.crop_size, augment=config.augment)), config.progress_bars)  # fmt: skip
     dataset = items.flat_map(
         decode_shard,
         fn_kwargs=dict(mode=mode, crop_size=config.crop_size, augment=config.augment, eval_crop=config.eval_crop,
                        s3=config.s3, on_corrupt=config.on_corrupt),  # fmt: skip
     )
-    context = dataset.context  # this dataset's own copy of the DataContext: the global one is left as it is
-    if context.target_max_block_size is not None and context.target_max_block_size > MAX_BLOCK_BYTES:
-        context.target_max_block_size = MAX_BLOCK_BYTES
-    context.enable_progress_bars = config.progress_bars
-    return dataset
+    return _limit_blocks(dataset, config.progress_bars)
 
 
 def split_tasks(config: DataConfig, split: str = "train") -> list[str]:
@@ -250,6 +356,7 @@ def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport
 
 
 __all__ = [
-    "CorruptSampleError", "DataConfig", "StreamReport", "decode_shard", "evaluation_rows", "iterate_rows",
-    "local_evaluation_rows", "read_split", "split_tasks", "training_batches",
+    "CorruptSampleError", "DataConfig", "StreamReport", "crop_cached_row", "decode_shard", "decode_shard_images",
+    "evaluation_rows", "iterate_rows", "local_evaluation_rows", "read_split", "split_tasks", "training_batches",
+    "use_decoded_cache",
 ]  # fmt: skip

@@ -33,7 +33,14 @@ from datprl.models import create_model, save_model
 from datprl.models.losses import DATPRLLoss, LossWeights
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.batching import BalancedBatcher, batches_per_pass
-from datprl.platform.data import DataConfig, StreamReport, read_split, split_tasks, training_batches
+from datprl.platform.data import (
+    DataConfig,
+    StreamReport,
+    read_split,
+    split_tasks,
+    training_batches,
+    use_decoded_cache,
+)
 from datprl.platform.storage import S3Settings
 
 log = logging.getLogger(__name__)
@@ -423,6 +430,12 @@ def fit(config: TrainConfig):
         storage_fs, storage_path = filesystem(config.storage, config.s3)
     else:
         storage_path = str(Path(config.storage).resolve())
+    if use_decoded_cache(config.data, "train"):
+        print("[train] train split: decoding it once into the object store, then cropping every pass", flush=True)
+    else:
+        print("[train] train split: decoding every pass (data.cache_decoded=false, or too large for the object "
+              "store)", flush=True)  # fmt: skip
+    train_split = read_split(config.data, "train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.
@@ -430,7 +443,7 @@ def fit(config: TrainConfig):
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
         ),
-        datasets={"train": read_split(config.data, "train")},
+        datasets={"train": train_split},
         run_config=ray.train.RunConfig(
             name=config.name,
             storage_path=storage_path,

@@ -16,9 +16,10 @@ threads, and both call :func:`datprl.platform.train.train_step` with the optimis
   ``train_step``. It measures pure compute: no data loading, no reports, no wrapper.
 * ``ray_train``: :func:`datprl.platform.train.fit` as production runs it, on a local Ray: one worker
   (``num_workers=1``, ``cpus_per_worker`` CPUs, ``torch_threads=threads``), the train split streamed by Ray Data
-  (:func:`~datprl.platform.data.read_split`, read again every pass, decoding on the CPUs the worker leaves free) and
-  assembled by ``training_batches``, ``prepare_model``, a ``ray.train.report`` every ``report_every`` steps, no
-  evaluation, and a checkpoint at the last step only (``checkpoint_every`` is never reached; the last step always
+  (:func:`~datprl.platform.data.read_split`: by default decoded once into the object store before training and
+  cropped and augmented every pass on the CPUs the worker leaves free, when it fits the object store; else decoded
+  every pass) and assembled by ``training_batches``, ``prepare_model``, a ``ray.train.report`` every
+  ``report_every`` steps, no evaluation, and a checkpoint at the last step only (``checkpoint_every`` is never reached; the last step always
   checkpoints). Each round is a new run (fresh storage and name), ``warmup_steps + steps`` steps long.
 
 Ray's steps/s is computed from the reports the worker wrote (rank 0's ``metrics.jsonl``): each report's
@@ -282,7 +283,9 @@ def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
     serves a dashboard there, the cleaner hears "no such actor", takes the controller for dead and removes the
     worker's placement group, killing the run ("A worker health check failed"; seen on this shared machine)."""
     _loopback_only()
-    return data_benchmark._start_ray(cpus, niceness, dashboard=True)
+    # The object store of the local Ray that fit() starts (train._init_ray), so that the decoded cache is on or off
+    # as in a real run.
+    return data_benchmark._start_ray(cpus, niceness, dashboard=True, object_store_mib=512)
 
 
 def _set_omp_wait_policy(policy: str | None) -> str:

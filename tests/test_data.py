@@ -9,7 +9,15 @@ import shutil
 import numpy as np
 import pytest
 
-from datprl.platform.data import DataConfig, StreamReport, evaluation_rows, read_split, split_tasks, training_batches
+from datprl.platform.data import (
+    DataConfig,
+    StreamReport,
+    evaluation_rows,
+    read_split,
+    split_tasks,
+    training_batches,
+    use_decoded_cache,
+)
 from datprl.platform.dataset_builder import BuildConfig, build
 from datprl.platform.shards import manifest_shard_urls, read_manifest
 from datprl.platform.storage import S3Settings
@@ -29,8 +37,9 @@ def _count(manifest, split):
     return sum(c.samples for c in manifest.counts if c.split == split)
 
 
-def test_training_pass_is_balanced_and_uses_every_sample(ray_local, dataset):
-    config = DataConfig(dataset=str(dataset), crop_size=32)
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded_cache", "decode_every_pass"])
+def test_training_pass_is_balanced_and_uses_every_sample(ray_local, dataset, cache):
+    config = DataConfig(dataset=str(dataset), crop_size=32, cache_decoded=cache)
     tasks = split_tasks(config)
     assert len(tasks) == 9
     report = StreamReport()
@@ -49,6 +58,44 @@ def test_several_decode_tasks_per_shard_read_every_sample_once(ray_local, datase
     config = DataConfig(dataset=str(dataset), crop_size=16, decode_parts_per_shard=parts)
     keys = [r["key"] for r in read_split(config, "train").iter_rows()]
     assert len(keys) == len(set(keys)) == _count(read_manifest(str(dataset)), "train")
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded_cache", "decode_every_pass"])
+def test_full_size_training_rows_hold_the_stored_pixels(ray_local, dataset, cache):
+    """A crop as large as the image without augmentation is the image: the training rows (from the decoded cache or
+    decoded in the pass) equal the evaluation rows, uint8 RGB and 16-bit grey alike."""
+    config = DataConfig(dataset=str(dataset), crop_size=64, augment=False, cache_decoded=cache)
+    reference = {r["key"]: r for r in evaluation_rows(config, "train") if r["lq"].shape == (3, 64, 64)}
+    assert len(reference) > 0.9 * _count(read_manifest(str(dataset)), "train")
+    assert {r["domain"] for r in reference.values()} == {"natural", "medical", "remote_sensing"}
+    rows = list(read_split(config, "train").iter_rows())
+    assert len(rows) == _count(read_manifest(str(dataset)), "train")
+    for row in rows:
+        if row["key"] in reference:
+            assert row["lq"].dtype == np.float32
+            assert np.array_equal(row["lq"], reference[row["key"]]["lq"])
+            assert np.array_equal(row["gt"], reference[row["key"]]["gt"])
+
+
+def test_decoded_cache_draws_new_crops_every_pass(ray_local, dataset):
+    dataset_ = read_split(DataConfig(dataset=str(dataset), crop_size=16, cache_decoded=True), "train")
+    first, second = ({r["key"]: r["gt"] for r in dataset_.iter_rows()} for _ in range(2))
+    assert first.keys() == second.keys()
+    varied = [k for k in first if first[k].std() > 0]  # black scan background looks the same wherever it is cut
+    assert len(varied) > len(first) // 2
+    same = sum(np.array_equal(first[k], second[k]) for k in varied)
+    assert same < 0.2 * len(varied)  # a 16-pixel window of a 64-pixel tile, times 8 transforms: rarely the same
+
+
+def test_decoded_cache_auto_follows_the_object_store(ray_local, dataset, monkeypatch):
+    import ray
+
+    config = DataConfig(dataset=str(dataset))
+    shard_bytes = sum(s.bytes for s in read_manifest(str(dataset)).shards if s.split == "train")
+    for store, expected in ((4 * 3 * shard_bytes, True), (2 * 3 * shard_bytes, False)):
+        monkeypatch.setattr(ray, "cluster_resources", lambda store=store: {"CPU": 2.0, "object_store_memory": store})
+        assert use_decoded_cache(config, "train") is expected
+    assert use_decoded_cache(config.model_copy(update={"cache_decoded": True}), "train") is True
 
 
 def test_in_process_evaluation_rows_equal_the_ray_rows(ray_local, dataset):
@@ -79,13 +126,14 @@ def test_evaluation_is_deterministic_and_cropped(ray_local, dataset):
     assert len(first) == _count(read_manifest(str(dataset)), "val")
 
 
-def test_damaged_shard_costs_only_its_samples(ray_local, dataset, tmp_path):
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded_cache", "decode_every_pass"])
+def test_damaged_shard_costs_only_its_samples(ray_local, dataset, tmp_path, cache):
     damaged = tmp_path / "damaged"
     shutil.copytree(dataset, damaged)
     shard = manifest_shard_urls(str(damaged), "train")[0]
     data = open(shard, "rb").read()
     open(shard, "wb").write(data[: len(data) // 2])
-    config = DataConfig(dataset=str(damaged), crop_size=32)
+    config = DataConfig(dataset=str(damaged), crop_size=32, cache_decoded=cache)
     report = StreamReport()
     rows = [r for r in (r for batch in read_split(config, "train").iter_batches(batch_format="numpy")
                         for r in [dict(zip(batch, v)) for v in zip(*batch.values())]) if report.note(r)]  # fmt: skip
@@ -93,7 +141,7 @@ def test_damaged_shard_costs_only_its_samples(ray_local, dataset, tmp_path):
     assert len(report.corrupt) >= 1 and "shard-00000.tar" in report.corrupt[0]
     assert total - 16 < len(rows) < total  # the first half of the cut shard survives; other shards are intact
     with pytest.raises(Exception, match="shard-00000.tar"):
-        read_split(DataConfig(dataset=str(damaged), on_corrupt="raise"), "train").materialize()
+        read_split(DataConfig(dataset=str(damaged), on_corrupt="raise", cache_decoded=cache), "train").materialize()
 
 
 def test_reads_the_same_shards_through_s3(ray_local, dataset, s3_server):
@@ -109,7 +157,8 @@ def test_reads_the_same_shards_through_s3(ray_local, dataset, s3_server):
     assert keys == local and keys
 
 
-def test_ray_train_workers_get_disjoint_parts(ray_local, dataset, tmp_path):
+@pytest.mark.parametrize("cache", [True, False], ids=["decoded_cache", "decode_every_pass"])
+def test_ray_train_workers_get_disjoint_parts(ray_local, dataset, tmp_path, cache):
     import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -123,12 +172,12 @@ def test_ray_train_workers_get_disjoint_parts(ray_local, dataset, tmp_path):
         (out / f"rank{ray.train.get_context().get_world_rank()}.txt").write_text("\n".join(keys))
         ray.train.report({"rows": len(keys)})
 
-    config = DataConfig(dataset=str(dataset), crop_size=32)
+    config = DataConfig(dataset=str(dataset), crop_size=32, cache_decoded=cache)
     trainer = TorchTrainer(
         loop,
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         datasets={"train": read_split(config, "train")},
-        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="handoff"),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name=f"handoff-{cache}"),
     )
     assert trainer.fit().error is None
     parts = [set(filter(None, (out / f"rank{r}.txt").read_text().splitlines())) for r in (0, 1)]

@@ -25,7 +25,10 @@ def test_tiny_run_compares_equal_work(ray_local, tiny_dataset, tmp_path, capsys)
     assert main(argv) == 0
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert [r["consumer"] for r in rows] == ["baseline", "training_batches", "iterate_rows"]
+    uncached = "training_batches[decode every pass]"
+    assert [r["consumer"] for r in rows] == ["baseline", "training_batches", "iterate_rows", uncached]
+    assert [r["decoded_cache"] for r in rows] == [False, True, True, False]  # auto: the tiny split fits the store
+    assert report["decoded_cache"] and report["cache_build_s"] > 0
     assert report["train_samples"] == 12 and report["train_shards"] == 1 and report["per_task"] == 2
     for r in rows:  # every side decoded every sample once and produced the same float32 3 x crop x crop samples
         assert r["samples_per_pass"] == 12 and r["corrupt_per_pass"] == 0
@@ -34,9 +37,24 @@ def test_tiny_run_compares_equal_work(ray_local, tiny_dataset, tmp_path, capsys)
     assert rows[1]["emitted_per_pass"] == 6 * rows[1]["batches_per_pass"]  # balanced batches of 3 tasks x 2
     ratio = report["ratios"]["ray_pipeline/baseline"]
     assert ratio == pytest.approx(rows[1]["samples_per_s"] / rows[0]["samples_per_s"])
+    amortised = (rows[1]["samples_per_pass"] / (report["cache_build_s"] + rows[1]["pass_s"][0])) / (
+        rows[0]["samples_per_pass"] / rows[0]["pass_s"][0])
+    assert report["ratios"]["ray_pipeline/baseline incl. cache build"] == pytest.approx(amortised)
     printed = capsys.readouterr().out
     assert f"ray_pipeline/baseline throughput ratio: {ratio:.2f}" in printed
-    assert printed.count("| ray_data |") == 2 and format_report(report) in printed
+    assert printed.count("| ray_data |") == 3 and format_report(report) in printed
+
+
+@pytest.mark.ray
+def test_without_the_cache_every_ray_side_decodes_every_pass(ray_local, tiny_dataset, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [f"dataset={tiny_dataset}", "passes=1", "warmup=0", "crop_size=32", "batch_size=6", "cache_decoded=false",
+            "consumers=[training_batches]", f"json_out={out}"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["consumer"] for r in report["results"]] == ["baseline", "training_batches"]
+    assert not report["decoded_cache"] and report["cache_build_s"] == 0
+    assert "ray_pipeline/baseline incl. cache build" not in report["ratios"]
 
 
 @pytest.mark.parametrize("override", ["dataset=s3://bucket/ds", "consumers=[iterate_rows,iterate_rows]",
