@@ -121,6 +121,9 @@ def decode_shard(
 DECODED_BYTES_PER_SHARD_BYTE = 3.0
 # The cache may take at most this fraction of the object store (training batches and checkpoints need the rest).
 CACHE_OBJECT_STORE_FRACTION = 0.25
+# Object store of the local Ray that jobs and benchmarks start in-process (the embedded default): room for a decoded
+# cache of up to 256 MiB, about twice the default corpus's estimate (3 x 40 MB of train shards).
+LOCAL_OBJECT_STORE_BYTES = 1024 * 2**20
 
 _RNG: np.random.Generator | None = None
 
@@ -172,8 +175,15 @@ def crop_cached_row(row: dict[str, Any], crop_size: int, augment: bool) -> dict[
             "lq": lq, "gt": gt, "error": ""}  # fmt: skip
 
 
+def _cache_budget() -> float:
+    """Bytes the decoded cache may take: :data:`CACHE_OBJECT_STORE_FRACTION` of the Ray cluster's object store."""
+    import ray
+
+    return CACHE_OBJECT_STORE_FRACTION * ray.cluster_resources().get("object_store_memory", 0.0)
+
+
 def use_decoded_cache(config: DataConfig, split: str) -> bool:
-    """``config.cache_decoded``, or (auto) whether the split's estimated decoded size
+    """``config.cache_decoded``, or (auto, with Ray running) whether the split's estimated decoded size
     (:data:`DECODED_BYTES_PER_SHARD_BYTE` x its shard bytes) fits in :data:`CACHE_OBJECT_STORE_FRACTION` of the
     Ray cluster's object store."""
     if config.cache_decoded is not None:
@@ -182,9 +192,8 @@ def use_decoded_cache(config: DataConfig, split: str) -> bool:
 
     if not ray.is_initialized():
         return False
-    store = ray.cluster_resources().get("object_store_memory", 0.0)
     shard_bytes = sum(s.bytes for s in read_manifest(config.dataset, config.s3).shards if s.split == split)
-    return DECODED_BYTES_PER_SHARD_BYTE * shard_bytes <= CACHE_OBJECT_STORE_FRACTION * store
+    return DECODED_BYTES_PER_SHARD_BYTE * shard_bytes <= _cache_budget()
 
 
 # Rows leave a read task in blocks of at most this many bytes (about 40 rows of two 3x128x128 float32 crops). With
@@ -218,9 +227,11 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     several when there are fewer shards than CPUs (each decodes every n-th sample, :func:`decode_parts`), whose rows
     stream out in blocks of at most :data:`MAX_BLOCK_BYTES`.
 
-    In training with the decoded cache (:func:`use_decoded_cache`), the split is decoded here, once, into the object
-    store; every pass of the returned dataset then reads the cache in a random block order and crops, augments and
-    normalises it (:func:`crop_cached_row`)."""
+    In training with the decoded cache (:func:`use_decoded_cache`), the split is decoded **here, when this function
+    is called** (blocking; with enough read tasks per shard to use every CPU), into the object store; every pass of the
+    returned dataset then reads the cache in a random block order and only crops, augments and normalises it
+    (:func:`crop_cached_row`). Damaged samples stay error rows of every pass; with ``on_corrupt="raise"`` the first
+    one fails this call. The cache lives as long as the returned dataset (it is owned by this process)."""
     import ray
 
     urls = manifest_shard_urls(config.dataset, split, config.s3)
@@ -234,11 +245,20 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     items = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
     items = ray.data.from_items(items, override_num_blocks=len(items))
     if mode == "train" and use_decoded_cache(config, split):
-        decoded = _limit_blocks(items.flat_map(decode_shard_images, fn_kwargs=dict(
-            s3=config.s3, on_corrupt=config.on_corrupt)), config.progress_bars)  # fmt: skip
+        # The build runs once, so Ray's per-pass cost that keeps parts off by default does not apply: use every CPU.
+        parts = max(parts, decode_parts(config.model_copy(update={"decode_parts_per_shard": None}), len(urls)))
+        build = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
+        decoded = _limit_blocks(ray.data.from_items(build, override_num_blocks=len(build)).flat_map(
+            decode_shard_images, fn_kwargs=dict(s3=config.s3, on_corrupt=config.on_corrupt)),
+            config.progress_bars)  # fmt: skip
         cache = decoded.materialize()
-        log.info("decoded the %s split into the object store once: %d rows, %.1f MiB", split, cache.count(),
-                 cache.size_bytes() / 2**20)
+        size, budget = cache.size_bytes(), _cache_budget()
+        log.info("decoded the %s split into the object store once: %.1f MiB", split, size / 2**20)
+        if budget and size > budget:
+            log.warning("the decoded cache of the %s split takes %.0f MiB, more than %.0f%% of the object store "
+                        "(%.0f MiB): Ray may spill it to disk. Set data.cache_decoded=false to decode every pass, or "
+                        "give Ray a larger object store.", split, size / 2**20, 100 * CACHE_OBJECT_STORE_FRACTION,
+                        budget / CACHE_OBJECT_STORE_FRACTION / 2**20)  # fmt: skip
         # randomize_block_order without a seed draws a new order at every execution, i.e. every pass.
         return _limit_blocks(cache.randomize_block_order().map(crop_cached_row, fn_kwargs=dict(
             crop_size=config.crop_size, augment=config.augment)), config.progress_bars)  # fmt: skip

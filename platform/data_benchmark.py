@@ -1,33 +1,40 @@
 """Throughput of the Ray Data training pipeline against a plain WebDataset + DataLoader baseline.
 
-Both sides read the same train shards and do the same work per sample: decode both PNGs at their stored bit depth,
-take the same paired random crop, apply one of the 8 flips/rotations, normalise by the sample's white level to
-float32 ``(3, crop, crop)`` (grey replicated to 3 channels; both sides call the functions of
-:mod:`datprl.platform.batching`), and hand the consumer batches or rows.
+Every side reads the same train shards and hands its consumer the same samples: both PNGs decoded at their stored bit
+depth, the same kind of paired random crop, one of the 8 flips/rotations, normalised by the sample's white level to
+float32 ``(3, crop, crop)`` (grey replicated to 3 channels; every side calls the functions of
+:mod:`datprl.platform.batching`), as batches or rows. Where the sides differ is *when* they decode:
 
 * ``baseline``: ``wds.WebDataset(urls).shuffle(n).decode(png).map(crop/augment/normalise)`` in a
-  ``torch.utils.data.DataLoader(num_workers=N, batch_size=B, persistent_workers=True)``, N = the CPUs given to Ray.
-  WebDataset hands whole shards to DataLoader workers, so with fewer shards than workers some workers stay idle
-  (``empty_check=False`` lets them; the default would raise).
+  ``torch.utils.data.DataLoader(num_workers=N, batch_size=B, persistent_workers=True)``, N = the CPUs given to Ray:
+  decodes every pass, as a plain webdataset user does. WebDataset hands whole shards to DataLoader workers, so with
+  fewer shards than workers some workers stay idle (``empty_check=False`` lets them; the default would raise).
+* ``baseline[decoded once]`` (``compare_cached_baseline``): the equal-work counterpart of the decoded cache. The
+  shards are decoded once in this process through the same webdataset pipeline (timed, like the cache build), and a
+  map-style dataset over the decoded arrays crops, augments and normalises them in a ``DataLoader`` with N workers
+  (forked: they share the decoded arrays), ``shuffle=True``.
 * Ray: :func:`~datprl.platform.data.read_split` on a local Ray with N CPUs, consumed as training consumes it:
   :func:`~datprl.platform.data.training_batches` (task-balanced batches of ``tasks x batch_size // tasks``) and/or
-  plain :func:`~datprl.platform.data.iterate_rows`. By default (``cache_decoded`` auto) a split that fits the object
-  store is decoded once, when ``read_split`` is called, and every pass crops, augments and normalises the cached
-  pixels; ``compare_uncached`` adds the side that decodes every pass (``training_batches[decode every pass]``), as
-  the pipeline does for splits too large to cache. The cache build is timed (``cache_build_s``) and the ratio
-  ``incl. cache build`` charges it to the timed passes: total samples over (build + timed passes) on the Ray side
-  against total samples over timed passes on the baseline side.
+  plain :func:`~datprl.platform.data.iterate_rows`. With ``cache_decoded`` auto (the default) a split that fits the
+  object store is decoded once, when ``read_split`` is called, and every pass only crops, augments and normalises the
+  cached pixels; ``compare_uncached`` adds ``training_batches[decode every pass]``, the path the pipeline takes for
+  splits too large to cache (always with the ``training_batches`` consumer).
+
+One-time decodes are timed (``cache_build_s``, ``baseline_cache_build_s``) and the ratios ``incl. cache build``
+charge them to the timed passes: total samples over (build + timed passes) against the plain baseline's total
+samples over its timed passes. The CPU time of the builds is not in the ``CPU ms/sample`` column.
 
 Every pass is a whole epoch over the train split, timed from creating its iterator to exhausting it, so each side's
 per-epoch start-up is included. The first ``warmup`` passes of every side are not counted (process start, imports,
 page cache); the timed passes are interleaved (B R1 R2, R1 R2 B, ...) so that load changes hit every side alike, and
-the median per side is reported. The warm-up passes of the baseline and of the uncached Ray side run before the cache is
-built, so that the build does not pay for starting Ray's workers. Samples/s counts the decoded samples of a pass (balanced batches also re-draw
-samples of rare tasks; those repeats cost no decoding and are not counted). Every pass of every side must yield the
-train split's sample count, or the run fails.
+the median per side is reported. The warm-up passes of the plain baseline and of the uncached Ray side run before the
+Ray cache is built, so that the build does not pay for starting Ray's workers (with ``warmup=0`` or without the
+uncached side, it does). Samples/s counts the samples of the split in a pass (balanced batches also re-draw samples
+of rare tasks; those repeats are not counted). Every pass of every side must yield the train split's sample count,
+or the run fails.
 
 On Linux, when the benchmark starts Ray itself, it also reports the CPU time each side spent per sample (this process
-plus the DataLoader workers for the baseline; this process plus every Ray process for Ray, Ray's own daemons
+plus the DataLoader workers for the baselines; this process plus every Ray process for Ray, Ray's own daemons
 included), which unlike wall time hardly depends on what else runs on the machine. Ray starts its workers with OS
 niceness 15 by default while the DataLoader workers keep the caller's; on a busy machine that alone moves the wall-time
 ratio, so ``ray_worker_niceness`` (default 0) gives both sides the same priority.
@@ -59,6 +66,7 @@ __all__ = ["DataBenchmarkConfig", "baseline_loader", "run_benchmark", "format_re
 
 Consumer = Literal["training_batches", "iterate_rows"]
 BASELINE = "baseline"
+BASELINE_CACHED = "baseline[decoded once]"
 UNCACHED = "training_batches[decode every pass]"
 
 
@@ -81,6 +89,8 @@ class DataBenchmarkConfig(StrictModel):
                                        "the object store (true), every pass (false), or auto (null)")
     compare_uncached: bool = Field(True, description="when the cache is on, also time training_batches decoding "
                                    "every pass")
+    compare_cached_baseline: bool = Field(True, description="when the cache is on, also time a DataLoader over "
+                                          "samples decoded once (the equal-work baseline)")
     object_store_mib: int = Field(1024, ge=64, description="object store of the Ray the benchmark starts")
     ray_worker_niceness: int | None = Field(0, ge=0, le=19, description="OS niceness of Ray's workers "
                                             "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the priority "
@@ -147,6 +157,32 @@ def baseline_loader(urls: Sequence[str], crop_size: int, batch_size: int, worker
         functools.partial(_baseline_sample, crop_size=crop_size))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                        persistent_workers=workers > 0, pin_memory=False)
+
+
+class _DecodedSamples:
+    """Map-style dataset over samples decoded once: each item is cropped, augmented and normalised when drawn."""
+
+    def __init__(self, samples: list[dict[str, Any]], crop_size: int):
+        self.samples, self.crop_size = samples, crop_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return _baseline_sample(self.samples[index], self.crop_size)
+
+
+def decoded_once_loader(urls: Sequence[str], crop_size: int, batch_size: int, workers: int):
+    """The baseline's webdataset pipeline decoded once into memory, then a shuffling DataLoader that only crops,
+    augments and normalises (what a DataLoader user does when the data fits in RAM)."""
+    import torch.utils.data
+    import webdataset as wds
+
+    dataset = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False).decode(
+        wds.handle_extension("png", _decode_png))
+    samples = [{k: sample[k] for k in ("lq.png", "gt.png", "json", "__key__")} for sample in dataset]
+    return torch.utils.data.DataLoader(_DecodedSamples(samples, crop_size), batch_size=batch_size, shuffle=True,
+                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=False)
 
 
 # --- CPU time of this process tree (Linux) --------------------------------------------------------------------------
@@ -323,7 +359,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     level = data_log.level
     data_log.setLevel(logging.ERROR)
     load_before = os.getloadavg()
-    loader = None
+    loader = decoded_loader = None
     try:
         niceness = {"ray_workers": _ray_worker_niceness(), "dataloader_workers": os.nice(0)}
         cached = use_decoded_cache(data_config, "train")
@@ -336,6 +372,12 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
             return lambda: _iterate_rows_pass(dataset)
 
         runs: dict[str, Callable[[], dict]] = {BASELINE: lambda: _baseline_pass(loader)}
+        baseline_cache_build_s = 0.0
+        if cached and config.compare_cached_baseline:
+            start = time.perf_counter()
+            decoded_loader = decoded_once_loader(urls, config.crop_size, config.batch_size, cpus)
+            baseline_cache_build_s = time.perf_counter() - start
+            runs[BASELINE_CACHED] = lambda: _baseline_pass(decoded_loader)
         if cached and config.compare_uncached:
             uncached = read_split(data_config.model_copy(update={"cache_decoded": False}), "train")
             runs[UNCACHED] = consumer_pass("training_batches", uncached)
@@ -348,7 +390,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
             result = runs[side]()
             seconds = time.perf_counter() - start
             cpu = _cpu_spent(cpu_before, _cpu_snapshot() if owned else None,
-                             ("driver", "dataloader") if side == BASELINE else ("driver", "ray"))  # fmt: skip
+                             ("driver", "dataloader") if side.startswith(BASELINE) else ("driver", "ray"))  # fmt: skip
             if result["samples"] + result["corrupt"] != expected or result["samples"] == 0:
                 raise RuntimeError(f"{side} pass {round_} yielded {result['samples']} samples "
                                    f"(+{result['corrupt']} damaged); the train split has {expected}")
@@ -375,7 +417,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
         for round_ in range(config.warmup):
             for side in config.consumers:
                 timed_pass(side, round_, warm=True)
-        sides = [BASELINE, *config.consumers, *([UNCACHED] if UNCACHED in runs else [])]
+        sides = [BASELINE, *config.consumers, *(s for s in (UNCACHED, BASELINE_CACHED) if s in runs)]
         for round_ in range(config.passes):
             shift = round_ % len(sides)
             for side in sides[shift:] + sides[:shift]:
@@ -383,7 +425,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     finally:
         context.enable_progress_bars = progress
         data_log.setLevel(level)
-        loader = None  # stops the persistent DataLoader workers
+        loader = decoded_loader = None  # stops the persistent DataLoader workers
         if owned:
             ray.shutdown()
 
@@ -394,8 +436,8 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     for side in sides:
         timed, samples, cpu = timing[side]["timed"], first[side]["samples"], timing[side]["cpu"]
         results.append(dict(
-            side="webdataset+DataLoader" if side == BASELINE else "ray_data", consumer=side,
-            decoded_cache=cached and side not in (BASELINE, UNCACHED),
+            side="webdataset+DataLoader" if side.startswith(BASELINE) else "ray_data", consumer=side,
+            decoded_cache=side == BASELINE_CACHED or (cached and side not in (BASELINE, UNCACHED)),
             samples_per_pass=samples, batches_per_pass=first[side]["batches"],
             emitted_per_pass=first[side]["emitted"], corrupt_per_pass=first[side]["corrupt"],
             samples_per_s=statistics.median(samples / t for t in timed), s_per_pass=statistics.median(timed),
@@ -404,14 +446,19 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
             lq_shape=first[side]["lq_shape"], lq_dtype=first[side]["lq_dtype"]))  # fmt: skip
     base = results[0]["samples_per_s"]
     ratios = {"ray_pipeline/baseline": results[1]["samples_per_s"] / base}
-    ratios.update({f"ray_pipeline[{r['consumer']}]/baseline": r["samples_per_s"] / base for r in results[1:]})
+    ratios.update({f"ray_pipeline[{r['consumer']}]/baseline": r["samples_per_s"] / base for r in results[1:]
+                   if r["side"] == "ray_data"})
     if cached:  # the one-time decode charged to the timed passes (sums, not medians: every second counts)
         baseline_rate = config.passes * results[0]["samples_per_pass"] / sum(results[0]["pass_s"])
         ray_rate = config.passes * results[1]["samples_per_pass"] / (cache_build_s + sum(results[1]["pass_s"]))
         ratios["ray_pipeline/baseline incl. cache build"] = ray_rate / baseline_rate
+    by_side = {r["consumer"]: r for r in results}
+    if BASELINE_CACHED in by_side:  # equal work: both decode once
+        equal = by_side[BASELINE_CACHED]["samples_per_s"]
+        ratios[f"ray_pipeline/{BASELINE_CACHED}"] = results[1]["samples_per_s"] / equal
     return dict(
         config=config_to_dict(config), cpus=cpus, ray_started_here=owned, ray_start_s=ray_start_s,
-        decoded_cache=cached, cache_build_s=cache_build_s,
+        decoded_cache=cached, cache_build_s=cache_build_s, baseline_cache_build_s=baseline_cache_build_s,
         train_shards=len(urls), train_samples=expected, tasks=tasks, per_task=per_task, niceness=niceness,
         loadavg={"before": list(load_before), "after": list(os.getloadavg())},
         versions={"ray": ray.__version__, "webdataset": getattr(webdataset, "__version__", "?"),
@@ -453,6 +500,8 @@ def main(argv: Sequence[str]) -> int:
           f"{load['before'][0]:.1f} -> {load['after'][0]:.1f}")
     print(format_report(report))
     build = f", decoded cache build {report['cache_build_s']:.1f} s" if report["decoded_cache"] else ""
+    if report["baseline_cache_build_s"]:
+        build += f", baseline decode-once {report['baseline_cache_build_s']:.1f} s"
     print(f"total {time.perf_counter() - start:.1f} s (Ray start {report['ray_start_s']:.1f} s{build})")
     if config.json_out is not None:
         config.json_out.parent.mkdir(parents=True, exist_ok=True)

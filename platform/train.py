@@ -34,6 +34,7 @@ from datprl.models.losses import DATPRLLoss, LossWeights
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.batching import BalancedBatcher, batches_per_pass
 from datprl.platform.data import (
+    LOCAL_OBJECT_STORE_BYTES,
     DataConfig,
     StreamReport,
     read_split,
@@ -326,7 +327,7 @@ def _init_ray(config: TrainConfig) -> None:
         # The dashboard (127.0.0.1 only) serves the state API that Ray Train's placement-group cleaner polls; without
         # it the cleaner logs a warning every second for the whole run.
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
-                 object_store_memory=512 * 1024**2)
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
 def _ensure_dataset(config: TrainConfig) -> None:
@@ -430,12 +431,13 @@ def fit(config: TrainConfig):
         storage_fs, storage_path = filesystem(config.storage, config.s3)
     else:
         storage_path = str(Path(config.storage).resolve())
-    if use_decoded_cache(config.data, "train"):
+    cached = use_decoded_cache(config.data, "train")  # decided once, here, and handed to read_split
+    if cached:
         print("[train] train split: decoding it once into the object store, then cropping every pass", flush=True)
     else:
         print("[train] train split: decoding every pass (data.cache_decoded=false, or too large for the object "
               "store)", flush=True)  # fmt: skip
-    train_split = read_split(config.data, "train")
+    train_split = read_split(config.data.model_copy(update={"cache_decoded": cached}), "train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.

@@ -28,10 +28,10 @@ samples_per_s`` seconds. Windows start right after the previous report's metrics
 the previous ``ray.train.report`` call; the last window ends before the final checkpoint is written, so the final
 checkpoint is in no window (it is measured only as part of the end-to-end time). The timed windows are those after the
 first ``warmup_steps`` steps (which hold worker and Ray Data start-up); steady-state steps/s = their steps / their
-seconds. Every cost that Ray adds in the steady state (Ray Data ingest: the read and decode of every pass, competing
-for the machine's CPUs, the per-pass restart of the streaming split, shuffle and batch assembly; reports;
-``prepare_model``, which does not wrap a single worker in DDP) therefore counts as Ray overhead in the ratio
-``ray_train/bare`` of the median steps/s. The end-to-end time of each ``fit`` call (trainer and worker start-up, data
+seconds. Every cost that Ray adds in the steady state (Ray Data ingest: the crop and augmentation of every pass from
+the decoded cache, or the read and decode of every pass without it, competing for the machine's CPUs, the per-pass
+restart of the streaming split, shuffle and batch assembly; reports; ``prepare_model``, which does not wrap a single
+worker in DDP) therefore counts as Ray overhead in the ratio ``ray_train/bare`` of the median steps/s. The end-to-end time of each ``fit`` call (trainer and worker start-up, data
 set-up, every step, the final checkpoint, shutdown; not ``ray.init``) is reported separately and is not in the ratio.
 
 Rounds are interleaved (bare then ray, then ray then bare, ...) so that load changes hit both sides alike, and medians
@@ -283,9 +283,11 @@ def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
     serves a dashboard there, the cleaner hears "no such actor", takes the controller for dead and removes the
     worker's placement group, killing the run ("A worker health check failed"; seen on this shared machine)."""
     _loopback_only()
-    # The object store of the local Ray that fit() starts (train._init_ray), so that the decoded cache is on or off
-    # as in a real run.
-    return data_benchmark._start_ray(cpus, niceness, dashboard=True, object_store_mib=512)
+    # The object store of the local Ray that fit() starts (train._init_ray): the decoded cache is on or off as there.
+    from datprl.platform.data import LOCAL_OBJECT_STORE_BYTES
+
+    store_mib = LOCAL_OBJECT_STORE_BYTES // 2**20
+    return data_benchmark._start_ray(cpus, niceness, dashboard=True, object_store_mib=store_mib)
 
 
 def _set_omp_wait_policy(policy: str | None) -> str:

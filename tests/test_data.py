@@ -90,12 +90,18 @@ def test_decoded_cache_draws_new_crops_every_pass(ray_local, dataset):
 def test_decoded_cache_auto_follows_the_object_store(ray_local, dataset, monkeypatch):
     import ray
 
+    from datprl.platform.data import CACHE_OBJECT_STORE_FRACTION, DECODED_BYTES_PER_SHARD_BYTE
+
     config = DataConfig(dataset=str(dataset))
     shard_bytes = sum(s.bytes for s in read_manifest(str(dataset)).shards if s.split == "train")
-    for store, expected in ((4 * 3 * shard_bytes, True), (2 * 3 * shard_bytes, False)):
+    estimate = DECODED_BYTES_PER_SHARD_BYTE * shard_bytes
+    for store, expected in ((1.1 * estimate / CACHE_OBJECT_STORE_FRACTION, True),
+                            (0.9 * estimate / CACHE_OBJECT_STORE_FRACTION, False)):
         monkeypatch.setattr(ray, "cluster_resources", lambda store=store: {"CPU": 2.0, "object_store_memory": store})
         assert use_decoded_cache(config, "train") is expected
     assert use_decoded_cache(config.model_copy(update={"cache_decoded": True}), "train") is True
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert use_decoded_cache(config, "train") is False  # auto without Ray: nothing to cache into
 
 
 def test_in_process_evaluation_rows_equal_the_ray_rows(ray_local, dataset):
