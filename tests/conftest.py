@@ -23,7 +23,8 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A small local Ray (2 CPUs, 256 MiB object store, no dashboard), shut down after the session."""
+    """A small local Ray (2 CPUs, 256 MiB object store, dashboard on a free loopback port), shut down after the
+    session."""
     import ray
 
     if not ray.is_initialized():
@@ -32,13 +33,28 @@ def ray_local():
     ray.shutdown()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_local_ray(**extra):
-    """The test session's Ray: 2 CPUs, 256 MiB object store, no dashboard (tests that restart Ray use it too)."""
+    """The test session's Ray: 2 CPUs, 256 MiB object store (tests that restart Ray use it too).
+
+    The dashboard runs on 127.0.0.1 at a free port, as in :func:`datprl.platform.train.fit`: Ray Train's
+    placement-group cleaner asks the dashboard's state API whether the Train controller is alive. Without a dashboard
+    Ray still records 127.0.0.1:8265 as its address, so another Ray's dashboard serving there (a second test run, a
+    developer's cluster) would answer "no such actor" and the cleaner would remove a running test's placement group."""
     import ray
 
     return ray.init(
         num_cpus=2,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=_free_port(),
         object_store_memory=256 * 1024**2,
         log_to_driver=False,
         configure_logging=False,

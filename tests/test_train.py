@@ -263,3 +263,20 @@ def test_relative_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch
     assert resolved.storage == str(tmp_path / "runs") and resolved.output_dir == str(tmp_path / "outputs/train")
     assert resolved.text_embeddings == "s3://bucket/emb.parquet"
     assert resolved.data.crop_size == config.data.crop_size
+
+
+@pytest.mark.ray
+def test_session_ray_serves_its_own_dashboard_on_loopback(ray_local):
+    """Ray Train's placement-group cleaner polls the dashboard's state API; the test Ray must answer it itself, on
+    127.0.0.1, not leave 127.0.0.1:8265 to whatever else runs there."""
+    import urllib.error
+    import urllib.request
+
+    url = ray_local._private.worker.get_dashboard_url()
+    host, port = url.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) != 8265
+    try:
+        status = urllib.request.urlopen(f"http://{url}/api/version", timeout=30).status
+    except urllib.error.HTTPError as exc:  # token authentication answers 401: the dashboard is up
+        status = exc.code
+    assert status in (200, 401)
