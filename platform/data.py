@@ -240,12 +240,14 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     parts = decode_parts(config, len(urls)) if mode == "train" else 1  # evaluation keeps the manifest order
     # Decoding (two PNGs per sample) is the pipeline's cost. One task per shard leaves CPUs idle whenever a split has
     # fewer shards than CPUs: with n parts, n tasks read the same shard and each decodes its own n-th of the samples.
-    # Off by default: on the one-shard default corpus (passes of ~2 s) Ray's fixed per-pass cost dominates and 2 parts
-    # measured no faster than 1 (data benchmark, 0.86 vs 0.88 of the baseline); it pays off on long passes.
+    # Off by default: on the one-shard default corpus (passes of ~2 s) 2 parts measured no faster than 1 (data
+    # benchmark, 0.86 vs 0.88 of the baseline). Ray Data 2.60 runs each new execution (every pass) one task at a time
+    # until its autoscaling coordinator's CPU reservation reaches the executor, about 1 s in (measured: the reservation
+    # came 1.02 s into a pass; its global limits refresh once a second), so parts only pay off on long passes.
     items = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
     items = ray.data.from_items(items, override_num_blocks=len(items))
     if mode == "train" and use_decoded_cache(config, split):
-        # The build runs once, so Ray's per-pass cost that keeps parts off by default does not apply: use every CPU.
+        # The build runs once, so the per-pass start-up that keeps parts off by default does not apply: use every CPU.
         parts = max(parts, decode_parts(config.model_copy(update={"decode_parts_per_shard": None}), len(urls)))
         build = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
         decoded = _limit_blocks(ray.data.from_items(build, override_num_blocks=len(build)).flat_map(
