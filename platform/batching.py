@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,20 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+_PROCESS_RNG: tuple[int, np.random.Generator] | None = None
+
+
+def process_rng() -> np.random.Generator:
+    """One generator per process, seeded from OS entropy on first use in that process. Keyed by process id, so a
+    forked worker (a DataLoader worker) never inherits its parent's stream: every worker and every pass draws its
+    own crops and transforms."""
+    global _PROCESS_RNG
+    pid = os.getpid()
+    if _PROCESS_RNG is None or _PROCESS_RNG[0] != pid:
+        _PROCESS_RNG = (pid, np.random.default_rng())
+    return _PROCESS_RNG[1]
 
 
 def to_unit_float(image: np.ndarray, white_level: int | None = None) -> np.ndarray:

@@ -25,6 +25,7 @@ from datprl.platform.batching import (
     collate,
     paired_augment,
     paired_random_crop,
+    process_rng,
     to_chw3,
     to_unit_float,
 )
@@ -125,17 +126,6 @@ CACHE_OBJECT_STORE_FRACTION = 0.25
 # cache of up to 256 MiB, about twice the default corpus's estimate (3 x 40 MB of train shards).
 LOCAL_OBJECT_STORE_BYTES = 1024 * 2**20
 
-_RNG: np.random.Generator | None = None
-
-
-def _worker_rng() -> np.random.Generator:
-    """One generator per process, seeded from OS entropy on first use: every pass draws new crops."""
-    global _RNG
-    if _RNG is None:
-        _RNG = np.random.default_rng()
-    return _RNG
-
-
 def _shape3(image: np.ndarray) -> list[int]:
     return [image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 0]
 
@@ -170,7 +160,7 @@ def crop_cached_row(row: dict[str, Any], crop_size: int, augment: bool) -> dict[
                 "error": row["error"]}  # fmt: skip
     lq = _cached_image(row["lq"], row["lq_shape"], row["dtype"])
     gt = _cached_image(row["gt"], row["gt_shape"], row["dtype"])
-    lq, gt = _training_pair(lq, gt, row["white"], crop_size, augment, _worker_rng())
+    lq, gt = _training_pair(lq, gt, row["white"], crop_size, augment, process_rng())
     return {"key": row["key"], "task": row["task"], "domain": row["domain"], "source_id": row["source_id"],
             "lq": lq, "gt": gt, "error": ""}  # fmt: skip
 

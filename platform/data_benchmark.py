@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from datprl.platform.batching import paired_augment, paired_random_crop, to_chw3, to_unit_float
+from datprl.platform.batching import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["DataBenchmarkConfig", "baseline_loader", "run_benchmark", "format_report", "main"]
@@ -114,17 +114,6 @@ class DataBenchmarkConfig(StrictModel):
 
 # --- the baseline: plain webdataset + DataLoader --------------------------------------------------------------------
 
-_RNG: np.random.Generator | None = None
-
-
-def _rng() -> np.random.Generator:
-    """One generator per process, created where it is used (DataLoader workers are forked from this process)."""
-    global _RNG
-    if _RNG is None:
-        _RNG = np.random.default_rng()
-    return _RNG
-
-
 def _decode_png(data: bytes) -> np.ndarray:
     """PNG -> array at its stored bit depth (uint8 RGB/grey, uint16 grey), as the pipeline decodes it."""
     from PIL import Image
@@ -137,7 +126,7 @@ def _baseline_sample(sample: dict[str, Any], crop_size: int) -> dict[str, Any]:
     """The pipeline's training transform on a webdataset sample: crop, flip/rotate, normalise, 3 x H x W float32."""
     meta = sample["json"]
     white = meta.get("white_level") or (2 ** meta["bit_depth"] - 1)
-    rng = _rng()
+    rng = process_rng()
     lq, gt = paired_random_crop(sample["lq.png"], sample["gt.png"], crop_size, rng)
     lq, gt = paired_augment(lq, gt, rng)
     return {"lq": to_chw3(to_unit_float(lq, white)), "gt": to_chw3(to_unit_float(gt, white)),

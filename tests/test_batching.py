@@ -143,3 +143,25 @@ def test_collate_stacks_tensors_and_keeps_metadata():
     rows = [{"lq": np.zeros((3, 4, 4), np.float32), "gt": np.ones((3, 4, 4), np.float32), "task": t} for t in "ab"]
     batch = collate(rows)
     assert batch["lq"].shape == (2, 3, 4, 4) and batch["task"] == ["a", "b"]
+
+
+def test_process_rng_is_not_inherited_by_forked_workers():
+    """DataLoader workers are forked: a generator created in the parent must not hand them the parent's stream."""
+    import multiprocessing
+
+    from datprl.platform.batching import process_rng
+
+    parent = process_rng()
+    assert process_rng() is parent  # one generator per process
+    state = parent.bit_generator.state
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        children = pool.map(_draw_in_worker, range(2))
+    parent.bit_generator.state = state
+    mine = parent.integers(0, 2**62, 4).tolist()
+    assert children[0] != mine and children[1] != mine and children[0] != children[1]
+
+
+def _draw_in_worker(_):
+    from datprl.platform.batching import process_rng
+
+    return process_rng().integers(0, 2**62, 4).tolist()

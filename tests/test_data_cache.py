@@ -41,7 +41,7 @@ def test_cached_rows_crop_like_decoding_in_the_pass(shard, monkeypatch, crop):
     for row in cached:
         record, lq, gt = decoded[row["key"]]
         assert row["lq_shape"] == [lq.shape[0], lq.shape[1], lq.shape[2] if lq.ndim == 3 else 0]
-        monkeypatch.setattr(data, "_RNG", np.random.default_rng(7))
+        monkeypatch.setattr(data, "process_rng", lambda: np.random.default_rng(7))
         out = crop_cached_row(row, crop_size=crop, augment=True)
         white = record.white_level or (2**record.bit_depth - 1)
         expected = _training_pair(lq, gt, white, crop, True, np.random.default_rng(7))
