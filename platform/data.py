@@ -73,6 +73,11 @@ def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, A
 _EMPTY = np.zeros((3, 0, 0), np.float32)
 
 
+def _part(item: dict[str, Any]) -> tuple[int, int] | None:
+    """The (index, count) of a read item that decodes every n-th sample of its shard; None for the whole shard."""
+    return (int(item["part"]), int(item["parts"])) if item.get("parts", 1) > 1 else None
+
+
 def _training_pair(lq: np.ndarray, gt: np.ndarray, white: float, crop_size: int, augment: bool,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Stored-depth images -> one training pair: paired random crop, optional flip/rotation, normalised float32
@@ -98,8 +103,7 @@ def decode_shard(
     """
     report = CorruptionReport()
     rng = np.random.default_rng()
-    part = (int(item["part"]), int(item["parts"])) if item.get("parts", 1) > 1 else None
-    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=part):
+    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=_part(item)):
         white = record.white_level or (2**record.bit_depth - 1)
         if mode == "train":
             yield _row(record, *_training_pair(lq, gt, white, crop_size, augment, rng))
@@ -135,8 +139,7 @@ def decode_shard_images(item: dict[str, Any], s3: S3Settings | None, on_corrupt:
     raw bytes, ``lq_shape``/``gt_shape`` as [H, W, C] with C = 0 for 2-D grey, ``dtype``, ``white``) and metadata.
     Damaged samples become error rows, as in :func:`decode_shard`."""
     report = CorruptionReport()
-    part = (int(item["part"]), int(item["parts"])) if item.get("parts", 1) > 1 else None
-    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=part):
+    for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=_part(item)):
         yield {"key": record.key, "task": record.task, "domain": record.domain, "source_id": record.source_id,
                "white": float(record.white_level or (2**record.bit_depth - 1)), "dtype": lq.dtype.str,
                "lq": np.ascontiguousarray(lq).tobytes(), "lq_shape": _shape3(lq),
@@ -234,15 +237,14 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     # benchmark, 0.86 vs 0.88 of the baseline). Ray Data 2.60 runs each new execution (every pass) one task at a time
     # until its autoscaling coordinator's CPU reservation reaches the executor, about 1 s in (measured: the reservation
     # came 1.02 s into a pass; its global limits refresh once a second), so parts only pay off on long passes.
+    cached = mode == "train" and use_decoded_cache(config, split)
+    if cached:  # the build runs once, so the per-pass start-up that keeps parts off does not apply: use every CPU
+        parts = max(parts, decode_parts(config.model_copy(update={"decode_parts_per_shard": None}), len(urls)))
     items = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
     items = ray.data.from_items(items, override_num_blocks=len(items))
-    if mode == "train" and use_decoded_cache(config, split):
-        # The build runs once, so the per-pass start-up that keeps parts off by default does not apply: use every CPU.
-        parts = max(parts, decode_parts(config.model_copy(update={"decode_parts_per_shard": None}), len(urls)))
-        build = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
-        decoded = _limit_blocks(ray.data.from_items(build, override_num_blocks=len(build)).flat_map(
-            decode_shard_images, fn_kwargs=dict(s3=config.s3, on_corrupt=config.on_corrupt)),
-            config.progress_bars)  # fmt: skip
+    if cached:
+        decoded = _limit_blocks(items.flat_map(decode_shard_images, fn_kwargs=dict(
+            s3=config.s3, on_corrupt=config.on_corrupt)), config.progress_bars)  # fmt: skip
         cache = decoded.materialize()
         size, budget = cache.size_bytes(), _cache_budget()
         log.info("decoded the %s split into the object store once: %.1f MiB", split, size / 2**20)

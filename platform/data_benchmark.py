@@ -54,10 +54,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from datprl.platform.batching import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
@@ -65,6 +65,15 @@ from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 __all__ = ["DataBenchmarkConfig", "baseline_loader", "run_benchmark", "format_report", "main"]
 
 Consumer = Literal["training_batches", "iterate_rows"]
+def _local_folder(value: str) -> str:
+    if "://" in value:
+        raise ValueError("the benchmarks read a local dataset folder (their baselines open shards as local files)")
+    return value
+
+
+LocalDataset = Annotated[str, AfterValidator(_local_folder)]
+"""A dataset field of the benchmarks' configs: a local folder, not a URL."""
+
 BASELINE = "baseline"
 BASELINE_CACHED = "baseline[decoded once]"
 UNCACHED = "training_batches[decode every pass]"
@@ -73,7 +82,7 @@ UNCACHED = "training_batches[decode every pass]"
 class DataBenchmarkConfig(StrictModel):
     """Samples/s of 128x128 paired training crops: Ray Data pipeline vs WebDataset + DataLoader, same CPUs."""
 
-    dataset: str = Field("data/bench", description="local dataset folder with manifest.json; if the manifest is "
+    dataset: LocalDataset = Field("data/bench", description="local dataset folder with manifest.json; if the manifest is "
                          "missing, the default corpus is built there first (about 30 s)")
     passes: int = Field(5, ge=1, description="timed passes (epochs over the train split) per side, interleaved")
     warmup: int = Field(1, ge=0, description="untimed passes per side before the timed ones")
@@ -96,13 +105,6 @@ class DataBenchmarkConfig(StrictModel):
                                             "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the priority "
                                             "of the DataLoader workers; null = Ray's default (15)")
     json_out: Path | None = Field(None, description="also write the results as JSON here")
-
-    @field_validator("dataset")
-    @classmethod
-    def _local_only(cls, value: str) -> str:
-        if "://" in value:
-            raise ValueError("the benchmark reads a local dataset folder (the baseline opens shards as local files)")
-        return value
 
     @field_validator("consumers")
     @classmethod
@@ -352,6 +354,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     try:
         niceness = {"ray_workers": _ray_worker_niceness(), "dataloader_workers": os.nice(0)}
         cached = use_decoded_cache(data_config, "train")
+        data_config = data_config.model_copy(update={"cache_decoded": cached})  # decided once, here
         loader = baseline_loader(urls, config.crop_size, config.batch_size, cpus, config.shuffle_buffer)
         seeds = iter(range(1_000_000))
 

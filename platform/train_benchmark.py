@@ -66,7 +66,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from datprl.platform import data_benchmark
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
@@ -79,8 +79,9 @@ BARE, RAY = "bare", "ray_train"
 class TrainBenchmarkConfig(StrictModel):
     """Steps/s of the Ray Train loop (1 worker) vs a bare PyTorch loop on the same model, batches and threads."""
 
-    dataset: str = Field("data/default", description="local dataset folder with manifest.json; if the manifest is "
-                         "missing, the default corpus is built there first")
+    dataset: data_benchmark.LocalDataset = Field("data/default", description="local dataset folder with "
+                                                 "manifest.json; if the manifest is missing, the default corpus is "
+                                                 "built there first")
     variant: str = Field("paper_tiny", description="model variant (datprl.models.VARIANTS)")
     crop_size: int = Field(64, ge=8, description="paired random training crop (pixels)")
     per_task_batch: int = Field(1, ge=1, description="samples of every task per batch (batch = tasks x this)")
@@ -103,13 +104,6 @@ class TrainBenchmarkConfig(StrictModel):
         "environment of the Ray the benchmark starts); null = libgomp's default (see the module docstring)")
     seed: int = 0
     json_out: Path | None = Field(None, description="also write the results as JSON here")
-
-    @field_validator("dataset")
-    @classmethod
-    def _local_only(cls, value: str) -> str:
-        if "://" in value:
-            raise ValueError("the benchmark reads a local dataset folder")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainBenchmarkConfig:

@@ -92,6 +92,12 @@ def s3_server():
 TINY_TASKS = [("natural", "sr_x4"), ("remote_sensing", "haze"), ("medical", "ct_low_dose")]
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """:func:`write_tiny_dataset` once per session (the benchmarks' end-to-end tests only read it)."""
+    return write_tiny_dataset(tmp_path_factory.mktemp("bench") / "tiny")
+
+
 def write_tiny_dataset(root: Path) -> Path:
     """Three tasks x 4 train samples of 40x40 pixels in one shard (RGB 8-bit and 12-bit grey stored as 16-bit):
     the smallest dataset the benchmarks' end-to-end tests run on."""

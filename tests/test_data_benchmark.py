@@ -9,12 +9,6 @@ import pytest
 from datprl.platform.config import ConfigError, load_config
 from datprl.platform.data_benchmark import DataBenchmarkConfig, format_report, main
 
-from conftest import write_tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    return write_tiny_dataset(tmp_path_factory.mktemp("bench") / "tiny")
 
 
 @pytest.mark.ray

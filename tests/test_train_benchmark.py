@@ -11,12 +11,6 @@ from datprl.platform.config import ConfigError, load_config
 from datprl.platform.train_benchmark import TrainBenchmarkConfig, format_report, main
 
 from conftest import TINY_TASKS as TASKS
-from conftest import write_tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    return write_tiny_dataset(tmp_path_factory.mktemp("train-bench") / "tiny")
 
 
 @pytest.mark.ray
