@@ -167,6 +167,17 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save_report(report: dict[str, Any], path: Path | None) -> None:
+    """Write a benchmark's JSON-ready results to ``path`` (atomically) and say so; nothing
+    when ``path`` is None. Shared by every ``jobs/benchmark_*.py``."""
+    if path is None:
+        return
+    from datprl.platform.storage import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    print(f"results written to {path}")
+
+
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``jobs/benchmark_model.py``: parse ``key=value`` options, run, print, optionally save JSON."""
     config = parse_cli(BenchmarkConfig, argv, prog="benchmark_model.py")
@@ -179,8 +190,5 @@ def main(argv: Sequence[str]) -> int:
     print(f"torch {report['torch']}, {report['threads']} threads, device {report['device_name']}, "
           f"warmup {config.warmup}, {config.rounds} interleaved rounds, train mode, L1 forward+backward")
     print(format_report(report))
-    if config.json_out is not None:
-        config.json_out.parent.mkdir(parents=True, exist_ok=True)
-        config.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"results written to {config.json_out}")
+    save_report(report, config.json_out)
     return 0

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import logging
 import os
 import statistics
@@ -60,6 +59,7 @@ import numpy as np
 from pydantic import AfterValidator, Field, field_validator
 
 from datprl.platform.batching import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
+from datprl.platform.benchmarks import save_report
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["DataBenchmarkConfig", "baseline_loader", "run_benchmark", "format_report", "main"]
@@ -82,8 +82,8 @@ UNCACHED = "training_batches[decode every pass]"
 class DataBenchmarkConfig(StrictModel):
     """Samples/s of 128x128 paired training crops: Ray Data pipeline vs WebDataset + DataLoader, same CPUs."""
 
-    dataset: LocalDataset = Field("data/bench", description="local dataset folder with manifest.json; if the manifest is "
-                         "missing, the default corpus is built there first (about 30 s)")
+    dataset: LocalDataset = Field("data/bench", description="local dataset folder with manifest.json; if the "
+                                  "manifest is missing, the default corpus is built there first (about 30 s)")
     passes: int = Field(5, ge=1, description="timed passes (epochs over the train split) per side, interleaved")
     warmup: int = Field(1, ge=0, description="untimed passes per side before the timed ones")
     cpus: int = Field(2, ge=1, description="CPUs given to Ray (ray.init(num_cpus=...)) = DataLoader num_workers")
@@ -301,7 +301,8 @@ def _start_ray(cpus: int, niceness: int | None, dashboard: bool = False,
         os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet that ray.init starts
     try:
         ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 object_store_memory=object_store_mib * 2**20, log_to_driver=False, configure_logging=False)  # fmt: skip
+                 object_store_memory=object_store_mib * 2**20, log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
     finally:
         if previous is None:
             os.environ.pop("RAY_worker_niceness", None)
@@ -495,9 +496,6 @@ def main(argv: Sequence[str]) -> int:
     if report["baseline_cache_build_s"]:
         build += f", baseline decode-once {report['baseline_cache_build_s']:.1f} s"
     print(f"total {time.perf_counter() - start:.1f} s (Ray start {report['ray_start_s']:.1f} s{build})")
-    if config.json_out is not None:
-        config.json_out.parent.mkdir(parents=True, exist_ok=True)
-        config.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"results written to {config.json_out}")
+    save_report(report, config.json_out)
     sys.stdout.flush()
     return 0

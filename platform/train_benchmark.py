@@ -69,6 +69,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from datprl.platform import data_benchmark
+from datprl.platform.benchmarks import save_report
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["TrainBenchmarkConfig", "bare_batches", "run_benchmark", "format_report", "main"]
@@ -421,9 +422,6 @@ def main(argv: Sequence[str]) -> int:
           f"{', '.join(f'{x:.1f}' for x in ray_row['outside_windows_s'])} s; not in the ratio")
     print(f"total {time.perf_counter() - start:.1f} s (bare read {report['bare_read_s']:.1f} s, Ray start "
           f"{report['ray_start_s']:.1f} s)")
-    if config.json_out is not None:
-        config.json_out.parent.mkdir(parents=True, exist_ok=True)
-        config.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"results written to {config.json_out}")
+    save_report(report, config.json_out)
     sys.stdout.flush()
     return 0
