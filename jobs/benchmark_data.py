@@ -10,12 +10,12 @@ More CPUs, more passes, JSON::
     python jobs/benchmark_data.py cpus=8 passes=5 json_out=runs/bench/data.json
 
 Options are ``key=value`` overrides (or a YAML file first); ``--help`` lists them.
-Logic: datprl.platform.data_benchmark.
+Logic: datprl.platform.bench.data.
 """
 
 import sys
 
 if __name__ == "__main__":
-    from datprl.platform.data_benchmark import main
+    from datprl.platform.bench.data import main
 
     raise SystemExit(main(sys.argv[1:]))

@@ -8,12 +8,12 @@ GPU check::
 
     python jobs/benchmark_model.py device=cuda dtypes=[fp32,bf16] batch=8 size=128
 
-Options are ``key=value`` overrides (or a YAML file first); ``--help`` lists them. Logic: datprl.platform.benchmarks.
+Options are ``key=value`` overrides (or a YAML file first); ``--help`` lists them. Logic: datprl.platform.bench.model.
 """
 
 import sys
 
 if __name__ == "__main__":
-    from datprl.platform.benchmarks import main
+    from datprl.platform.bench.model import main
 
     raise SystemExit(main(sys.argv[1:]))

@@ -12,12 +12,12 @@ Other settings, JSON::
     python jobs/benchmark_train.py crop_size=128 steps=100 rounds=3 json_out=runs/bench/train.json
 
 Options are ``key=value`` overrides (or a YAML file first); ``--help`` lists them.
-Logic: datprl.platform.train_benchmark.
+Logic: datprl.platform.bench.train.
 """
 
 import sys
 
 if __name__ == "__main__":
-    from datprl.platform.train_benchmark import main
+    from datprl.platform.bench.train import main
 
     raise SystemExit(main(sys.argv[1:]))

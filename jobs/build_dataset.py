@@ -10,6 +10,6 @@
 import sys
 
 if __name__ == "__main__":
-    from datprl.platform.dataset_builder import main
+    from datprl.platform.data.build import main
 
     raise SystemExit(main(sys.argv[1:]))

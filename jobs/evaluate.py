@@ -13,6 +13,6 @@ tasks (the paper's headline), comparison grids and prompt-usage heatmaps, writte
 import sys
 
 if __name__ == "__main__":
-    from datprl.platform.evaluate import main
+    from datprl.platform.evaluation.evaluate import main
 
     raise SystemExit(main(sys.argv[1:]))

@@ -8,6 +8,6 @@
 import sys
 
 if __name__ == "__main__":
-    from datprl.platform.train import main
+    from datprl.platform.train.fit import main
 
     raise SystemExit(main(sys.argv[1:]))

@@ -13,11 +13,11 @@ from datprl.models.factory import (
     variant_config,
     weights_digest,
 )
-from datprl.models.network import DATPRLIR, RestorationOutput
+from datprl.models.network import DATPRLIR, RestorationOutput, unwrap_model
 from datprl.models.prompts import PoolSelection
 
 __all__ = [
     "DATPRLIR", "VARIANTS", "ModelConfig", "PoolSelection", "PromptPoolConfig", "RestorationOutput",
     "config_from_published", "convert_published_state_dict", "count_parameters", "create_model", "load_model",
-    "load_published", "save_model", "variant_config", "weights_digest",
+    "load_published", "save_model", "unwrap_model", "variant_config", "weights_digest",
 ]  # fmt: skip

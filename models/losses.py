@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from datprl.models.network import RestorationOutput
+from datprl.models.network import RestorationOutput, unwrap_model
 from datprl.models.prompts import PoolSelection
 
 __all__ = [
@@ -146,13 +146,6 @@ class LossWeights(BaseModel):
     diversity_threshold: float = Field(0.1, ge=0, lt=1, description="cosine above which prompt values are penalised")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / DataParallel (.module) and torch.compile (._orig_mod) do not expose the pools as attributes.
-    while isinstance(inner := getattr(model, "module", getattr(model, "_orig_mod", None)), nn.Module):
-        model = inner
-    return model
-
-
 class DATPRLLoss(nn.Module):
     """total = w_pix L_pix + w_fft L_fft + w_align L_align(domain pool)
               + sum_{pool in task, domain} (w_div L_div + w_bal L_bal + w_con L_con).
@@ -191,7 +184,7 @@ class DATPRLLoss(nn.Module):
         if w.align and output.domain is not None and text_embedding is not None:
             terms["align"] = (w.align, alignment_loss(output.domain.representation, text_embedding, text_mask))
         pools: dict[str, PoolSelection] = {k: v for k, v in (("task", output.task), ("domain", output.domain)) if v is not None}
-        net = _unwrap(model) if model is not None else None
+        net = unwrap_model(model) if model is not None else None
         for name, sel in pools.items():
             if w.diversity:
                 pool = getattr(net, f"{name}_pool", None)

@@ -130,3 +130,11 @@ class DATPRLIR(nn.Module):
         if return_aux:
             return RestorationOutput(restored, task, domain, prompt)
         return restored
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)
+    wrappers, which do not expose the network's pools and configuration as attributes."""
+    while isinstance(inner := getattr(model, "module", getattr(model, "_orig_mod", None)), nn.Module):
+        model = inner
+    return model

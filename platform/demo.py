@@ -18,7 +18,7 @@ from pydantic import Field
 
 from datprl.models import count_parameters, create_model, load_model, save_model
 from datprl.platform.config import StrictModel, parse_cli, save_resolved_config
-from datprl.platform.metrics import PAPER, psnr, ssim
+from datprl.platform.evaluation.metrics import PAPER, psnr, ssim
 
 
 class DemoConfig(StrictModel):

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from datprl.platform.config import StrictModel, parse_cli
-from datprl.serve.samples import free_port
+from datprl.platform.runtime import free_loopback_port as free_port
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "main"]
 
@@ -148,14 +148,13 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     started_here = False
     url = config.url
     if url is None:
-        import ray
         from ray import serve
 
+        from datprl.platform.runtime import LocalRaySettings, init_ray, shutdown_ray
         from datprl.serve.app import build_app, start_serve
 
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-            started_here = True
+        started_here = init_ray(local=LocalRaySettings(object_store_bytes=256 * 2**20, dashboard=False,
+                                                       log_to_driver=False)).started_here
         port = free_port()
         start_serve("127.0.0.1", port)
         serve.run(build_app({"weights": config.weights, "variant": config.variant, "num_replicas": 1,
@@ -173,9 +172,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
 
             serve.shutdown()
             if started_here:
-                import ray
-
-                ray.shutdown()
+                shutdown_ray()
     if in_process["weights_sha256"] != endpoint["weights_sha256"]:
         raise RuntimeError("the endpoint serves other weights than the in-process baseline loaded; pass the same "
                            "weights= the app was started with")

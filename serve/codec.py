@@ -93,7 +93,7 @@ _UNSUPPORTED_SIGNATURES = [
 ]
 _SUPPORTED_TEXT = "PNG, JPEG, TIFF or single-frame DICOM"
 
-# CT storage convention of the training corpus (datprl.platform.sources): stored = clip(HU + 1024, 0, 4095).
+# CT storage convention of the training corpus (datprl.platform.data.sources): stored = clip(HU + 1024, 0, 4095).
 CT_OFFSET = 1024
 CT_WHITE = 4095
 

@@ -1,23 +1,15 @@
-"""Small sample inputs and helpers shared by the serving benchmark and the serving tests (no Ray): a free loopback
-port, real photo crops, image bytes in any Pillow format, a PNG decompression-bomb header."""
+"""Small sample inputs and helpers shared by the serving benchmark and the serving tests (no Ray):
+real photo crops, image bytes in any Pillow format, a PNG decompression-bomb header."""
 
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import zlib
 
 import numpy as np
 
-__all__ = ["free_port", "photo", "encode_pil", "png_bomb"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["photo", "encode_pil", "png_bomb"]
 
 
 def photo(height: int, width: int, top: int = 100, left: int = 150) -> np.ndarray:

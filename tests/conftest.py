@@ -33,33 +33,13 @@ def ray_local():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    import socket
+def start_local_ray(runtime_env: dict | None = None):
+    """The test session's Ray: 2 CPUs, 256 MiB object store, dashboard on a free loopback port, as
+    :func:`datprl.platform.runtime.init_ray` starts every local Ray (tests that restart Ray use it too)."""
+    from datprl.platform.runtime import LocalRaySettings, init_ray
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_local_ray(**extra):
-    """The test session's Ray: 2 CPUs, 256 MiB object store (tests that restart Ray use it too).
-
-    The dashboard runs on 127.0.0.1 at a free port, as in :func:`datprl.platform.train.fit`: Ray Train's
-    placement-group cleaner asks the dashboard's state API whether the Train controller is alive. Without a dashboard
-    Ray still records 127.0.0.1:8265 as its address, so another Ray's dashboard serving there (a second test run, a
-    developer's cluster) would answer "no such actor" and the cleaner would remove a running test's placement group."""
-    import ray
-
-    return ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=_free_port(),
-        object_store_memory=256 * 1024**2,
-        log_to_driver=False,
-        configure_logging=False,
-        **extra,
-    )
+    return init_ray(local=LocalRaySettings(num_cpus=2, object_store_bytes=256 * 2**20, log_to_driver=False),
+                    runtime_env=runtime_env)
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +83,8 @@ def write_tiny_dataset(root: Path) -> Path:
     the smallest dataset the benchmarks' end-to-end tests run on."""
     import numpy as np
 
-    from datprl.platform.shards import DatasetWriter, SampleRecord
+    from datprl.platform.data.shards import DatasetWriter
+    from datprl.platform.data.format import SampleRecord
 
     rng = np.random.default_rng(0)
     with DatasetWriter(str(root), "tiny", max_samples_per_shard=16, command=["test"], package_versions={}) as writer:

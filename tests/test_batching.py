@@ -7,16 +7,8 @@ import collections
 import numpy as np
 import pytest
 
-from datprl.platform.batching import (
-    BalancedBatcher,
-    batches_per_pass,
-    center_crop,
-    collate,
-    paired_augment,
-    paired_random_crop,
-    to_chw3,
-    to_unit_float,
-)
+from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass, collate
+from datprl.platform.data.transforms import center_crop, paired_augment, paired_random_crop, to_chw3, to_unit_float
 
 
 def test_paired_crop_takes_the_same_window():
@@ -149,7 +141,7 @@ def test_process_rng_is_not_inherited_by_forked_workers():
     """DataLoader workers are forked: a generator created in the parent must not hand them the parent's stream."""
     import multiprocessing
 
-    from datprl.platform.batching import process_rng
+    from datprl.platform.data.transforms import process_rng
 
     parent = process_rng()
     assert process_rng() is parent  # one generator per process
@@ -162,6 +154,6 @@ def test_process_rng_is_not_inherited_by_forked_workers():
 
 
 def _draw_in_worker(_):
-    from datprl.platform.batching import process_rng
+    from datprl.platform.data.transforms import process_rng
 
     return process_rng().integers(0, 2**62, 4).tolist()

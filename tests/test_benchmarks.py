@@ -1,4 +1,4 @@
-"""datprl.platform.benchmarks: a tiny end-to-end run returns a complete, positive report."""
+"""datprl.platform.bench.model: a tiny end-to-end run returns a complete, positive report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datprl.platform.benchmarks import BenchmarkConfig, format_report, main, run_benchmark
+from datprl.platform.bench.model import BenchmarkConfig, format_report, main, run_benchmark
 from datprl.platform.config import ConfigError, load_config
 
 TINY = dict(variants=["paper_tiny", "restormer_tiny"], size=16, batch=1, warmup=0, rounds=1, device="cpu")

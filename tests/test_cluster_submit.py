@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,8 @@ import torch
 import yaml
 
 from datprl.platform.config import load_config
-from datprl.platform.train import TrainConfig
+from datprl.platform.runtime import free_loopback_port
+from datprl.platform.train.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INFRA = REPO_ROOT / "infra"
@@ -77,12 +77,6 @@ def test_ray_cluster_launcher_config():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A local head node of our own
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
@@ -137,7 +131,7 @@ class LocalHead:
         # the machine (Ray Train's PlacementGroupCleaner died of "Found multiple active Ray instances" without it).
         # The CLI calls must not see it: RAY_ADDRESS overrides `ray job submit --address` (RAY_API_SERVER_ADDRESS
         # overrides both, so it is set to the same dashboard URL).
-        gcs_port, self.dashboard_port = _free_port(), _free_port()
+        gcs_port, self.dashboard_port = free_loopback_port(), free_loopback_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.start_env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
         self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
@@ -145,7 +139,7 @@ class LocalHead:
         self.args = [
             "--head", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_loopback_port()}", f"--ray-client-server-port={free_loopback_port()}",
             f"--object-store-memory={object_store_mib * MiB}", f"--temp-dir={self.temp}", "--disable-usage-stats",
         ]  # fmt: skip
         self.session: int | None = None
@@ -220,7 +214,7 @@ def _tail(text: str, lines: int = 60) -> str:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="stopping only our head reads /proc (Linux)")
 def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
     from datprl.models import load_model, variant_config
-    from datprl.platform.dataset_builder import BuildConfig, build
+    from datprl.platform.data.build import BuildConfig, build
 
     dataset, runs, out = tmp_path / "data", tmp_path / "runs", tmp_path / "out"
     build(BuildConfig(output=str(dataset), tile=64, max_tiles_per_source=1, contact_sheet=False))

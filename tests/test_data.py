@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from datprl.platform.data import (
+from datprl.platform.data.pipeline import (
     DataConfig,
     StreamReport,
     evaluation_rows,
@@ -18,8 +18,8 @@ from datprl.platform.data import (
     training_batches,
     use_decoded_cache,
 )
-from datprl.platform.dataset_builder import BuildConfig, build
-from datprl.platform.shards import manifest_shard_urls, read_manifest
+from datprl.platform.data.build import BuildConfig, build
+from datprl.platform.data.format import manifest_shard_urls, read_manifest
 from datprl.platform.storage import S3Settings
 
 pytestmark = pytest.mark.ray
@@ -90,7 +90,7 @@ def test_decoded_cache_draws_new_crops_every_pass(ray_local, dataset):
 def test_decoded_cache_auto_follows_the_object_store(ray_local, dataset, monkeypatch):
     import ray
 
-    from datprl.platform.data import CACHE_OBJECT_STORE_FRACTION, DECODED_BYTES_PER_SHARD_BYTE
+    from datprl.platform.data.pipeline import CACHE_OBJECT_STORE_FRACTION, DECODED_BYTES_PER_SHARD_BYTE
 
     config = DataConfig(dataset=str(dataset))
     shard_bytes = sum(s.bytes for s in read_manifest(str(dataset)).shards if s.split == "train")
@@ -105,7 +105,7 @@ def test_decoded_cache_auto_follows_the_object_store(ray_local, dataset, monkeyp
 
 
 def test_in_process_evaluation_rows_equal_the_ray_rows(ray_local, dataset):
-    from datprl.platform.data import local_evaluation_rows
+    from datprl.platform.data.pipeline import local_evaluation_rows
 
     config = DataConfig(dataset=str(dataset), eval_crop=24)
     ray_rows, local_rows = list(evaluation_rows(config, "val")), list(local_evaluation_rows(config, "val"))

@@ -1,4 +1,4 @@
-"""datprl.platform.data_benchmark: a tiny end-to-end run compares both sides on equal work and reports a ratio."""
+"""datprl.platform.bench.data: a tiny end-to-end run compares both sides on equal work and reports a ratio."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from datprl.platform.config import ConfigError, load_config
-from datprl.platform.data_benchmark import DataBenchmarkConfig, format_report, main
+from datprl.platform.bench.data import DataBenchmarkConfig, format_report, main
 
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from datprl.platform import data
-from datprl.platform.data import _training_pair, crop_cached_row, decode_shard_images
-from datprl.platform.shards import DatasetWriter, SampleRecord, iter_samples, manifest_shard_urls
+from datprl.platform.data import pipeline as data
+from datprl.platform.data.pipeline import _training_pair, crop_cached_row, decode_shard_images
+from datprl.platform.data.shards import DatasetWriter, iter_samples
+from datprl.platform.data.format import SampleRecord, manifest_shard_urls
 
 SHAPES = {"photo": ((23, 37, 3), np.uint8, 256, 8, None), "scan": ((41, 19), np.uint16, 4096, 16, 4095)}
 

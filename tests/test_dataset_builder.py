@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datprl.platform import degradations, storage
+from datprl.platform import storage
+from datprl.platform.data import degradations
 from datprl.platform.config import ConfigError, load_config
-from datprl.platform.dataset_builder import (
+from datprl.platform.data.build import (
     BuildConfig,
     CleanFolder,
     PairedFolders,
@@ -30,13 +31,8 @@ from datprl.platform.dataset_builder import (
     synthesize,
     tiles,
 )
-from datprl.platform.shards import (
-    CorruptionReport,
-    iter_samples,
-    manifest_shard_urls,
-    read_manifest,
-    verify_manifest,
-)
+from datprl.platform.data.shards import CorruptionReport, iter_samples
+from datprl.platform.data.format import manifest_shard_urls, read_manifest, verify_manifest
 
 SMALL = dict(tile=64, max_tiles_per_source=1)  # the representative-but-fast setting of the default corpus
 BUCKET = "datprl-builder-test"

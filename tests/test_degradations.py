@@ -1,4 +1,4 @@
-"""Degradation synthesis (datprl.platform.degradations): output contract, seeding, provenance and each task's effect.
+"""Degradation synthesis (datprl.platform.data.degradations): output contract, seeding, provenance and each task's effect.
 
 Images are small crops of photos that ship inside the scikit-image wheel (no downloads)."""
 
@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 from skimage import color, data
 
-from datprl.platform import degradations as D
+from datprl.platform.data import degradations as D
 
 ALL_TASKS = list(D.TASKS)
 RANDOM_TASKS = [t for t in ALL_TASKS if t not in D.DETERMINISTIC_TASKS]

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from datprl.models import create_model
-from datprl.platform.data import DataConfig, evaluation_rows
-from datprl.platform.dataset_builder import BuildConfig, build
-from datprl.platform.evaluate import EvalConfig, evaluate, main
-from datprl.platform.metrics import PAPER, psnr, ssim
+from datprl.platform.data.pipeline import DataConfig, evaluation_rows
+from datprl.platform.data.build import BuildConfig, build
+from datprl.platform.evaluation.evaluate import EvalConfig, evaluate, main
+from datprl.platform.evaluation.metrics import PAPER, psnr, ssim
 
 pytestmark = pytest.mark.ray
 

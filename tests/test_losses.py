@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from datprl.models import create_model
 from datprl.models.losses import (

@@ -1,4 +1,4 @@
-"""datprl.platform.metrics against scikit-image on real (degraded) images shipped in scikit-image's wheel."""
+"""datprl.platform.evaluation.metrics against scikit-image on real (degraded) images shipped in scikit-image's wheel."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim_raw
 
-from datprl.platform.metrics import PAPER, MetricProtocol, psnr, ssim
+from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, ssim
 
 H, W = 128, 160  # crop keeps the tests fast
 PSNR_TOL, SSIM_TOL = 1e-4, 1e-5

@@ -52,10 +52,10 @@ def test_stdlib_platform_inside_pytest():
 
 def test_datprl_namespace_imports(repo_root):
     import datprl.models
-    import datprl.platform.metrics
+    import datprl.platform.evaluation.metrics
 
     assert Path(datprl.models.__file__).resolve().parent == repo_root / "models"
-    assert Path(datprl.platform.metrics.__file__).resolve().parent == repo_root / "platform"
+    assert Path(datprl.platform.evaluation.metrics.__file__).resolve().parent == repo_root / "platform" / "evaluation"
 
 
 @pytest.mark.ray

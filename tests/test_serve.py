@@ -23,7 +23,7 @@ from datprl.models.factory import create_model, save_model, weights_digest
 from datprl.serve.config import ServeConfig
 from datprl.serve.engine import load_engine
 from datprl.serve.samples import encode_pil as _encode_pil
-from datprl.serve.samples import free_port as _free_port
+from datprl.platform.runtime import free_loopback_port as _free_port
 from datprl.serve.samples import photo as _photo
 from datprl.serve.samples import png_bomb
 

@@ -12,18 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datprl.platform import shards as sh
+from datprl.platform.data import format as fmt
+from datprl.platform.data import shards as sh
 from datprl.platform import storage
-from datprl.platform.shards import (
-    CorruptionReport,
-    CorruptSampleError,
-    DatasetWriter,
-    SampleRecord,
-    ShardWriter,
-    decode_image,
-    encode_image,
-    iter_samples,
-)
+from datprl.platform.data.shards import CorruptionReport, CorruptSampleError, DatasetWriter, ShardWriter, iter_samples
+from datprl.platform.data.format import SampleRecord, decode_image, encode_image
 
 BUCKET = "datprl-test"
 
@@ -170,14 +163,14 @@ def test_sixteen_bit_png_really_is_sixteen_bit():
     ],
 )
 def test_unsupported_images_are_rejected(array, match):
-    with pytest.raises(sh.UnsupportedImageError, match=match):
+    with pytest.raises(fmt.UnsupportedImageError, match=match):
         encode_image(array)
 
 
 def test_decode_rejects_garbage_and_truncation():
     data = encode_image(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))[1]
     for bad in (b"not a png", data[: len(data) // 2], b""):
-        with pytest.raises(sh.ImageDecodeError):
+        with pytest.raises(fmt.ImageDecodeError):
             decode_image(bad)
 
 
@@ -187,8 +180,8 @@ def test_decode_rejects_garbage_and_truncation():
 @pytest.mark.parametrize("key", ["a.b", "a/b", "", "with space", "x" * 201])
 def test_invalid_keys_are_rejected(key):
     with pytest.raises(ValueError, match="invalid sample key"):
-        sh.validate_key(key)
-    assert "." not in sh.sanitize_key(key or "x") and "/" not in sh.sanitize_key(key or "x")
+        fmt.validate_key(key)
+    assert "." not in fmt.sanitize_key(key or "x") and "/" not in fmt.sanitize_key(key or "x")
 
 
 def test_record_schema_is_strict():
@@ -212,7 +205,7 @@ def test_writer_validates_samples(tmp_path):
         with pytest.raises(ValueError, match="split"):
             writer.write(_record("k3", lq, split="val"), lq, lq)
         rgb16 = np.zeros((4, 5, 3), np.uint16)
-        with pytest.raises(sh.UnsupportedImageError):
+        with pytest.raises(fmt.UnsupportedImageError):
             writer.write(_record("k4", rgb16), rgb16, rgb16)
     assert writer.shards[0].samples == 1
 
@@ -237,9 +230,9 @@ def test_dataset_round_trip_local(tmp_path):
     manifest, samples = _build(str(tmp_path / "ds"))
     root = tmp_path / "ds"
     assert (root / "manifest.json").is_file()
-    read = sh.read_manifest(str(root))
+    read = fmt.read_manifest(str(root))
     assert read == manifest and read.name == "unit" and read.command == ["build", "--x"]
-    assert read.format_version == sh.FORMAT_VERSION and read.created_at.tzinfo is not None
+    assert read.format_version == fmt.FORMAT_VERSION and read.created_at.tzinfo is not None
     # shards per split, paths relative to the manifest, checksums and sizes true
     assert {s.split for s in read.shards} == {"train", "val", "test"}
     for entry in read.shards:
@@ -252,14 +245,14 @@ def test_dataset_round_trip_local(tmp_path):
     for rec, _, _ in samples:
         expected_counts[(rec.domain, rec.task, rec.split)] = expected_counts.get((rec.domain, rec.task, rec.split), 0) + 1
     assert {(c.domain, c.task, c.split): c.samples for c in read.counts} == expected_counts
-    assert sh.verify_manifest(str(root)) == []
+    assert fmt.verify_manifest(str(root)) == []
     # reading a split back gives exactly what was written, in order, metadata included
     for split in ("train", "val", "test"):
         report = CorruptionReport()
-        got = list(iter_samples(sh.manifest_shard_urls(str(root), split), report=report))
+        got = list(iter_samples(fmt.manifest_shard_urls(str(root), split), report=report))
         assert report.ok, report.summary()
         _assert_same(got, _by_split(samples, split))
-    medical = [r for r, _, _ in iter_samples(sh.manifest_shard_urls(str(root), "train")) if r.domain == "medical"]
+    medical = [r for r, _, _ in iter_samples(fmt.manifest_shard_urls(str(root), "train")) if r.domain == "medical"]
     assert medical[0].units == "HU" and medical[0].to_physical == {"slope": 1.0, "intercept": -1024.0}
     # members follow the WebDataset convention, adjacent per sample
     names = [n for n, _ in _members(root / read.shards[0].path)]
@@ -301,7 +294,7 @@ def test_verify_manifest_detects_modified_and_missing_shards(tmp_path):
     data[700] ^= 0xFF  # same size, different content
     first.write_bytes(bytes(data))
     second.unlink()
-    problems = sh.verify_manifest(str(root))
+    problems = fmt.verify_manifest(str(root))
     assert any("checksum mismatch" in p and manifest.shards[0].path in p for p in problems)
     assert any("missing shard" in p and manifest.shards[1].path in p for p in problems)
     assert len(problems) == 2
@@ -309,7 +302,7 @@ def test_verify_manifest_detects_modified_and_missing_shards(tmp_path):
 
 def test_manifest_rejects_escaping_paths():
     with pytest.raises(ValueError):
-        sh.ShardEntry(path="../x.tar", sha256="0" * 64, samples=1, bytes=1, split="train")
+        fmt.ShardEntry(path="../x.tar", sha256="0" * 64, samples=1, bytes=1, split="train")
 
 
 # --- atomic writes ------------------------------------------------------------------------------------------------
@@ -542,14 +535,14 @@ def test_s3_round_trip_matches_local(tmp_path, s3_bucket):
     manifest, samples = _build(url, s3=s3_bucket)
     local, _ = _build(str(tmp_path / "ds"))
     assert [(s.path, s.sha256, s.bytes) for s in manifest.shards] == [(s.path, s.sha256, s.bytes) for s in local.shards]
-    assert sh.read_manifest(url, s3_bucket) == manifest
-    assert sh.verify_manifest(url, s3_bucket) == []
+    assert fmt.read_manifest(url, s3_bucket) == manifest
+    assert fmt.verify_manifest(url, s3_bucket) == []
     listed = storage.list_files(url, ".tar", s3_bucket)
     assert sorted(listed) == sorted(storage.join_url(url, s.path) for s in manifest.shards)
     assert all(u.startswith(f"s3://{BUCKET}/datasets/unit/") for u in listed)
     for split in ("train", "val", "test"):
         report = CorruptionReport()
-        got = list(iter_samples(sh.manifest_shard_urls(url, split, s3_bucket), s3=s3_bucket, report=report))
+        got = list(iter_samples(fmt.manifest_shard_urls(url, split, s3_bucket), s3=s3_bucket, report=report))
         assert report.ok, report.summary()
         _assert_same(got, _by_split(samples, split))
     # the fsspec view sees the same objects
@@ -571,7 +564,7 @@ def test_s3_corruption_and_verify(s3_bucket, five_shard):
     ds = f"s3://{BUCKET}/datasets/verify"
     manifest, _ = _build(ds, s3=s3_bucket)
     storage.atomic_write_bytes(storage.join_url(ds, manifest.shards[0].path), b"tampered", s3_bucket)
-    problems = sh.verify_manifest(ds, s3_bucket)
+    problems = fmt.verify_manifest(ds, s3_bucket)
     assert len(problems) == 2 and all(manifest.shards[0].path in p for p in problems)
 
 
@@ -582,7 +575,7 @@ def test_s3_corruption_and_verify(s3_bucket, five_shard):
 def test_ray_reads_shards(tmp_path, ray_local):
     ray = ray_local
     manifest, samples = _build(str(tmp_path / "ds"))
-    urls = sh.manifest_shard_urls(str(tmp_path / "ds"), "train")
+    urls = fmt.manifest_shard_urls(str(tmp_path / "ds"), "train")
     fs, _ = storage.filesystem(str(tmp_path / "ds"))
     expected = {r.key: (r, lq, gt) for r, lq, gt in _by_split(samples, "train")}
 
@@ -616,7 +609,7 @@ def test_ray_reads_shards_from_s3(ray_local, s3_bucket):
     url = f"s3://{BUCKET}/datasets/ray"
     _, samples = _build(url, s3=s3_bucket)
     fs, _ = storage.filesystem(url, s3_bucket)
-    paths = [u.removeprefix("s3://") for u in sh.manifest_shard_urls(url, "val", s3_bucket)]
+    paths = [u.removeprefix("s3://") for u in fmt.manifest_shard_urls(url, "val", s3_bucket)]
     rows = ray.data.read_webdataset(paths, filesystem=fs, decoder=None).take_all()
     _assert_same(sorted((sh.decode_sample(r) for r in rows), key=lambda s: s[0].key),
                  sorted(_by_split(samples, "val"), key=lambda s: s[0].key))

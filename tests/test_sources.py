@@ -9,7 +9,7 @@ import socket
 import numpy as np
 import pytest
 
-from datprl.platform import sources as S
+from datprl.platform.data import sources as S
 
 EXPECTED_IDS = {
     *(f"skimage/{n}" for n in ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "stereo_motorcycle",

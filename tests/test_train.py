@@ -16,9 +16,10 @@ import torch
 from datprl.models import create_model, load_model
 from datprl.models.losses import LossWeights
 from datprl.platform.config import config_to_dict
-from datprl.platform.data import DataConfig
-from datprl.platform.dataset_builder import BuildConfig, build
-from datprl.platform.train import OptimConfig, TrainConfig, fit
+from datprl.platform.data.pipeline import DataConfig
+from datprl.platform.data.build import BuildConfig, build
+from datprl.platform.train.config import OptimConfig, TrainConfig
+from datprl.platform.train.fit import fit
 
 pytestmark = pytest.mark.ray
 
@@ -166,7 +167,7 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
 
     def train(config: TrainConfig, rank: int, world: int, wrap) -> tuple[dict, dict]:
         from datprl.models.losses import DATPRLLoss
-        from datprl.platform.train import train_step
+        from datprl.platform.train.loop import train_step
 
         torch.manual_seed(0)
         model = create_model("paper_tiny", selection_noise_std=0.0)
@@ -219,8 +220,8 @@ def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_
     """Two DDP workers on a split where one task has very few samples (a worker may receive none of them) finish the
     same number of steps without hanging; periodic validation reports PSNR per task, including the task held out of
     training for zero-shot evaluation, which the training batches never contain."""
-    from datprl.platform.shards import read_manifest
-    from datprl.platform.train import training_tasks
+    from datprl.platform.data.format import read_manifest
+    from datprl.platform.train.fit import training_tasks
 
     config = _config(
         dataset, tmp_path, name="two-workers", steps=12, num_workers=2, cpus_per_worker=0.5,
@@ -241,7 +242,7 @@ def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_
 
 
 def test_bad_zero_shot_names_are_rejected(dataset, tmp_path):
-    from datprl.platform.train import training_tasks
+    from datprl.platform.train.fit import training_tasks
 
     with pytest.raises(ValueError, match="zero_shot_tasks.*nope"):
         training_tasks(_config(dataset, tmp_path, zero_shot_tasks=["nope"]))
@@ -253,7 +254,7 @@ def test_bad_zero_shot_names_are_rejected(dataset, tmp_path):
 
 def test_relative_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch):
     """Workers run in a directory of their own: the driver hands them absolute local paths (s3:// kept as is)."""
-    from datprl.platform.train import _absolute_local_paths
+    from datprl.platform.train.fit import _absolute_local_paths
 
     monkeypatch.chdir(tmp_path)
     config = TrainConfig(data=DataConfig(dataset="data/default"), text_embeddings="s3://bucket/emb.parquet",

@@ -1,4 +1,4 @@
-"""datprl.platform.train_benchmark: a tiny end-to-end run times both loops on equal work and reports their ratio."""
+"""datprl.platform.bench.train: a tiny end-to-end run times both loops on equal work and reports their ratio."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from datprl.platform.config import ConfigError, load_config
-from datprl.platform.train_benchmark import TrainBenchmarkConfig, format_report, main
+from datprl.platform.bench.train import TrainBenchmarkConfig, format_report, main
 
 from conftest import TINY_TASKS as TASKS
 

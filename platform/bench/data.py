@@ -3,7 +3,7 @@
 Every side reads the same train shards and hands its consumer the same samples: both PNGs decoded at their stored bit
 depth, the same kind of paired random crop, one of the 8 flips/rotations, normalised by the sample's white level to
 float32 ``(3, crop, crop)`` (grey replicated to 3 channels; every side calls the functions of
-:mod:`datprl.platform.batching`), as batches or rows. Where the sides differ is *when* they decode:
+:mod:`datprl.platform.data.transforms`), as batches or rows. Where the sides differ is *when* they decode:
 
 * ``baseline``: ``wds.WebDataset(urls).shuffle(n).decode(png).map(crop/augment/normalise)`` in a
   ``torch.utils.data.DataLoader(num_workers=N, batch_size=B, persistent_workers=True)``, N = the CPUs given to Ray:
@@ -58,8 +58,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import AfterValidator, Field, field_validator
 
-from datprl.platform.batching import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
-from datprl.platform.benchmarks import save_report
+from datprl.platform.data.transforms import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
+from datprl.platform.bench.model import save_report
+from datprl.platform.runtime import LocalRaySettings, init_ray
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["DataBenchmarkConfig", "baseline_loader", "run_benchmark", "format_report", "main"]
@@ -250,7 +251,7 @@ def _baseline_pass(loader) -> dict[str, Any]:
 
 
 def _training_batches_pass(dataset, tasks: list[str], per_task: int, shuffle_buffer: int, seed: int) -> dict:
-    from datprl.platform.data import StreamReport, training_batches
+    from datprl.platform.data.pipeline import StreamReport, training_batches
 
     report, out = StreamReport(), _new_pass()
     for batch in training_batches(dataset, tasks, per_task, shuffle_buffer=shuffle_buffer, report=report, seed=seed):
@@ -262,7 +263,7 @@ def _training_batches_pass(dataset, tasks: list[str], per_task: int, shuffle_buf
 
 
 def _iterate_rows_pass(dataset) -> dict[str, Any]:
-    from datprl.platform.data import StreamReport, iterate_rows
+    from datprl.platform.data.pipeline import StreamReport, iterate_rows
 
     report, out = StreamReport(), _new_pass()
     for row in iterate_rows(dataset):
@@ -278,10 +279,10 @@ def _iterate_rows_pass(dataset) -> dict[str, Any]:
 
 def _ensure_dataset(path: str, command: Sequence[str] = ("jobs/benchmark_data.py",)) -> None:
     """Build the default corpus at ``path`` unless it holds a manifest (``command`` is recorded in the manifest)."""
-    from datprl.platform.shards import MANIFEST_NAME
+    from datprl.platform.data.format import MANIFEST_NAME
 
     if not (Path(path) / MANIFEST_NAME).exists():
-        from datprl.platform.dataset_builder import BuildConfig, build
+        from datprl.platform.data.build import BuildConfig, build
 
         print(f"{path}/{MANIFEST_NAME} not found: building the default corpus there", flush=True)
         build(BuildConfig(output=path), command=[*command, f"dataset={path}"])
@@ -289,26 +290,13 @@ def _ensure_dataset(path: str, command: Sequence[str] = ("jobs/benchmark_data.py
 
 def _start_ray(cpus: int, niceness: int | None, dashboard: bool = False,
                object_store_mib: int = 256) -> tuple[bool, int, float]:
-    """(started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used as it is. With
-    ``dashboard``, Ray's dashboard runs on 127.0.0.1 (Ray Train's placement-group cleaner needs its state API)."""
+    """(started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used as it is."""
     import ray
 
     start = time.perf_counter()
-    if ray.is_initialized():
-        return False, int(ray.cluster_resources().get("CPU", cpus)), 0.0
-    previous = os.environ.get("RAY_worker_niceness")
-    if niceness is not None:
-        os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet that ray.init starts
-    try:
-        ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 object_store_memory=object_store_mib * 2**20, log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_worker_niceness", None)
-        else:
-            os.environ["RAY_worker_niceness"] = previous
-    return True, int(ray.cluster_resources().get("CPU", cpus)), time.perf_counter() - start
+    session = init_ray(local=LocalRaySettings(num_cpus=cpus, object_store_bytes=object_store_mib * 2**20,
+                                              dashboard=dashboard, log_to_driver=False, worker_niceness=niceness))
+    return session.started_here, int(ray.cluster_resources().get("CPU", cpus)), time.perf_counter() - start
 
 
 def _ray_worker_niceness() -> int:
@@ -331,8 +319,8 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     import torch
     import webdataset
 
-    from datprl.platform.data import DataConfig, read_split, split_tasks, use_decoded_cache
-    from datprl.platform.shards import manifest_shard_urls, read_manifest
+    from datprl.platform.data.pipeline import DataConfig, read_split, split_tasks, use_decoded_cache
+    from datprl.platform.data.format import manifest_shard_urls, read_manifest
 
     _ensure_dataset(config.dataset)
     manifest = read_manifest(config.dataset)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from datprl.models import VARIANTS, count_parameters, create_model
+from datprl.platform.runtime import resolve_device
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "format_report", "main"]
@@ -64,15 +65,6 @@ class BenchmarkConfig(StrictModel):
         return value
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for, but torch sees no CUDA device (torch "
-                           f"{torch.__version__}); use device=cpu or device=auto")
-    return torch.device(name)
-
-
 def _step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str) -> float:
     """One forward + L1 loss + backward; gradients are dropped afterwards. Returns the wall time in seconds."""
     device = image.device
@@ -102,7 +94,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     cuda = device.type == "cuda"
 
     models = {}
@@ -182,7 +174,7 @@ def main(argv: Sequence[str]) -> int:
     """Entry point of ``jobs/benchmark_model.py``: parse ``key=value`` options, run, print, optionally save JSON."""
     config = parse_cli(BenchmarkConfig, argv, prog="benchmark_model.py")
     try:
-        _resolve_device(config.device)  # fail with a message, not a traceback, when CUDA is asked for but absent
+        resolve_device(config.device)  # fail with a message, not a traceback, when CUDA is asked for but absent
     except RuntimeError as err:
         print(f"benchmark_model.py: error: {err}", file=sys.stderr)
         return 2

@@ -9,8 +9,8 @@ threads, and both call :func:`datprl.platform.train.train_step` with the optimis
 ``optim.ema_decay`` is set (it is by default), as the Ray worker does. No text embeddings, no validation.
 
 * ``bare``: one process, no Ray. The train split is read once before any timing, in this process
-  (``decode_shard`` per shard URL of the manifest, rows shuffled, :class:`~datprl.platform.batching.BalancedBatcher`
-  ``fixed_batches`` with the per-pass count that Ray Train workers use, :func:`~datprl.platform.batching.collate`),
+  (``decode_shard`` per shard URL of the manifest, rows shuffled, :class:`~datprl.platform.data.transforms.BalancedBatcher`
+  ``fixed_batches`` with the per-pass count that Ray Train workers use, :func:`~datprl.platform.data.transforms.collate`),
   and the ``warmup_steps + steps`` batches are held in memory. Each round builds a fresh model and optimiser in this
   process (``torch.set_num_threads(threads)``), takes ``warmup_steps`` untimed steps, then times ``steps`` calls of
   ``train_step``. It measures pure compute: no data loading, no reports, no wrapper.
@@ -68,8 +68,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from datprl.platform import data_benchmark
-from datprl.platform.benchmarks import save_report
+from datprl.platform.bench import data as data_benchmark
+from datprl.platform.bench.model import save_report
+from datprl.platform.runtime import LOCAL_OBJECT_STORE_BYTES, loopback_only
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["TrainBenchmarkConfig", "bare_batches", "run_benchmark", "format_report", "main"]
@@ -119,8 +120,8 @@ class TrainBenchmarkConfig(StrictModel):
 
 def _train_config(config: TrainBenchmarkConfig, root: Path | None = None, name: str = "bench"):
     """The :class:`TrainConfig` of both sides (the bare side reads its optimiser, loss and schedule from it)."""
-    from datprl.platform.data import DataConfig
-    from datprl.platform.train import TrainConfig
+    from datprl.platform.data.pipeline import DataConfig
+    from datprl.platform.train.config import TrainConfig
 
     root = root or Path(tempfile.gettempdir())
     return TrainConfig(
@@ -140,10 +141,10 @@ def bare_batches(train_config, count: int) -> tuple[list[dict], dict[str, Any]]:
     """``count`` task-balanced training batches read in this process, as a Ray Train worker would assemble them:
     passes over the train split (``decode_shard`` per shard, rows shuffled), each giving the worker's per-pass number
     of batches (``batches_per_pass`` for 1 worker, ``BalancedBatcher.fixed_batches``). Returns (batches, info)."""
-    from datprl.platform.batching import BalancedBatcher, batches_per_pass, collate
-    from datprl.platform.data import StreamReport, decode_shard
-    from datprl.platform.shards import manifest_shard_urls
-    from datprl.platform.train import _train_counts, training_tasks
+    from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass, collate
+    from datprl.platform.data.pipeline import StreamReport, decode_shard
+    from datprl.platform.data.format import manifest_shard_urls
+    from datprl.platform.train.fit import _train_counts, training_tasks
 
     data = train_config.data
     tasks, _ = training_tasks(train_config)
@@ -172,7 +173,7 @@ def _bare_round(train_config, batches: list[dict], warmup: int, report_every: in
 
     from datprl.models import create_model
     from datprl.models.losses import DATPRLLoss
-    from datprl.platform.train import _schedule, train_step
+    from datprl.platform.train.loop import _schedule, train_step
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -213,7 +214,7 @@ def _ray_round(train_config, warmup: int) -> dict[str, Any]:
     """One ``fit`` run; steps/s from the windows of its reports (see the module docstring)."""
     import torch
 
-    from datprl.platform.train import fit, training_tasks
+    from datprl.platform.train.fit import fit, training_tasks
 
     start = time.perf_counter()
     result = fit(train_config)
@@ -263,26 +264,10 @@ def _ensure_dataset(path: str) -> None:
     data_benchmark._ensure_dataset(path, command=["jobs/benchmark_train.py"])
 
 
-def _loopback_only() -> None:
-    """Every port of a Ray started by this process on 127.0.0.1 (read once, when ray is first imported)."""
-    if "ray" not in sys.modules:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
 def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
-    """(started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used as it is.
-
-    The dashboard is on, on 127.0.0.1 (Ray takes the next free port from 8265), as :func:`datprl.platform.train.fit`
-    starts it: Ray Train's placement-group cleaner asks the dashboard's state API whether the Train controller is
-    alive. Without a dashboard Ray still records 127.0.0.1:8265 as its address, so while another Ray on the machine
-    serves a dashboard there, the cleaner hears "no such actor", takes the controller for dead and removes the
-    worker's placement group, killing the run ("A worker health check failed"; seen on this shared machine)."""
-    _loopback_only()
-    # The object store of the local Ray that fit() starts (train._init_ray): the decoded cache is on or off as there.
-    from datprl.platform.data import LOCAL_OBJECT_STORE_BYTES
-
-    store_mib = LOCAL_OBJECT_STORE_BYTES // 2**20
-    return data_benchmark._start_ray(cpus, niceness, dashboard=True, object_store_mib=store_mib)
+    """(started here, CPUs Ray has, seconds to start): the local Ray as ``fit()`` starts it (dashboard on, the same
+    object store, so the decoded cache is on or off as there). An already running Ray (tests) is used as it is."""
+    return data_benchmark._start_ray(cpus, niceness, dashboard=True, object_store_mib=LOCAL_OBJECT_STORE_BYTES // 2**20)
 
 
 def _set_omp_wait_policy(policy: str | None) -> str:
@@ -317,7 +302,7 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
     previous_policy = os.environ.get("OMP_WAIT_POLICY")
     bare_policy = _set_omp_wait_policy(config.omp_wait_policy)
     try:
-        _loopback_only()
+        loopback_only()
         import ray
         import torch
 

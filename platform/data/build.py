@@ -21,8 +21,9 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from datprl.platform.config import StrictModel, parse_cli
-from datprl.platform.degradations import GRAYSCALE_ONLY_TASKS, TASKS, degrade
-from datprl.platform.shards import DatasetWriter, SampleRecord, decode_image, default_package_versions
+from datprl.platform.data.degradations import GRAYSCALE_ONLY_TASKS, TASKS, degrade
+from datprl.platform.data.shards import DatasetWriter
+from datprl.platform.data.format import SampleRecord, decode_image, default_package_versions
 from datprl.platform.storage import S3Settings, atomic_write_bytes, join_url
 
 Split = Literal["train", "val", "test"]
@@ -223,7 +224,7 @@ class Job:
 
 
 def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str]]:
-    from datprl.platform import sources
+    from datprl.platform.data import sources
 
     catalogue = sources.catalogue()
     if not catalogue:

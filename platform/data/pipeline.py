@@ -19,10 +19,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from datprl.platform.batching import (
-    BalancedBatcher,
+from datprl.platform.data.sampler import BalancedBatcher, collate
+from datprl.platform.data.transforms import (
     center_crop,
-    collate,
     paired_augment,
     paired_random_crop,
     process_rng,
@@ -30,7 +29,8 @@ from datprl.platform.batching import (
     to_unit_float,
 )
 from datprl.platform.config import StrictModel
-from datprl.platform.shards import CorruptionReport, CorruptSampleError, iter_samples, manifest_shard_urls, read_manifest
+from datprl.platform.data.shards import CorruptionReport, CorruptSampleError, iter_samples
+from datprl.platform.data.format import manifest_shard_urls, read_manifest
 from datprl.platform.storage import S3Settings
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,6 @@ def decode_shard(
 DECODED_BYTES_PER_SHARD_BYTE = 3.0
 # The cache may take at most this fraction of the object store (training batches and checkpoints need the rest).
 CACHE_OBJECT_STORE_FRACTION = 0.25
-# Object store of the local Ray that jobs and benchmarks start in-process (the embedded default): room for a decoded
-# cache of up to 256 MiB, about twice the default corpus's estimate (3 x 40 MB of train shards).
-LOCAL_OBJECT_STORE_BYTES = 1024 * 2**20
 
 def _shape3(image: np.ndarray) -> list[int]:
     return [image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 0]

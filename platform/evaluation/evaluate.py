@@ -17,17 +17,12 @@ found it in); ``jobs/evaluate.py`` runs it from the command line on exported wei
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
-import json
 import math
 import os
-import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +31,8 @@ import torch
 from pydantic import Field, model_validator
 
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
-from datprl.platform.data import DataConfig, StreamReport, evaluation_rows, local_evaluation_rows
-from datprl.platform.storage import atomic_write_bytes
-from datprl.platform.metrics import PAPER, MetricProtocol, psnr, ssim
+from datprl.platform.data.pipeline import DataConfig, StreamReport, evaluation_rows, local_evaluation_rows
+from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, ssim
 
 
 __all__ = ["EvalConfig", "EvalResult", "PSNR_CAP", "evaluate", "main", "resolve_device"]
@@ -77,96 +71,11 @@ class EvalConfig(StrictModel):
         return MetricProtocol(y_channel=self.y_channel, crop_border=self.crop_border)
 
 
-@dataclass
-class EvalResult:
-    """What :func:`evaluate` measured.
-
-    rows: one dict per (domain, task): domain, task, zero_shot, n, input_psnr, input_ssim, output_psnr, output_ssim,
-        delta_psnr (output - input), input_exact / output_exact (images with infinite PSNR, capped at PSNR_CAP).
-    mean: the headline, means over tasks of the per-task means (n_tasks, n_images and the metric keys); with zero-shot
-        tasks also ``mean["seen"]`` and ``mean["zero_shot"]`` over those tasks only.
-    protocol: the metric protocol's description. prompt_usage: per pool (``task``/``domain``): its size and top_k,
-        selected-index counts ``total`` / ``by_task`` / ``by_domain`` (lists of pool-size ints) and the image counts
-        ``images`` / ``images_by_task`` / ``images_by_domain``; None for a network without pools.
-    images: per-image scores (key, domain, task, source_id and the four metrics, PSNRs uncapped, inf allowed).
-    skipped: damaged samples that were skipped (shard and key in each message).
-    """
-
-    rows: list[dict]
-    mean: dict
-    protocol: str
-    prompt_usage: dict | None = None
-    split: str = ""
-    dataset: str = ""
-    zero_shot_tasks: list[str] = field(default_factory=list)
-    model_config: dict | None = None
-    images: list[dict] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    @property
-    def n_images(self) -> int:
-        return len(self.images)
-
-    def markdown(self) -> str:
-        """The results table (one row per domain and task, then the mean over tasks) and the metric protocol."""
-        def pair(p: float, s: float) -> str:
-            return f"{p:.2f} / {s:.4f}"
-
-        lines = [
-            f"Evaluation of {self.dataset or 'the dataset'}, split `{self.split}`: {self.n_images} images, "
-            f"{self.mean['n_tasks']} tasks" + (f", {len(self.skipped)} damaged samples skipped" if self.skipped else ""),
-            "",
-            "| domain | task | n | input PSNR/SSIM | output PSNR/SSIM | delta PSNR |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
-        ]
-        for r in self.rows:
-            task = r["task"] + (" (zero-shot)" if r["zero_shot"] else "")
-            lines.append(f"| {r['domain']} | {task} | {r['n']} | {pair(r['input_psnr'], r['input_ssim'])} | "
-                         f"{pair(r['output_psnr'], r['output_ssim'])} | {r['delta_psnr']:+.2f} |")
-        for label, m in (("seen tasks", self.mean.get("seen")), ("zero-shot tasks", self.mean.get("zero_shot")),
-                         ("all tasks", self.mean)):  # fmt: skip
-            if m is None:
-                continue
-            lines.append(f"| **Mean** | {label} ({m['n_tasks']}) | {m['n_images']} | "
-                         f"{pair(m['input_psnr'], m['input_ssim'])} | {pair(m['output_psnr'], m['output_ssim'])} | "
-                         f"{m['delta_psnr']:+.2f} |")
-        lines += [
-            "",
-            "Mean = mean over tasks of the per-task means (the paper's headline). Input = the degraded image itself "
-            f"(do-nothing baseline). Exact restorations (infinite PSNR) count as {PSNR_CAP:g} dB.",
-            f"Metric protocol: {self.protocol}",
-        ]
-        return "\n".join(lines) + "\n"
-
-    def to_json(self) -> dict:
-        """Everything as a JSON-compatible dict (infinite per-image PSNRs become null)."""
-        data = asdict(self)
-        data["n_images"] = self.n_images
-        data["images"] = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in im.items()}
-                          for im in self.images]
-        return data
-
+from datprl.models import unwrap_model
+from datprl.platform.runtime import LocalRaySettings, ray_session, resolve_device
+from datprl.platform.evaluation.report import EvalResult, write_outputs
 
 # --- helpers ------------------------------------------------------------------------------------------------------
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; a CUDA device asked for without CUDA is an error."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for, but torch sees no CUDA device; use device=cpu or auto")
-    return device
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The network inside a DistributedDataParallel / DataParallel wrapper (evaluation runs on one process)."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def _accepts_return_aux(model: torch.nn.Module) -> bool:
     try:
         params = inspect.signature(model.forward).parameters
@@ -211,27 +120,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by others (see :func:`datprl.platform.storage.atomic_write_bytes`)."""
-    atomic_write_bytes(str(path), data)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, text.encode("utf-8"))
-
-
 class _UsageCounter:
     """Counts of selected prompt indices per pool, overall and per task / domain."""
 
@@ -261,48 +149,11 @@ class _UsageCounter:
                 for name, e in self.pools.items()}
 
 
-def prompt_usage_png(usage: dict) -> bytes:
-    """Heatmaps of selection frequency (fraction of images selecting each prompt): one row of panels per pool, rows =
-    tasks on the left and domains on the right, columns = prompt index."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global state, no backend switch in the caller's process
-
-    pools = list(usage)
-    n_rows = max(max(len(usage[p]["by_task"]), len(usage[p]["by_domain"])) for p in pools)
-    max_size = max(usage[p]["size"] for p in pools)
-    fig = Figure(figsize=(2.5 + 2 * max(4.0, 0.45 * max_size), 1.2 + len(pools) * (0.9 + 0.4 * n_rows)),
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(pools), 2, squeeze=False)
-    image = None
-    for row, pool in enumerate(pools):
-        entry = usage[pool]
-        for col, (by, counts_key, label) in enumerate((("task", "by_task", "images_by_task"),
-                                                         ("domain", "by_domain", "images_by_domain"))):
-            ax = axes[row][col]
-            names = list(entry[counts_key])
-            freq = np.array([[c / max(entry[label][n], 1) for c in entry[counts_key][n]] for n in names])
-            image = ax.imshow(freq, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
-            ax.set_xticks(range(entry["size"]))
-            ax.set_yticks(range(len(names)), labels=[f"{n} ({entry[label][n]})" for n in names], fontsize=8)
-            ax.set_xlabel(f"{pool} prompt index (top-{entry['top_k']} of {entry['size']})", fontsize=8)
-            ax.set_title(f"{pool} pool by {by}", fontsize=9)
-            ax.tick_params(axis="x", labelsize=7)
-            if entry["size"] <= 24 and len(names) <= 24:
-                for (i, j), v in np.ndenumerate(freq):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                            color="black" if v > 0.6 else "white")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="fraction of images selecting the prompt")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
 # --- evaluation ---------------------------------------------------------------------------------------------------
 def _check_tasks(data: DataConfig, split: str, tasks: Sequence[str] | None) -> None:
     if tasks is None:
         return
-    from datprl.platform.shards import read_manifest
+    from datprl.platform.data.format import read_manifest
 
     manifest = read_manifest(data.dataset, data.s3)
     present = sorted({c.task for c in manifest.counts if c.split == split and c.samples > 0})
@@ -336,7 +187,7 @@ def evaluate(
     ``metrics.json`` (``metadata`` is stored there too, e.g. weights or training step), ``grids/`` and
     ``prompt_usage.png``, every file written atomically.
     """
-    net = _unwrap(model)
+    net = unwrap_model(model)
     first = next(iter(net.parameters()), None)
     home = first.device if first is not None else torch.device("cpu")
     target_device = home if device is None else resolve_device(device)
@@ -427,48 +278,7 @@ def evaluate(
     return result
 
 
-def write_outputs(result: EvalResult, out_dir: Path, grids: Sequence[tuple[str, str, str, np.ndarray]] = (),
-                  metadata: dict | None = None) -> None:
-    """Write metrics.md/.csv/.json, the comparison grids and (with pools) prompt_usage.png, each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "metrics.md", result.markdown())
-
-    columns = ["domain", "task", "zero_shot", "n", *_METRICS, "delta_psnr", "input_exact", "output_exact"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(result.rows)
-    m = result.mean
-    writer.writerow({"domain": "mean", "task": f"all ({m['n_tasks']} tasks)", "zero_shot": "", "n": m["n_images"],
-                     **{k: m[k] for k in (*_METRICS, "delta_psnr")}})
-    _write_text(out_dir / "metrics.csv", buffer.getvalue())
-
-    data = result.to_json()
-    data["metadata"] = metadata or {}
-    _write_text(out_dir / "metrics.json", json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
-
-    for domain, task, key, grid in grids:
-        name = "__".join(_safe_name(p) for p in (domain, task, key)) + ".png"
-        _atomic_write(out_dir / "grids" / name, _png_bytes(grid))
-    if result.prompt_usage:
-        _atomic_write(out_dir / "prompt_usage.png", prompt_usage_png(result.prompt_usage))
-
-
 # --- command line -------------------------------------------------------------------------------------------------
-def _start_ray() -> bool:
-    """Connect to RAY_ADDRESS or start a small local Ray unless one is running; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
-    return True
-
-
 def main(argv: Sequence[str]) -> int:
     """``jobs/evaluate.py [config.yaml] [key=value ...]``: load the network, evaluate, print the table, save all."""
     config = parse_cli(EvalConfig, argv, prog="evaluate.py")
@@ -487,16 +297,10 @@ def main(argv: Sequence[str]) -> int:
         metadata.update(variant=config.variant, note="freshly initialised network (smoke run), not trained")
     metadata["config"] = config_to_dict(config)
 
-    started = _start_ray()
-    try:
+    with ray_session(local=LocalRaySettings(num_cpus=2, object_store_bytes=256 * 2**20, dashboard=False)):
         result = evaluate(model, config.data, split=config.split, out_dir=config.out_dir, protocol=config.protocol,
                           tasks=config.tasks, max_grids_per_task=config.max_grids_per_task, device=config.device,
                           zero_shot_tasks=config.zero_shot_tasks, metadata=metadata)  # fmt: skip
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     save_resolved_config(config, config.out_dir / "config.yaml")
     print(result.markdown())
     print(f"wrote {config.out_dir}/metrics.md, metrics.csv, metrics.json, grids/"

@@ -1,0 +1,243 @@
+"""The worker side of training: what every Ray Train worker runs (model, optimiser, EMA, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datprl.models import create_model, save_model
+from datprl.models.losses import DATPRLLoss
+from datprl.platform.config import config_to_dict
+from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
+from datprl.platform.data.pipeline import (
+    StreamReport,
+    training_batches,
+)
+from datprl.platform.storage import S3Settings
+
+log = logging.getLogger(__name__)
+
+
+from datprl.platform.train.config import OptimConfig, TrainConfig
+
+
+
+def _load_text_embeddings(path: str | None, s3: S3Settings | None) -> dict[str, torch.Tensor] | None:
+    if path is None:
+        return None
+    import pyarrow.parquet as pq
+
+    from datprl.platform.storage import filesystem
+
+    fs, local = filesystem(path, s3)
+    table = pq.read_table(local, filesystem=fs, columns=["source_id", "embedding"])
+    return {sid: torch.tensor(emb, dtype=torch.float32) for sid, emb in zip(table["source_id"].to_pylist(), table["embedding"].to_pylist())}
+
+
+def _text_batch(table: dict[str, torch.Tensor] | None, source_ids: list[str], device) -> tuple[Any, Any]:
+    if table is None:
+        return None, None
+    dim = next(iter(table.values())).numel()
+    mask = torch.tensor([s in table for s in source_ids], device=device)
+    rows = [table.get(s, torch.zeros(dim)) for s in source_ids]
+    return torch.stack(rows).to(device), mask
+
+
+def _schedule(optim: OptimConfig, steps: int):
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps))
+        floor = optim.min_lr / optim.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _worker_print(*parts: object, flush: bool = True) -> None:
+    # Ray Train V2 patches print() in workers to go both to the console and to its logger, which the driver shows
+    # twice; the process's real stdout is forwarded to the driver once.
+    print(*parts, file=sys.__stdout__, flush=flush)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    tasks: list[str] = loop_config["tasks"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed + rank)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    device = ray.train.torch.get_device()
+
+    model = create_model(config.variant, **config.model_overrides)
+    net = ray.train.torch.prepare_model(model)  # DDP when world > 1, on the worker's device
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.optim.lr, betas=config.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
+    ema = None
+    if config.optim.ema_decay:
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay))
+    criterion = DATPRLLoss(config.loss)
+    texts = _load_text_embeddings(config.text_embeddings, config.s3)
+    if texts is None and rank == 0 and config.loss.align and model.domain_pool is not None:
+        _worker_print("[train] no text embeddings (text_embeddings=None): the alignment loss L_align is off")
+
+    step, passes = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        step, passes = state["step"], state["passes"]
+        if rank == 0:
+            _worker_print(f"[train] resumed from step {step} (pass {passes})")
+
+    start_step = step  # reported with every metric: where this attempt began (0, or the checkpoint it resumed)
+    crash_at = _crash_hook()
+    shard = ray.train.get_dataset_shard("train")
+    report = StreamReport()
+    # Every worker takes the same number of steps per pass, or DDP and the streaming split would wait on each other.
+    steps_per_pass = batches_per_pass(loop_config["counts"], tasks, config.data.per_task_batch, world)
+    batcher = BalancedBatcher(tasks, per_task=config.data.per_task_batch, seed=config.seed + 1000 * passes + rank)
+    window: list[dict[str, float]] = []  # loss terms of the steps since the last report
+    started = time.perf_counter()
+    while step < config.steps:
+        for batch in training_batches(shard, tasks, config.data.per_task_batch, config.data.shuffle_buffer, report,
+                                      num_batches=steps_per_pass, batcher=batcher):  # fmt: skip
+            terms = train_step(net, model, batch, criterion, optimizer, scheduler, params, config, device, texts)
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            if crash_at is not None and rank == 0:
+                crash_at(step)
+            window.append(terms)
+            last = step >= config.steps
+            validate = bool(config.validate_every and config.evaluate_split and step % config.validate_every == 0)
+            if step % config.log_every == 0 or step % config.checkpoint_every == 0 or validate or last:
+                batch_size = batch["lq"].shape[0]
+                means = {k: sum(t[k] for t in window) / len(window) for k in window[-1]}
+                metrics = {"step": step, "resumed_from_step": start_step, "loss": means["total"],
+                           "lr": scheduler.get_last_lr()[0], "passes": passes,
+                           "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
+                           "corrupt_samples": len(report.corrupt), **{f"loss_{k}": v for k, v in means.items()}}  # fmt: skip
+                if config.validate_every and config.evaluate_split and (step % config.validate_every == 0 or last):
+                    metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank, step))
+                window, started = [], time.perf_counter()
+                if step % config.checkpoint_every == 0 or last:
+                    _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank)
+                else:
+                    ray.train.report(metrics)
+                if rank == 0:
+                    _worker_print(f"[train] step {step}/{config.steps} loss {metrics['loss']:.4f} "
+                                  f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s")  # fmt: skip
+            if last:
+                break
+        passes += 1
+
+
+def train_step(
+    net, model, batch, criterion, optimizer, scheduler, params, config: TrainConfig, device, texts
+) -> dict[str, float]:
+    """One optimisation step on one worker's part of the batch; returns the loss terms (detached floats).
+
+    ``net`` is the (possibly DDP-wrapped) module that runs forward/backward, ``model`` the bare network (pools,
+    temperatures); ``batch`` holds ``lq``/``gt`` tensors (B, 3, H, W) and, when ``texts`` is given, ``source_id``.
+    Forward under bf16 autocast on GPU, all losses, backward (DDP averages the gradients across workers here),
+    optional gradient clipping, optimiser and scheduler step, temperature projection.
+    """
+    lq, gt = batch["lq"].to(device, non_blocking=True), batch["gt"].to(device, non_blocking=True)
+    text, mask = _text_batch(texts, batch["source_id"], device) if texts is not None else (None, None)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        output = net(lq, return_aux=True)
+    loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    _clamp_temperatures(model, config)
+    return terms
+
+
+def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank: int, step: int) -> dict[str, float]:
+    """Periodic validation on rank 0 (the weights are the same on every worker): PSNR per task of the EMA weights when
+    EMA is on, read in this process (a Ray Data read would compete with the training read for the worker's CPUs)."""
+    if rank != 0:
+        return {}
+    from datprl.platform.evaluation.evaluate import evaluate
+
+    net = ema.module if ema is not None else model
+    result = evaluate(net, config.data, split=config.evaluate_split, max_grids_per_task=0, device=device,
+                      zero_shot_tasks=held_out, read_in_process=True)  # fmt: skip
+    metrics = {"val_psnr": result.mean["output_psnr"], "val_input_psnr": result.mean["input_psnr"]}
+    for row in result.rows:
+        metrics[f"val_delta_psnr/{row['task']}"] = row["delta_psnr"]
+    deltas = " ".join(f"{row['task']} {row['delta_psnr']:+.2f}" for row in result.rows)
+    _worker_print(f"[train] step {step} validation ({config.evaluate_split}): PSNR {metrics['val_psnr']:.2f} dB "
+          f"(input {metrics['val_input_psnr']:.2f}); per task dB vs input: {deltas}", flush=True)  # fmt: skip
+    return metrics
+
+
+def _crash_hook():
+    """Fault injection for tests (never set in production): with ``DATPRL_TEST_CRASH_AT_STEP=N`` in the workers'
+    environment, rank 0 kills its own process (``os._exit(1)``, no cleanup, as a lost node would) right after
+    optimiser step N, once: it first creates the file ``DATPRL_TEST_CRASH_MARKER`` and never crashes while that file
+    exists (without a marker path it crashes every time it reaches step N). Returns None when the hook is off."""
+    at = os.environ.get("DATPRL_TEST_CRASH_AT_STEP")
+    if not at:
+        return None
+    marker = os.environ.get("DATPRL_TEST_CRASH_MARKER")
+
+    def crash(step: int) -> None:
+        if step != int(at) or (marker and Path(marker).exists()):
+            return
+        if marker:
+            Path(marker).write_text(f"crashed at step {step}\n")
+        _worker_print(f"[train] DATPRL_TEST_CRASH_AT_STEP: worker exits at step {step}")
+        os._exit(1)
+
+    return crash
+
+
+def _clamp_temperatures(model: torch.nn.Module, config: TrainConfig) -> None:
+    # The forward pass clamps tau to [min, max] (method.md step 3), which gives the raw parameter zero gradient once it
+    # leaves the range: project it back after each step so it can always move again.
+    with torch.no_grad():
+        for pool in (model.task_pool, model.domain_pool):
+            if pool is not None:
+                pool.temperature.clamp_(*pool.temperature_range)
+
+
+def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:  # one copy of the replicated state; every worker still reports
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None, "step": step, "passes": passes}  # fmt: skip
+            torch.save(state, Path(folder) / "state.pt")
+            (Path(folder) / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+            weights = ema.module if ema is not None else model
+            save_model(weights, Path(folder) / "model")
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
