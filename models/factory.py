@@ -6,17 +6,17 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from datprl.models.config import ModelConfig, PromptPoolConfig
 from datprl.models.network import DATPRLIR
+from datprl.platform.storage import atomic_write_bytes
 
 _TINY = dict(
     width=16,
@@ -183,19 +183,6 @@ CONFIG_SUFFIX = ".json"
 WEIGHTS_SUFFIX = ".safetensors"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights must stay readable by a serving user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_model(model: DATPRLIR, path: str | os.PathLike) -> Path:
     """Write ``<path>.safetensors`` and its config ``<path>.json`` (``path`` with or without the suffix)."""
     stem = Path(path)
@@ -203,9 +190,9 @@ def save_model(model: DATPRLIR, path: str | os.PathLike) -> Path:
         stem = stem.with_suffix("")
     weights = stem.with_name(stem.name + WEIGHTS_SUFFIX)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "network": "DATPRL-IR"}))
+    atomic_write_bytes(weights, save(state, metadata={"format": "pt", "network": "DATPRL-IR"}))
     config_json = json.dumps({"model": model.config.model_dump(mode="json")}, indent=1)
-    _atomic_write(stem.with_name(stem.name + CONFIG_SUFFIX), lambda tmp: Path(tmp).write_text(config_json))
+    atomic_write_bytes(stem.with_name(stem.name + CONFIG_SUFFIX), config_json.encode("utf-8"))
     return weights
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -26,6 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
+
+from datprl.platform.storage import atomic_write_bytes
 
 __all__ = ["StrictModel", "ConfigError", "load_config", "parse_cli", "save_resolved_config", "config_to_dict"]
 
@@ -172,6 +173,47 @@ def _apply_override(raw: dict, schema: type[BaseModel], text: str) -> tuple[str,
     raise AssertionError("unreachable")
 
 
+# --- keys of earlier config versions ------------------------------------------------------------------------------
+def _moved(schema: type[BaseModel]) -> dict[str, tuple[str | None, str]]:
+    """A schema's ``moved_keys`` (old top-level key -> (new dotted key or None if removed, why))."""
+    return getattr(schema, "moved_keys", {}) or {}
+
+
+def _move_old_keys(raw: dict, schema: type[BaseModel], where: str) -> None:
+    """Move an old top-level key of a config file to its new place (with a note on stderr), or fail with the
+    reason it was removed and what to write instead."""
+    for old, (new, why) in _moved(schema).items():
+        if old not in raw:
+            continue
+        if new is None:
+            raise ConfigError(f"'{old}' {where} is no longer a config key: {why}".replace("  ", " "))
+        value = raw.pop(old)
+        node = raw
+        *parents, leaf = new.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{old}' {where} moved to '{new}', but '{part}' is not a mapping there")
+        if leaf in node and node[leaf] != value:
+            raise ConfigError(f"'{old}' {where} is the old spelling of '{new}', and both are given with different "
+                              f"values ({_short(value)} and {_short(node[leaf])}); keep only '{new}'")
+        node[leaf] = value
+        print(f"note: '{old}' {where} is now '{new}' ({why}); please rename it".replace("  ", " "), file=sys.stderr)
+
+
+def _moved_override(schema: type[BaseModel], text: str) -> str:
+    """A CLI override of an old key, rewritten to the new key (with a note), or a ConfigError if it was removed."""
+    key, sep, value = text.partition("=")
+    head, dot, rest = key.strip().partition(".")
+    if not sep or head not in _moved(schema):
+        return text
+    new, why = _moved(schema)[head]
+    if new is None:
+        raise ConfigError(f"CLI override '{text}': '{head}' is no longer a config key: {why}")
+    print(f"note: CLI override '{text}': '{head}' is now '{new}' ({why})", file=sys.stderr)
+    return f"{new}{dot}{rest}={value}"
+
+
 # --- loading ------------------------------------------------------------------------------------------------------
 def _read_yaml(path: Path) -> dict:
     try:
@@ -218,7 +260,7 @@ def _to_config_error(err: ValidationError, schema: type[BaseModel], path: Path |
             what = "unknown key" + (f"; valid keys at {_dotted(loc[:-1]) or 'the top level'}: "
                                     f"{', '.join(parent.model_fields)}" if parent is not None else "")
         else:
-            what = e["msg"]
+            what = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
             if e["type"] != "missing" and not isinstance(e.get("input"), dict):
                 what += f" (got {_short(e.get('input'))})"
         lines.append(f"{_dotted(loc) or '(top level)'}: {what} [{source(loc)}]")
@@ -235,6 +277,8 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
     """
     file = Path(path) if path is not None else None
     raw = _read_yaml(file) if file is not None else {}
+    _move_old_keys(raw, schema, f"in {file}" if file is not None else "")
+    overrides = [_moved_override(schema, text) for text in overrides]
     applied = [(_apply_override(raw, schema, text), text) for text in overrides]
     try:
         return schema.model_validate(raw)
@@ -285,7 +329,8 @@ def _help_text(schema: type[BaseModel], prog: str) -> str:
     width = max((len(r[0]) for r in rows), default=0)
     type_width = min(max((len(r[1]) for r in rows), default=0), 48)
     doc = (schema.__doc__ or "").strip().splitlines()
-    lines = [f"usage: {prog} [CONFIG.yaml] [key=value ...]", ""]
+    lines = [f"usage: {prog} [--dry-run] [CONFIG.yaml] [key=value ...]", "",
+             "--dry-run prints the resolved config as YAML and exits without running anything.", ""]
     if doc:
         lines += [doc[0], ""]
     lines += [f"Fields of {schema.__name__} (override any with dotted.key=value; values are YAML):"]
@@ -296,7 +341,8 @@ def _help_text(schema: type[BaseModel], prog: str) -> str:
 def parse_cli(schema: type[T], argv: Sequence[str], prog: str | None = None) -> T:
     """Entry-point parsing: ``[CONFIG.yaml|.yml] [key=value ...]``.
 
-    ``-h``/``--help`` prints every field (dotted name, type, default, description) and exits 0. A bad config prints
+    ``-h``/``--help`` prints every field (dotted name, type, default, description) and exits 0; ``--dry-run`` prints
+    the resolved config (:func:`dry_run_text`) and exits 0, before the job starts anything. A bad config prints
     ``error: ...`` to stderr and exits 2 (as argparse does), so a job never dies with a traceback for a typo.
     """
     argv = list(argv)
@@ -304,14 +350,40 @@ def parse_cli(schema: type[T], argv: Sequence[str], prog: str | None = None) -> 
     if "-h" in argv or "--help" in argv:
         print(_help_text(schema, prog))
         raise SystemExit(0)
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    unknown = [a for a in argv if a.startswith("--")]
+    if unknown:
+        print(f"{prog}: error: unknown option {unknown[0]}; options are --help and --dry-run, fields are set as "
+              "key=value", file=sys.stderr)
+        raise SystemExit(2)
     path = None
     if argv and "=" not in argv[0] and argv[0].lower().endswith((".yaml", ".yml")):
         path, argv = argv[0], argv[1:]
     try:
-        return load_config(schema, path, argv)
+        config = load_config(schema, path, argv)
     except ConfigError as err:
         print(f"{prog}: error: {err}\n(run with --help to list the fields)", file=sys.stderr)
         raise SystemExit(2) from None
+    if dry_run:
+        print(dry_run_text(config))
+        raise SystemExit(0)
+    return config
+
+
+def dry_run_text(config: BaseModel) -> str:
+    """What ``--dry-run`` prints: the resolved config as YAML (loadable with :func:`load_config`), then any extra
+    documents the schema adds (``dry_run_documents()``, e.g. the network a model section resolves to)."""
+    text = f"# resolved {type(config).__name__} config (--dry-run: nothing was started)\n" + _dump_yaml(
+        config_to_dict(config))
+    extra = getattr(config, "dry_run_documents", None)
+    for name, document in (extra() if extra is not None else {}).items():
+        text += f"---\n# {name}\n" + _dump_yaml(document)
+    return text.rstrip()
+
+
+def _dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 # --- saving -------------------------------------------------------------------------------------------------------
@@ -321,23 +393,11 @@ def config_to_dict(config: BaseModel) -> dict[str, Any]:
 
 
 def save_resolved_config(config: BaseModel, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML, atomically (a temp file in the same directory, then os.replace, so a
-    reader never sees half a file), with a header comment recording the UTC time. ``load_config`` reads it back to
-    an equal object."""
+    """Write the resolved config as YAML, atomically (:func:`datprl.platform.storage.atomic_write_bytes`: a reader
+    never sees half a file), with a header comment recording the UTC time. ``load_config`` reads it back to an equal
+    object."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    text = f"# resolved {type(config).__name__} config, saved {stamp} UTC\n" + yaml.dump(
-        config_to_dict(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; the saved config is meant to be read by others
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = f"# resolved {type(config).__name__} config, saved {stamp} UTC\n" + _dump_yaml(config_to_dict(config))
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path

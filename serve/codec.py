@@ -13,7 +13,8 @@ Normalisation (the model's input convention, as in training: stored value / whit
 
 * 8-bit images: / 255. 16-bit PNG/TIFF: / 65535, or / ``white_level`` when the request gives one (e.g. 4095 for
   12-bit content, the convention of the medical training data).
-* DICOM CT with a rescale (HU): ``stored = clip(HU + 1024, 0, 4095)`` / 4095, exactly the training corpus' convention.
+* DICOM CT with a rescale (HU): ``stored = clip(HU + 1024, 0, 4095)`` / 4095, exactly the training corpus' convention
+  (both use :mod:`datprl.platform.data.conventions`).
   Other 16-bit DICOM: ``(raw - lo) / (hi - lo)`` with ``lo = min(0, raw.min())``, ``hi = raw.max()`` (the training
   corpus scales each file by its maximum too). 8-bit DICOM: / 255.
 
@@ -41,6 +42,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile
+
+from datprl.platform.data import conventions
 
 __all__ = [
     "RequestError",
@@ -92,10 +95,6 @@ _UNSUPPORTED_SIGNATURES = [
     (b"MM\x00\x2b", "BigTIFF"),
 ]
 _SUPPORTED_TEXT = "PNG, JPEG, TIFF or single-frame DICOM"
-
-# CT storage convention of the training corpus (datprl.platform.data.sources): stored = clip(HU + 1024, 0, 4095).
-CT_OFFSET = 1024
-CT_WHITE = 4095
 
 
 class RequestError(Exception):
@@ -267,8 +266,9 @@ def decode(data: bytes, fmt: str, max_pixels: int, white_level: int | None = Non
         if image.format == "dicom":
             raise RequestError(422, "white_level does not apply to DICOM input (its own rescale is used)",
                                "leave out white_level for DICOM")
-        if not 1 <= white_level <= 2**image.bit_depth - 1:
-            raise RequestError(422, f"white_level={white_level} is outside 1..{2**image.bit_depth - 1} for a "
+        full_range = conventions.white_level(bit_depth=image.bit_depth)
+        if not 1 <= white_level <= full_range:
+            raise RequestError(422, f"white_level={white_level} is outside 1..{full_range} for a "
                                f"{image.bit_depth}-bit image", "give the stored value that means full scale")
         image.white_level = white_level
     return image
@@ -375,7 +375,8 @@ def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
                 icc, exif = meta.info.get("icc_profile"), meta.info.get("exif")
         except Exception:  # noqa: BLE001 - pypng decoded it; metadata is optional
             icc, exif = None, None
-        return DecodedImage("png", pixels, alpha, 16, 65535, notes=notes, icc_profile=icc or None,
+        return DecodedImage("png", pixels, alpha, 16, conventions.white_level(bit_depth=16), notes=notes,
+                            icc_profile=icc or None,
                             exif=_exif_bytes(exif))
     return _decode_pillow(data, "png", max_pixels)
 
@@ -421,7 +422,8 @@ def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
             alpha = _key_alpha(pixels, key, 255)
             if alpha is not None:
                 notes.append("the PNG tRNS colour key is returned as an alpha channel")
-        return DecodedImage(fmt, pixels, alpha, 8, 255, notes=notes, icc_profile=icc, exif=exif)
+        return DecodedImage(fmt, pixels, alpha, 8, conventions.white_level(bit_depth=8), notes=notes,
+                            icc_profile=icc, exif=exif)
     if mode.startswith("I;16") or mode == "I":
         array = np.asarray(image)
         if array.size and (array.min() < 0 or array.max() > 65535):
@@ -431,7 +433,8 @@ def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
         alpha = None if key is None else _key_alpha(pixels, key, 65535)
         if alpha is not None:
             notes.append("the PNG tRNS colour key is returned as an alpha channel")
-        return DecodedImage(fmt, pixels, alpha, 16, 65535, notes=notes, icc_profile=icc, exif=exif)
+        return DecodedImage(fmt, pixels, alpha, 16, conventions.white_level(bit_depth=16), notes=notes,
+                            icc_profile=icc, exif=exif)
     raise RequestError(415, f"{fmt.upper()} images of mode {mode} are not supported",
                        "send 8- or 16-bit grayscale, RGB or RGBA")
 
@@ -542,7 +545,7 @@ def _decode_tiff_page(tif: Any, data: bytes, max_pixels: int) -> DecodedImage:
         notes.append("MINISWHITE input is returned as MINISBLACK (inverted: it displays the same)")
     icc = page.tags.get(34675)
     orientation = page.tags.get(274)
-    return DecodedImage("tiff", pixels, alpha, bits, 2**bits - 1, notes=notes,
+    return DecodedImage("tiff", pixels, alpha, bits, conventions.white_level(bit_depth=bits), notes=notes,
                         icc_profile=bytes(icc.value) if icc is not None else None,
                         exif=_orientation_exif(orientation.value if orientation is not None else None))
 
@@ -598,17 +601,17 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     mapping: dict[str, Any] = {"dtype": str(raw.dtype), "samples": samples}
     if bits == 8:
         stored = raw.astype(np.uint8)
-        white = 255
+        white = conventions.white_level(bit_depth=8)
         mapping["kind"] = "identity8"
     elif str(ds.get("Modality", "")).upper() == "CT" and "RescaleIntercept" in ds:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.RescaleIntercept)
-        shifted = np.rint(raw.astype(np.float64) * slope + intercept + CT_OFFSET)
-        outside = (shifted < 0) | (shifted > CT_WHITE)
+        hu = raw.astype(np.float64) * slope + intercept
+        outside = conventions.outside_ct_window(hu)
         if outside.any():  # padding (-2000/-3024 HU) or metal: the DICOM out gives these pixels back unchanged
             mapping["outside"] = (outside, raw[outside])
-        stored = np.clip(shifted, 0, CT_WHITE).astype(np.uint16)
-        white = CT_WHITE
+        stored = conventions.hu_to_stored(hu)
+        white = conventions.MEDICAL_WHITE
         mapping.update(kind="ct", slope=slope, intercept=intercept)
     else:
         lo = min(0, int(raw.min()))
@@ -617,7 +620,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         white = hi - lo
         mapping.update(kind="range", lo=lo)
     pixels = stored[..., None] if stored.ndim == 2 else stored
-    notes = ["CT values are returned as HU + 1024 in [0, 4095]"] if mapping["kind"] == "ct" else []
+    notes = ([f"CT values are returned as HU + {conventions.CT_OFFSET} in [0, {conventions.MEDICAL_WHITE}]"]
+             if mapping["kind"] == "ct" else [])
     return DecodedImage("dicom", pixels, None, bits, white, dicom=ds, dicom_map=mapping, notes=notes)
 
 
@@ -701,7 +705,8 @@ def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png", bit_dep
             notes.append("JPEG holds 8 bits: the 16-bit input is returned at 8 bits")
     else:
         bits = bit_depth
-    scale = source.white_level if bits == source.bit_depth else 2**bits - 1
+    # the source's own white level at its own depth; at another depth the full range of that depth
+    scale = source.white_level if bits == source.bit_depth else conventions.white_level(bit_depth=bits)
     values = _quantise(to_gray_or_rgb(restored, source.colour_channels), scale, bits)
     alpha = None if source.alpha is None else _convert_alpha(source.alpha, bits)
     if fmt == "jpeg" and alpha is not None:
@@ -809,7 +814,7 @@ def _encode_dicom(values: np.ndarray, source: DecodedImage) -> bytes:
     dtype = np.dtype(mapping["dtype"])
     stored = values.astype(np.float64)
     if mapping["kind"] == "ct":
-        raw = (stored - CT_OFFSET - mapping["intercept"]) / mapping["slope"]
+        raw = (conventions.stored_to_hu(stored) - mapping["intercept"]) / mapping["slope"]
     elif mapping["kind"] == "range":
         raw = stored + mapping["lo"]
     else:

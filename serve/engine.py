@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from datprl.models.factory import CONFIG_SUFFIX, VARIANTS, WEIGHTS_SUFFIX, count_parameters, create_model, load_model, weights_digest
 from datprl.models.network import PAD_MULTIPLE, DATPRLIR
 from datprl.platform import storage
+from datprl.platform.runtime import resolve_device
 from datprl.serve.config import ServeConfig
 from datprl.serve.tiling import tiled_apply
 
@@ -239,7 +240,7 @@ def padded_shape(unit: torch.Tensor) -> tuple[int, int]:
 def load_engine(config: ServeConfig, device: str | torch.device | None = None) -> Engine:
     """The network the config asks for (trained weights when given or found, else a fresh ``variant``) on
     ``device`` (default: CUDA when visible, else CPU)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     weights = config.resolved_weights()

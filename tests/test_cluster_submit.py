@@ -46,7 +46,7 @@ def test_cluster_training_config_validates():
     assert LAUNCH in header, "the header comment must give the exact launch command"
     config = load_config(TrainConfig, INFRA / "train-cluster.yaml")
     assert config.storage.startswith("s3://") and config.data.dataset.startswith("s3://"), "nodes share s3:// storage"
-    assert config.use_gpu is True and config.variant == "paper" and config.data.crop_size == 128
+    assert config.use_gpu is True and config.model.variant == "paper" and config.data.crop_size == 128
     assert isinstance(config.num_workers, int) and config.num_workers > 1
     assert config.checkpoint_every < config.steps
     # The job runs in a temporary copy of the repo: a relative output_dir would be written into it.
@@ -213,7 +213,7 @@ def _tail(text: str, lines: int = 60) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="stopping only our head reads /proc (Linux)")
 def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
-    from datprl.models import load_model, variant_config
+    from datprl.models import load_model
     from datprl.platform.data.build import BuildConfig, build
 
     dataset, runs, out = tmp_path / "data", tmp_path / "runs", tmp_path / "out"
@@ -262,7 +262,7 @@ def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
     folder, final = max(states.items(), key=lambda item: item[1]["step"])
     assert final["step"] == local.steps, [s["step"] for s in states.values()]
     model = load_model(out / "model.safetensors")
-    assert model.config == variant_config(local.variant)
+    assert model.config == local.model.resolve()
     exported, saved = model.state_dict(), load_model(folder / "model.safetensors").state_dict()
     assert exported.keys() == saved.keys() == final["model"].keys()
     assert all(torch.equal(exported[k], saved[k]) for k in exported)

@@ -43,7 +43,7 @@ def _config(dataset: Path, root: Path, **overrides) -> TrainConfig:
         output_dir=str(root / "out"),
         data=DataConfig(dataset=str(dataset), crop_size=32, tasks=["haze"], per_task_batch=4, shuffle_buffer=8),
         build_dataset_if_missing=False,
-        variant="paper_tiny",
+        model={"variant": "paper_tiny"},
         optim=OptimConfig(lr=2e-3),
         cpus_per_worker=0.5,
         evaluate_split=None,

@@ -128,7 +128,7 @@ def _train_config(config: TrainBenchmarkConfig, root: Path | None = None, name: 
         name=name, storage=str(root / "storage"), output_dir=str(root / "out"),
         data=DataConfig(dataset=config.dataset, crop_size=config.crop_size, per_task_batch=config.per_task_batch,
                         shuffle_buffer=config.shuffle_buffer),
-        build_dataset_if_missing=False, variant=config.variant, steps=config.warmup_steps + config.steps,
+        build_dataset_if_missing=False, model={"variant": config.variant}, steps=config.warmup_steps + config.steps,
         num_workers=1, cpus_per_worker=config.cpus_per_worker, use_gpu=False, max_failures=0,
         checkpoint_every=10**9, log_every=config.report_every, torch_threads=config.threads, evaluate_split=None,
         seed=config.seed)  # fmt: skip
@@ -179,7 +179,7 @@ def _bare_round(train_config, batches: list[dict], warmup: int, report_every: in
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(train_config.seed)  # the Ray worker seeds with seed + rank (rank 0)
-        model = create_model(train_config.variant, **train_config.model_overrides)
+        model = create_model(train_config.model.resolve())
         params = [p for p in model.parameters() if p.requires_grad]
         optim = train_config.optim
         optimizer = torch.optim.Adam(params, lr=optim.lr, betas=optim.betas)

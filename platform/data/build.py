@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from datprl.platform.config import StrictModel, parse_cli
+from datprl.platform.data.conventions import white_level
 from datprl.platform.data.degradations import GRAYSCALE_ONLY_TASKS, TASKS, degrade
 from datprl.platform.data.shards import DatasetWriter
 from datprl.platform.data.format import SampleRecord, decode_image, default_package_versions
@@ -28,7 +29,7 @@ from datprl.platform.storage import S3Settings, atomic_write_bytes, join_url
 
 Split = Literal["train", "val", "test"]
 
-# Which paper task applies to which kind of clean image (method.md task table).
+# Which paper task applies to which kind of clean image (the paper's tasks per domain, arXiv 2603.01725).
 # PET has no real data on any registry: counts are simulated from the nuclear-medicine scan and from MR slices
 # used as activity-like images (labelled simulated). The CT perfusion map is not an attenuation image: no task.
 NATURAL_TASKS = ("sr_x4", "derain", "motion_deblur")
@@ -150,7 +151,7 @@ def synthesize(
     source_id: str, image: np.ndarray, tasks: tuple[str, ...], config: BuildConfig, meta: dict
 ) -> Iterator[PendingSample]:
     """Degraded/clean pairs of one clean source image for each task, seeded by (config seed, source, tile, task, i)."""
-    white = int(meta.get("white_level") or (255 if image.dtype == np.uint8 else 65535))
+    white = white_level(meta.get("white_level"), dtype=image.dtype)
     for r, c, tile in tiles(image, config.tile, config.max_tiles_per_source):
         clean = _float(tile, white)
         for task in tasks:
@@ -178,7 +179,7 @@ def synthesize(
 
 def _white(sample: PendingSample) -> int:
     """The sample's full-scale stored value (paired-folder records carry none: the container's maximum)."""
-    return int(sample.record.get("white_level") or (255 if sample.gt.dtype == np.uint8 else 65535))
+    return white_level(sample.record.get("white_level"), dtype=sample.gt.dtype)
 
 
 def contact_sheet(samples: dict[tuple[str, str], PendingSample], path: Path, size: int = 160) -> Path:

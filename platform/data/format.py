@@ -271,11 +271,13 @@ def default_package_versions() -> dict[str, str]:
     return versions
 
 
-def _manifest_url(url: str) -> str:
+def manifest_url(url: str) -> str:
+    """The manifest file of a dataset folder or prefix (or ``url`` itself when it names a .json file)."""
     return str(url) if str(url).endswith(".json") else storage.join_url(url, MANIFEST_NAME)
 
 
-def _manifest_dir(url: str) -> str:
+def manifest_dir(url: str) -> str:
+    """The folder or prefix that a dataset's shard paths are relative to."""
     text = str(url)
     if not text.endswith(".json"):
         return text
@@ -288,19 +290,19 @@ def _manifest_dir(url: str) -> str:
 
 def write_manifest(url: str, manifest: Manifest, s3: S3Settings | None = None) -> str:
     """Write ``manifest`` atomically as ``{url}/manifest.json`` (or to ``url`` itself if it ends in .json)."""
-    target = _manifest_url(url)
+    target = manifest_url(url)
     storage.atomic_write_bytes(target, manifest.model_dump_json(indent=2).encode("utf-8") + b"\n", s3)
     return target
 
 
 def read_manifest(url: str, s3: S3Settings | None = None) -> Manifest:
-    return Manifest.model_validate_json(storage.read_bytes(_manifest_url(url), s3))
+    return Manifest.model_validate_json(storage.read_bytes(manifest_url(url), s3))
 
 
 def manifest_shard_urls(url: str, split: str | None = None, s3: S3Settings | None = None) -> list[str]:
     """Full URLs of the manifest's shards (of one split, or all), in manifest order."""
     manifest = read_manifest(url, s3)
-    root = _manifest_dir(url)
+    root = manifest_dir(url)
     return [storage.join_url(root, path) for path in manifest.shard_paths(split)]
 
 
@@ -308,7 +310,7 @@ def verify_manifest(url: str, s3: S3Settings | None = None) -> list[str]:
     """Check every shard listed in the manifest exists with the recorded size and sha256 (read in a stream).
     Returns a list of problems, empty when the dataset is intact."""
     manifest = read_manifest(url, s3)
-    root = _manifest_dir(url)
+    root = manifest_dir(url)
     problems: list[str] = []
     for entry in manifest.shards:
         shard_url = storage.join_url(root, entry.path)

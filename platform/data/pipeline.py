@@ -3,9 +3,10 @@
 One Ray Data task per shard streams its tar through :func:`datprl.platform.shards.iter_samples`, so a truncated
 shard, an undecodable image or a bad record costs only that sample: it becomes an ``error`` row that the consumer
 counts and reports (shard and key) instead of failing the whole read, as Ray's own WebDataset reader does.
-Images keep their stored bit depth until this stage, where they are normalised by their ``white_level`` and grayscale
-is replicated to 3 channels (method.md). Ray Train workers receive a disjoint part of the stream through
-``ray.train.get_dataset_shard`` and assemble balanced batches with :func:`training_batches`.
+Images keep their stored bit depth until this stage, where they are normalised by their white level
+(:mod:`datprl.platform.data.conventions`) and grayscale is replicated to 3 channels, as the paper does (arXiv
+2603.01725). Ray Train workers receive a disjoint part of the stream through ``ray.train.get_dataset_shard`` and
+assemble balanced batches with :func:`training_batches`.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from datprl.platform.data.transforms import (
     to_unit_float,
 )
 from datprl.platform.config import StrictModel
+from datprl.platform.data.conventions import white_level
 from datprl.platform.data.shards import CorruptionReport, CorruptSampleError, iter_samples
-from datprl.platform.data.format import manifest_shard_urls, read_manifest
+from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.storage import S3Settings
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ def decode_shard(
     report = CorruptionReport()
     rng = np.random.default_rng()
     for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=_part(item)):
-        white = record.white_level or (2**record.bit_depth - 1)
+        white = white_level(record.white_level, bit_depth=record.bit_depth)
         if mode == "train":
             yield _row(record, *_training_pair(lq, gt, white, crop_size, augment, rng))
             continue
@@ -138,7 +140,7 @@ def decode_shard_images(item: dict[str, Any], s3: S3Settings | None, on_corrupt:
     report = CorruptionReport()
     for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=_part(item)):
         yield {"key": record.key, "task": record.task, "domain": record.domain, "source_id": record.source_id,
-               "white": float(record.white_level or (2**record.bit_depth - 1)), "dtype": lq.dtype.str,
+               "white": float(white_level(record.white_level, bit_depth=record.bit_depth)), "dtype": lq.dtype.str,
                "lq": np.ascontiguousarray(lq).tobytes(), "lq_shape": _shape3(lq),
                "gt": np.ascontiguousarray(gt).tobytes(), "gt_shape": _shape3(gt), "error": ""}  # fmt: skip
     for url, key, reason in report.skipped:
@@ -172,17 +174,22 @@ def _cache_budget() -> float:
     return CACHE_OBJECT_STORE_FRACTION * ray.cluster_resources().get("object_store_memory", 0.0)
 
 
-def use_decoded_cache(config: DataConfig, split: str) -> bool:
+def _open(config: DataConfig, dataset: DatasetHandle | None) -> DatasetHandle:
+    """The handle the caller opened, or the dataset of ``config`` opened now."""
+    return dataset if dataset is not None else DatasetHandle.open(config.dataset, config.s3)
+
+
+def use_decoded_cache(config: DataConfig, split: str, dataset: DatasetHandle | None = None) -> bool:
     """``config.cache_decoded``, or (auto, with Ray running) whether the split's estimated decoded size
     (:data:`DECODED_BYTES_PER_SHARD_BYTE` x its shard bytes) fits in :data:`CACHE_OBJECT_STORE_FRACTION` of the
-    Ray cluster's object store."""
+    Ray cluster's object store. ``dataset``: the dataset's handle when the caller has opened it."""
     if config.cache_decoded is not None:
         return config.cache_decoded
     import ray
 
     if not ray.is_initialized():
         return False
-    shard_bytes = sum(s.bytes for s in read_manifest(config.dataset, config.s3).shards if s.split == split)
+    shard_bytes = _open(config, dataset).shard_bytes(split)
     return DECODED_BYTES_PER_SHARD_BYTE * shard_bytes <= _cache_budget()
 
 
@@ -212,7 +219,7 @@ def _limit_blocks(dataset, progress_bars: bool):
     return dataset
 
 
-def read_split(config: DataConfig, split: str, mode: Mode = "train"):
+def read_split(config: DataConfig, split: str, mode: Mode = "train", dataset: DatasetHandle | None = None):
     """A Ray Dataset of model-ready rows from one split of the dataset's manifest: one read task per shard, or
     several when there are fewer shards than CPUs (each decodes every n-th sample, :func:`decode_parts`), whose rows
     stream out in blocks of at most :data:`MAX_BLOCK_BYTES`.
@@ -221,10 +228,12 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     is called** (blocking; with enough read tasks per shard to use every CPU), into the object store; every pass of the
     returned dataset then reads the cache in a random block order and only crops, augments and normalises it
     (:func:`crop_cached_row`). Damaged samples stay error rows of every pass; with ``on_corrupt="raise"`` the first
-    one fails this call. The cache lives as long as the returned dataset (it is owned by this process)."""
+    one fails this call. The cache lives as long as the returned dataset (it is owned by this process). ``dataset``:
+    the dataset's handle when the caller has opened it (the manifest is then not read again)."""
     import ray
 
-    urls = manifest_shard_urls(config.dataset, split, config.s3)
+    dataset = _open(config, dataset)
+    urls = dataset.shard_urls(split)
     if not urls:
         raise ValueError(f"the {split!r} split of {config.dataset} has no shards; build it with jobs/build_dataset.py")
     parts = decode_parts(config, len(urls)) if mode == "train" else 1  # evaluation keeps the manifest order
@@ -234,7 +243,7 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
     # benchmark, 0.86 vs 0.88 of the baseline). Ray Data 2.60 runs each new execution (every pass) one task at a time
     # until its autoscaling coordinator's CPU reservation reaches the executor, about 1 s in (measured: the reservation
     # came 1.02 s into a pass; its global limits refresh once a second), so parts only pay off on long passes.
-    cached = mode == "train" and use_decoded_cache(config, split)
+    cached = mode == "train" and use_decoded_cache(config, split, dataset)
     if cached:  # the build runs once, so the per-pass start-up that keeps parts off does not apply: use every CPU
         parts = max(parts, decode_parts(config.model_copy(update={"decode_parts_per_shard": None}), len(urls)))
     items = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
@@ -253,18 +262,17 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train"):
         # randomize_block_order without a seed draws a new order at every execution, i.e. every pass.
         return _limit_blocks(cache.randomize_block_order().map(crop_cached_row, fn_kwargs=dict(
             crop_size=config.crop_size, augment=config.augment)), config.progress_bars)  # fmt: skip
-    dataset = items.flat_map(
+    rows = items.flat_map(
         decode_shard,
         fn_kwargs=dict(mode=mode, crop_size=config.crop_size, augment=config.augment, eval_crop=config.eval_crop,
                        s3=config.s3, on_corrupt=config.on_corrupt),  # fmt: skip
     )
-    return _limit_blocks(dataset, config.progress_bars)
+    return _limit_blocks(rows, config.progress_bars)
 
 
-def split_tasks(config: DataConfig, split: str = "train") -> list[str]:
+def split_tasks(config: DataConfig, split: str = "train", dataset: DatasetHandle | None = None) -> list[str]:
     """The tasks of ``split`` in the manifest, or ``config.tasks`` (checked against the manifest)."""
-    manifest = read_manifest(config.dataset, config.s3)
-    present = sorted({c.task for c in manifest.counts if c.split == split and c.samples > 0})
+    present = _open(config, dataset).tasks(split)
     if config.tasks is None:
         return present
     missing = sorted(set(config.tasks) - set(present))
@@ -340,18 +348,20 @@ def training_batches(
         yield collate(batch)
 
 
-def local_evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None) -> Iterator[dict]:
+def local_evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None,
+                          dataset: DatasetHandle | None = None) -> Iterator[dict]:
     """The rows of :func:`evaluation_rows`, in the same order, read in this process without Ray Data (for small
     splits read inside a Ray Train worker, where a Ray Data read would compete with the training read for CPUs)."""
     report = report if report is not None else StreamReport()
-    for url in manifest_shard_urls(config.dataset, split, config.s3):
+    for url in _open(config, dataset).shard_urls(split):
         for row in decode_shard({"url": url}, mode="eval", crop_size=config.crop_size, augment=False,
                                 eval_crop=config.eval_crop, s3=config.s3, on_corrupt=config.on_corrupt):  # fmt: skip
             if report.note(row):
                 yield row
 
 
-def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None) -> Iterator[dict]:
+def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None,
+                    dataset: DatasetHandle | None = None) -> Iterator[dict]:
     """Every sample of ``split`` once, in manifest order (deterministic: full images or fixed central crops)."""
     import ray
 
@@ -359,7 +369,8 @@ def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport
     context = ray.data.DataContext.get_current()
     previous, context.execution_options.preserve_order = context.execution_options.preserve_order, True
     try:
-        for row in _rows(read_split(config, split, mode="eval").iter_batches(batch_size=1, batch_format="numpy")):
+        rows = read_split(config, split, mode="eval", dataset=dataset)
+        for row in _rows(rows.iter_batches(batch_size=1, batch_format="numpy")):
             if report.note(row):
                 yield row
     finally:

@@ -1,8 +1,8 @@
 """Catalogue of real, clean source images for the embedded default corpus (natural, medical, remote sensing).
 
-Every image here ships inside a package installed from PyPI (see the shared reference "offline-data-and-models"):
-nothing is ever downloaded. Sources whose package (or file) is missing are skipped with a logged warning and
-reported by :func:`missing_sources`; ``load()`` is lazy and returns the image **exactly as the dataset stores it**.
+Every image here ships inside a package installed from PyPI: nothing is ever downloaded. Sources whose package (or
+file) is missing are skipped with a logged warning and reported by :func:`missing_sources`; ``load()`` is lazy and
+returns the image **exactly as the dataset stores it**.
 
 Stored representation (``SourceImage.load()``):
 
@@ -55,13 +55,12 @@ from pathlib import Path
 
 import numpy as np
 
+# The storage conventions (CT offset, medical white level) live in one place; re-exported here for the catalogue.
+from datprl.platform.data.conventions import CT_OFFSET, MEDICAL_WHITE, hu_to_stored, scaled_white_level
+
 log = logging.getLogger(__name__)
 
 DOMAINS = ("natural", "medical", "remote_sensing")
-
-# CT storage convention: stored = clip(HU + CT_OFFSET, 0, MEDICAL_WHITE).
-CT_OFFSET = 1024
-MEDICAL_WHITE = 4095
 
 S2_SCENE_SHAPE = (1947, 1933)
 S2_TILE = 512
@@ -327,20 +326,14 @@ def _dicom_pixels(filename: str) -> tuple[np.ndarray, float, float]:
 def _ct_stored(filename: str, frame: int | None) -> np.ndarray:
     pixels, slope, intercept = _dicom_pixels(filename)
     image = pixels if frame is None else pixels[frame]
-    physical = image.astype(np.float64) * slope + intercept
-    return np.clip(np.rint(physical + CT_OFFSET), 0, MEDICAL_WHITE).astype(np.uint16)
-
-
-def _scaled_white(raw_max: float) -> int:
-    """12 bits (4095) unless the raw data has more levels than 12 bits hold, then 16 bits (65535)."""
-    return MEDICAL_WHITE if raw_max <= MEDICAL_WHITE else 65535
+    return hu_to_stored(image.astype(np.float64) * slope + intercept)
 
 
 def _scaled_stored(filename: str, frame: int | None) -> np.ndarray:
     pixels = _dicom_pixels(filename)[0]
     raw_max = max(float(pixels.max()), 1.0)
     image = np.clip((pixels if frame is None else pixels[frame]).astype(np.float64), 0, None)
-    return np.rint(image * (_scaled_white(raw_max) / raw_max)).astype(np.uint16)
+    return np.rint(image * (scaled_white_level(raw_max) / raw_max)).astype(np.uint16)
 
 
 def _medical() -> list[SourceImage | MissingSource]:
@@ -366,7 +359,7 @@ def _medical() -> list[SourceImage | MissingSource]:
             else:
                 pixels, slope, intercept = _dicom_pixels(filename)  # the scale needs the file's maximum
                 raw_max = max(float(pixels.max()), 1.0)
-                white = _scaled_white(raw_max)
+                white = scaled_white_level(raw_max)
                 to_physical = {"slope": slope * raw_max / white, "intercept": intercept}
                 units = "counts" if modality == "nm" else None
                 make = _scaled_stored

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from datprl.platform.data import conventions
+
 log = logging.getLogger(__name__)
 
 
@@ -30,14 +32,11 @@ def process_rng() -> np.random.Generator:
 def to_unit_float(image: np.ndarray, white_level: int | None = None) -> np.ndarray:
     """uint8/uint16 (H, W[, C]) -> float32 in [0, 1]; ``white_level`` is the stored value that maps to 1.0
     (default: the dtype's maximum). Bit depth is kept until here, the model's input normalisation."""
-    if image.dtype == np.uint8:
-        scale = white_level or 255
-    elif image.dtype == np.uint16:
-        scale = white_level or 65535
-    elif np.issubdtype(image.dtype, np.floating):
+    if np.issubdtype(image.dtype, np.floating):
         return np.clip(image.astype(np.float32), 0.0, 1.0)
-    else:
+    if image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"unsupported image dtype {image.dtype}; expected uint8, uint16 or float in [0, 1]")
+    scale = conventions.white_level(white_level, dtype=image.dtype)
     return np.clip(image.astype(np.float32) / float(scale), 0.0, 1.0)
 
 

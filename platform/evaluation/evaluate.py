@@ -1,4 +1,4 @@
-"""Evaluation: PSNR/SSIM of a restoration network on a split of a dataset, per (domain, task), under a recorded protocol.
+"""Evaluation: PSNR/SSIM of a restoration network on a dataset split, per (domain, task), under a recorded protocol.
 
 Every sample of the split is restored one image at a time (full images, or ``DataConfig.eval_crop`` central crops) and
 scored twice: the network's output against the target, and the degraded input against the target (the do-nothing
@@ -12,7 +12,8 @@ With ``return_aux`` support the network also tells which prompts each pool compo
 selected indices per pool, per task and per domain (``EvalResult.prompt_usage``) and draws them as heatmaps.
 
 The training loop calls :func:`evaluate` directly (it leaves the network in the train/eval mode and on the device it
-found it in); ``jobs/evaluate.py`` runs it from the command line on exported weights (:func:`main`).
+found it in); ``jobs/evaluate.py`` runs it from the command line (:func:`main`) on exported weights, by default those
+``python jobs/train.py`` exports, on several splits (val and test) with a table comparing them side by side.
 """
 
 from __future__ import annotations
@@ -28,30 +29,42 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+import yaml
+from pydantic import Field, field_validator, model_validator
 
+from datprl.models import unwrap_model
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.data.pipeline import DataConfig, StreamReport, evaluation_rows, local_evaluation_rows
 from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, ssim
+from datprl.platform.evaluation.report import (
+    _METRICS, PSNR_CAP, EvalResult, side_by_side_markdown, write_outputs,
+)
+from datprl.platform.runtime import LocalRaySettings, ray_session, resolve_device
+from datprl.platform.storage import atomic_write_bytes
+from datprl.platform.train.config import TrainConfig
 
+__all__ = ["EvalConfig", "EvalResult", "PSNR_CAP", "TRAINED_WEIGHTS", "evaluate", "main"]
 
-__all__ = ["EvalConfig", "EvalResult", "PSNR_CAP", "evaluate", "main", "resolve_device"]
+TRAINED_WEIGHTS = f"{TrainConfig.model_fields['output_dir'].default}/model.safetensors"
+"""Where ``python jobs/train.py`` exports its final weights with its defaults (``<output_dir>/model.safetensors``):
+what ``weights=auto`` (the default) evaluates."""
 
-PSNR_CAP = 100.0
-"""PSNR (dB) assigned to an exactly restored image (MSE 0, i.e. +inf) before averaging."""
-
-_METRICS = ("input_psnr", "input_ssim", "output_psnr", "output_ssim")
 _POOLS = ("task", "domain")
 
 
 class EvalConfig(StrictModel):
-    """Evaluate a restoration network (exported weights, or a fresh variant for smoke runs) on a dataset split."""
+    """Evaluate a restoration network (exported weights, or a fresh variant for smoke runs) on dataset splits."""
 
-    weights: str | None = Field(None, description="a .safetensors file written by save_model (its .json beside it)")
+    weights: str | None = Field(
+        "auto", description=f"a .safetensors file written by save_model (its .json beside it); 'auto' = "
+        f"{TRAINED_WEIGHTS} (what `python jobs/train.py` exports) unless `variant` is given")
     variant: str | None = Field(None, description="evaluate a freshly initialised variant instead (smoke runs)")
     data: DataConfig = Field(default_factory=DataConfig, description="the dataset (eval_crop applies)")
-    split: str = Field("test", description="split of the dataset's manifest to evaluate")
-    out_dir: Path = Field(Path("outputs/eval"), description="where metrics, grids and the prompt heatmap are written")
+    splits: list[str] = Field(["val", "test"], min_length=1,
+                              description="splits of the dataset's manifest to evaluate, compared side by side")
+    split: str | None = Field(None, description="old spelling of splits=[NAME] (one split); kept as an alias")
+    out_dir: Path = Field(Path("outputs/eval"), description="summary.md and config.yaml here; each split's metrics, "
+                          "grids and prompt heatmap in <out_dir>/<split>/")
     y_channel: bool = Field(False, description="PSNR/SSIM on the BT.601 Y channel (the paper uses RGB)")
     crop_border: int = Field(0, ge=0, description="pixels removed from each side before the metrics (paper: 0)")
     tasks: list[str] | None = Field(None, description="evaluate only these tasks; None = every task of the split")
@@ -59,21 +72,46 @@ class EvalConfig(StrictModel):
     max_grids_per_task: int = Field(2, ge=0, description="input | output | target images saved per task")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _split_alias(cls, data: Any) -> Any:
+        # `split=test` (one split, the spelling before `splits` existed) keeps working as `splits=[test]`.
+        if not isinstance(data, dict) or data.get("split") is None:
+            return data
+        if data.get("splits") is not None:
+            raise ValueError(f"give splits=[...] only: split={data['split']} is the old spelling of "
+                             f"splits=[{data['split']}]")
+        return {**data, "splits": [data["split"]], "split": None}
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct(cls, splits: list[str]) -> list[str]:
+        if len(set(splits)) != len(splits):
+            raise ValueError(f"splits {splits} name a split twice; list each once")
+        return splits
+
     @model_validator(mode="after")
     def _one_model(self) -> "EvalConfig":
-        if (self.weights is None) == (self.variant is None):
+        if self.weights is None and self.variant is None:
+            raise ValueError("nothing to evaluate: give weights=path/to/model.safetensors (trained), weights=auto "
+                             f"({TRAINED_WEIGHTS}) or variant=NAME (a freshly initialised network, for smoke runs)")
+        if self.weights not in (None, "auto") and self.variant is not None:
             raise ValueError("give exactly one of weights=path/to/model.safetensors (trained) or variant=NAME "
                              "(a freshly initialised network, for smoke runs)")
         return self
+
+    def resolved_weights(self) -> str | None:
+        """The weights to evaluate: a path (``auto`` resolved to :data:`TRAINED_WEIGHTS`), or None when a fresh
+        ``variant`` is evaluated."""
+        if self.variant is not None:
+            return None
+        return TRAINED_WEIGHTS if self.weights == "auto" else self.weights
 
     @property
     def protocol(self) -> MetricProtocol:
         return MetricProtocol(y_channel=self.y_channel, crop_border=self.crop_border)
 
 
-from datprl.models import unwrap_model
-from datprl.platform.runtime import LocalRaySettings, ray_session, resolve_device
-from datprl.platform.evaluation.report import EvalResult, write_outputs
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 def _accepts_return_aux(model: torch.nn.Module) -> bool:
@@ -279,30 +317,103 @@ def evaluate(
 
 
 # --- command line -------------------------------------------------------------------------------------------------
+def _dataset_problem(config: EvalConfig) -> str | None:
+    """What stops ``config`` from being evaluated on its dataset (no manifest, a split or task without samples), as a
+    message naming the fix; None when every split and task has samples. Read from the manifest, before Ray starts."""
+    from datprl.platform.data.format import read_manifest
+
+    dataset = config.data.dataset
+    try:
+        manifest = read_manifest(dataset, config.data.s3)
+    except FileNotFoundError:
+        return (f"no dataset at {dataset} (no manifest.json there): build one with `python jobs/build_dataset.py "
+                f"output={dataset}` (`python jobs/train.py` builds the default corpus when it is missing), or set "
+                "data.dataset=path/or/s3/prefix")
+    tasks_of = defaultdict(set)
+    for count in manifest.counts:
+        if count.samples > 0:
+            tasks_of[count.split].add(count.task)
+    for split in config.splits:
+        if not tasks_of[split]:
+            present = ", ".join(sorted(s for s in tasks_of if tasks_of[s])) or "none"
+            return (f"split {split!r} has no samples in {dataset} (its splits: {present}); "
+                    f"set splits=[...] to those you want")
+        missing = sorted(set(config.tasks or ()) - tasks_of[split])
+        if missing:
+            return (f"tasks {missing} have no {split!r} samples in {dataset}; present: {sorted(tasks_of[split])}; "
+                    "drop them from tasks=[...] or the split from splits=[...]")
+    return None
+
+
+def _training_dataset(weights: str) -> str | None:
+    """The ``data.dataset`` of the training run that exported ``weights`` (its ``config.yaml`` beside them, as
+    ``jobs/train.py`` saves it), or None when there is no such readable file."""
+    path = Path(weights).parent / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    dataset = saved.get("data", {}).get("dataset") if isinstance(saved, dict) else None
+    return dataset if isinstance(dataset, str) else None
+
+
 def main(argv: Sequence[str]) -> int:
-    """``jobs/evaluate.py [config.yaml] [key=value ...]``: load the network, evaluate, print the table, save all."""
+    """``jobs/evaluate.py [config.yaml] [key=value ...]``: load the network (by default the weights ``jobs/train.py``
+    exported), evaluate every split of ``splits`` (each written to ``<out_dir>/<split>/``), print and save the table
+    comparing them side by side (``<out_dir>/summary.md``). Returns 2, after a message naming the fix, when the
+    weights or the dataset are missing."""
     config = parse_cli(EvalConfig, argv, prog="evaluate.py")
     from datprl.models import create_model, load_model, weights_digest
 
+    weights = config.resolved_weights()
     metadata: dict[str, Any] = {}
-    if config.weights is not None:
-        if not Path(config.weights).exists():
-            print(f"evaluate.py: error: weights file {config.weights} not found", file=sys.stderr)
+    if weights is not None:
+        if not Path(weights).exists():
+            if config.weights == "auto":
+                message = (f"no trained weights at {weights}. Run `python jobs/train.py` first (it trains the "
+                           "network and exports its weights there), or give weights=path/to/model.safetensors, or "
+                           "variant=paper_tiny for a smoke run of an untrained network")
+            else:
+                message = f"weights file {weights} not found; give weights=path/to/model.safetensors"
+            print(f"evaluate.py: error: {message}", file=sys.stderr)
             return 2
-        model = load_model(config.weights)
-        metadata.update(weights=str(config.weights), weights_sha256=weights_digest(config.weights))
+        trained_on = _training_dataset(weights)
+        if trained_on is not None and trained_on != config.data.dataset:
+            print(f"[evaluate] note: {weights} was trained on {trained_on}; evaluating on {config.data.dataset} "
+                  f"(set data.dataset={trained_on} for the training dataset)", flush=True)
+    problem = _dataset_problem(config)
+    if problem is not None:
+        print(f"evaluate.py: error: {problem}", file=sys.stderr)
+        return 2
+
+    if weights is not None:
+        model = load_model(weights)
+        label = weights
+        metadata.update(weights=str(weights), weights_sha256=weights_digest(weights))
     else:
         torch.manual_seed(0)
         model = create_model(config.variant)
+        label = f"a freshly initialised {config.variant} (untrained)"
         metadata.update(variant=config.variant, note="freshly initialised network (smoke run), not trained")
     metadata["config"] = config_to_dict(config)
+    device = resolve_device(config.device)
+    model.to(device)  # once for every split (evaluate would move it there and back per split)
 
+    results: dict[str, EvalResult] = {}
     with ray_session(local=LocalRaySettings(num_cpus=2, object_store_bytes=256 * 2**20, dashboard=False)):
-        result = evaluate(model, config.data, split=config.split, out_dir=config.out_dir, protocol=config.protocol,
-                          tasks=config.tasks, max_grids_per_task=config.max_grids_per_task, device=config.device,
-                          zero_shot_tasks=config.zero_shot_tasks, metadata=metadata)  # fmt: skip
+        for split in config.splits:
+            print(f"[evaluate] {label}: split {split} of {config.data.dataset}", flush=True)
+            results[split] = evaluate(
+                model, config.data, split=split, out_dir=config.out_dir / split, protocol=config.protocol,
+                tasks=config.tasks, max_grids_per_task=config.max_grids_per_task, device=device,
+                zero_shot_tasks=config.zero_shot_tasks, metadata=metadata,
+            )  # fmt: skip
+    summary = side_by_side_markdown(results, model=label)
+    atomic_write_bytes(str(config.out_dir / "summary.md"), summary.encode("utf-8"))
     save_resolved_config(config, config.out_dir / "config.yaml")
-    print(result.markdown())
-    print(f"wrote {config.out_dir}/metrics.md, metrics.csv, metrics.json, grids/"
-          + (", prompt_usage.png" if result.prompt_usage else "") + ", config.yaml")
+    print(summary)
+    for split, result in results.items():
+        print(f"wrote {config.out_dir / split}/: metrics.md, metrics.csv, metrics.json, grids/"
+              + (", prompt_usage.png" if result.prompt_usage else ""))
+    print(f"wrote {config.out_dir}/summary.md, config.yaml")
     return 0

@@ -7,7 +7,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,15 +16,12 @@ import numpy as np
 from datprl.platform.storage import atomic_write_bytes
 
 
-__all__ = ["EvalConfig", "EvalResult", "PSNR_CAP", "evaluate", "main", "resolve_device"]
+__all__ = ["EvalResult", "PSNR_CAP", "prompt_usage_png", "side_by_side_markdown", "write_outputs"]
 
 PSNR_CAP = 100.0
 """PSNR (dB) assigned to an exactly restored image (MSE 0, i.e. +inf) before averaging."""
 
 _METRICS = ("input_psnr", "input_ssim", "output_psnr", "output_ssim")
-_POOLS = ("task", "domain")
-
-
 
 
 @dataclass
@@ -64,7 +61,8 @@ class EvalResult:
 
         lines = [
             f"Evaluation of {self.dataset or 'the dataset'}, split `{self.split}`: {self.n_images} images, "
-            f"{self.mean['n_tasks']} tasks" + (f", {len(self.skipped)} damaged samples skipped" if self.skipped else ""),
+            f"{self.mean['n_tasks']} tasks"
+            + (f", {len(self.skipped)} damaged samples skipped" if self.skipped else ""),
             "",
             "| domain | task | n | input PSNR/SSIM | output PSNR/SSIM | delta PSNR |",
             "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -97,6 +95,59 @@ class EvalResult:
         return data
 
 
+def side_by_side_markdown(results: Mapping[str, EvalResult], model: str = "") -> str:
+    """One table comparing several splits of a dataset: per (domain, task) the image count, input PSNR, output PSNR
+    and delta (output - input) of every split next to each other, then the means over tasks (the paper's headline) of
+    every split. A task that a split lacks shows ``-`` there. ``results`` maps split name to its :class:`EvalResult`
+    (in column order); ``model`` names what was evaluated in the heading."""
+    if not results:
+        raise ValueError("side_by_side_markdown needs the result of at least one split")
+    splits = list(results)
+    first = results[splits[0]]
+    by_split = {split: {(r["domain"], r["task"]): r for r in result.rows} for split, result in results.items()}
+    keys = sorted({key for rows in by_split.values() for key in rows})
+    zero_shot = {task for result in results.values() for task in result.zero_shot_tasks}
+    missing = "| - | - | - | - "
+
+    def cells(n: int, m: dict) -> str:
+        return f"| {n} | {m['input_psnr']:.2f} | {m['output_psnr']:.2f} | {m['delta_psnr']:+.2f} "
+
+    images = ", ".join(f"`{split}` {result.n_images} images" for split, result in results.items())
+    lines = [
+        f"Evaluation{' of ' + model if model else ''} on {first.dataset or 'the dataset'}: {images}",
+        "",
+        "| domain | task " + "".join(f"| {s} n | {s} input PSNR | {s} output PSNR | {s} delta " for s in splits) + "|",
+        "| --- | --- " + "| ---: | ---: | ---: | ---: " * len(splits) + "|",
+    ]
+    for domain, task in keys:
+        label = task + (" (zero-shot)" if task in zero_shot else "")
+        row = f"| {domain} | {label} "
+        for split in splits:
+            r = by_split[split].get((domain, task))
+            row += missing if r is None else cells(r["n"], r)
+        lines.append(row + "|")
+    for label, part in (("seen tasks", "seen"), ("zero-shot tasks", "zero_shot"), ("all tasks", None)):
+        means = {split: (result.mean if part is None else result.mean.get(part)) for split, result in results.items()}
+        if all(m is None for m in means.values()):
+            continue
+        row = f"| **Mean** | {label} "
+        for split in splits:
+            m = means[split]
+            row += missing if m is None else cells(m["n_images"], m)
+        lines.append(row + "|")
+    task_counts = {split: result.mean["n_tasks"] for split, result in results.items()}
+    lines += [
+        "",
+        "PSNR in dB. Input = the degraded image itself (do-nothing baseline); delta = output - input. Mean = mean over "
+        "tasks of the per-task means (the paper's headline); its n counts images.",
+    ]
+    if len(set(task_counts.values())) > 1 or len({frozenset(rows) for rows in by_split.values()}) > 1:
+        counts = ", ".join(f"{split} {n}" for split, n in task_counts.items())
+        lines.append(f"The splits hold different tasks ({counts}), so their means are over different tasks.")
+    lines.append(f"Metric protocol: {first.protocol}")
+    return "\n".join(lines) + "\n"
+
+
 # --- helpers ------------------------------------------------------------------------------------------------------
 def _png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
@@ -108,15 +159,6 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by others (see :func:`datprl.platform.storage.atomic_write_bytes`)."""
-    atomic_write_bytes(str(path), data)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, text.encode("utf-8"))
 
 
 def prompt_usage_png(usage: dict) -> bytes:
@@ -160,7 +202,7 @@ def write_outputs(result: EvalResult, out_dir: Path, grids: Sequence[tuple[str, 
                   metadata: dict | None = None) -> None:
     """Write metrics.md/.csv/.json, the comparison grids and (with pools) prompt_usage.png, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "metrics.md", result.markdown())
+    atomic_write_bytes(out_dir / "metrics.md", result.markdown().encode("utf-8"))
 
     columns = ["domain", "task", "zero_shot", "n", *_METRICS, "delta_psnr", "input_exact", "output_exact"]
     buffer = io.StringIO()
@@ -170,14 +212,15 @@ def write_outputs(result: EvalResult, out_dir: Path, grids: Sequence[tuple[str, 
     m = result.mean
     writer.writerow({"domain": "mean", "task": f"all ({m['n_tasks']} tasks)", "zero_shot": "", "n": m["n_images"],
                      **{k: m[k] for k in (*_METRICS, "delta_psnr")}})
-    _write_text(out_dir / "metrics.csv", buffer.getvalue())
+    atomic_write_bytes(out_dir / "metrics.csv", buffer.getvalue().encode("utf-8"))
 
     data = result.to_json()
     data["metadata"] = metadata or {}
-    _write_text(out_dir / "metrics.json", json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
+    atomic_write_bytes(out_dir / "metrics.json",
+                       (json.dumps(data, indent=1, allow_nan=False, default=str) + "\n").encode("utf-8"))
 
     for domain, task, key, grid in grids:
         name = "__".join(_safe_name(p) for p in (domain, task, key)) + ".png"
-        _atomic_write(out_dir / "grids" / name, _png_bytes(grid))
+        atomic_write_bytes(out_dir / "grids" / name, _png_bytes(grid))
     if result.prompt_usage:
-        _atomic_write(out_dir / "prompt_usage.png", prompt_usage_png(result.prompt_usage))
+        atomic_write_bytes(out_dir / "prompt_usage.png", prompt_usage_png(result.prompt_usage))

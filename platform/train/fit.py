@@ -19,32 +19,36 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from datprl.models import save_model
-from datprl.platform.config import parse_cli, save_resolved_config
+from datprl.platform.config import config_to_dict, parse_cli, save_resolved_config
+from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.pipeline import read_split, split_tasks, use_decoded_cache
-from datprl.platform.runtime import init_ray
+from datprl.platform.runtime import LocalRaySettings, init_ray, ray_session
 from datprl.platform.train.config import TrainConfig
 from datprl.platform.train.loop import train_loop_per_worker
+from datprl.platform.train.runs import RunMismatch, RunStatus, check_run, delete_run, run_url
 
 log = logging.getLogger(__name__)
 
 
-def _ensure_dataset(config: TrainConfig) -> None:
-    from datprl.platform.data.format import read_manifest
-
+def open_dataset(config: TrainConfig) -> DatasetHandle:
+    """The run's dataset, its manifest read once; the embedded default corpus is built first when it is missing and
+    ``build_dataset_if_missing`` is on (building needs no Ray)."""
     try:
-        read_manifest(config.data.dataset, config.data.s3)
+        return DatasetHandle.open(config.data.dataset, config.data.s3)
     except FileNotFoundError:
         if not config.build_dataset_if_missing:
-            raise FileNotFoundError(f"no dataset at {config.data.dataset}; build it with jobs/build_dataset.py") from None
-        from datprl.platform.data.build import BuildConfig, build
+            raise
+    from datprl.platform.data.build import BuildConfig, build
 
-        print(f"[train] no dataset at {config.data.dataset}: building the embedded default corpus", flush=True)
-        build(BuildConfig(output=config.data.dataset, s3=config.data.s3))
+    print(f"[train] no dataset at {config.data.dataset}: building the embedded default corpus", flush=True)
+    build(BuildConfig(output=config.data.dataset, s3=config.data.s3))
+    return DatasetHandle.open(config.data.dataset, config.data.s3)
 
 
 def _metrics_log(path: Path):
@@ -66,36 +70,24 @@ def _metrics_log(path: Path):
     return MetricsLog()
 
 
-def training_tasks(config: TrainConfig) -> tuple[list[str], list[str]]:
+def training_tasks(config: TrainConfig, dataset: DatasetHandle | None = None) -> tuple[list[str], list[str]]:
     """(tasks trained on, tasks held out for zero-shot evaluation): the training split's tasks (or ``data.tasks``)
     minus ``zero_shot_tasks`` and every task of ``zero_shot_domains``."""
-    from datprl.platform.data.format import read_manifest
-
-    tasks = split_tasks(config.data, "train")
-    manifest = read_manifest(config.data.dataset, config.data.s3)
-    domains = {c.domain for c in manifest.counts}
+    dataset = dataset if dataset is not None else DatasetHandle.open(config.data.dataset, config.data.s3)
+    tasks = split_tasks(config.data, "train", dataset)
+    domains = dataset.domains()
     unknown = sorted(set(config.zero_shot_domains) - domains)
     if unknown:
         raise ValueError(f"zero_shot_domains: {unknown} not in {config.data.dataset} (domains: {sorted(domains)})")
-    all_tasks = {c.task for c in manifest.counts}
+    all_tasks = dataset.all_tasks()
     unknown = sorted(set(config.zero_shot_tasks) - all_tasks)
     if unknown:
         raise ValueError(f"zero_shot_tasks: {unknown} not in {config.data.dataset} (tasks: {sorted(all_tasks)})")
-    held = set(config.zero_shot_tasks) | {c.task for c in manifest.counts if c.domain in config.zero_shot_domains}
+    held = set(config.zero_shot_tasks) | dataset.domain_tasks(config.zero_shot_domains)
     trained = [t for t in tasks if t not in held]
     if not trained:
         raise ValueError("zero_shot_tasks / zero_shot_domains hold out every training task; keep at least one")
     return trained, sorted(held)
-
-
-def _train_counts(config: TrainConfig) -> dict[str, int]:
-    from datprl.platform.data.format import read_manifest
-
-    counts: dict[str, int] = {}
-    for c in read_manifest(config.data.dataset, config.data.s3).counts:
-        if c.split == "train":
-            counts[c.task] = counts.get(c.task, 0) + c.samples
-    return counts
 
 
 def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
@@ -112,19 +104,45 @@ def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
                                      "storage": absolute(config.storage), "output_dir": absolute(config.output_dir)})
 
 
-def fit(config: TrainConfig):
-    """Run (or resume) training on Ray Train; returns the ``ray.train.Result``. Every report's metrics (rank 0) are
-    appended to ``<output_dir>/metrics.jsonl`` (see :func:`_metrics_log`)."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """A training run checked on the driver before Ray starts: its config with absolute local paths, its dataset
+    (manifest read once), the tasks it trains and holds out, and what launching it does (new, resume, complete)."""
+
+    config: TrainConfig
+    dataset: DatasetHandle
+    tasks: list[str]
+    held_out: list[str]
+    status: RunStatus
+
+
+def prepare(config: TrainConfig) -> PreparedRun:
+    """Everything that can be checked without Ray: paths, the run's existing checkpoint against ``config`` (raises
+    :class:`~datprl.platform.train.runs.RunMismatch`; ``resume=false`` deletes the old run first), the dataset (built
+    if missing) and its tasks."""
+    config = _absolute_local_paths(config)
+    if not config.resume and delete_run(config):
+        print(f"[train] resume=false: deleted the checkpoints of run {config.name!r} at {run_url(config)}", flush=True)
+    status = check_run(config)
+    dataset = open_dataset(config)
+    tasks, held_out = training_tasks(config, dataset)
+    return PreparedRun(config, dataset, tasks, held_out, status)
+
+
+def fit(config: TrainConfig | PreparedRun):
+    """Run (or resume) training on Ray Train (a local Ray is started unless one is running or ``ray_address`` /
+    ``RAY_ADDRESS`` names a cluster); returns the ``ray.train.Result``. Every report's metrics (rank 0) are appended to
+    ``<output_dir>/metrics.jsonl`` (see :func:`_metrics_log`) and drawn as a progress bar."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    config = _absolute_local_paths(config)
-    init_ray(config.ray_address)
-    _ensure_dataset(config)
-    tasks, held_out = training_tasks(config)
-    counts = _train_counts(config)
-    if held_out:
-        print(f"[train] held out of training (zero-shot): {held_out}", flush=True)
+    from datprl.platform.train.progress import TrainingProgress
+
+    run = config if isinstance(config, PreparedRun) else prepare(config)
+    config, dataset = run.config, run.dataset
+    init_ray(config.ray_address, quiet=not config.verbose)
+    if run.held_out:
+        print(f"[train] held out of training (zero-shot): {run.held_out}", flush=True)
     use_gpu = torch.cuda.is_available() if config.use_gpu == "auto" else config.use_gpu
     storage_fs = None
     storage_path = config.storage
@@ -132,19 +150,19 @@ def fit(config: TrainConfig):
         from datprl.platform.storage import filesystem
 
         storage_fs, storage_path = filesystem(config.storage, config.s3)
-    else:
-        storage_path = str(Path(config.storage).resolve())
-    cached = use_decoded_cache(config.data, "train")  # decided once, here, and handed to read_split
+    cached = use_decoded_cache(config.data, "train", dataset)  # decided once, here, and handed to read_split
     if cached:
         print("[train] train split: decoding it once into the object store, then cropping every pass", flush=True)
     else:
         print("[train] train split: decoding every pass (data.cache_decoded=false, or too large for the object "
               "store)", flush=True)  # fmt: skip
-    train_split = read_split(config.data.model_copy(update={"cache_decoded": cached}), "train")
+    train_split = read_split(config.data.model_copy(update={"cache_decoded": cached}), "train", dataset=dataset)
+    metrics_path = Path(config.output_dir) / "metrics.jsonl"
     trainer = TorchTrainer(
         train_loop_per_worker,
         # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.
-        train_loop_config={"config": config.model_dump(), "tasks": tasks, "counts": counts, "held_out": held_out},
+        train_loop_config={"config": config.model_dump(), "tasks": run.tasks,
+                           "counts": dataset.samples_per_task("train"), "held_out": run.held_out},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
         ),
@@ -155,38 +173,70 @@ def fit(config: TrainConfig):
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[_metrics_log(Path(config.output_dir).resolve() / "metrics.jsonl")],
+            callbacks=[_metrics_log(metrics_path)],
         ),
     )
-    return trainer.fit()
+    with TrainingProgress(metrics_path, total_steps=config.steps, start_step=run.status.step,
+                          enabled=not config.verbose):
+        return trainer.fit()
 
 
-def export_final(result, output_dir: Path) -> Path:
-    """Copy the final checkpoint's weights (safetensors + json) to ``output_dir/model.*``; returns the weights path."""
+def export_final(result, output_dir: Path, provenance: dict | None = None) -> Path:
+    """Copy the final checkpoint's weights (safetensors + json sidecar with ``provenance``) to ``output_dir/model.*``;
+    returns the weights path."""
     from datprl.models import load_model
 
     output_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as folder:
         model = load_model(Path(folder) / "model.safetensors")
-    return save_model(model, output_dir / "model")
+    return save_model(model, output_dir / "model", provenance=provenance)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: train, export, evaluate, print the table."""
-    config = parse_cli(TrainConfig, sys.argv[1:] if argv is None else argv)
-    output_dir = Path(config.output_dir)
-    save_resolved_config(config, output_dir / "config.yaml")
-    result = fit(config)
-    if result.error is not None:
-        raise SystemExit(f"training failed: {result.error}")
-    weights = export_final(result, output_dir)
-    print(f"[train] exported {weights}", flush=True)
-    if config.evaluate_split:
-        from datprl.models import load_model
-        from datprl.platform.evaluation.evaluate import evaluate
+    """CLI entry point: check the run before Ray starts, train, evaluate, export the weights with their provenance,
+    print the table. SIGTERM and Ctrl-C stop the Ray this process started (a joined cluster is left running)."""
+    config = parse_cli(TrainConfig, sys.argv[1:] if argv is None else argv, prog="train.py")
+    try:
+        run = prepare(config)
+    except (RunMismatch, FileNotFoundError, ValueError) as err:
+        return _fail(str(err))
+    config, output_dir = run.config, Path(run.config.output_dir)
+    weights_path = output_dir / "model.safetensors"
+    if run.status.kind == "complete":
+        exported = f"its weights: {weights_path}" if weights_path.exists() else f"no exported weights at {weights_path}"
+        print(f"[train] run {config.name!r} is already complete ({run.status.step}/{config.steps} steps) at "
+              f"{run.status.url}; {exported}. Nothing to do: train another run with name=<new name>, or this one "
+              "again with resume=false.", flush=True)
+        return 0
+    if run.status.kind == "resume":
+        print(f"[train] resuming run {config.name!r} from step {run.status.step}/{config.steps}", flush=True)
+    from datprl.models import load_model
+    from datprl.platform.evaluation.evaluate import evaluate
+    from datprl.platform.train.provenance import build_provenance
 
-        _, held_out = training_tasks(config)
-        evaluation = evaluate(load_model(weights), config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
-                              zero_shot_tasks=held_out, metadata={"weights": str(weights), "run": config.name})  # fmt: skip
+    save_resolved_config(config, output_dir / "config.yaml")
+    local = LocalRaySettings(log_to_driver=config.verbose)
+    with ray_session(config.ray_address, local, quiet=not config.verbose):
+        result = fit(run)
+        if result.error is not None:
+            return _fail(f"training failed: {result.error}", code=1)
+        evaluation = None
+        if config.evaluate_split:
+            with result.checkpoint.as_directory() as folder:
+                model = load_model(Path(folder) / "model.safetensors")
+            evaluation = evaluate(model, config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
+                                  zero_shot_tasks=run.held_out,
+                                  metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
+    provenance = build_provenance(config_to_dict(config), model_spec=config.model.describe(), steps=config.steps,
+                                  manifest_sha256=run.dataset.manifest_sha256,
+                                  evaluation=evaluation.to_json() if evaluation is not None else None)  # fmt: skip
+    weights = export_final(result, output_dir, provenance)
+    print(f"[train] exported {weights}", flush=True)
+    if evaluation is not None:
         print(evaluation.markdown())
     return 0

@@ -83,7 +83,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(config.torch_threads)
     device = ray.train.torch.get_device()
 
-    model = create_model(config.variant, **config.model_overrides)
+    model = create_model(config.model.resolve())
     net = ray.train.torch.prepare_model(model)  # DDP when world > 1, on the worker's device
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.optim.lr, betas=config.optim.betas)
@@ -236,7 +236,9 @@ def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, pas
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "step": step, "passes": passes}  # fmt: skip
             torch.save(state, Path(folder) / "state.pt")
+            # config.json and progress.json let the driver check a run before resuming it (datprl.platform.train.runs)
             (Path(folder) / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+            (Path(folder) / "progress.json").write_text(json.dumps({"step": step, "steps": config.steps}))
             weights = ema.module if ema is not None else model
             save_model(weights, Path(folder) / "model")
             checkpoint = ray.train.Checkpoint.from_directory(folder)

@@ -1,0 +1,194 @@
+"""The training job's typed model section, --dry-run, old keys, and the run check before Ray starts (no Ray here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from datprl.models import VARIANTS, create_model, save_model
+from datprl.models.spec import ModelSpec
+from datprl.platform.config import ConfigError, config_to_dict, load_config
+from datprl.platform.train import fit as fit_module
+from datprl.platform.train.config import TrainConfig
+from datprl.platform.train.runs import RunMismatch, check_run, differences
+
+
+def _resolved(*overrides: str):
+    return load_config(TrainConfig, None, list(overrides)).model.resolve()
+
+
+def test_partial_pool_override_keeps_the_variants_other_values():
+    network = _resolved("model.variant=paper_tiny", "model.task_pool.top_k=4")
+    assert (network.task_pool.size, network.task_pool.top_k) == (6, 4)  # size from paper_tiny, not the class default
+    assert network.domain_pool == VARIANTS["paper_tiny"].domain_pool
+    assert network.width == VARIANTS["paper_tiny"].width
+    network = _resolved("model.variant=paper", "model.domain_pool.size=20")
+    assert (network.domain_pool.size, network.domain_pool.top_k) == (20, 5)  # paper's top-5 survives
+    assert network.task_pool == VARIANTS["paper"].task_pool
+
+
+def test_overrides_of_scalars_and_pool_removal():
+    network = _resolved("model.variant=paper_tiny", "model.prompt_dim=128", "model.domain_pool=null")
+    assert network.prompt_dim == 128 and network.domain_pool is None and network.task_pool.size == 6
+    assert create_model(network).domain_pool is None
+    # order of overrides does not matter: the variant is applied first, the overrides on top
+    assert _resolved("model.task_pool.top_k=2", "model.variant=paper").task_pool.size == 15
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["model.variant=paper_tiny", "model.task_pool.top_k=9"], "model.task_pool", "top_k=9 exceeds task_pool.size=6"),
+    (["model.variant=nope"], "model.variant", "paper_tiny"),
+    (["model.variant=paper", "model.task_pool=null"], "model", "a domain pool needs a task pool"),
+    (["model.prompt_dim=0"], "model", "prompt_dim"),
+])  # fmt: skip
+def test_bad_model_sections_name_the_field(overrides, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, overrides)
+    assert f"{field}:" in str(err.value) and words in str(err.value)
+
+
+def test_unknown_model_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'model.task_pool.sizes'; valid keys at model.task_pool: size"):
+        load_config(TrainConfig, None, ["model.task_pool.sizes=3"])
+
+
+def test_old_keys_migrate_or_fail_clearly(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("variant: task_only_tiny\nsteps: 5\n")
+    config = load_config(TrainConfig, old)
+    assert config.model.variant == "task_only_tiny" and config.steps == 5
+    assert "'variant' in" in capsys.readouterr().err
+    assert load_config(TrainConfig, None, ["variant=paper"]).model.variant == "paper"
+    both = tmp_path / "both.yaml"
+    both.write_text("variant: paper\nmodel: {variant: paper_tiny}\n")
+    with pytest.raises(ConfigError, match="both are given"):
+        load_config(TrainConfig, both)
+    removed = tmp_path / "removed.yaml"
+    removed.write_text("model_overrides: {task_pool: {top_k: 4}}\n")
+    with pytest.raises(ConfigError, match=r"model_overrides.*model\.task_pool\.size=20"):
+        load_config(TrainConfig, removed)
+
+
+def test_saved_config_round_trips_with_the_model_section(tmp_path):
+    from datprl.platform.config import save_resolved_config
+
+    config = load_config(TrainConfig, None, ["model.variant=paper", "model.task_pool.top_k=4", "model.domain_pool=null"])
+    again = load_config(TrainConfig, save_resolved_config(config, tmp_path / "c.yaml"))
+    assert again == config and again.model.resolve() == config.model.resolve()
+
+
+def test_dry_run_prints_the_resolved_config_and_starts_nothing(repo_root):
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "jobs/train.py", "--dry-run", "model.variant=paper_tiny",
+                          "model.task_pool.top_k=4"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert time.perf_counter() - started < 10
+    config_doc, network_doc = yaml.safe_load_all(out.stdout)
+    assert config_doc["model"]["variant"] == "paper_tiny" and config_doc["model"]["task_pool"]["top_k"] == 4
+    assert network_doc["task_pool"] == {"size": 6, "top_k": 4}
+    assert "Started a local Ray" not in out.stdout + out.stderr
+
+
+def test_bad_model_field_fails_fast_naming_it(repo_root):
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "jobs/train.py", "model.variant=paper_tiny", "model.task_pool.top_k=9"],
+                         cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and time.perf_counter() - started < 10
+    assert "model.task_pool" in out.stderr and "top_k=9" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --- the run check -------------------------------------------------------------------------------------------------
+
+
+def _fake_checkpoint(run_dir, saved: dict, step: int | None, name: str = "checkpoint_2026-01-01_00-00-00.000000"):
+    """A checkpoint folder as the training loop writes it (config.json, progress.json or only state.pt)."""
+    folder = run_dir / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(saved))
+    if step is not None:
+        (folder / "progress.json").write_text(json.dumps({"step": step, "steps": saved["steps"]}))
+    return folder
+
+
+def _config(tmp_path, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, None, [f"storage={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}",
+                                           "name=r", "steps=20", *overrides])  # fmt: skip
+
+
+def test_a_mismatched_run_is_refused_naming_fields_and_fix(tmp_path):
+    trained = _config(tmp_path, "model.variant=paper_tiny")
+    _fake_checkpoint(tmp_path / "runs" / "r", config_to_dict(trained), step=10)
+    other = _config(tmp_path, "model.variant=task_only_tiny", "data.crop_size=64")
+    with pytest.raises(RunMismatch) as err:
+        check_run(other)
+    message = str(err.value)
+    assert "model.domain_pool.size" in message and "data.crop_size" in message
+    assert "name=" in message and "resume=false" in message
+    assert check_run(trained).kind == "resume" and check_run(trained).step == 10
+    # fields that do not change the training may differ between attempts
+    assert check_run(_config(tmp_path, "model.variant=paper_tiny", "num_workers=2", "log_every=7")).kind == "resume"
+
+
+def test_the_same_network_spelled_differently_is_the_same_run(tmp_path):
+    trained = _config(tmp_path, "model.variant=paper_tiny", "model.task_pool.top_k=4")
+    explicit = _config(tmp_path, "model.variant=paper_tiny", "model.task_pool={size: 6, top_k: 4}")
+    assert differences(config_to_dict(trained), config_to_dict(explicit)) == []
+
+
+def test_a_checkpoint_from_before_the_typed_section_is_compared_by_its_network(tmp_path):
+    import torch
+
+    old = config_to_dict(_config(tmp_path))
+    old.pop("model")
+    old.update(variant="paper_tiny", model_overrides={"prompt_dim": 32})
+    folder = _fake_checkpoint(tmp_path / "runs" / "r", old, step=None)
+    torch.save({"step": 20}, folder / "state.pt")  # old checkpoints: the step is only in the training state
+    assert check_run(_config(tmp_path, "model.prompt_dim=32")).kind == "complete"
+    with pytest.raises(RunMismatch, match="model.prompt_dim: 32 in the run, 64 asked for"):
+        check_run(_config(tmp_path))
+
+
+def test_main_stops_before_ray_on_a_mismatch_and_on_a_complete_run(tmp_path, monkeypatch, capsys):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(fit_module, "ray_session", no_ray)
+    monkeypatch.setattr(fit_module, "init_ray", no_ray)
+    from conftest import write_tiny_dataset
+
+    dataset = write_tiny_dataset(tmp_path / "data")
+    args = [f"storage={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}", "name=r", "steps=20",
+            f"data.dataset={dataset}", "build_dataset_if_missing=false"]  # fmt: skip
+    trained = load_config(TrainConfig, None, args)
+    _fake_checkpoint(tmp_path / "runs" / "r", config_to_dict(fit_module.prepare(trained).config), step=20)
+    save_model(create_model("paper_tiny"), tmp_path / "out" / "model")
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+
+    assert fit_module.main([*args, "variant=task_only_tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "model.domain_pool" in err and "name=<another name>" in err and "resume=false" in err
+
+    assert fit_module.main(args) == 0
+    assert "already complete (20/20 steps)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before  # no output rewritten
+
+
+def test_resume_false_deletes_the_old_run(tmp_path):
+    from datprl.platform.train.runs import delete_run
+
+    config = _config(tmp_path, "resume=false")
+    _fake_checkpoint(tmp_path / "runs" / "r", config_to_dict(_config(tmp_path, "model.variant=task_only_tiny")), 5)
+    assert delete_run(config) and not (tmp_path / "runs" / "r").exists()
+    assert check_run(config).kind == "new" and not delete_run(config)
+
+
+def test_model_spec_describe():
+    spec = ModelSpec.model_validate({"variant": "paper", "task_pool": {"top_k": 4}, "domain_pool": None})
+    assert spec.describe() == "paper (task_pool.top_k=4, domain_pool=null)"
+    assert ModelSpec().describe() == "paper_tiny"
