@@ -2,7 +2,7 @@
 
 Launch (CPU defaults: batch 2, 64x64, fp32, 2 warm-up steps, 5 interleaved rounds)::
 
-    cd /work/main && .venv/bin/python jobs/benchmark_model.py
+    python jobs/benchmark_model.py
 
 GPU check::
 

@@ -74,15 +74,15 @@ class TransformerBlock(nn.Module):
 
 
 class GatedFusionBlock(TransformerBlock):
-    """Restormer block with Adaptive Gated Fusion (AGF, method.md step 5) of the prompt representation PR_dt.
+    """Restormer block with Adaptive Gated Fusion (AGF; arXiv 2603.01725, Sec. 3) of the prompt representation PR_dt.
 
     ``alpha = softmax([feature_weight, prompt_weight])[0]`` gates the features against a cross-attention read of
     ``LN(PR_dt)``:  ``x_in = alpha * x + CrossAttn(q = alpha W_q x, k, v = (1 - alpha) W_{k,v} LN(PR_dt))``;
     the block's attention then reads ``LN(x_in)`` and is added to the un-fused ``x``.
 
     PR_dt is a single token, so the attention weights are identically 1 and the read equals
-    ``W_out((1 - alpha) W_v LN(PR_dt))`` for every pixel (method.md, "released-network facts"). We compute that exact
-    value directly instead of an HW x 1 softmax; ``cross_attn_q``/``cross_attn_k`` stay as parameters so published
+    ``W_out((1 - alpha) W_v LN(PR_dt))`` for every pixel (so in the authors' released network too). We compute that
+    exact value directly instead of an HW x 1 softmax; ``cross_attn_q``/``cross_attn_k`` stay as parameters so published
     checkpoints load key for key, and are frozen because their gradient is identically zero (which also keeps DDP
     free of ``find_unused_parameters``).
     """

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class PromptPoolConfig(BaseModel):
-    """One prompt pool of the Prompt Composition Mechanism (method.md, step 2-3)."""
+    """One prompt pool of the Prompt Composition Mechanism (arXiv 2603.01725, Sec. 3)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,7 +41,8 @@ class ModelConfig(BaseModel):
     domain_pool: PromptPoolConfig | None = PromptPoolConfig(size=15, top_k=5)
     prompt_dim: int = Field(1024, ge=1, description="prompt dimension D")
     value_tokens: int = Field(2, ge=1, description="tokens T per prompt value")
-    selection_noise_std: float = Field(0.1, ge=0, description="std of the noise added to similarities for top-k in training")
+    selection_noise_std: float = Field(0.1, ge=0,
+                                       description="std of the noise added to similarities for top-k in training")
     temperature_min: float = Field(0.1, gt=0)
     temperature_max: float = Field(2.0, gt=0)
     fusion_heads: int = Field(8, ge=1, description="heads of the domain-task cross-attention")

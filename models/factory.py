@@ -183,36 +183,74 @@ CONFIG_SUFFIX = ".json"
 WEIGHTS_SUFFIX = ".safetensors"
 
 
-def save_model(model: DATPRLIR, path: str | os.PathLike) -> Path:
-    """Write ``<path>.safetensors`` and its config ``<path>.json`` (``path`` with or without the suffix)."""
+def _export_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(``<stem>.safetensors``, ``<stem>.json``) of an export named with or without the weights suffix."""
     stem = Path(path)
     if stem.suffix == WEIGHTS_SUFFIX:
         stem = stem.with_suffix("")
-    weights = stem.with_name(stem.name + WEIGHTS_SUFFIX)
+    return stem.with_name(stem.name + WEIGHTS_SUFFIX), stem.with_name(stem.name + CONFIG_SUFFIX)
+
+
+def save_model(model: DATPRLIR, path: str | os.PathLike, provenance: Mapping[str, Any] | None = None) -> Path:
+    """Write ``<path>.safetensors`` and its sidecar ``<path>.json`` (``path`` with or without the suffix): the
+    sidecar holds ``{"model": config}`` plus, when given, ``"provenance"``: what the weights are and how they were
+    made (:func:`datprl.platform.train.provenance.build_provenance`; JSON-compatible)."""
+    weights, config_file = _export_paths(path)
+    sidecar: dict[str, Any] = {"model": model.config.model_dump(mode="json")}
+    if provenance is not None:
+        if not isinstance(provenance, Mapping):
+            raise TypeError(f"provenance must be a dict (build_provenance(...)), not {type(provenance).__name__}")
+        sidecar["provenance"] = dict(provenance)
+    try:  # before anything is written: a bad provenance must not leave new weights beside an old sidecar
+        config_json = json.dumps(sidecar, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"provenance is not JSON-compatible ({error}); use build_provenance(...)") from None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(weights, save(state, metadata={"format": "pt", "network": "DATPRL-IR"}))
-    config_json = json.dumps({"model": model.config.model_dump(mode="json")}, indent=1)
-    atomic_write_bytes(stem.with_name(stem.name + CONFIG_SUFFIX), config_json.encode("utf-8"))
+    atomic_write_bytes(config_file, config_json.encode("utf-8"))
     return weights
 
 
+def _read_sidecar(config_file: Path) -> dict[str, Any]:
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found; exported weights are a .safetensors file with a .json "
+                                "config beside it")
+    try:
+        sidecar = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not a valid model config: {error}") from None
+    if not isinstance(sidecar, dict):
+        raise ValueError(f"{config_file} is not a valid model config: a JSON object with a 'model' key was expected")
+    return sidecar
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DATPRLIR:
-    """Load a network written by :func:`save_model` (safetensors only, never pickle)."""
-    stem = Path(path)
-    if stem.suffix == WEIGHTS_SUFFIX:
-        stem = stem.with_suffix("")
-    weights = stem.with_name(stem.name + WEIGHTS_SUFFIX)
-    config_file = stem.with_name(stem.name + CONFIG_SUFFIX)
+    """Load a network written by :func:`save_model` (safetensors only, never pickle); sidecars with or without
+    provenance load alike."""
+    weights, config_file = _export_paths(path)
     for needed in (weights, config_file):
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found; exported weights are a .safetensors file with a .json config beside it")
+    sidecar = _read_sidecar(config_file)
     try:
-        config = ModelConfig.model_validate(json.loads(config_file.read_text())["model"])
-    except (KeyError, json.JSONDecodeError, ValidationError) as error:
+        config = ModelConfig.model_validate(sidecar["model"])
+    except (KeyError, ValidationError) as error:
         raise ValueError(f"{config_file} is not a valid model config: {error}") from None
     model = DATPRLIR(config)
     load_state_strict(model, load_file(str(weights)), source=str(weights))
     return model.to(map_location)
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``provenance`` recorded in the sidecar of an export (``<stem>.json``; ``path`` is the stem or the
+    ``.safetensors`` file), or None for a sidecar written without it (exports from before provenance, or weights
+    saved outside training)."""
+    _, config_file = _export_paths(path)
+    provenance = _read_sidecar(config_file).get("provenance")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise ValueError(f"{config_file}: 'provenance' must be a JSON object, not {type(provenance).__name__}; "
+                         "re-export the weights with save_model(..., provenance=build_provenance(...))")
+    return provenance
 
 
 def weights_digest(path: str | os.PathLike) -> str:

@@ -1,4 +1,4 @@
-"""Training losses of DATPRL-IR (method.md, "Losses").
+"""Training losses of DATPRL-IR (arXiv 2603.01725, Sec. 3; weights from the authors' released training config).
 
 The released code trains only L_pix + 0.1 L_fft; L_align, L_div, L_bal and L_con are described in the paper but not
 released, so the forms below are ours (each documented with its formula). Every term is computed in float32, so the
@@ -30,14 +30,14 @@ def _same_shape(pred: Tensor, target: Tensor) -> None:
 
 
 def pixel_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """L_pix = mean |pred - target| (L1 between output and target; method.md Losses table, weight 1.0)."""
+    """L_pix = mean |pred - target| (L1 between output and target; weight 1.0)."""
     _same_shape(pred, target)
     return F.l1_loss(pred.float(), target.float())
 
 
 def fft_loss(pred: Tensor, target: Tensor) -> Tensor:
     """L_fft = mean( |Re F(pred) - Re F(target)| , |Im F(pred) - Im F(target)| ), F = torch.fft.fft2 over (H, W)
-    (method.md Losses table, weight 0.1).
+    (weight 0.1).
 
     Inputs are cast to float32 first: half-precision FFTs are unsupported on CPU and lossy on GPU. The FFT is
     unnormalised (``norm="backward"``) as in the released code, so the term's scale grows with the patch size.
@@ -48,7 +48,7 @@ def fft_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def alignment_loss(domain_repr: Tensor, text_embedding: Tensor, mask: Tensor | None = None) -> Tensor:
-    """L_align = mean_{b: mask_b} [ 1 - cos(PR_d^b, e_text^b) ] (method.md Losses table, weight 1.0).
+    """L_align = mean_{b: mask_b} [ 1 - cos(PR_d^b, e_text^b) ] (weight 1.0).
 
     domain_repr: (B, D) domain representations PR_d; text_embedding: (B, D) embeddings of each image's description
     (from the frozen text encoder, so normally without grad; it is not detached, so a learnable projection may be
@@ -68,10 +68,12 @@ def alignment_loss(domain_repr: Tensor, text_embedding: Tensor, mask: Tensor | N
             f"prompt_dim={text_embedding.shape[1]} or project the embeddings to {domain_repr.shape[1]} dims"
         )
     if domain_repr.shape[0] != text_embedding.shape[0]:
-        raise ValueError(f"batch sizes differ: {domain_repr.shape[0]} representations, {text_embedding.shape[0]} embeddings")
+        raise ValueError(f"batch sizes differ: {domain_repr.shape[0]} representations, "
+                         f"{text_embedding.shape[0]} embeddings")
     if mask is not None:
         if mask.shape != (domain_repr.shape[0],) or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor of shape ({domain_repr.shape[0]},), got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(f"mask must be a bool tensor of shape ({domain_repr.shape[0]},), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
         # Index instead of multiplying by the mask: placeholder rows (zeros, NaN) then cannot poison the gradient.
         domain_repr, text_embedding = domain_repr[mask], text_embedding[mask]
     distance = 1 - F.cosine_similarity(domain_repr.float(), text_embedding.float(), dim=-1)
@@ -79,8 +81,8 @@ def alignment_loss(domain_repr: Tensor, text_embedding: Tensor, mask: Tensor | N
 
 
 def diversity_loss(prompt_values: Tensor, threshold: float = 0.1) -> Tensor:
-    """L_div = 2 / (N (N-1)) * sum_{i<j} max(0, cos(vec V_i, vec V_j) - threshold) (method.md Losses table, weight
-    1.0, threshold 0.1); vec V_j flattens the j-th value's T x D tokens.
+    """L_div = 2 / (N (N-1)) * sum_{i<j} max(0, cos(vec V_i, vec V_j) - threshold) (weight 1.0,
+    threshold 0.1); vec V_j flattens the j-th value's T x D tokens.
 
     A plain hinge rather than a squared one: a squared hinge has vanishing gradient just above the threshold, so
     near-duplicate prompts (the collapse this term exists to prevent) would be separated only weakly; the plain hinge
@@ -101,7 +103,7 @@ def diversity_loss(prompt_values: Tensor, threshold: float = 0.1) -> Tensor:
 
 def balance_loss(similarities: Tensor) -> Tensor:
     """L_bal = log N - H(p), H(p) = -sum_j p_j log p_j, p = (1/B) sum_b softmax_j(s_bj) over the whole pool
-    (method.md Losses table, weight 0.1).
+    (weight 0.1).
 
     0 when the pool is used uniformly on average over the batch, approaching log N when every sample puts all its
     mass on one prompt (with tau >= 0.1 the softmax never fully collapses, so log N is a supremum).
@@ -114,8 +116,8 @@ def balance_loss(similarities: Tensor) -> Tensor:
 
 
 def contrastive_selection_loss(similarities: Tensor, indices: Tensor) -> Tensor:
-    """L_con = (1/B) sum_b -log( sum_{j in S_b} exp(s_bj) / sum_{j=1..N} exp(s_bj) ) (method.md Losses table,
-    weight 0.1); S_b = indices[b], the prompts selected for sample b.
+    """L_con = (1/B) sum_b -log( sum_{j in S_b} exp(s_bj) / sum_{j=1..N} exp(s_bj) ) (weight
+    0.1); S_b = indices[b], the prompts selected for sample b.
 
     InfoNCE with several positives: s = cos(q, K)/tau already carries the temperature, so the term pulls the query
     towards its selected keys (and those keys towards it) and pushes it from the unselected ones, sharpening the
@@ -123,17 +125,19 @@ def contrastive_selection_loss(similarities: Tensor, indices: Tensor) -> Tensor:
     """
     if similarities.ndim != 2 or indices.ndim != 2 or indices.shape[0] != similarities.shape[0]:
         raise ValueError(
-            f"expected similarities (batch, N) and indices (batch, k), got {tuple(similarities.shape)} and {tuple(indices.shape)}"
+            f"expected similarities (batch, N) and indices (batch, k), got {tuple(similarities.shape)} and "
+            f"{tuple(indices.shape)}"
         )
     n = similarities.shape[1]
     if indices.numel() and (indices.min() < 0 or indices.max() >= n):
-        raise ValueError(f"selected indices must lie in [0, {n}), got range [{int(indices.min())}, {int(indices.max())}]")
+        raise ValueError(f"selected indices must lie in [0, {n}), "
+                         f"got range [{int(indices.min())}, {int(indices.max())}]")
     s = similarities.float()
     return (s.logsumexp(-1) - s.gather(1, indices.long()).logsumexp(-1)).mean()
 
 
 class LossWeights(BaseModel):
-    """Weights of the combined loss (defaults: the paper's, method.md Losses table). A weight of 0 drops its term."""
+    """Weights of the combined loss (defaults: the released training config's). A weight of 0 drops its term."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -183,7 +187,8 @@ class DATPRLLoss(nn.Module):
             terms["fft"] = (w.fft, fft_loss(output.image, target))
         if w.align and output.domain is not None and text_embedding is not None:
             terms["align"] = (w.align, alignment_loss(output.domain.representation, text_embedding, text_mask))
-        pools: dict[str, PoolSelection] = {k: v for k, v in (("task", output.task), ("domain", output.domain)) if v is not None}
+        pools: dict[str, PoolSelection] = {k: v for k, v in (("task", output.task), ("domain", output.domain))
+                                           if v is not None}
         net = unwrap_model(model) if model is not None else None
         for name, sel in pools.items():
             if w.diversity:
@@ -197,7 +202,8 @@ class DATPRLLoss(nn.Module):
             if w.balance:
                 terms[f"balance_{name}"] = (w.balance, balance_loss(sel.similarities))
             if w.contrastive:
-                terms[f"contrastive_{name}"] = (w.contrastive, contrastive_selection_loss(sel.similarities, sel.indices))
+                terms[f"contrastive_{name}"] = (w.contrastive,
+                                                contrastive_selection_loss(sel.similarities, sel.indices))
         if not terms:
             raise ValueError("every applicable loss weight is 0: nothing to train")
         total = sum(weight * value for weight, value in terms.values())

@@ -28,7 +28,8 @@ class RestorationOutput:
     """Restored batch plus the prompt machinery's intermediate values (``return_aux=True``).
 
     task / domain: what each pool did (query, similarities, selected indices and weights, representation);
-    None for an absent pool. prompt: PR_dt, the representation fused into the decoder (PR_t when there is no domain pool).
+    None for an absent pool. prompt: PR_dt, the representation fused into the decoder (PR_t when there is no domain
+    pool).
     """
 
     image: torch.Tensor
@@ -38,7 +39,7 @@ class RestorationOutput:
 
 
 class DATPRLIR(nn.Module):
-    """DATPRL-IR (ICLR 2026): query, retrieve, compose, fuse (method.md).
+    """DATPRL-IR (ICLR 2026): query, retrieve, compose, fuse (arXiv 2603.01725, Sec. 3).
 
     ``model(x)`` maps a (B, C, H, W) batch in [0, 1] to its restoration of the same size; any H, W is accepted
     (zero-padded at bottom/right to a multiple of 8 and cropped back). ``model(x, return_aux=True)`` returns a

@@ -1,5 +1,5 @@
 """Prompt machinery of DATPRL-IR: query projectors, prompt pools with the Prompt Composition Mechanism (PCM), and the
-domain-task fusion that yields the domain-aware task representation PR_dt (method.md, steps 1-4)."""
+domain-task fusion that yields the domain-aware task representation PR_dt (arXiv 2603.01725, Sec. 3)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 
 class QueryProjector(nn.Module):
-    """Feature map -> query vector in R^D (method.md step 1): pool, conv, ReLU, pool, conv, ReLU, global pool, linear.
+    """Feature map -> query vector in R^D (Sec. 3): pool, conv, ReLU, pool, conv, ReLU, global pool, linear.
 
     The pools are adaptive averages to ``grid`` x ``grid`` and then half that, so the query does not depend on the
     image size; the published network uses grid 8 for the domain query (full-resolution shallow features) and 4 for
@@ -54,7 +54,7 @@ class PoolSelection:
 
 
 class PromptPool(nn.Module):
-    """A pool of N prompts (key K_j in R^D, value V_j in R^{T x D}) composed by PCM (method.md step 3).
+    """A pool of N prompts (key K_j in R^D, value V_j in R^{T x D}) composed by PCM (arXiv 2603.01725, Sec. 3).
 
     s_j = cos(q, K_j) / clamp(tau, t_min, t_max); top-k on s (+ noise_std * N(0,1) in training only);
     w = softmax(s_selected); A = sum_j w_j V_j; representation = GELU(LayerNorm(Linear(flatten(A)))).
@@ -102,7 +102,7 @@ class PromptPool(nn.Module):
 
 
 class DomainTaskFusion(nn.Module):
-    """PR_dt = fuse(PR_d, PR_t) (method.md step 4): cross-attention (query PR_d, key/value PR_t), residual + LayerNorm,
+    """PR_dt = fuse(PR_d, PR_t) (Sec. 3): cross-attention (query PR_d, key/value PR_t), residual + LayerNorm,
     then a residual feed-forward D -> 2D -> D with GELU.
 
     Each representation is a single token, so the attention weights are identically 1 and the attention output is

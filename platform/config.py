@@ -1,10 +1,11 @@
 """The one configuration mechanism every job uses: a YAML file plus ``key=value`` CLI overrides, validated by a
 pydantic schema, with the resolved config saved next to every run (torchtune style).
 
-A job declares its schema from :class:`StrictModel` sections and starts with::
+A job declares its schema from :class:`StrictModel` sections and starts with (the training job, whose schema is
+:class:`datprl.platform.train.config.TrainConfig`)::
 
-    config = parse_cli(TrainJobConfig, sys.argv[1:])      # python -m jobs.train cfg.yaml train.optimizer.lr=1e-4
-    save_resolved_config(config, run_dir / "config.yaml")  # reload later with load_config(TrainJobConfig, that_path)
+    config = parse_cli(TrainConfig, sys.argv[1:])           # python jobs/train.py cfg.yaml optim.lr=1e-4
+    save_resolved_config(config, output_dir / "config.yaml")  # reload later with load_config(TrainConfig, that_path)
 
 Every failure (missing file, YAML syntax, unknown key, bad value) is a :class:`ConfigError` naming the field by its
 dotted path and where the value came from; pydantic's own errors never reach the user raw.

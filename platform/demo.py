@@ -1,8 +1,8 @@
 """Model demo: restore a real photo with a freshly initialised network and write the result.
 
-This is the main job until training lands: it proves the install, the network, the metrics and the weights format
-end to end on a real image that ships inside scikit-image's wheel. A randomly initialised network does not restore
-anything yet; the printed PSNRs say so honestly.
+A one-image smoke run without Ray (the main job is ``python jobs/train.py``): it proves the install, the network,
+the metrics and the weights format end to end on a real image that ships inside scikit-image's wheel. A randomly
+initialised network does not restore anything yet; the printed PSNRs say so honestly.
 """
 
 from __future__ import annotations

@@ -108,12 +108,125 @@ def init_ray(address: str | None = None, local: LocalRaySettings = LocalRaySetti
     return RaySession(started_here=True, address=None)
 
 
-def quiet_ray_logging() -> None:
-    """Ray's own loggers at WARNING in this process, and in the workers Ray starts from here: no Ray Data
-    "Starting execution / Execution plan" lines, no Ray Train ``TrainingReport(...)`` dumps, no deprecation notes.
-    ``verbose=true`` in a job's config skips this."""
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+#: Ray Data reads its logging configuration from the file this variable names, in every process that imports it
+#: (the driver, Ray Train's data coordinator actors, Ray Data's tasks).
+RAY_DATA_LOGGING_CONFIG_VAR = "RAY_DATA_LOGGING_CONFIG"
+#: Ray Train's preemption watcher (an actor per worker group, on by default): it polls for nodes being drained, which
+#: cannot happen to a single-node Ray started by this process; creating it logs a core-worker error line each run.
+RAY_TRAIN_PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+#: Logger of Ray's notice that a new local Ray has token authentication on (its default; see the module docstring).
+RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _DropTokenAuthEnabledNotice(logging.Filter):
+    # Only the notice that auth is *on* (the default); the warning that a cluster runs without it stays visible.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+class QuietRayDataConsole(logging.Filter):
+    """Ray Data's console filter when quiet (named in its logging configuration, see :func:`quiet_ray_logging`):
+    drops the "Progress bars disabled. To enable, set ..." notice -- the jobs turn Ray Data's bars off on purpose.
+    Ray Data's log file keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("ray.data") and record.getMessage().startswith("Progress bars disabled"))
+
+
+def quiet_ray_logging(local: bool | None = None) -> None:
+    """Keep Ray's own chatter out of the console of this process and of the workers Ray starts from here; Ray's
+    warnings and errors still show, and Ray's log files in the session folder keep every level. ``verbose=true`` in
+    a job's config skips this. ``local``: this process starts (or runs in) a single-node Ray of its own; None infers
+    it from ``RAY_ADDRESS`` being unset (a caller that joins an explicit address should pass ``local=False``).
+
+    - Ray Data ("Starting execution", "Execution plan of Dataset ...", "execution finished", "Progress bars
+      disabled"): Ray Data configures its ``ray.data`` logger itself on import, from the file named by
+      ``RAY_DATA_LOGGING_CONFIG``. This writes Ray's default configuration with the console handler at WARNING
+      (and :class:`QuietRayDataConsole`) and points the variable at it; the local Ray's workers inherit it, this
+      process applies it at once. A ``RAY_DATA_LOGGING_CONFIG`` already set is respected.
+    - Deprecation warnings Ray raises about its own calls (Ray Train's data ingest passes Ray Data the deprecated
+      ``exclude_resources``): ignored here, and through ``PYTHONWARNINGS`` in the workers (unless already set).
+    - With ``local``: Ray Train's preemption watcher off (see :data:`RAY_TRAIN_PREEMPTION_WATCHER_VAR`; Ray Train
+      hands this variable from the driver to its controller). A joined cluster keeps it.
+    - Driver-side loggers ``ray``, ``ray.train``, ``ray.tune``, ``ray.serve`` at WARNING; Ray's notice that token
+      authentication is on dropped.
+
+    Not covered, because no variable reaches it: Ray Train configures the loggers of its controller and worker
+    actors itself ("Reporting training result N: TrainingReport(...)", worker-group start-up, checkpoint notes),
+    at the level of the trainer's ``RunConfig(logging_config=ray.train.LoggingConfig(log_level=...))``; a quiet
+    trainer passes ``log_level="WARNING"``.
+    """
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    for name in ("ray", "ray.train", "ray.tune", "ray.serve"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    token_logger = logging.getLogger(RAY_TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthEnabledNotice) for f in token_logger.filters):
+        token_logger.addFilter(_DropTokenAuthEnabledNotice())
+
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    # A RayDeprecationWarning is a DeprecationWarning; with PYTHONWARNINGS set, Ray also skips re-enabling its own.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+    if local is None:
+        local = cluster_address() is None
+    if local:
+        os.environ.setdefault(RAY_TRAIN_PREEMPTION_WATCHER_VAR, "0")
+
+    if RAY_DATA_LOGGING_CONFIG_VAR not in os.environ:
+        # A console setting must never stop a job: if this Ray's layout differs, say so and leave Ray Data as it is.
+        try:
+            from ray.data._internal import logging as ray_data_logging  # imports ray.data (the jobs import it anyway)
+
+            path = _quiet_ray_data_logging_file(ray_data_logging.DEFAULT_CONFIG)
+        except (ImportError, AttributeError, KeyError, TypeError, OSError) as err:
+            log.warning("Ray Data's console stays at INFO (its logging configuration could not be written: %s)", err)
+        else:
+            os.environ[RAY_DATA_LOGGING_CONFIG_VAR] = path
+            ray_data_logging.configure_logging()  # this process imported ray.data already: apply the file now
+
+
+def quiet_ray_train_worker() -> None:
+    """The part of :func:`quiet_ray_logging` that only a Ray Train worker can do; the training function calls it
+    first thing unless ``verbose=true``. Ray Train 2.60 logs "Reporting training result N: TrainingReport(...)" for
+    every report through a logger named by its file path (``logging.getLogger(__file__)`` in its execution context),
+    outside the ``ray.train`` loggers that ``RunConfig.logging_config`` filters, so the line reaches the worker's
+    console at INFO; this raises that logger to WARNING. A Ray whose logger is a ``ray.train`` one is left alone."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing known to quieten
+        return
+    logger = getattr(context, "logger", None)
+    if isinstance(logger, logging.Logger) and not logger.name.startswith("ray.train"):
+        logger.setLevel(logging.WARNING)
+
+
+def _quiet_ray_data_logging_file(default: dict) -> str:
+    """Ray Data's ``default`` logging configuration with its console at WARNING, written once (JSON is YAML) under
+    the temporary folder, named by its content so that concurrent jobs never write different files to one path;
+    returns the file's path."""
+    import copy
+    import hashlib
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from datprl.platform.storage import atomic_write_bytes
+
+    config = copy.deepcopy(default)
+    console = config["handlers"]["console"]  # KeyError: a Ray whose default configuration is laid out differently
+    console["level"] = "WARNING"
+    config.setdefault("filters", {})["datprl_quiet"] = {"()": f"{__name__}.{QuietRayDataConsole.__qualname__}"}
+    console["filters"] = [*console.get("filters", []), "datprl_quiet"]
+    data = json.dumps(config, indent=1, sort_keys=True).encode()
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    name = f"ray-data-logging-{hashlib.sha256(data).hexdigest()[:12]}.json"
+    path = Path(tempfile.gettempdir()) / f"datprl-{uid}" / name
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return str(path)
 
 
 class Stopped(KeyboardInterrupt):

@@ -236,7 +236,8 @@ class Restorer:
         return JSONResponse({"status": "ready", "model_loaded": True, "variant": self.engine.info.variant,
                              "trained": self.engine.info.trained, "batch_errors": self.engine.stats["errors"]})
 
-    @api.get("/v1/model", summary="The served network: variant, config, weights hash, untrained or not")
+    @api.get("/v1/model", summary="The served network: variant, config, weights hash, trained or not and, for "
+             "weights exported by training, their provenance (steps, dataset hash, evaluation, git commit, created)")
     async def model(self) -> dict[str, Any]:
         cfg = self.config
         return {**self.engine.info.as_dict(), "limits": {

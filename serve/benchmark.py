@@ -60,7 +60,8 @@ def _images(config: BenchmarkConfig) -> list[np.ndarray]:
         source = sources[len(crops) % len(sources)]
         h, w = source.shape[:2]
         if h < config.size or w < config.size:
-            source = np.pad(source, ((0, max(0, config.size - h)), (0, max(0, config.size - w)), (0, 0)), mode="reflect")
+            source = np.pad(source, ((0, max(0, config.size - h)), (0, max(0, config.size - w)), (0, 0)),
+                            mode="reflect")
             h, w = source.shape[:2]
         top, left = rng.integers(0, h - config.size + 1), rng.integers(0, w - config.size + 1)
         crops.append(np.ascontiguousarray(source[top : top + config.size, left : left + config.size, :3]))
@@ -189,7 +190,8 @@ def _table(result: dict[str, Any]) -> str:
     rows = [("in-process model call", result["in_process"]),
             (f"HTTP endpoint ({result['endpoint']['clients']} clients)", result["endpoint"])]
     lines = [f"image: {result['image']}",
-             "| path | requests | p50 ms | p99 ms | throughput /s | errors |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| path | requests | p50 ms | p99 ms | throughput /s | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows:
         lines.append(f"| {name} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                      f"{r['throughput_per_s']:.1f} | {r['errors']} |")

@@ -221,13 +221,15 @@ def check_content_type(data: bytes, content_type: str | None) -> str:
                 if declared == "application/x-www-form-urlencoded" else "")
         raise RequestError(415, f"wrong Content-Type {declared}: expected an image{hint}",
                            "send -H 'Content-Type: image/png' (or image/jpeg, image/tiff, application/dicom, "
-                           "application/octet-stream) with the raw bytes, or a multipart upload with -F file=@image.png")
+                           "application/octet-stream) with the raw bytes, or a multipart upload with "
+                           "-F file=@image.png")
     if actual is None:
         other = _unsupported_name(data)
         if other:
             raise RequestError(415, f"unsupported image format {other}",
                                f"send {_SUPPORTED_TEXT}; convert {other} to PNG first")
-        raise RequestError(415, "the body is not an image in a supported format (no PNG, JPEG, TIFF or DICOM signature)",
+        raise RequestError(415, "the body is not an image in a supported format "
+                           "(no PNG, JPEG, TIFF or DICOM signature)",
                            f"send the file's bytes unchanged ({_SUPPORTED_TEXT}); do not base64- or form-encode them")
     return actual
 
@@ -691,7 +693,8 @@ def _icc_for(icc: bytes | None, colour_channels: int) -> bytes | None:
     return icc if icc[16:20] == (b"GRAY" if colour_channels == 1 else b"RGB ") else None
 
 
-def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png", bit_depth: int | None = None) -> tuple[bytes, dict[str, Any]]:
+def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png",
+           bit_depth: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """Write the restoration ``restored`` ((3, H, W) float in [0, 1]) like ``source``: same size, channel count
     (alpha passed through) and, unless ``bit_depth`` says otherwise, bit depth and value scale. EXIF and a matching
     ICC profile pass through. ``restored`` may be overwritten.
@@ -829,7 +832,8 @@ def _encode_dicom(values: np.ndarray, source: DecodedImage) -> bytes:
     photometric = "RGB" if raw.ndim == 3 else str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
         photometric = "MONOCHROME2"
-    ds.set_pixel_data(raw, photometric_interpretation=photometric, bits_stored=int(ds.get("BitsStored", raw.itemsize * 8)))
+    ds.set_pixel_data(raw, photometric_interpretation=photometric,
+                      bits_stored=int(ds.get("BitsStored", raw.itemsize * 8)))
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)

@@ -12,8 +12,8 @@ from pydantic import Field, model_validator
 
 from datprl.platform.config import ConfigError, StrictModel, load_config
 
-__all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "LISTEN_FIELDS", "config_from_args", "replica_config",
-           "resolve_num_gpus"]
+__all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "LISTEN_FIELDS", "config_from_args",
+           "replica_config", "resolve_num_gpus"]
 
 #: Where ``jobs/train.py`` exports its final weights by default (``output_dir=outputs/train``); ``weights: auto``
 #: serves them when they exist and a freshly initialised ``variant`` otherwise.

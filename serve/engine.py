@@ -17,7 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datprl.models.factory import CONFIG_SUFFIX, VARIANTS, WEIGHTS_SUFFIX, count_parameters, create_model, load_model, weights_digest
+from datprl.models.factory import (
+    CONFIG_SUFFIX,
+    VARIANTS,
+    WEIGHTS_SUFFIX,
+    count_parameters,
+    create_model,
+    load_model,
+    read_provenance,
+    weights_digest,
+)
 from datprl.models.network import PAD_MULTIPLE, DATPRLIR
 from datprl.platform import storage
 from datprl.platform.runtime import resolve_device
@@ -25,7 +34,7 @@ from datprl.serve.config import ServeConfig
 from datprl.serve.tiling import tiled_apply
 
 __all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "Restored", "load_engine", "pad_to_multiple",
-           "padded_shape"]
+           "padded_shape", "served_provenance", "trained_state"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ class ModelInfo:
 
     variant: str
     source: str  # "fresh" or "weights"
-    trained: bool | None  # False for a fresh network, None when a weights file does not say
+    trained: bool | None  # False for a fresh network, True when the weights' provenance says so, None when it does not
     weights: str | None
     weights_sha256: str
     parameters: int
@@ -49,6 +58,7 @@ class ModelInfo:
     device: str
     pools: dict[str, dict[str, int]]
     note: str = ""
+    provenance: dict[str, Any] | None = None  # how the weights were made (see :func:`served_provenance`)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,8 +85,8 @@ def _stem(path: str) -> str:
     return path[: -len(WEIGHTS_SUFFIX)] if path.endswith(WEIGHTS_SUFFIX) else path
 
 
-def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, str]:
-    """(network, sha256 of the .safetensors file) from a local path or s3:// URL."""
+def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, str, dict[str, Any] | None]:
+    """(network, sha256 of the .safetensors file, provenance of its sidecar or None) from a local path or s3:// URL."""
     stem = _stem(path)
     if storage.is_s3(stem):
         s3 = storage.S3Settings(endpoint_url=config.s3_endpoint_url) if config.s3_endpoint_url else storage.S3Settings()
@@ -90,9 +100,39 @@ def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, str]:
                                             "file with a .json config beside it") from None
                 Path(tmp, "model" + suffix).write_bytes(data)
             local = os.path.join(tmp, "model" + WEIGHTS_SUFFIX)
-            return load_model(local), weights_digest(local)
+            return load_model(local), weights_digest(local), read_provenance(local)
     local = stem + WEIGHTS_SUFFIX
-    return load_model(local), weights_digest(local)
+    return load_model(local), weights_digest(local), read_provenance(local)
+
+
+#: Provenance fields ``GET /v1/model`` reports. The training config stays in the sidecar: it names internal storage
+#: locations (dataset and run folders, S3 endpoints) that an HTTP client has no need to see.
+SERVED_PROVENANCE_FIELDS = ("model", "steps", "dataset_manifest_sha256", "evaluation", "git_commit", "git_dirty",
+                            "created", "datprl_version")
+
+
+def served_provenance(provenance: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a sidecar's provenance that is served (:data:`SERVED_PROVENANCE_FIELDS`), None without one."""
+    if provenance is None:
+        return None
+    return {key: provenance.get(key) for key in SERVED_PROVENANCE_FIELDS}
+
+
+def trained_state(provenance: dict[str, Any] | None, identity: bool) -> tuple[bool | None, str]:
+    """(``trained``, note) of exported weights: False for the all-zero identity initialisation (whatever the sidecar
+    says: such a network returns its input), else what the provenance records, else None (unknown)."""
+    if identity:
+        return False, "the weights file holds the untrained identity initialisation (final conv all zero)"
+    if provenance is None or not isinstance(provenance.get("trained"), bool):
+        return None, ("weights loaded from an exported file whose sidecar records no provenance: trained or not is "
+                      "unknown (jobs/train.py records it)")
+    if not provenance["trained"]:
+        return False, "the weights' provenance records them as untrained"
+    steps = provenance.get("steps")
+    commit = provenance.get("git_commit")
+    return True, (f"trained weights ({provenance.get('model') or 'model'}, {steps} steps"
+                  + (f", commit {commit[:12]}" if isinstance(commit, str) else "")
+                  + f", exported {provenance.get('created')})")
 
 
 def pad_to_multiple(batch: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
@@ -245,13 +285,11 @@ def load_engine(config: ServeConfig, device: str | torch.device | None = None) -
         torch.set_num_threads(config.torch_threads)
     weights = config.resolved_weights()
     if weights is not None:
-        model, digest = _load_weights(weights, config)
+        model, digest, provenance = _load_weights(weights, config)
         variant = _variant_name(model)
-        identity = not bool(model.output.weight.detach().any())
-        note = ("the weights file holds the untrained identity initialisation (final conv all zero)" if identity
-                else "weights loaded from an exported file")
-        info_args = dict(variant=variant, source="weights", trained=False if identity else None, weights=weights,
-                         weights_sha256=digest, note=note)
+        trained, note = trained_state(provenance, identity=not bool(model.output.weight.detach().any()))
+        info_args = dict(variant=variant, source="weights", trained=trained, weights=weights, weights_sha256=digest,
+                         note=note, provenance=served_provenance(provenance))
     else:
         torch.manual_seed(config.seed)
         model = create_model(config.variant)

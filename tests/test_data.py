@@ -110,7 +110,8 @@ def test_in_process_evaluation_rows_equal_the_ray_rows(ray_local, dataset):
     config = DataConfig(dataset=str(dataset), eval_crop=24)
     ray_rows, local_rows = list(evaluation_rows(config, "val")), list(local_evaluation_rows(config, "val"))
     assert [r["key"] for r in ray_rows] == [r["key"] for r in local_rows]
-    assert all(np.array_equal(a["lq"], b["lq"]) and np.array_equal(a["gt"], b["gt"]) for a, b in zip(ray_rows, local_rows))
+    assert all(np.array_equal(a["lq"], b["lq"]) and np.array_equal(a["gt"], b["gt"])
+               for a, b in zip(ray_rows, local_rows))
 
 
 def test_grayscale_scans_are_replicated_and_keep_their_bit_depth(ray_local, dataset):

@@ -26,7 +26,8 @@ def shard(tmp_path_factory) -> str:
             writer.write(SampleRecord(
                 key=name, domain="medical" if name == "scan" else "natural", task="t", split="train",
                 source_id=name, source_package="test", degradation={}, seed=0, bit_depth=depth,
-                channels=1 if len(shape) == 2 else 3, height=shape[0], width=shape[1], white_level=white), lq, gt)  # fmt: skip
+                channels=1 if len(shape) == 2 else 3, height=shape[0], width=shape[1],
+                white_level=white), lq, gt)  # fmt: skip
     return manifest_shard_urls(str(root), "train")[0]
 
 

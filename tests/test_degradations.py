@@ -1,4 +1,5 @@
-"""Degradation synthesis (datprl.platform.data.degradations): output contract, seeding, provenance and each task's effect.
+"""Degradation synthesis (datprl.platform.data.degradations): output contract, seeding, provenance and each task's
+effect.
 
 Images are small crops of photos that ship inside the scikit-image wheel (no downloads)."""
 

@@ -1,21 +1,26 @@
 """Evaluation: metrics agree with direct computation, the do-nothing model scores its input, every output file is
-written and readable, prompt usage adds up, task filtering, zero-shot marking and the command line."""
+written and readable, prompt usage adds up, task filtering, zero-shot marking and the command line (several splits
+side by side; with no arguments the weights `jobs/train.py` exports, or a message saying to train first)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from datprl.models import create_model
+from datprl.models import create_model, save_model
 from datprl.platform.data.pipeline import DataConfig, evaluation_rows
 from datprl.platform.data.build import BuildConfig, build
-from datprl.platform.evaluation.evaluate import EvalConfig, evaluate, main
+from datprl.platform.data.format import SampleRecord
+from datprl.platform.data.shards import DatasetWriter
+from datprl.platform.evaluation.evaluate import TRAINED_WEIGHTS, EvalConfig, evaluate, main
 from datprl.platform.evaluation.metrics import PAPER, psnr, ssim
 
 pytestmark = pytest.mark.ray
@@ -161,14 +166,105 @@ def test_task_filter_and_zero_shot_marking(ray_local, data, tiny, tmp_path):
 
 def test_cli_in_process(ray_local, dataset, tmp_path, capsys):
     out = tmp_path / "cli"
+    # `split=val` is the spelling from before `splits` existed: it still evaluates that one split
     code = main(["variant=paper_tiny", f"data.dataset={dataset}", f"out_dir={out}", "split=val", "tasks=[derain]",
                  "device=cpu"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "derain" in printed and "Metric protocol" in printed
-    saved = json.loads((out / "metrics.json").read_text())
+    assert "derain" in printed and "Metric protocol" in printed and "| val n |" in printed and "test n" not in printed
+    saved = json.loads((out / "val" / "metrics.json").read_text())
     assert saved["split"] == "val" and saved["metadata"]["variant"] == "paper_tiny"
     assert math.isfinite(saved["mean"]["output_psnr"])
-    assert (out / "config.yaml").is_file() and (out / "prompt_usage.png").is_file()
+    assert (out / "config.yaml").is_file() and (out / "val" / "prompt_usage.png").is_file()
+    assert (out / "summary.md").read_text() in printed and not (out / "test").exists()
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        EvalConfig(weights=None)
     with pytest.raises(ValueError, match="exactly one"):
-        EvalConfig()
+        EvalConfig(weights="w.safetensors", variant="paper_tiny")
+    with pytest.raises(ValueError, match=r"old spelling of splits=\[test\]"):
+        EvalConfig(split="test", splits=["val"])
+    assert EvalConfig().resolved_weights() == TRAINED_WEIGHTS == "outputs/train/model.safetensors"
+    assert EvalConfig(variant="paper_tiny").resolved_weights() is None
+
+
+# --- `python jobs/evaluate.py` with no arguments ------------------------------------------------------------------
+SPLIT_TASKS = {"val": [("natural", "sr_x4"), ("remote_sensing", "haze")],
+               "test": [("natural", "sr_x4"), ("remote_sensing", "haze"), ("medical", "ct_low_dose")]}
+
+
+def write_val_test_dataset(root) -> None:
+    """Two samples of 24x24 pixels per task in a val split (2 tasks) and a test split (3 tasks, one of them a 12-bit
+    grey scan stored as 16-bit), as the dataset builder lays them out."""
+    rng = np.random.default_rng(0)
+    with DatasetWriter(str(root), "val-test", max_samples_per_shard=16, command=["test"], package_versions={}) as w:
+        for split, tasks in SPLIT_TASKS.items():
+            for i in range(2):
+                for domain, task in tasks:
+                    grey = domain == "medical"
+                    shape, dtype, high = ((24, 24), np.uint16, 4096) if grey else ((24, 24, 3), np.uint8, 256)
+                    gt = rng.integers(0, high, shape).astype(dtype)
+                    lq = np.clip(gt.astype(np.int64) + rng.integers(-high // 16, high // 16, shape), 0, high - 1)
+                    record = SampleRecord(
+                        key=f"{split}-{task}-{i}", domain=domain, task=task, split=split, source_id=f"{split}{i}",
+                        source_package="test", degradation={"seed": i}, seed=i, bit_depth=16 if grey else 8,
+                        channels=1 if grey else 3, height=24, width=24, white_level=4095 if grey else None)  # fmt: skip
+                    w.write(record, lq.astype(dtype), gt)
+
+
+def test_no_arguments_evaluates_trained_weights_on_val_and_test(ray_local, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_val_test_dataset(tmp_path / "data" / "default")  # the default data.dataset, relative to the job's cwd
+    torch.manual_seed(0)
+    save_model(create_model("paper_tiny"), tmp_path / "outputs" / "train" / "model")
+
+    assert main([]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "outputs" / "eval"
+    results = {split: json.loads((out / split / "metrics.json").read_text()) for split in ("val", "test")}
+    for split, saved in results.items():
+        assert saved["split"] == split and saved["metadata"]["weights"] == TRAINED_WEIGHTS
+        assert {r["task"] for r in saved["rows"]} == {task for _, task in SPLIT_TASKS[split]}
+        assert saved["n_images"] == 2 * len(SPLIT_TASKS[split])
+        assert (out / split / "metrics.md").is_file() and len(list((out / split / "grids").glob("*.png"))) > 0
+
+    summary = (out / "summary.md").read_text()
+    assert summary in printed and TRAINED_WEIGHTS in summary and "`val` 4 images, `test` 6 images" in summary
+    lines = summary.splitlines()
+    header = next(line for line in lines if line.startswith("| domain"))
+    assert header.index("val n") < header.index("val delta") < header.index("test n") < header.index("test delta")
+
+    def cells(prefix: str) -> list[str]:
+        return [c.strip() for c in next(line for line in lines if line.startswith(prefix)).strip("|").split("|")]
+
+    haze = cells("| remote_sensing | haze |")
+    for offset, split in ((2, "val"), (6, "test")):
+        row = next(r for r in results[split]["rows"] if r["task"] == "haze")
+        assert haze[offset:offset + 4] == [str(row["n"]), f"{row['input_psnr']:.2f}", f"{row['output_psnr']:.2f}",
+                                           f"{row['delta_psnr']:+.2f}"]
+    ct = cells("| medical | ct_low_dose |")
+    assert ct[2:6] == ["-"] * 4 and ct[6] == "2"  # not in val: dashes there, its numbers under test
+    mean = cells("| **Mean** | all tasks |")
+    for offset, split in ((2, "val"), (6, "test")):
+        m = results[split]["mean"]
+        assert mean[offset:offset + 4] == [str(m["n_images"]), f"{m['input_psnr']:.2f}", f"{m['output_psnr']:.2f}",
+                                           f"{m['delta_psnr']:+.2f}"]
+    assert "different tasks (val 2, test 3)" in summary
+    assert (out / "config.yaml").is_file()
+
+
+def test_no_arguments_without_weights_says_to_train_first(repo_root, tmp_path):
+    job = subprocess.run([sys.executable, str(repo_root / "jobs" / "evaluate.py")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert job.returncode == 2, job.stderr
+    assert "Traceback" not in job.stderr and "python jobs/train.py" in job.stderr
+    assert f"no trained weights at {TRAINED_WEIGHTS}" in job.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_cli_names_a_missing_dataset_or_split(tmp_path, capsys):
+    assert main(["variant=paper_tiny", f"data.dataset={tmp_path / 'none'}"]) == 2
+    assert "python jobs/build_dataset.py" in capsys.readouterr().err
+    write_val_test_dataset(tmp_path / "d")
+    assert main(["variant=paper_tiny", f"data.dataset={tmp_path / 'd'}", "splits=[train]"]) == 2
+    assert "split 'train' has no samples" in (err := capsys.readouterr().err) and "its splits: test, val" in err
+    assert main(["variant=paper_tiny", f"data.dataset={tmp_path / 'd'}", "tasks=[ct_low_dose]"]) == 2
+    assert "tasks ['ct_low_dose'] have no 'val' samples" in capsys.readouterr().err

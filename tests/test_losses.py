@@ -155,7 +155,8 @@ def test_combined_equals_weighted_sum(tiny):
     out, target = _run(tiny)
     text = torch.randn(2, tiny.config.prompt_dim)
     total, logs = DATPRLLoss(weights)(out, target, model=tiny, text_embedding=text)
-    expected_keys = {"pixel", "fft", "align", "total"} | {f"{t}_{p}" for t in DATPRLLoss.POOL_TERMS for p in ("task", "domain")}
+    pool_terms = {f"{t}_{p}" for t in DATPRLLoss.POOL_TERMS for p in ("task", "domain")}
+    expected_keys = {"pixel", "fft", "align", "total"} | pool_terms
     assert set(logs) == expected_keys
     w = weights.model_dump()
     assert total.item() == pytest.approx(sum(w[k.split("_")[0]] * v for k, v in logs.items() if k != "total"), rel=1e-5)

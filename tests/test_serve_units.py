@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -338,6 +339,35 @@ def test_fresh_engine_says_untrained_and_weights_engine_reports_hash(tmp_path):
         load_engine(ServeConfig(weights=str(tmp_path / "missing.safetensors")))
 
 
+def _provenance(steps: int = 7) -> dict:
+    from datprl.platform.train.provenance import build_provenance
+
+    return build_provenance({"steps": steps, "data": {"dataset": "s3://private/corpus"}}, model_spec="paper_tiny",
+                            steps=steps, manifest_sha256="ab" * 32, evaluation=None)  # fmt: skip
+
+
+def test_trained_is_what_the_weights_provenance_says(tmp_path):
+    assert load_engine(ServeConfig(weights=None)).info.trained is False  # fresh
+    # Provenance from training: trained, with the record served (the training config stays in the sidecar).
+    record = _provenance()
+    path = save_model(_noisy_model(), tmp_path / "trained", provenance=record)
+    info = load_engine(ServeConfig(weights=str(path))).info
+    assert info.trained is True and "7 steps" in info.note
+    served = info.as_dict()["provenance"]
+    assert served["steps"] == 7 and served["dataset_manifest_sha256"] == "ab" * 32 and served["model"] == "paper_tiny"
+    assert served["created"] == record["created"] and served["git_commit"] == record["git_commit"]
+    assert "evaluation" in served and "config" not in served and "s3://private" not in str(info.as_dict())
+    # An export without provenance (older sidecars, weights saved outside training): unknown.
+    info = load_engine(ServeConfig(weights=str(save_model(_noisy_model(), tmp_path / "plain")))).info
+    assert info.trained is None and info.provenance is None and "no provenance" in info.note
+    # A provenance that says untrained, and the all-zero identity initialisation whatever its sidecar says: untrained.
+    untrained = save_model(_noisy_model(), tmp_path / "untrained", provenance={**record, "trained": False})
+    assert load_engine(ServeConfig(weights=str(untrained))).info.trained is False
+    identity = save_model(create_model("paper_tiny"), tmp_path / "identity", provenance=record)
+    info = load_engine(ServeConfig(weights=str(identity))).info
+    assert info.trained is False and "identity" in info.note
+
+
 def test_weights_auto_uses_training_export(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert ServeConfig().resolved_weights() is None
@@ -560,6 +590,18 @@ def test_replica_batch_with_a_failing_group_fails_only_that_request(replica):
     assert r.engine.stats["batches"] == 1  # both went through one @serve.batch call
     assert isinstance(good, Restored) and good.image.shape == (3, 16, 16)
     assert isinstance(bad, RuntimeError) and "simulated" in str(bad)
+
+
+def test_replica_model_route_reports_provenance_and_trained_header(replica, tmp_path):
+    fresh = replica()
+    body = asyncio.run(type(fresh).model(fresh))
+    assert body["trained"] is False and body["provenance"] is None and body["source"] == "fresh"
+    r = replica(weights=str(save_model(_noisy_model(), tmp_path / "m", provenance=_provenance(steps=5))))
+    body = asyncio.run(type(r).model(r))
+    assert body["trained"] is True and body["provenance"]["steps"] == 5 and body["source"] == "weights"
+    json.dumps(body)  # what the route returns is plain JSON
+    reply = asyncio.run(_restore(r, _png(_photo(16, 16))))
+    assert reply.status_code == 200 and reply.headers["X-Model-Trained"] == "true"
 
 
 def test_replica_health_check_runs_the_model(replica):

@@ -243,7 +243,8 @@ def test_dataset_round_trip_local(tmp_path):
     assert read.samples() == len(samples)
     expected_counts = {}
     for rec, _, _ in samples:
-        expected_counts[(rec.domain, rec.task, rec.split)] = expected_counts.get((rec.domain, rec.task, rec.split), 0) + 1
+        group = (rec.domain, rec.task, rec.split)
+        expected_counts[group] = expected_counts.get(group, 0) + 1
     assert {(c.domain, c.task, c.split): c.samples for c in read.counts} == expected_counts
     assert fmt.verify_manifest(str(root)) == []
     # reading a split back gives exactly what was written, in order, metadata included

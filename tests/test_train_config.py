@@ -192,3 +192,24 @@ def test_model_spec_describe():
     spec = ModelSpec.model_validate({"variant": "paper", "task_pool": {"top_k": 4}, "domain_pool": None})
     assert spec.describe() == "paper (task_pool.top_k=4, domain_pool=null)"
     assert ModelSpec().describe() == "paper_tiny"
+
+
+def test_the_driver_reads_the_manifest_once(tmp_path, monkeypatch):
+    """prepare() opens the dataset once; the handle then answers tasks, counts and shard sizes without re-reading."""
+    from conftest import write_tiny_dataset
+
+    from datprl.platform.data import handle as handle_module
+    from datprl.platform.data.pipeline import split_tasks, use_decoded_cache
+
+    dataset = write_tiny_dataset(tmp_path / "data")
+    reads = []
+    real = handle_module.storage.read_bytes
+    monkeypatch.setattr(handle_module.storage, "read_bytes", lambda url, s3=None: reads.append(url) or real(url, s3))
+    run = fit_module.prepare(_config(tmp_path, f"data.dataset={dataset}", "data.cache_decoded=true"))
+    assert run.tasks == ["ct_low_dose", "haze", "sr_x4"] and run.status.kind == "new"
+    assert run.dataset.samples_per_task("train") == {"ct_low_dose": 4, "haze": 4, "sr_x4": 4}
+    assert split_tasks(run.config.data, "train", run.dataset) == run.tasks
+    assert use_decoded_cache(run.config.data, "train", run.dataset) is True
+    assert len(run.dataset.shard_urls("train")) == 1 and run.dataset.shard_bytes("train") > 0
+    assert len(reads) == 1 and reads[0].endswith("manifest.json")
+    assert len(run.dataset.manifest_sha256) == 64

@@ -56,25 +56,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import Field
 
-from datprl.platform.data.transforms import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
-from datprl.platform.bench.model import save_report
-from datprl.platform.runtime import LocalRaySettings, init_ray
+from datprl.platform.bench.common import (
+    LocalDataset,
+    NoRepeats,
+    ensure_dataset,
+    ray_worker_settings,
+    save_report,
+    start_ray,
+)
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
+from datprl.platform.data.conventions import white_level
+from datprl.platform.data.transforms import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
 
 __all__ = ["DataBenchmarkConfig", "baseline_loader", "run_benchmark", "format_report", "main"]
 
 Consumer = Literal["training_batches", "iterate_rows"]
-def _local_folder(value: str) -> str:
-    if "://" in value:
-        raise ValueError("the benchmarks read a local dataset folder (their baselines open shards as local files)")
-    return value
-
-
-LocalDataset = Annotated[str, AfterValidator(_local_folder)]
-"""A dataset field of the benchmarks' configs: a local folder, not a URL."""
-
 BASELINE = "baseline"
 BASELINE_CACHED = "baseline[decoded once]"
 UNCACHED = "training_batches[decode every pass]"
@@ -93,8 +91,9 @@ class DataBenchmarkConfig(StrictModel):
                             "samples per task (18 = 9 tasks x 2)")
     shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer of both training_batches and the "
                                 "baseline's wds .shuffle() (iterate_rows never shuffles)")
-    consumers: list[Consumer] = Field(["training_batches", "iterate_rows"], min_length=1,
-                                      description="Ray consumer paths to time; the first gives the headline ratio")
+    consumers: Annotated[list[Consumer], NoRepeats] = Field(
+        ["training_batches", "iterate_rows"], min_length=1,
+        description="Ray consumer paths to time; the first gives the headline ratio")
     cache_decoded: bool | None = Field(None, description="the pipeline's DataConfig.cache_decoded: decode once into "
                                        "the object store (true), every pass (false), or auto (null)")
     compare_uncached: bool = Field(True, description="when the cache is on, also time training_batches decoding "
@@ -106,13 +105,6 @@ class DataBenchmarkConfig(StrictModel):
                                             "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the priority "
                                             "of the DataLoader workers; null = Ray's default (15)")
     json_out: Path | None = Field(None, description="also write the results as JSON here")
-
-    @field_validator("consumers")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("consumers must not repeat")
-        return value
 
 
 # --- the baseline: plain webdataset + DataLoader --------------------------------------------------------------------
@@ -128,7 +120,7 @@ def _decode_png(data: bytes) -> np.ndarray:
 def _baseline_sample(sample: dict[str, Any], crop_size: int) -> dict[str, Any]:
     """The pipeline's training transform on a webdataset sample: crop, flip/rotate, normalise, 3 x H x W float32."""
     meta = sample["json"]
-    white = meta.get("white_level") or (2 ** meta["bit_depth"] - 1)
+    white = white_level(meta.get("white_level"), bit_depth=meta["bit_depth"])
     rng = process_rng()
     lq, gt = paired_random_crop(sample["lq.png"], sample["gt.png"], crop_size, rng)
     lq, gt = paired_augment(lq, gt, rng)
@@ -277,34 +269,6 @@ def _iterate_rows_pass(dataset) -> dict[str, Any]:
 # --- the benchmark --------------------------------------------------------------------------------------------------
 
 
-def _ensure_dataset(path: str, command: Sequence[str] = ("jobs/benchmark_data.py",)) -> None:
-    """Build the default corpus at ``path`` unless it holds a manifest (``command`` is recorded in the manifest)."""
-    from datprl.platform.data.format import MANIFEST_NAME
-
-    if not (Path(path) / MANIFEST_NAME).exists():
-        from datprl.platform.data.build import BuildConfig, build
-
-        print(f"{path}/{MANIFEST_NAME} not found: building the default corpus there", flush=True)
-        build(BuildConfig(output=path), command=[*command, f"dataset={path}"])
-
-
-def _start_ray(cpus: int, niceness: int | None, dashboard: bool = False,
-               object_store_mib: int = 256) -> tuple[bool, int, float]:
-    """(started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used as it is."""
-    import ray
-
-    start = time.perf_counter()
-    session = init_ray(local=LocalRaySettings(num_cpus=cpus, object_store_bytes=object_store_mib * 2**20,
-                                              dashboard=dashboard, log_to_driver=False, worker_niceness=niceness))
-    return session.started_here, int(ray.cluster_resources().get("CPU", cpus)), time.perf_counter() - start
-
-
-def _ray_worker_niceness() -> int:
-    import ray
-
-    return ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
-
-
 def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     """Time every side of ``config`` and return a JSON-ready dict.
 
@@ -322,7 +286,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     from datprl.platform.data.pipeline import DataConfig, read_split, split_tasks, use_decoded_cache
     from datprl.platform.data.format import manifest_shard_urls, read_manifest
 
-    _ensure_dataset(config.dataset)
+    ensure_dataset(config.dataset, "jobs/benchmark_data.py")
     manifest = read_manifest(config.dataset)
     expected = sum(c.samples for c in manifest.counts if c.split == "train")
     urls = manifest_shard_urls(config.dataset, "train")
@@ -331,8 +295,8 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     tasks = split_tasks(data_config, "train")
     per_task = max(1, config.batch_size // len(tasks))
 
-    owned, cpus, ray_start_s = _start_ray(config.cpus, config.ray_worker_niceness,
-                                          object_store_mib=config.object_store_mib)
+    owned, cpus, ray_start_s = start_ray(config.cpus, config.ray_worker_niceness,
+                                         object_store_mib=config.object_store_mib)
     context = ray.data.DataContext.get_current()
     progress, context.enable_progress_bars = context.enable_progress_bars, False
     data_log = logging.getLogger("ray.data")  # otherwise an INFO block per pass ("Starting execution of ...")
@@ -341,7 +305,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     load_before = os.getloadavg()
     loader = decoded_loader = None
     try:
-        niceness = {"ray_workers": _ray_worker_niceness(), "dataloader_workers": os.nice(0)}
+        niceness = {"ray_workers": ray_worker_settings()["niceness"], "dataloader_workers": os.nice(0)}
         cached = use_decoded_cache(data_config, "train")
         data_config = data_config.model_copy(update={"cache_decoded": cached})  # decided once, here
         loader = baseline_loader(urls, config.crop_size, config.batch_size, cpus, config.shuffle_buffer)

@@ -9,20 +9,20 @@ variant is reported. Launch with ``python jobs/benchmark_model.py [key=value ...
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from datprl.models import VARIANTS, count_parameters, create_model
+from datprl.platform.bench.common import NoRepeats, save_report
 from datprl.platform.runtime import resolve_device
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
@@ -34,15 +34,16 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: no autocast
 class BenchmarkConfig(StrictModel):
     """Forward+backward throughput of model variants (images/s), interleaved rounds, median per variant."""
 
-    variants: list[str] = Field(["paper", "restormer"], min_length=1,
-                                description="variants to time; ratios are of the first against each other one")
+    variants: Annotated[list[str], NoRepeats] = Field(
+        ["paper", "restormer"], min_length=1, description="variants to time; ratios are of the first against each "
+        "other one")
     batch: int = Field(2, ge=1, description="images per step")
     size: int = Field(64, ge=1, description="input height and width")
     warmup: int = Field(2, ge=0, description="untimed steps per variant and dtype")
     rounds: int = Field(5, ge=1, description="timed steps per variant and dtype, interleaved across variants")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu")
-    dtypes: list[Literal["fp32", "bf16"]] = Field(["fp32"], min_length=1,
-                                                  description="bf16: torch.autocast around forward and loss")
+    dtypes: Annotated[list[Literal["fp32", "bf16"]], NoRepeats] = Field(
+        ["fp32"], min_length=1, description="bf16: torch.autocast around forward and loss")
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads; unset keeps torch's default")
     json_out: Path | None = Field(None, description="also write the results as JSON here")
     seed: int = Field(0, description="seed for the weights and the input")
@@ -53,15 +54,6 @@ class BenchmarkConfig(StrictModel):
         unknown = [v for v in value if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
-        if len(set(value)) != len(value):
-            raise ValueError("variants must not repeat")
-        return value
-
-    @field_validator("dtypes")
-    @classmethod
-    def _unique_dtypes(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("dtypes must not repeat")
         return value
 
 
@@ -157,17 +149,6 @@ def format_report(report: dict[str, Any]) -> str:
         for pair, ratio in pairs.items():
             lines.append(f"{pair} throughput ratio: {ratio:.2f}" + (f" ({dtype})" if several else ""))
     return "\n".join(lines)
-
-
-def save_report(report: dict[str, Any], path: Path | None) -> None:
-    """Write a benchmark's JSON-ready results to ``path`` (atomically) and say so; nothing
-    when ``path`` is None. Shared by every ``jobs/benchmark_*.py``."""
-    if path is None:
-        return
-    from datprl.platform.storage import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
-    print(f"results written to {path}")
 
 
 def main(argv: Sequence[str]) -> int:

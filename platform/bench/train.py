@@ -9,18 +9,20 @@ threads, and both call :func:`datprl.platform.train.train_step` with the optimis
 ``optim.ema_decay`` is set (it is by default), as the Ray worker does. No text embeddings, no validation.
 
 * ``bare``: one process, no Ray. The train split is read once before any timing, in this process
-  (``decode_shard`` per shard URL of the manifest, rows shuffled, :class:`~datprl.platform.data.transforms.BalancedBatcher`
-  ``fixed_batches`` with the per-pass count that Ray Train workers use, :func:`~datprl.platform.data.transforms.collate`),
-  and the ``warmup_steps + steps`` batches are held in memory. Each round builds a fresh model and optimiser in this
-  process (``torch.set_num_threads(threads)``), takes ``warmup_steps`` untimed steps, then times ``steps`` calls of
-  ``train_step``. It measures pure compute: no data loading, no reports, no wrapper.
+  (``decode_shard`` per shard URL of the manifest, rows shuffled,
+  :class:`~datprl.platform.data.transforms.BalancedBatcher` ``fixed_batches`` with the per-pass count that Ray Train
+  workers use, :func:`~datprl.platform.data.transforms.collate`), and the ``warmup_steps + steps`` batches are held
+  in memory. Each round builds a fresh model and optimiser in this process (``torch.set_num_threads(threads)``),
+  takes ``warmup_steps`` untimed steps, then times ``steps`` calls of ``train_step``. It measures pure compute: no
+  data loading, no reports, no wrapper.
 * ``ray_train``: :func:`datprl.platform.train.fit` as production runs it, on a local Ray: one worker
   (``num_workers=1``, ``cpus_per_worker`` CPUs, ``torch_threads=threads``), the train split streamed by Ray Data
   (:func:`~datprl.platform.data.read_split`: by default decoded once into the object store before training and
   cropped and augmented every pass on the CPUs the worker leaves free, when it fits the object store; else decoded
   every pass) and assembled by ``training_batches``, ``prepare_model``, a ``ray.train.report`` every
-  ``report_every`` steps, no evaluation, and a checkpoint at the last step only (``checkpoint_every`` is never reached; the last step always
-  checkpoints). Each round is a new run (fresh storage and name), ``warmup_steps + steps`` steps long.
+  ``report_every`` steps, no evaluation, and a checkpoint at the last step only (``checkpoint_every`` is never
+  reached; the last step always checkpoints). Each round is a new run (fresh storage and name),
+  ``warmup_steps + steps`` steps long.
 
 Ray's steps/s is computed from the reports the worker wrote (rank 0's ``metrics.jsonl``): each report's
 ``samples_per_s`` covers the window since the previous report, so a window of ``n`` steps lasted ``n * batch /
@@ -31,8 +33,9 @@ first ``warmup_steps`` steps (which hold worker and Ray Data start-up); steady-s
 seconds. Every cost that Ray adds in the steady state (Ray Data ingest: the crop and augmentation of every pass from
 the decoded cache, or the read and decode of every pass without it, competing for the machine's CPUs, the per-pass
 restart of the streaming split, shuffle and batch assembly; reports; ``prepare_model``, which does not wrap a single
-worker in DDP) therefore counts as Ray overhead in the ratio ``ray_train/bare`` of the median steps/s. The end-to-end time of each ``fit`` call (trainer and worker start-up, data
-set-up, every step, the final checkpoint, shutdown; not ``ray.init``) is reported separately and is not in the ratio.
+worker in DDP) therefore counts as Ray overhead in the ratio ``ray_train/bare`` of the median steps/s. The end-to-end
+time of each ``fit`` call (trainer and worker start-up, data set-up, every step, the final checkpoint, shutdown; not
+``ray.init``) is reported separately and is not in the ratio.
 
 Rounds are interleaved (bare then ray, then ray then bare, ...) so that load changes hit both sides alike, and medians
 over the rounds are reported. When the benchmark starts Ray itself (``cpus`` CPUs, loopback addresses, the dashboard on
@@ -68,8 +71,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from datprl.platform.bench import data as data_benchmark
-from datprl.platform.bench.model import save_report
+from datprl.platform.bench.common import LocalDataset, ensure_dataset, ray_worker_settings, save_report, start_ray
 from datprl.platform.runtime import LOCAL_OBJECT_STORE_BYTES, loopback_only
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
@@ -81,9 +83,8 @@ BARE, RAY = "bare", "ray_train"
 class TrainBenchmarkConfig(StrictModel):
     """Steps/s of the Ray Train loop (1 worker) vs a bare PyTorch loop on the same model, batches and threads."""
 
-    dataset: data_benchmark.LocalDataset = Field("data/default", description="local dataset folder with "
-                                                 "manifest.json; if the manifest is missing, the default corpus is "
-                                                 "built there first")
+    dataset: LocalDataset = Field("data/default", description="local dataset folder with manifest.json; if the "
+                                  "manifest is missing, the default corpus is built there first")
     variant: str = Field("paper_tiny", description="model variant (datprl.models.VARIANTS)")
     crop_size: int = Field(64, ge=8, description="paired random training crop (pixels)")
     per_task_batch: int = Field(1, ge=1, description="samples of every task per batch (batch = tasks x this)")
@@ -141,15 +142,17 @@ def bare_batches(train_config, count: int) -> tuple[list[dict], dict[str, Any]]:
     """``count`` task-balanced training batches read in this process, as a Ray Train worker would assemble them:
     passes over the train split (``decode_shard`` per shard, rows shuffled), each giving the worker's per-pass number
     of batches (``batches_per_pass`` for 1 worker, ``BalancedBatcher.fixed_batches``). Returns (batches, info)."""
-    from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass, collate
+    from datprl.platform.data.handle import DatasetHandle
     from datprl.platform.data.pipeline import StreamReport, decode_shard
-    from datprl.platform.data.format import manifest_shard_urls
-    from datprl.platform.train.fit import _train_counts, training_tasks
+    from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass, collate
+    from datprl.platform.train.fit import training_tasks
 
     data = train_config.data
-    tasks, _ = training_tasks(train_config)
-    per_pass = batches_per_pass(_train_counts(train_config), tasks, data.per_task_batch, 1)
-    urls = manifest_shard_urls(data.dataset, "train", data.s3)
+    dataset = DatasetHandle.open(data.dataset, data.s3)
+    tasks, _ = training_tasks(train_config, dataset)
+    # the per-task counts fit() hands its workers, so the bare loop takes the batches per pass a worker takes
+    per_pass = batches_per_pass(dataset.samples_per_task("train"), tasks, data.per_task_batch, 1)
+    urls = dataset.shard_urls("train")
     batcher = BalancedBatcher(tasks, per_task=data.per_task_batch, seed=train_config.seed)
     shuffle = random.Random(train_config.seed)
     report, batches, passes = StreamReport(), [], 0
@@ -260,14 +263,10 @@ def _rates(windows: list[tuple[int, float]], warmup: int, batch: int, last_loss:
 # --- the benchmark --------------------------------------------------------------------------------------------------
 
 
-def _ensure_dataset(path: str) -> None:
-    data_benchmark._ensure_dataset(path, command=["jobs/benchmark_train.py"])
-
-
 def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
     """(started here, CPUs Ray has, seconds to start): the local Ray as ``fit()`` starts it (dashboard on, the same
     object store, so the decoded cache is on or off as there). An already running Ray (tests) is used as it is."""
-    return data_benchmark._start_ray(cpus, niceness, dashboard=True, object_store_mib=LOCAL_OBJECT_STORE_BYTES // 2**20)
+    return start_ray(cpus, niceness, dashboard=True, object_store_mib=LOCAL_OBJECT_STORE_BYTES // 2**20)
 
 
 def _set_omp_wait_policy(policy: str | None) -> str:
@@ -278,15 +277,6 @@ def _set_omp_wait_policy(policy: str | None) -> str:
         os.environ["OMP_WAIT_POLICY"] = policy
     current = os.environ.get("OMP_WAIT_POLICY", "default")
     return f"{current} (torch was imported before the benchmark set it)" if imported else current
-
-
-def _ray_worker_settings() -> dict[str, Any]:
-    """Niceness and OMP_WAIT_POLICY of a Ray worker (the Train worker is started the same way)."""
-    import ray
-
-    probe = ray.remote(num_cpus=0)(lambda: (os.nice(0), os.environ.get("OMP_WAIT_POLICY", "default")))
-    niceness, policy = ray.get(probe.remote())
-    return {"niceness": niceness, "omp_wait_policy": policy}
 
 
 def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
@@ -317,12 +307,12 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
         if config.cpus_per_worker >= cpus:
             raise RuntimeError(f"the running Ray has {cpus} CPUs: cpus_per_worker={config.cpus_per_worker} would "
                                "leave none to Ray Data's read tasks (the run would hang)")
-        _ensure_dataset(config.dataset)
+        ensure_dataset(config.dataset, "jobs/benchmark_train.py")
         load_before = os.getloadavg()
         start = time.perf_counter()
         batches, data_info = bare_batches(_train_config(config), config.warmup_steps + config.steps)
         bare_read_s = time.perf_counter() - start
-        workers = _ray_worker_settings()
+        workers = ray_worker_settings()
         niceness = {"ray_workers": workers["niceness"], "bare": os.nice(0)}
         omp_wait_policy = {"ray_workers": workers["omp_wait_policy"], "bare": bare_policy}
         with tempfile.TemporaryDirectory(prefix="train-benchmark-") as tmp:

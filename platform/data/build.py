@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,8 +24,14 @@ from datprl.platform.config import StrictModel, parse_cli
 from datprl.platform.data.conventions import white_level
 from datprl.platform.data.degradations import GRAYSCALE_ONLY_TASKS, TASKS, degrade
 from datprl.platform.data.shards import DatasetWriter
-from datprl.platform.data.format import SampleRecord, decode_image, default_package_versions
-from datprl.platform.storage import S3Settings, atomic_write_bytes, join_url
+from datprl.platform.data.format import (
+    MANIFEST_NAME,
+    SampleRecord,
+    decode_image,
+    default_package_versions,
+    manifest_url,
+)
+from datprl.platform.storage import S3Settings, atomic_write_bytes, exists, join_url
 
 Split = Literal["train", "val", "test"]
 
@@ -72,7 +78,8 @@ class BuildConfig(StrictModel):
     s3: S3Settings | None = None
     paired: PairedFolders | None = None
     clean: CleanFolder | None = None
-    extra_tasks: list[str] = Field(default_factory=list, description="classic natural tasks to add, e.g. [denoise_25, jpeg]")
+    extra_tasks: list[str] = Field(default_factory=list,
+                                   description="classic natural tasks to add, e.g. [denoise_25, jpeg]")
     tile: int = Field(256, ge=32, description="clean images are cut into tiles of this size (pixels)")
     max_tiles_per_source: int = Field(4, ge=1)
     samples_per_tile: int = Field(1, ge=1, description="degraded versions per (tile, task), each with its own seed")
@@ -109,8 +116,8 @@ def _stable_int(*parts: object) -> int:
 
 
 def assign_splits(source_ids: dict[str, str], val: int, test: int, seed: int) -> dict[str, Split]:
-    """Split by source: within each group (modality), a seeded order puts ``test`` sources in test, ``val`` in val and the
-    rest in train, keeping at least one training source per group."""
+    """Split by source: within each group (modality), a seeded order puts ``test`` sources in test, ``val`` in val and
+    the rest in train, keeping at least one training source per group."""
     groups: dict[str, list[str]] = {}
     for source_id, group in source_ids.items():
         groups.setdefault(group, []).append(source_id)
@@ -287,7 +294,8 @@ def _paired_samples(paired: PairedFolders) -> Iterator[PendingSample]:
     for name in sorted(gt_files):
         lq, gt = _read_file(lq_files[name]), _read_file(gt_files[name])
         if lq.ndim != gt.ndim or lq.dtype != gt.dtype:
-            raise ValueError(f"{name}: input and target differ in channels or bit depth ({lq.shape}/{lq.dtype} vs {gt.shape}/{gt.dtype})")
+            raise ValueError(f"{name}: input and target differ in channels or bit depth "
+                             f"({lq.shape}/{lq.dtype} vs {gt.shape}/{gt.dtype})")
         key = hashlib.sha1(f"{paired.gt_dir}/{name}".encode()).hexdigest()[:20]
         record = dict(key=key, domain=paired.domain, task=paired.task, split=paired.split,
                       source_id=f"{paired.gt_dir.name}/{name}", source_package="user-folder",
@@ -314,7 +322,8 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
     examples: dict[tuple[str, str], PendingSample] = {}
     name = Path(config.output.rstrip("/")).name or "dataset"
     with DatasetWriter(config.output, name, config.max_samples_per_shard, config.s3, command=command,
-                       package_versions={**default_package_versions(), **versions}, metadata={"config": config.model_dump(mode="json")}) as writer:  # fmt: skip
+                       package_versions={**default_package_versions(), **versions},
+                       metadata={"config": config.model_dump(mode="json")}) as writer:  # fmt: skip
         for sample in tqdm(samples, total=total, desc="samples", unit="pair", disable=None):
             record = SampleRecord.model_validate(sample.record)
             writer.write(record, sample.lq, sample.gt)
@@ -335,8 +344,27 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
             summary["contact_sheet"] = join_url(config.output, "contact_sheet.png")
             atomic_write_bytes(summary["contact_sheet"], data, config.s3)
     print(summary["table"])
-    print(f"{summary['samples']} samples -> {summary['manifest']}" + (f"; contact sheet {summary.get('contact_sheet')}" if "contact_sheet" in summary else ""))
+    sheet = f"; contact sheet {summary.get('contact_sheet')}" if "contact_sheet" in summary else ""
+    print(f"{summary['samples']} samples -> {summary['manifest']}" + sheet)
     return summary
+
+
+def ensure_dataset(url: str, s3: S3Settings | None = None, command: Sequence[str] | None = None,
+                   build_if_missing: bool = True) -> bool:
+    """Make sure a dataset exists at ``url`` (local folder or ``s3://bucket/prefix``): when its ``manifest.json`` is
+    missing, build the embedded default corpus there (:class:`BuildConfig` defaults), recording ``command`` (the
+    command line of the job that asked for it) in the manifest. Returns True when it built one.
+
+    With ``build_if_missing=False`` a missing manifest is a FileNotFoundError that says how to build one. An existing
+    manifest is not validated here: the readers (:func:`~datprl.platform.data.format.read_manifest`) do that."""
+    if exists(manifest_url(url), s3):
+        return False
+    if not build_if_missing:
+        raise FileNotFoundError(f"no dataset at {url} ({MANIFEST_NAME} not found); build it with "
+                                f"jobs/build_dataset.py output={url}")
+    print(f"no dataset at {url} ({MANIFEST_NAME} not found): building the embedded default corpus there", flush=True)
+    build(BuildConfig(output=url, s3=s3), command=None if command is None else list(command))
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,6 @@ __all__ = [
     "decode_image",
     "validate_key",
     "sanitize_key",
-    "ShardInfo",
-    "ShardWriter",
-    "DatasetWriter",
     "ShardEntry",
     "CountEntry",
     "Manifest",
@@ -45,10 +42,6 @@ __all__ = [
     "read_manifest",
     "verify_manifest",
     "manifest_shard_urls",
-    "CorruptSampleError",
-    "CorruptionReport",
-    "decode_sample",
-    "iter_samples",
 ]
 
 log = logging.getLogger(__name__)

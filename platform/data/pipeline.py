@@ -1,6 +1,6 @@
 """The Ray Data pipeline: shards (local or s3://) -> decoded, cropped, augmented pairs -> task-balanced batches.
 
-One Ray Data task per shard streams its tar through :func:`datprl.platform.shards.iter_samples`, so a truncated
+One Ray Data task per shard streams its tar through :func:`datprl.platform.data.shards.iter_samples`, so a truncated
 shard, an undecodable image or a bad record costs only that sample: it becomes an ``error`` row that the consumer
 counts and reports (shard and key) instead of failing the whole read, as Ray's own WebDataset reader does.
 Images keep their stored bit depth until this stage, where they are normalised by their white level
@@ -331,8 +331,8 @@ def iterate_rows(source, shuffle_buffer: int = 0) -> Iterator[dict[str, Any]]:
 
 
 def training_batches(
-    source, tasks: list[str], per_task: int, shuffle_buffer: int = 64, report: StreamReport | None = None, seed: int = 0,
-    num_batches: int | None = None, batcher: BalancedBatcher | None = None,
+    source, tasks: list[str], per_task: int, shuffle_buffer: int = 64, report: StreamReport | None = None,
+    seed: int = 0, num_batches: int | None = None, batcher: BalancedBatcher | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One pass over ``source`` as task-balanced batches (``per_task`` samples of every task): dicts with
     ``lq``/``gt`` tensors (B, 3, H, W) and per-sample ``task``/``domain``/``key``/``source_id`` lists.

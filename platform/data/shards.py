@@ -59,31 +59,27 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from datprl.platform import storage
+from datprl.platform.data.format import (
+    MEMBERS,
+    SPLITS,
+    CountEntry,
+    ImageDecodeError,
+    Manifest,
+    SampleRecord,
+    ShardEntry,
+    Split,
+    _bit_depth,
+    decode_image,
+    default_package_versions,
+    encode_image,
+    write_manifest,
+)
 from datprl.platform.storage import S3Settings
 
 __all__ = [
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "Domain",
-    "Split",
-    "SampleRecord",
-    "UnsupportedImageError",
-    "ImageDecodeError",
-    "encode_image",
-    "decode_image",
-    "validate_key",
-    "sanitize_key",
     "ShardInfo",
     "ShardWriter",
     "DatasetWriter",
-    "ShardEntry",
-    "CountEntry",
-    "Manifest",
-    "default_package_versions",
-    "write_manifest",
-    "read_manifest",
-    "verify_manifest",
-    "manifest_shard_urls",
     "CorruptSampleError",
     "CorruptionReport",
     "decode_sample",
@@ -91,30 +87,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-MEMBERS = ("json", "lq.png", "gt.png")  # member extensions of one sample, in the order they are written
-
-Domain = Literal["natural", "medical", "remote_sensing"]
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-_KEY = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
-
-
-from datprl.platform.data.format import (
-    CountEntry,
-    ImageDecodeError,
-    Manifest,
-    SampleRecord,
-    ShardEntry,
-    _bit_depth,
-    decode_image,
-    default_package_versions,
-    encode_image,
-    write_manifest,
-)
 
 # --- writing ------------------------------------------------------------------------------------------------------
 

@@ -215,15 +215,14 @@ def evaluate(
 ) -> EvalResult:
     """Score ``model`` on every sample of ``split`` (those of ``tasks`` only, when given); see the module docstring.
 
-    The rows come from :func:`datprl.platform.data.evaluation_rows` (Ray Data), or with ``read_in_process`` from
-    :func:`~datprl.platform.data.local_evaluation_rows` (same rows and order, no Ray: periodic validation inside a
-    training worker). The network runs in eval mode under
-    ``torch.inference_mode`` on ``device`` (``"auto"`` = cuda when available; ``None`` = wherever its parameters
-    already are); its train/eval mode and device are restored afterwards, so the training loop can call this between
-    steps. ``model`` may be any module mapping a (1, 3, H, W) batch to its restoration; networks whose ``forward``
-    takes ``return_aux`` also report prompt usage. With ``out_dir``: ``metrics.md``, ``metrics.csv``,
-    ``metrics.json`` (``metadata`` is stored there too, e.g. weights or training step), ``grids/`` and
-    ``prompt_usage.png``, every file written atomically.
+    The rows come from :func:`datprl.platform.data.pipeline.evaluation_rows` (Ray Data), or with ``read_in_process``
+    from :func:`~datprl.platform.data.pipeline.local_evaluation_rows` (same rows and order, no Ray: periodic
+    validation inside a training worker). The network runs in eval mode under ``torch.inference_mode`` on ``device``
+    (``"auto"`` = cuda when available; ``None`` = wherever its parameters already are); its train/eval mode and device
+    are restored afterwards, so the training loop can call this between steps. ``model`` may be any module mapping a
+    (1, 3, H, W) batch to its restoration; networks whose ``forward`` takes ``return_aux`` also report prompt usage.
+    With ``out_dir``: ``metrics.md``, ``metrics.csv``, ``metrics.json`` (``metadata`` is stored there too, e.g.
+    weights or training step), ``grids/`` and ``prompt_usage.png``, every file written atomically.
     """
     net = unwrap_model(model)
     first = next(iter(net.parameters()), None)

@@ -39,15 +39,10 @@ log = logging.getLogger(__name__)
 def open_dataset(config: TrainConfig) -> DatasetHandle:
     """The run's dataset, its manifest read once; the embedded default corpus is built first when it is missing and
     ``build_dataset_if_missing`` is on (building needs no Ray)."""
-    try:
-        return DatasetHandle.open(config.data.dataset, config.data.s3)
-    except FileNotFoundError:
-        if not config.build_dataset_if_missing:
-            raise
-    from datprl.platform.data.build import BuildConfig, build
+    from datprl.platform.data.build import ensure_dataset
 
-    print(f"[train] no dataset at {config.data.dataset}: building the embedded default corpus", flush=True)
-    build(BuildConfig(output=config.data.dataset, s3=config.data.s3))
+    ensure_dataset(config.data.dataset, config.data.s3, command=["jobs/train.py", f"data.dataset={config.data.dataset}"],
+                   build_if_missing=config.build_dataset_if_missing)  # fmt: skip
     return DatasetHandle.open(config.data.dataset, config.data.s3)
 
 

@@ -64,6 +64,8 @@ def _schedule(optim: OptimConfig, steps: int):
 
 
 def _worker_print(*parts: object, flush: bool = True) -> None:
+    # Only notes the reports cannot carry (a missing input, a resume, the test hook): steps and validation results
+    # reach the console through the driver's progress display, from the reports themselves.
     # Ray Train V2 patches print() in workers to go both to the console and to its logger, which the driver shows
     # twice; the process's real stdout is forwarded to the driver once.
     print(*parts, file=sys.__stdout__, flush=flush)
@@ -75,6 +77,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     config = TrainConfig.model_validate(loop_config["config"])
+    if not config.verbose:
+        from datprl.platform.runtime import quiet_ray_train_worker
+
+        quiet_ray_train_worker()  # no "Reporting training result N: TrainingReport(...)" line per report
     tasks: list[str] = loop_config["tasks"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -145,9 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank)
                 else:
                     ray.train.report(metrics)
-                if rank == 0:
-                    _worker_print(f"[train] step {step}/{config.steps} loss {metrics['loss']:.4f} "
-                                  f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s")  # fmt: skip
+                # No step line here: the driver shows every report (progress bar, or step lines with verbose=true).
             if last:
                 break
         passes += 1
@@ -191,10 +195,7 @@ def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank
     metrics = {"val_psnr": result.mean["output_psnr"], "val_input_psnr": result.mean["input_psnr"]}
     for row in result.rows:
         metrics[f"val_delta_psnr/{row['task']}"] = row["delta_psnr"]
-    deltas = " ".join(f"{row['task']} {row['delta_psnr']:+.2f}" for row in result.rows)
-    _worker_print(f"[train] step {step} validation ({config.evaluate_split}): PSNR {metrics['val_psnr']:.2f} dB "
-          f"(input {metrics['val_input_psnr']:.2f}); per task dB vs input: {deltas}", flush=True)  # fmt: skip
-    return metrics
+    return metrics  # printed by the driver, which shows every report (datprl.platform.train.progress)
 
 
 def _crash_hook():

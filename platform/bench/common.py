@@ -1,0 +1,75 @@
+"""What the network, data and training benchmarks share: their dataset field and its default corpus, the local Ray
+they start, the probe of Ray's worker settings, option checks and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+
+from datprl.platform.runtime import LocalRaySettings, init_ray
+from datprl.platform.storage import atomic_write_bytes
+
+__all__ = ["LocalDataset", "NoRepeats", "ensure_dataset", "start_ray", "ray_worker_settings", "save_report"]
+
+
+def _local_folder(value: str) -> str:
+    if "://" in value:
+        raise ValueError("the benchmarks read a local dataset folder (their baselines open shards as local files)")
+    return value
+
+
+LocalDataset = Annotated[str, AfterValidator(_local_folder)]
+"""A dataset field of the benchmarks' configs: a local folder, not a URL."""
+
+
+def _no_repeats(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"the entries must not repeat (got {values}); list each one once")
+    return values
+
+
+NoRepeats = AfterValidator(_no_repeats)
+"""``Annotated[list[...], NoRepeats]``: a list option whose entries must all differ (each is timed once)."""
+
+
+def ensure_dataset(path: str, job: str) -> bool:
+    """Build the default corpus at ``path`` unless it holds a manifest; the manifest records ``job`` and the
+    ``dataset=`` option as the command that built it. Returns True when it built one."""
+    from datprl.platform.data.build import ensure_dataset as ensure  # the builder's imports are heavy: only when used
+
+    return ensure(path, command=[job, f"dataset={path}"])
+
+
+def start_ray(cpus: int, niceness: int | None, dashboard: bool = False,
+              object_store_mib: int = 256) -> tuple[bool, int, float]:
+    """Start the local Ray a benchmark runs on (``cpus`` CPUs, Ray's workers at OS niceness ``niceness``, None =
+    Ray's default) and return (started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used
+    as it is."""
+    import ray
+
+    start = time.perf_counter()
+    session = init_ray(local=LocalRaySettings(num_cpus=cpus, object_store_bytes=object_store_mib * 2**20,
+                                              dashboard=dashboard, log_to_driver=False, worker_niceness=niceness))
+    return session.started_here, int(ray.cluster_resources().get("CPU", cpus)), time.perf_counter() - start
+
+
+def ray_worker_settings() -> dict[str, Any]:
+    """Niceness and OMP_WAIT_POLICY of a Ray worker, read inside one (every worker is started the same way)."""
+    import ray
+
+    probe = ray.remote(num_cpus=0)(lambda: (os.nice(0), os.environ.get("OMP_WAIT_POLICY", "default")))
+    niceness, policy = ray.get(probe.remote())
+    return {"niceness": niceness, "omp_wait_policy": policy}
+
+
+def save_report(report: dict[str, Any], path: Path | None) -> None:
+    """Write a benchmark's JSON-ready results to ``path`` (atomically) and say so; nothing when ``path`` is None."""
+    if path is None:
+        return
+    atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    print(f"results written to {path}")
