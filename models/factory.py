@@ -39,7 +39,8 @@ VARIANTS: dict[str, ModelConfig] = {
     "task_only": ModelConfig(domain_pool=None),
     "restormer": ModelConfig(task_pool=None, domain_pool=None, decoder_blocks=(4, 6, 6)),
     "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
-    "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=PromptPoolConfig(size=6, top_k=3)),
+    "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3),
+                              domain_pool=PromptPoolConfig(size=6, top_k=3)),
     "task_only_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=None),
     "restormer_tiny": ModelConfig(**_TINY, task_pool=None, domain_pool=None),
 }
@@ -55,7 +56,8 @@ def variant_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def create_model(name: str | ModelConfig = "paper", **overrides: Any) -> DATPRLIR:
-    """Build a freshly initialised network from a variant name (plus config overrides) or a full :class:`ModelConfig`."""
+    """Build a freshly initialised network from a variant name (plus config overrides) or a full
+    :class:`ModelConfig`."""
     config = name if isinstance(name, ModelConfig) else variant_config(name, **overrides)
     return DATPRLIR(config)
 
@@ -93,7 +95,8 @@ def config_from_published(published: Mapping[str, Any]) -> ModelConfig:
     """Translate the published constructor arguments (keys of ``tiny.config.json``) into our :class:`ModelConfig`."""
     unknown = set(published) - _PUBLISHED_KEYS
     if unknown:
-        raise ValueError(f"unknown published config keys {sorted(unknown)}; expected a subset of {sorted(_PUBLISHED_KEYS)}")
+        raise ValueError(f"unknown published config keys {sorted(unknown)}; "
+                         f"expected a subset of {sorted(_PUBLISHED_KEYS)}")
     p = dict(published)
     for key, expected in (("LayerNorm_type", "WithBias"), ("prompt_fusion_method", "cross_attention"),
                           ("fusion_method", "cross_attention")):  # fmt: skip
@@ -115,7 +118,8 @@ def config_from_published(published: Mapping[str, Any]) -> ModelConfig:
         ffn_expansion=p.get("ffn_expansion_factor", 2.66),
         prompt_dim=task_dim,
         value_tokens=p.get("value_num_tokens", 2),
-        task_pool={"size": p.get("degradation_pool_size", 15), "top_k": p.get("degradation_top_k", 3)} if use_prompt else None,
+        task_pool=({"size": p.get("degradation_pool_size", 15), "top_k": p.get("degradation_top_k", 3)}
+                   if use_prompt else None),
         domain_pool={"size": p.get("domain_pool_size", 15), "top_k": p.get("domain_top_k", 5)} if use_prompt else None,
     )
     fields["fusion_heads"] = next(h for h in (8, 4, 2, 1) if task_dim % h == 0)
@@ -168,7 +172,8 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             details.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
         if mismatched:
             k = mismatched[0]
-            details.append(f"{len(mismatched)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            details.append(f"{len(mismatched)} with other shapes "
+                           f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
         raise ValueError(
             f"{source} does not fit the network built from its config: {'; '.join(details)}. "
             "Check that the config belongs to these weights."
@@ -230,7 +235,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     weights, config_file = _export_paths(path)
     for needed in (weights, config_file):
         if not needed.exists():
-            raise FileNotFoundError(f"{needed} not found; exported weights are a .safetensors file with a .json config beside it")
+            raise FileNotFoundError(f"{needed} not found; exported weights are a .safetensors file with a .json "
+                                    "config beside it")
     sidecar = _read_sidecar(config_file)
     try:
         config = ModelConfig.model_validate(sidecar["model"])

@@ -134,7 +134,7 @@ def _apply_override(raw: dict, schema: type[BaseModel], text: str) -> tuple[str,
     key, sep, value_text = text.partition("=")
     parts = tuple(p.strip() for p in key.split("."))
     if not sep or not all(parts):
-        raise ConfigError(f"CLI override '{text}' is not of the form key=value (e.g. train.optimizer.lr=1e-4)")
+        raise ConfigError(f"CLI override '{text}' is not of the form key=value (e.g. optim.lr=1e-4)")
     try:
         value = _yaml_load(value_text)
     except yaml.YAMLError as err:

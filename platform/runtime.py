@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -83,7 +84,7 @@ def init_ray(address: str | None = None, local: LocalRaySettings = LocalRaySetti
     import ray
 
     if quiet:
-        quiet_ray_logging()
+        quiet_ray_logging(local=cluster_address(address) is None)
     if ray.is_initialized():
         return RaySession(started_here=False, address=None)
     joined = cluster_address(address)
@@ -114,6 +115,8 @@ RAY_DATA_LOGGING_CONFIG_VAR = "RAY_DATA_LOGGING_CONFIG"
 #: Ray Train's preemption watcher (an actor per worker group, on by default): it polls for nodes being drained, which
 #: cannot happen to a single-node Ray started by this process; creating it logs a core-worker error line each run.
 RAY_TRAIN_PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+#: Ray Data's logger of its "Progress bars disabled" notice.
+PROGRESS_NOTICE_LOGGER = "ray.data._internal.progress"
 #: Logger of Ray's notice that a new local Ray has token authentication on (its default; see the module docstring).
 RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -122,15 +125,6 @@ class _DropTokenAuthEnabledNotice(logging.Filter):
     # Only the notice that auth is *on* (the default); the warning that a cluster runs without it stays visible.
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
-
-
-class QuietRayDataConsole(logging.Filter):
-    """Ray Data's console filter when quiet (named in its logging configuration, see :func:`quiet_ray_logging`):
-    drops the "Progress bars disabled. To enable, set ..." notice -- the jobs turn Ray Data's bars off on purpose.
-    Ray Data's log file keeps it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("ray.data") and record.getMessage().startswith("Progress bars disabled"))
 
 
 def quiet_ray_logging(local: bool | None = None) -> None:
@@ -142,8 +136,8 @@ def quiet_ray_logging(local: bool | None = None) -> None:
     - Ray Data ("Starting execution", "Execution plan of Dataset ...", "execution finished", "Progress bars
       disabled"): Ray Data configures its ``ray.data`` logger itself on import, from the file named by
       ``RAY_DATA_LOGGING_CONFIG``. This writes Ray's default configuration with the console handler at WARNING
-      (and :class:`QuietRayDataConsole`) and points the variable at it; the local Ray's workers inherit it, this
-      process applies it at once. A ``RAY_DATA_LOGGING_CONFIG`` already set is respected.
+      (the progress-bar notice's logger at ERROR) and points the variable at it; the local Ray's workers inherit it,
+      this process applies it at once. A ``RAY_DATA_LOGGING_CONFIG`` already set is respected.
     - Deprecation warnings Ray raises about its own calls (Ray Train's data ingest passes Ray Data the deprecated
       ``exclude_resources``): ignored here, and through ``PYTHONWARNINGS`` in the workers (unless already set).
     - With ``local``: Ray Train's preemption watcher off (see :data:`RAY_TRAIN_PREEMPTION_WATCHER_VAR`; Ray Train
@@ -152,9 +146,10 @@ def quiet_ray_logging(local: bool | None = None) -> None:
       authentication is on dropped.
 
     Not covered, because no variable reaches it: Ray Train configures the loggers of its controller and worker
-    actors itself ("Reporting training result N: TrainingReport(...)", worker-group start-up, checkpoint notes),
-    at the level of the trainer's ``RunConfig(logging_config=ray.train.LoggingConfig(log_level=...))``; a quiet
-    trainer passes ``log_level="WARNING"``.
+    actors itself (worker-group start-up, "Setting up process group", "Checkpoint successfully created"), at the
+    level of the trainer's ``RunConfig(logging_config=ray.train.LoggingConfig(log_level=...))``, which a quiet
+    trainer sets to ``"WARNING"``; its per-report "Reporting training result N: TrainingReport(...)" line escapes
+    that level and is quietened in the worker by :func:`quiet_ray_train_worker`.
     """
     import warnings
 
@@ -218,8 +213,10 @@ def _quiet_ray_data_logging_file(default: dict) -> str:
     config = copy.deepcopy(default)
     console = config["handlers"]["console"]  # KeyError: a Ray whose default configuration is laid out differently
     console["level"] = "WARNING"
-    config.setdefault("filters", {})["datprl_quiet"] = {"()": f"{__name__}.{QuietRayDataConsole.__qualname__}"}
-    console["filters"] = [*console.get("filters", []), "datprl_quiet"]
+    # "Progress bars disabled. To enable, set ...": the jobs turn Ray Data's bars off on purpose. Its logger gets
+    # ray.data's handlers and no propagation (a handler Ray Data adds per dataset would otherwise see records twice).
+    # Only Ray's own classes are named here: every process that imports ray.data loads this file.
+    config["loggers"][PROGRESS_NOTICE_LOGGER] = {**config["loggers"]["ray.data"], "level": "ERROR", "propagate": False}
     data = json.dumps(config, indent=1, sort_keys=True).encode()
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     name = f"ray-data-logging-{hashlib.sha256(data).hexdigest()[:12]}.json"
@@ -230,61 +227,109 @@ def _quiet_ray_data_logging_file(default: dict) -> str:
 
 
 class Stopped(KeyboardInterrupt):
-    """Raised in the main thread when SIGTERM arrives, so ``finally`` blocks shut down what the job started."""
+    """Raised in the main thread when SIGTERM arrives, so ``finally`` blocks shut down what the job started.
+
+    A signal that interrupts a blocking Ray call (``ray.get``, so also ``trainer.fit()``) surfaces as a plain
+    KeyboardInterrupt: Ray turns an interrupted wait into one. Catch KeyboardInterrupt, not Stopped, to handle both."""
+
+
+def _main_thread() -> bool:
+    # Python runs signal handlers in the main thread only, and only the main thread may install them.
+    return threading.current_thread() is threading.main_thread()
+
+
+def _restore_handler(signum: int, handler) -> None:
+    # getsignal() answers None for a handler that was not installed from Python: the default is the safe stand-in.
+    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turn SIGTERM (what a service manager or Kubernetes sends) into :class:`Stopped`, as SIGINT is turned into
-    KeyboardInterrupt, for the duration of the block; the previous handlers come back afterwards. Main thread only."""
-    previous = signal.getsignal(signal.SIGTERM)
+    """Turn SIGTERM (what a service manager or Kubernetes sends) into :class:`Stopped` and SIGINT into
+    KeyboardInterrupt for the duration of the block -- SIGINT too because a process started in the background by a
+    shell inherits it ignored -- and put the previous handlers back afterwards. Outside the main thread, where no
+    handler can be installed, the block runs as it is."""
+    if not _main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def on_term(signum, frame):  # noqa: ARG001 - signal handler signature
         raise Stopped(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            _restore_handler(signum, handler)
 
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, local: LocalRaySettings = LocalRaySettings(), *,
                 quiet: bool = True, serve: bool = False) -> Iterator[RaySession]:
-    """:func:`init_ray`, and on leaving the block -- normally, on an error, on Ctrl-C or on SIGTERM -- shut down what
-    this process started: Ray Serve (with ``serve``) and a local Ray. A joined cluster is left alone (a Serve
-    application deployed to it keeps running)."""
-    session = init_ray(address, local, quiet=quiet)
+    """:func:`init_ray`, and on leaving the block -- normally, on an error, on Ctrl-C or on SIGTERM, also one that
+    arrives while Ray is starting -- shut down what this process started: Ray Serve (with ``serve``) and a local Ray.
+    A joined cluster is left alone (a Serve application deployed to it keeps running)."""
+    ray_module = sys.modules.get("ray")  # not imported yet: init_ray imports it (after loopback_only)
+    starts_local = cluster_address(address) is None and not (ray_module is not None and ray_module.is_initialized())
+    session: RaySession | None = None
+    with stop_on_signals():
+        try:
+            session = init_ray(address, local, quiet=quiet)
+            # ray.init replaces the SIGTERM handler with its own (Python, then C++: see _cancel_abort_watchdog): until
+            # these lines install ours again, SIGTERM surfaces as SystemExit -- also handled by the finally below.
+            with stop_on_signals():
+                yield session
+        finally:
+            if session.started_here if session is not None else starts_local:
+                shutdown_ray(serve=serve)
+
+
+def _cancel_abort_watchdog() -> None:
+    """Disarm the abort timer of Ray's C++ failure-signal handler. ray.init installs that handler for SIGTERM in this
+    process; when it handles a SIGTERM (one that arrives before :func:`ray_session` installs its own handler again)
+    it prints a stack trace, hands the signal to the Python handler and arms a 3-second ``alarm``, whose SIGALRM
+    handler aborts the process -- in the middle of shutting Serve and Ray down, which takes longer, leaving Ray's
+    agents and workers running. No job here uses SIGALRM."""
+    if hasattr(signal, "alarm"):
+        signal.alarm(0)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored for the block (main thread only), the previous handlers back afterwards."""
+    if not _main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in previous:
+        signal.signal(signum, signal.SIG_IGN)
     try:
-        with stop_on_signals():
-            yield session
+        yield
     finally:
-        if session.started_here:
-            shutdown_ray(serve=serve)
+        for signum, handler in previous.items():
+            _restore_handler(signum, handler)
 
 
 def shutdown_ray(serve: bool = False) -> None:
-    """Stop Serve (when asked) and the Ray this process started; every step is attempted even if one fails."""
+    """Stop Serve (when asked) and the Ray this process started; every step is attempted even if one fails.
+
+    SIGTERM and SIGINT are ignored meanwhile: a second Ctrl-C (or a SIGTERM after the first) must not interrupt the
+    shutdown half-way and leave the local cluster's processes running. The previous handlers come back afterwards."""
     import ray
 
-    if serve:
-        try:
-            from ray import serve as ray_serve
+    with _signals_ignored():
+        _cancel_abort_watchdog()
+        if serve and ray.is_initialized():  # without Ray, serve.shutdown() would start a local Ray to look for Serve
+            try:
+                from ray import serve as ray_serve
 
-            ray_serve.shutdown()
-        except Exception as err:  # noqa: BLE001 - still shut Ray down below
-            log.warning("serve.shutdown failed: %s", err)
-    # Ignore a second SIGTERM/SIGINT while the local cluster's processes are being stopped.
-    with contextlib.suppress(ValueError):  # not the main thread: no handlers to change
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+                ray_serve.shutdown()
+            except Exception as err:  # noqa: BLE001 - still shut Ray down below
+                log.warning("serve.shutdown failed: %s", err)
         ray.shutdown()
-    finally:
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def resolve_device(name: str = "auto"):

@@ -159,7 +159,8 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str | None]
         await form.close()
 
 
-def _decode_for_model(data: bytes, fmt: str, max_pixels: int, white_level: int | None) -> tuple[DecodedImage, torch.Tensor]:
+def _decode_for_model(data: bytes, fmt: str, max_pixels: int,
+                      white_level: int | None) -> tuple[DecodedImage, torch.Tensor]:
     """Decode and normalise in one worker-thread call: (image, (3, H, W) float32 in [0, 1]). The stored values are
     released once normalised (encoding needs only their shape)."""
     image = decode(data, fmt, max_pixels, white_level)

@@ -250,7 +250,8 @@ class Engine:
             self.stats["largest"] = max(self.stats["largest"], len(members))
             for row, i in enumerate(members):
                 h, w = units[i].shape[-2:]
-                selection = {name: (idx[row : row + 1], wt[row : row + 1]) for name, (idx, wt) in out.selections.items()}
+                selection = {name: (idx[row : row + 1], wt[row : row + 1])
+                             for name, (idx, wt) in out.selections.items()}
                 results[i] = Restored(out.images[row, :, :h, :w], selection, len(members))
         return results  # type: ignore[return-value]
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-OFFICIAL_CHECKPOINT = FIXTURES / "official-checkpoint"  # copied from the shared reference (see its README)
+OFFICIAL_CHECKPOINT = FIXTURES / "official-checkpoint"  # the published network's layout and a tiny fixture (README)
 
-# Ray must only ever talk to loopback in tests (single node; see ray-stack-facts.md).
+# Ray must only ever talk to loopback in tests (single node): with this, a local Ray binds every port to 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
@@ -99,3 +100,44 @@ def write_tiny_dataset(root: Path) -> Path:
                     channels=1 if grey else 3, height=40, width=40, white_level=4095 if grey else None)  # fmt: skip
                 writer.write(record, lq, gt)
     return root
+
+
+class ProcessInfo(NamedTuple):
+    """One process as /proc tells it."""
+
+    ppid: int
+    session: int
+    state: str  # "Z": a zombie (exited, only its exit status is left)
+    started: int  # clock ticks after boot: with the pid, tells a process from a later one that reuses its pid
+    name: str
+
+
+def process_table() -> dict[int, ProcessInfo]:
+    """pid -> :class:`ProcessInfo` of every process, from /proc (Linux)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ... starttime
+        table[int(entry)] = ProcessInfo(int(fields[1]), int(fields[3]), fields[0], int(fields[19]), name)
+    return table
+
+
+def session_processes(session: int, table: dict[int, ProcessInfo] | None = None) -> set[int]:
+    """Every process of ``session`` and every descendant of one (a job started with ``start_new_session`` has a
+    session of its own), this test process excluded; ``table``: a :func:`process_table` already read."""
+    table = process_table() if table is None else table
+    found = {pid for pid, info in table.items() if info.session == session}
+    grew = True
+    while grew:
+        children = {pid for pid, info in table.items() if info.ppid in found} - found
+        found |= children
+        grew = bool(children)
+    found.discard(os.getpid())
+    return found

@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import session_processes
 from datprl.platform.config import load_config
 from datprl.platform.runtime import free_loopback_port
 from datprl.platform.train.config import TrainConfig
@@ -77,35 +78,6 @@ def test_ray_cluster_launcher_config():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A local head node of our own
-
-
-def _process_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id), from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
-        table[int(entry)] = (int(fields[1]), int(fields[3]))
-    return table
-
-
-def _session_processes(session: int) -> set[int]:
-    """Every process of ``session`` and every descendant of one (a job's driver runs in a session of its own)."""
-    table = _process_table()
-    found = {pid for pid, (_, sid) in table.items() if sid == session}
-    grew = True
-    while grew:
-        children = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
-        found |= children
-        grew = bool(children)
-    found.discard(os.getpid())
-    return found
 
 
 class LocalHead:
@@ -177,15 +149,15 @@ class LocalHead:
     def stop(self) -> None:
         if self.session is not None:
             for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                for pid in _session_processes(self.session):
+                for pid in session_processes(self.session):
                     try:
                         os.kill(pid, sig)
                     except ProcessLookupError:
                         pass
                 deadline = time.monotonic() + grace
-                while _session_processes(self.session) and time.monotonic() < deadline:
+                while session_processes(self.session) and time.monotonic() < deadline:
                     time.sleep(0.2)
-            left = _session_processes(self.session)
+            left = session_processes(self.session)
             assert not left, f"Ray processes of the test head survived SIGKILL: {sorted(left)}"
         shutil.rmtree(self.temp, ignore_errors=True)
 

@@ -162,7 +162,8 @@ def test_help_lists_dotted_fields(capsys):
         parse_cli(Job, ["seed=1", "--help"], prog="train")
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: train [--dry-run] [CONFIG.yaml] [key=value ...]") and "Example job for the tests." in out
+    assert out.startswith("usage: train [--dry-run] [CONFIG.yaml] [key=value ...]")
+    assert "Example job for the tests." in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert {"train.optimizer.lr", "train.optimizer.betas", "pool.size", "pool.top_k", "tags", "seed"} <= set(lines)
     assert "float = 0.001" in lines["train.optimizer.lr"] and "learning rate" in lines["train.optimizer.lr"]

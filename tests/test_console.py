@@ -121,6 +121,48 @@ def test_bad_arguments_name_the_problem(tmp_path, kwargs, message):
         TrainingProgress(tmp_path / "metrics.jsonl", **kwargs)
 
 
+QUIET_PROBE = """
+import json, logging, os, sys
+from datprl.platform.runtime import quiet_ray_logging, quiet_ray_train_worker
+
+logging.getLogger().addHandler(logging.StreamHandler())  # a console at INFO, as Ray Train gives its workers
+logging.getLogger().setLevel(logging.INFO)
+quiet_ray_logging(local=sys.argv[1] == "local")
+logging.getLogger("ray.data._internal.execution.streaming_executor").info("Execution plan of Dataset d: ...")
+logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, set ...")
+logging.getLogger("ray.data.probe").warning("a Ray Data warning")
+quiet_ray_train_worker()
+from ray.train.v2._internal.execution import context
+context.logger.info("Reporting training result 1: TrainingReport(...)")
+context.logger.warning("a Ray Train warning")
+names = ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+print(json.dumps({name: os.environ.get(name) for name in names}))
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "cluster"])
+def test_quiet_ray_logging_keeps_info_off_the_console_and_warnings_on(repo_root, tmp_path, where):
+    """Without starting Ray: Ray Data's INFO lines and its progress-bar notice stay off the console (its log file
+    still takes DEBUG), warnings still show, the variables the local Ray's workers inherit are set, and a worker's
+    Ray Train report line (logged outside the ``ray.train`` loggers) is quietened."""
+    drop = ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_ADDRESS")
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "TMPDIR": str(tmp_path)}
+    job = subprocess.run([sys.executable, "-c", QUIET_PROBE, where], cwd=repo_root, env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert job.returncode == 0, job.stderr
+    console = job.stderr
+    assert "a Ray Data warning" in console and "a Ray Train warning" in console
+    for chatter in ("Execution plan", "Progress bars disabled", "Reporting training result"):
+        assert chatter not in console, console
+    variables = json.loads(job.stdout)
+    assert variables["PYTHONWARNINGS"] == "ignore::DeprecationWarning"
+    assert variables["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == ("0" if where == "local" else None)
+    data_config = Path(variables["RAY_DATA_LOGGING_CONFIG"])
+    assert data_config.parent.parent == tmp_path  # under the temporary folder
+    config = json.loads(data_config.read_text())
+    assert config["handlers"]["console"]["level"] == "WARNING" and config["loggers"]["ray.data"]["level"] == "DEBUG"
+
+
 RAY_CHATTER = ("Execution plan", "Starting execution", "execution finished", "TrainingReport(",
                "Reporting training result", "DeprecationWarning", "PreemptionWatcher",
                "Progress bars disabled")  # fmt: skip

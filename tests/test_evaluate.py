@@ -216,9 +216,12 @@ def test_no_arguments_evaluates_trained_weights_on_val_and_test(ray_local, tmp_p
     write_val_test_dataset(tmp_path / "data" / "default")  # the default data.dataset, relative to the job's cwd
     torch.manual_seed(0)
     save_model(create_model("paper_tiny"), tmp_path / "outputs" / "train" / "model")
+    # the training run's resolved config beside the weights names another dataset: evaluation says so
+    (tmp_path / "outputs" / "train" / "config.yaml").write_text("data:\n  dataset: data/elsewhere\n")
 
     assert main([]) == 0
     printed = capsys.readouterr().out
+    assert "was trained on data/elsewhere; evaluating on data/default (set data.dataset=data/elsewhere" in printed
     out = tmp_path / "outputs" / "eval"
     results = {split: json.loads((out / split / "metrics.json").read_text()) for split in ("val", "test")}
     for split, saved in results.items():

@@ -379,13 +379,14 @@ def test_weights_auto_uses_training_export(tmp_path, monkeypatch):
 def test_weights_from_s3(s3_server, tmp_path):
     import boto3
 
-    path = save_model(_noisy_model(1), tmp_path / "model")
+    path = save_model(_noisy_model(1), tmp_path / "model", provenance=_provenance(steps=3))
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket="weights")
     for suffix in (".safetensors", ".json"):
         client.upload_file(str(tmp_path / f"model{suffix}"), "weights", f"run/model{suffix}")
     engine = load_engine(ServeConfig(weights="s3://weights/run/model.safetensors", s3_endpoint_url=s3_server))
     assert engine.info.weights_sha256 == weights_digest(path)
+    assert engine.info.trained is True and engine.info.provenance["steps"] == 3  # the sidecar came along
     with pytest.raises(FileNotFoundError):
         load_engine(ServeConfig(weights="s3://weights/none/model.safetensors", s3_endpoint_url=s3_server))
 

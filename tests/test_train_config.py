@@ -77,7 +77,8 @@ def test_old_keys_migrate_or_fail_clearly(tmp_path, capsys):
 def test_saved_config_round_trips_with_the_model_section(tmp_path):
     from datprl.platform.config import save_resolved_config
 
-    config = load_config(TrainConfig, None, ["model.variant=paper", "model.task_pool.top_k=4", "model.domain_pool=null"])
+    overrides = ["model.variant=paper", "model.task_pool.top_k=4", "model.domain_pool=null"]
+    config = load_config(TrainConfig, None, overrides)
     again = load_config(TrainConfig, save_resolved_config(config, tmp_path / "c.yaml"))
     assert again == config and again.model.resolve() == config.model.resolve()
 
@@ -213,3 +214,12 @@ def test_the_driver_reads_the_manifest_once(tmp_path, monkeypatch):
     assert len(run.dataset.shard_urls("train")) == 1 and run.dataset.shard_bytes("train") > 0
     assert len(reads) == 1 and reads[0].endswith("manifest.json")
     assert len(run.dataset.manifest_sha256) == 64
+
+
+def test_more_steps_continue_a_run_fewer_find_it_complete(tmp_path):
+    trained = _config(tmp_path)  # steps=20
+    _fake_checkpoint(tmp_path / "runs" / "r", config_to_dict(trained), step=20)
+    assert check_run(trained).kind == "complete"
+    longer = check_run(_config(tmp_path, "steps=30"))
+    assert (longer.kind, longer.step, longer.previous_steps) == ("resume", 20, 20)
+    assert check_run(_config(tmp_path, "steps=10")).kind == "complete"

@@ -13,12 +13,12 @@ float32 ``(3, crop, crop)`` (grey replicated to 3 channels; every side calls the
   shards are decoded once in this process through the same webdataset pipeline (timed, like the cache build), and a
   map-style dataset over the decoded arrays crops, augments and normalises them in a ``DataLoader`` with N workers
   (forked: they share the decoded arrays), ``shuffle=True``.
-* Ray: :func:`~datprl.platform.data.read_split` on a local Ray with N CPUs, consumed as training consumes it:
-  :func:`~datprl.platform.data.training_batches` (task-balanced batches of ``tasks x batch_size // tasks``) and/or
-  plain :func:`~datprl.platform.data.iterate_rows`. With ``cache_decoded`` auto (the default) a split that fits the
-  object store is decoded once, when ``read_split`` is called, and every pass only crops, augments and normalises the
-  cached pixels; ``compare_uncached`` adds ``training_batches[decode every pass]``, the path the pipeline takes for
-  splits too large to cache (always with the ``training_batches`` consumer).
+* Ray: :func:`~datprl.platform.data.pipeline.read_split` on a local Ray with N CPUs, consumed as training consumes
+  it: :func:`~datprl.platform.data.pipeline.training_batches` (task-balanced batches of ``tasks x batch_size //
+  tasks``) and/or plain :func:`~datprl.platform.data.pipeline.iterate_rows`. With ``cache_decoded`` auto (the
+  default) a split that fits the object store is decoded once, when ``read_split`` is called, and every pass only
+  crops, augments and normalises the cached pixels; ``compare_uncached`` adds ``training_batches[decode every pass]``,
+  the path the pipeline takes for splits too large to cache (always with the ``training_batches`` consumer).
 
 One-time decodes are timed (``cache_build_s``, ``baseline_cache_build_s``) and the ratios ``incl. cache build``
 charge them to the timed passes: total samples over (build + timed passes) against the plain baseline's total

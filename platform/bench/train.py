@@ -2,22 +2,22 @@
 
 Both sides train the same network (``variant``, default ``paper_tiny``, initialised from ``torch.manual_seed(seed)``)
 on task-balanced batches of ``per_task_batch`` samples of every training task (``tasks x per_task_batch``), cropped to
-``crop_size`` and augmented by :func:`~datprl.platform.data.decode_shard` (``mode="train"``), with ``threads`` torch
-threads, and both call :func:`datprl.platform.train.train_step` with the optimiser, loss and schedule of the same
-:class:`~datprl.platform.train.TrainConfig` with its defaults (Adam, :class:`~datprl.models.losses.DATPRLLoss`,
-``LambdaLR`` of the cosine schedule, gradient clipping), followed by the EMA update of the weights when the config's
-``optim.ema_decay`` is set (it is by default), as the Ray worker does. No text embeddings, no validation.
-
+``crop_size`` and augmented by :func:`~datprl.platform.data.pipeline.decode_shard` (``mode="train"``), with
+``threads`` torch threads, and both call :func:`datprl.platform.train.loop.train_step` with the optimiser, loss and
+schedule of the same :class:`~datprl.platform.train.config.TrainConfig` with its defaults (Adam,
+:class:`~datprl.models.losses.DATPRLLoss`, ``LambdaLR`` of the cosine schedule, gradient clipping), followed by the EMA
+update of the weights when the config's ``optim.ema_decay`` is set (it is by default), as the Ray worker does. No text
+embeddings, no validation.
 * ``bare``: one process, no Ray. The train split is read once before any timing, in this process
   (``decode_shard`` per shard URL of the manifest, rows shuffled,
-  :class:`~datprl.platform.data.transforms.BalancedBatcher` ``fixed_batches`` with the per-pass count that Ray Train
-  workers use, :func:`~datprl.platform.data.transforms.collate`), and the ``warmup_steps + steps`` batches are held
+  :class:`~datprl.platform.data.sampler.BalancedBatcher` ``fixed_batches`` with the per-pass count that Ray Train
+  workers use, :func:`~datprl.platform.data.sampler.collate`), and the ``warmup_steps + steps`` batches are held
   in memory. Each round builds a fresh model and optimiser in this process (``torch.set_num_threads(threads)``),
   takes ``warmup_steps`` untimed steps, then times ``steps`` calls of ``train_step``. It measures pure compute: no
   data loading, no reports, no wrapper.
-* ``ray_train``: :func:`datprl.platform.train.fit` as production runs it, on a local Ray: one worker
+* ``ray_train``: :func:`datprl.platform.train.fit.fit` as production runs it, on a local Ray: one worker
   (``num_workers=1``, ``cpus_per_worker`` CPUs, ``torch_threads=threads``), the train split streamed by Ray Data
-  (:func:`~datprl.platform.data.read_split`: by default decoded once into the object store before training and
+  (:func:`~datprl.platform.data.pipeline.read_split`: by default decoded once into the object store before training and
   cropped and augmented every pass on the CPUs the worker leaves free, when it fits the object store; else decoded
   every pass) and assembled by ``training_batches``, ``prepare_model``, a ``ray.train.report`` every
   ``report_every`` steps, no evaluation, and a checkpoint at the last step only (``checkpoint_every`` is never

@@ -26,7 +26,8 @@ class OptimConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """A training run. ``python jobs/train.py [config.yaml] [key=value ...]``; with no arguments: the embedded default."""
+    """A training run: ``python jobs/train.py [--dry-run] [config.yaml] [key=value ...]``; with no arguments, the
+    embedded default."""
 
     name: str = Field("default", description="run name; launching the same name again resumes it")
     storage: str = Field("runs", description="run storage: local folder or s3://bucket/prefix (shared on clusters)")
@@ -36,7 +37,8 @@ class TrainConfig(StrictModel):
     # optimiser steps, which the tiny network needs more than larger batches (measured in tuning runs on the default
     # corpus: 48 px crops and 9-sample batches gave the best validation PSNR in a fixed time).
     data: DataConfig = DataConfig(crop_size=48, per_task_batch=1)
-    build_dataset_if_missing: bool = Field(True, description="build the embedded default corpus when data.dataset has no manifest")
+    build_dataset_if_missing: bool = Field(True, description="build the embedded default corpus when data.dataset "
+                                           "has no manifest")
     model: ModelSpec = Field(ModelSpec(), description="the network: a registered variant plus typed overrides, e.g. "
                              "model.variant=paper model.task_pool.top_k=4 model.domain_pool=null")
     loss: LossWeights = LossWeights()

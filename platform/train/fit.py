@@ -28,7 +28,7 @@ from datprl.models import save_model
 from datprl.platform.config import config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.pipeline import read_split, split_tasks, use_decoded_cache
-from datprl.platform.runtime import LocalRaySettings, init_ray, ray_session
+from datprl.platform.runtime import init_ray, ray_session
 from datprl.platform.train.config import TrainConfig
 from datprl.platform.train.loop import train_loop_per_worker
 from datprl.platform.train.runs import RunMismatch, RunStatus, check_run, delete_run, run_url
@@ -41,8 +41,9 @@ def open_dataset(config: TrainConfig) -> DatasetHandle:
     ``build_dataset_if_missing`` is on (building needs no Ray)."""
     from datprl.platform.data.build import ensure_dataset
 
-    ensure_dataset(config.data.dataset, config.data.s3, command=["jobs/train.py", f"data.dataset={config.data.dataset}"],
-                   build_if_missing=config.build_dataset_if_missing)  # fmt: skip
+    command = ["jobs/train.py", f"data.dataset={config.data.dataset}"]  # recorded in the built manifest
+    ensure_dataset(config.data.dataset, config.data.s3, command=command,
+                   build_if_missing=config.build_dataset_if_missing)
     return DatasetHandle.open(config.data.dataset, config.data.s3)
 
 
@@ -169,6 +170,9 @@ def fit(config: TrainConfig | PreparedRun):
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_metrics_log(metrics_path)],
+            # Ray Train sets up its controller's and workers' loggers from this level itself (no variable reaches
+            # them): WARNING keeps worker-group start-up and checkpoint notes out of the console unless verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
     )
     with TrainingProgress(metrics_path, total_steps=config.steps, start_step=run.status.step,
@@ -210,23 +214,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if run.status.kind == "resume":
         print(f"[train] resuming run {config.name!r} from step {run.status.step}/{config.steps}", flush=True)
+        if run.status.previous_steps is not None:
+            print(f"[train] steps changed from {run.status.previous_steps} to {config.steps}: the learning-rate "
+                  f"schedule now decays over {config.steps} steps", flush=True)
     from datprl.models import load_model
     from datprl.platform.evaluation.evaluate import evaluate
     from datprl.platform.train.provenance import build_provenance
 
     save_resolved_config(config, output_dir / "config.yaml")
-    local = LocalRaySettings(log_to_driver=config.verbose)
-    with ray_session(config.ray_address, local, quiet=not config.verbose):
-        result = fit(run)
-        if result.error is not None:
-            return _fail(f"training failed: {result.error}", code=1)
-        evaluation = None
-        if config.evaluate_split:
-            with result.checkpoint.as_directory() as folder:
-                model = load_model(Path(folder) / "model.safetensors")
-            evaluation = evaluate(model, config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
-                                  zero_shot_tasks=run.held_out,
-                                  metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
+    try:
+        with ray_session(config.ray_address, quiet=not config.verbose):
+            result = fit(run)
+            if result.error is not None:
+                return _fail(f"training failed: {result.error}", code=1)
+            evaluation = None
+            if config.evaluate_split:
+                with result.checkpoint.as_directory() as folder:
+                    model = load_model(Path(folder) / "model.safetensors")
+                evaluation = evaluate(model, config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
+                                      zero_shot_tasks=run.held_out,
+                                      metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (runtime.Stopped; Ray turns one that interrupts fit() into this)
+        # ray_session has stopped the local Ray by now; nothing is evaluated or exported from an unfinished run.
+        print(f"\n[train] stopped before the end; run {config.name!r} keeps its checkpoints at {run.status.url}: the "
+              "same command resumes it from the last one", file=sys.stderr, flush=True)
+        return 130
     provenance = build_provenance(config_to_dict(config), model_spec=config.model.describe(), steps=config.steps,
                                   manifest_sha256=run.dataset.manifest_sha256,
                                   evaluation=evaluation.to_json() if evaluation is not None else None)  # fmt: skip

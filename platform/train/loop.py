@@ -18,16 +18,12 @@ from datprl.models import create_model, save_model
 from datprl.models.losses import DATPRLLoss
 from datprl.platform.config import config_to_dict
 from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
-from datprl.platform.data.pipeline import (
-    StreamReport,
-    training_batches,
-)
+from datprl.platform.data.pipeline import StreamReport, training_batches
 from datprl.platform.storage import S3Settings
+from datprl.platform.train.config import OptimConfig, TrainConfig
+from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
 
 log = logging.getLogger(__name__)
-
-
-from datprl.platform.train.config import OptimConfig, TrainConfig
 
 
 
@@ -40,7 +36,8 @@ def _load_text_embeddings(path: str | None, s3: S3Settings | None) -> dict[str, 
 
     fs, local = filesystem(path, s3)
     table = pq.read_table(local, filesystem=fs, columns=["source_id", "embedding"])
-    return {sid: torch.tensor(emb, dtype=torch.float32) for sid, emb in zip(table["source_id"].to_pylist(), table["embedding"].to_pylist())}
+    pairs = zip(table["source_id"].to_pylist(), table["embedding"].to_pylist())
+    return {sid: torch.tensor(emb, dtype=torch.float32) for sid, emb in pairs}
 
 
 def _text_batch(table: dict[str, torch.Tensor] | None, source_ids: list[str], device) -> tuple[Any, Any]:
@@ -96,7 +93,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
     ema = None
     if config.optim.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay))
+        ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
     criterion = DATPRLLoss(config.loss)
     texts = _load_text_embeddings(config.text_embeddings, config.s3)
     if texts is None and rank == 0 and config.loss.align and model.domain_pool is not None:
@@ -143,7 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = {"step": step, "resumed_from_step": start_step, "loss": means["total"],
                            "lr": scheduler.get_last_lr()[0], "passes": passes,
                            "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
-                           "corrupt_samples": len(report.corrupt), **{f"loss_{k}": v for k, v in means.items()}}  # fmt: skip
+                           "corrupt_samples": len(report.corrupt),
+                           **{f"loss_{k}": v for k, v in means.items()}}  # fmt: skip
                 if config.validate_every and config.evaluate_split and (step % config.validate_every == 0 or last):
                     metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank, step))
                 window, started = [], time.perf_counter()
@@ -220,8 +219,9 @@ def _crash_hook():
 
 
 def _clamp_temperatures(model: torch.nn.Module, config: TrainConfig) -> None:
-    # The forward pass clamps tau to [min, max] (method.md step 3), which gives the raw parameter zero gradient once it
-    # leaves the range: project it back after each step so it can always move again.
+    # The forward pass clamps the learnable temperature tau to [min, max] ([0.1, 2] in the paper, arXiv 2603.01725,
+    # Sec. 3), which gives the raw parameter zero gradient once it leaves the range: project it back after each step
+    # so it can always move again.
     with torch.no_grad():
         for pool in (model.task_pool, model.domain_pool):
             if pool is not None:
@@ -234,12 +234,13 @@ def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, pas
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:  # one copy of the replicated state; every worker still reports
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "step": step, "passes": passes}  # fmt: skip
             torch.save(state, Path(folder) / "state.pt")
             # config.json and progress.json let the driver check a run before resuming it (datprl.platform.train.runs)
-            (Path(folder) / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
-            (Path(folder) / "progress.json").write_text(json.dumps({"step": step, "steps": config.steps}))
+            (Path(folder) / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=1))
+            (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"step": step, "steps": config.steps}))
             weights = ema.module if ema is not None else model
             save_model(weights, Path(folder) / "model")
             checkpoint = ray.train.Checkpoint.from_directory(folder)

@@ -169,7 +169,7 @@ class TrainingProgress:
                 self._bar.set_postfix_str(self._postfix(), refresh=True)
         elif self._line_at is None or now - self._line_at >= self._line_interval_s or step >= self.total_steps:
             self._write_line()
-        if "val_psnr" in report:
+        if isinstance(report.get("val_psnr"), (int, float)):
             self._say(_validation_line(report))
 
     # -- what is shown ------------------------------------------------------------------------------------------------
@@ -227,7 +227,8 @@ def _validation_line(report: dict) -> str:
     line = f"[train] step {report['step']} validation: PSNR {report['val_psnr']:.2f} dB"
     if isinstance(report.get("val_input_psnr"), (int, float)):
         line += f" (input {report['val_input_psnr']:.2f})"
-    deltas = {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith("val_delta_psnr/")}
+    deltas = {k.split("/", 1)[1]: v for k, v in report.items()
+              if k.startswith("val_delta_psnr/") and isinstance(v, (int, float))}
     if deltas:
         line += "; per task dB vs input: " + " ".join(f"{task} {delta:+.2f}" for task, delta in deltas.items())
     return line

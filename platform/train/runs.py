@@ -23,9 +23,10 @@ CONFIG_FILE = "config.json"
 PROGRESS_FILE = "progress.json"
 
 # What makes two runs the same training (a resume must not change any of these). Cluster size, logging, validation
-# cadence, storage and output places may change between attempts.
+# cadence, storage and output places may change between attempts, and ``steps`` may grow: continuing a finished run
+# for longer is a resume (the cosine schedule then decays over the new total, which the driver says).
 IDENTITY_DATA_FIELDS = ("dataset", "tasks", "crop_size", "augment", "per_task_batch")
-IDENTITY_FIELDS = ("loss", "optim", "steps", "seed", "zero_shot_tasks", "zero_shot_domains", "text_embeddings")
+IDENTITY_FIELDS = ("loss", "optim", "seed", "zero_shot_tasks", "zero_shot_domains", "text_embeddings")
 
 
 class RunMismatch(ConfigError):
@@ -40,6 +41,7 @@ class RunStatus:
     url: str
     step: int = 0
     steps: int = 0
+    previous_steps: int | None = None  # the run's own total when ``steps`` was raised to continue it
 
 
 def run_url(config: TrainConfig) -> str:
@@ -63,7 +65,8 @@ def _model_of(saved: dict[str, Any]) -> dict[str, Any]:
         from datprl.models.spec import ModelSpec
 
         return ModelSpec.model_validate(saved["model"]).resolve().model_dump(mode="json")
-    return variant_config(saved.get("variant", "paper_tiny"), **saved.get("model_overrides", {})).model_dump(mode="json")
+    network = variant_config(saved.get("variant", "paper_tiny"), **saved.get("model_overrides", {}))
+    return network.model_dump(mode="json")
 
 
 def identity(saved: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +144,9 @@ def check_run(config: TrainConfig) -> RunStatus:
             f"run {config.name!r} at {url} was trained (to step {step}) with a different config:\n{shown}{more}\n"
             f"Start a new run with name=<another name>, or start this one over with resume=false "
             f"(deletes its checkpoints).")
-    return RunStatus("complete" if step >= config.steps else "resume", url, step=step, steps=config.steps)
+    previous = saved.get("steps")
+    return RunStatus("complete" if step >= config.steps else "resume", url, step=step, steps=config.steps,
+                     previous_steps=previous if previous != config.steps else None)
 
 
 def delete_run(config: TrainConfig) -> bool:
