@@ -79,10 +79,13 @@ class ModelSpec(_Overrides):
         try:
             self.resolve()
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(network)'}: "
-                                 f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
-            raise ValueError(f"variant {self.variant} with these overrides is not a valid network: "
-                             f"{problems}") from None
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '(network)'}: {e['msg'].removeprefix('Value error, ')}"
+                for e in err.errors()
+            )
+            raise ValueError(
+                f"variant {self.variant} with these overrides is not a valid network: {problems}"
+            ) from None
         return self
 
     def resolve(self) -> ModelConfig:

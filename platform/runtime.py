@@ -71,8 +71,13 @@ def loopback_only() -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def init_ray(address: str | None = None, local: LocalRaySettings = LocalRaySettings(), *,
-             quiet: bool = True, runtime_env: dict | None = None) -> RaySession:
+def init_ray(
+    address: str | None = None,
+    local: LocalRaySettings = LocalRaySettings(),
+    *,
+    quiet: bool = True,
+    runtime_env: dict | None = None,
+) -> RaySession:
     """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray with ``local``'s settings; a Ray that is already
     initialised in this process (the test session's, a job's caller's) is used as it is.
 
@@ -267,8 +272,9 @@ def stop_on_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, local: LocalRaySettings = LocalRaySettings(), *,
-                quiet: bool = True, serve: bool = False) -> Iterator[RaySession]:
+def ray_session(
+    address: str | None = None, local: LocalRaySettings = LocalRaySettings(), *, quiet: bool = True, serve: bool = False
+) -> Iterator[RaySession]:
     """:func:`init_ray`, and on leaving the block -- normally, on an error, on Ctrl-C or on SIGTERM, also one that
     arrives while Ray is starting -- shut down what this process started: Ray Serve (with ``serve``) and a local Ray.
     A joined cluster is left alone (a Serve application deployed to it keeps running)."""

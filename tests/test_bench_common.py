@@ -31,7 +31,7 @@ def test_existing_dataset_is_left_alone(tiny_dataset, builds, capsys):
 def test_missing_dataset_builds_the_default_corpus_there(tmp_path, builds, capsys):
     target = str(tmp_path / "corpus")
     assert common.ensure_dataset(target, "jobs/benchmark_train.py") is True
-    (config, command), = builds
+    ((config, command),) = builds
     assert config.output == target and config.s3 is None and config.paired is None and config.clean is None
     assert command == ["jobs/benchmark_train.py", f"dataset={target}"]
     assert f"no dataset at {target}" in capsys.readouterr().out

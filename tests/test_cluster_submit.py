@@ -209,7 +209,7 @@ def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
         assert submit.returncode == 0, f"ray job submit failed:\n{_tail(log)}"
         status = head.ray("job", "status", job, "--address", head.dashboard)
         assert f"Job '{job}' succeeded" in status.stdout, _tail(status.stdout + status.stderr)  # status SUCCEEDED
-        assert f"[train] step {local.steps}/{local.steps}" in log, _tail(log)
+        assert f"| {local.steps}/{local.steps} [" in log, _tail(log)  # the progress bar's final state
 
         # What was uploaded: the unpacked working dir on the head. Ray honours .gitignore (.venv, data, runs, outputs)
         # and leaves out .git, .venv, venv and __pycache__ by default.

@@ -32,18 +32,34 @@ def test_ci_lints_after_setup_and_before_the_tests(repo_root):
 def test_rules_catch_undefined_names_unused_imports_and_long_lines(repo_root, tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import os\n"                                # F401: unused import
+        "import os\n"  # F401: unused import
         "\n"
         "\n"
         "def f():\n"
-        "    return undefined_name\n"                # F821: undefined name
+        "    return undefined_name\n"  # F821: undefined name
         "\n"
         "\n"
-        f"X = '{'a' * 114}'\n"                       # 120 characters: allowed
-        f"Y = '{'a' * 115}'\n"                       # 121 characters: E501
+        f"X = '{'a' * 114}'\n"  # 120 characters: allowed
+        f"Y = '{'a' * 115}'\n"  # 121 characters: E501
     )
-    job = subprocess.run([str(_ruff()), "check", "--no-cache", "--config", str(repo_root / "pyproject.toml"),
-                          "--output-format", "concise", str(sample)], capture_output=True, text=True, timeout=60)
-    found = {(int(line.split(":")[1]), line.split(": ")[1].split()[0]) for line in job.stdout.splitlines()
-             if line.startswith(str(sample))}
+    job = subprocess.run(
+        [
+            str(_ruff()),
+            "check",
+            "--no-cache",
+            "--config",
+            str(repo_root / "pyproject.toml"),
+            "--output-format",
+            "concise",
+            str(sample),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = {
+        (int(line.split(":")[1]), line.split(": ")[1].split()[0])
+        for line in job.stdout.splitlines()
+        if line.startswith(str(sample))
+    }
     assert job.returncode == 1 and found == {(1, "F401"), (5, "F821"), (9, "E501")}, job.stdout + job.stderr

@@ -34,15 +34,27 @@ def _evaluation() -> dict:
             "zero_shot": {"n_tasks": 1, "n_images": 4, "input_psnr": 30.0, "input_ssim": 0.5, "output_psnr": 29.0,
                           "output_ssim": 0.6, "delta_psnr": -1.0}}  # fmt: skip
     images = [{"key": f"k{i}", "psnr": float("inf")} for i in range(8)]
-    return EvalResult(rows=rows, mean=mean, protocol="test", split="val", dataset="/data/tiny",
-                      zero_shot_tasks=["ct_low_dose"], images=images).to_json()
+    return EvalResult(
+        rows=rows,
+        mean=mean,
+        protocol="test",
+        split="val",
+        dataset="/data/tiny",
+        zero_shot_tasks=["ct_low_dose"],
+        images=images,
+    ).to_json()
 
 
 def test_build_provenance_records_training_and_a_summary_of_the_evaluation():
     config = {"steps": 12, "model": {"variant": "paper_tiny"}, "data": {"dataset": "/data/tiny"}}
     before = datetime.now(timezone.utc).replace(microsecond=0)
-    record = build_provenance(config, model_spec="paper_tiny (task_pool.top_k=4)", steps=12,
-                              manifest_sha256=MANIFEST_SHA, evaluation=_evaluation())
+    record = build_provenance(
+        config,
+        model_spec="paper_tiny (task_pool.top_k=4)",
+        steps=12,
+        manifest_sha256=MANIFEST_SHA,
+        evaluation=_evaluation(),
+    )
     assert record["trained"] is True and record["model"] == "paper_tiny (task_pool.top_k=4)"
     assert record["config"] == config and record["config"] is not config  # a copy: later edits do not leak in
     assert record["steps"] == 12 and record["dataset_manifest_sha256"] == MANIFEST_SHA
@@ -121,8 +133,9 @@ def test_git_state_reads_the_repository_holding_the_file(tmp_path):
 def test_sidecar_carries_provenance_and_old_sidecars_still_load(tmp_path):
     torch.manual_seed(0)
     model = create_model("paper_tiny", zero_init_output=False)
-    record = build_provenance({"steps": 3}, model_spec="paper_tiny", steps=3, manifest_sha256=MANIFEST_SHA,
-                              evaluation=_evaluation())
+    record = build_provenance(
+        {"steps": 3}, model_spec="paper_tiny", steps=3, manifest_sha256=MANIFEST_SHA, evaluation=_evaluation()
+    )
     weights = save_model(model, tmp_path / "trained", provenance=record)
     assert weights == tmp_path / "trained.safetensors"
     sidecar = json.loads((tmp_path / "trained.json").read_text())

@@ -74,8 +74,10 @@ def _stop_and_check(job: subprocess.Popen, signum: int, seen: dict[int, ProcessI
         time.sleep(0.5)
         left = _left_over(job, seen)
     stopped = time.monotonic() - sent
-    assert not left, (f"{len(left)} processes left {stopped:.1f} s after {signal.Signals(signum).name}: "
-                      f"{sorted((pid, info.name) for pid, info in left.items())}\n{log.read_text()[-3000:]}")
+    assert not left, (
+        f"{len(left)} processes left {stopped:.1f} s after {signal.Signals(signum).name}: "
+        f"{sorted((pid, info.name) for pid, info in left.items())}\n{log.read_text()[-3000:]}"
+    )
     print(f"{signal.Signals(signum).name}: exited with {job.returncode}, nothing left after {stopped:.1f} s")
 
 
@@ -193,7 +195,10 @@ def test_train_job_stops_the_ray_it_started(repo_root, tmp_path):
         assert {"gcs_server", "raylet"} <= {info.name for info in seen.values()}
         _stop_and_check(job, signal.SIGTERM, seen, log)
         assert job.returncode == 130, log.read_text()[-3000:]  # stopped, not aborted: no evaluation, no export
-        assert "keeps its checkpoints" in log.read_text() and "Traceback" not in log.read_text()
+        # The job's own output has no traceback. (Lines of Ray actors come prefixed with "(ActorName pid=...)": Ray
+        # Train's placement-group cleaner prints one when another Ray runs on the machine, as the tests' own does.)
+        own = [line for line in log.read_text().splitlines() if not line.lstrip("\x1b[0123456789m").startswith("(")]
+        assert any("keeps its checkpoints" in line for line in own) and not any("Traceback" in line for line in own)
     finally:
         if job.poll() is None or _left_over(job, seen):
             _kill_all(job, seen)

@@ -85,8 +85,13 @@ def test_saved_config_round_trips_with_the_model_section(tmp_path):
 
 def test_dry_run_prints_the_resolved_config_and_starts_nothing(repo_root):
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "jobs/train.py", "--dry-run", "model.variant=paper_tiny",
-                          "model.task_pool.top_k=4"], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "jobs/train.py", "--dry-run", "model.variant=paper_tiny", "model.task_pool.top_k=4"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert time.perf_counter() - started < 10
     config_doc, network_doc = yaml.safe_load_all(out.stdout)
@@ -97,8 +102,13 @@ def test_dry_run_prints_the_resolved_config_and_starts_nothing(repo_root):
 
 def test_bad_model_field_fails_fast_naming_it(repo_root):
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "jobs/train.py", "model.variant=paper_tiny", "model.task_pool.top_k=9"],
-                         cwd=repo_root, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "jobs/train.py", "model.variant=paper_tiny", "model.task_pool.top_k=9"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and time.perf_counter() - started < 10
     assert "model.task_pool" in out.stderr and "top_k=9" in out.stderr
     assert "Traceback" not in out.stderr

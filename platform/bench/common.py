@@ -45,16 +45,24 @@ def ensure_dataset(path: str, job: str) -> bool:
     return ensure(path, command=[job, f"dataset={path}"])
 
 
-def start_ray(cpus: int, niceness: int | None, dashboard: bool = False,
-              object_store_mib: int = 256) -> tuple[bool, int, float]:
+def start_ray(
+    cpus: int, niceness: int | None, dashboard: bool = False, object_store_mib: int = 256
+) -> tuple[bool, int, float]:
     """Start the local Ray a benchmark runs on (``cpus`` CPUs, Ray's workers at OS niceness ``niceness``, None =
     Ray's default) and return (started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used
     as it is."""
     import ray
 
     start = time.perf_counter()
-    session = init_ray(local=LocalRaySettings(num_cpus=cpus, object_store_bytes=object_store_mib * 2**20,
-                                              dashboard=dashboard, log_to_driver=False, worker_niceness=niceness))
+    session = init_ray(
+        local=LocalRaySettings(
+            num_cpus=cpus,
+            object_store_bytes=object_store_mib * 2**20,
+            dashboard=dashboard,
+            log_to_driver=False,
+            worker_niceness=niceness,
+        )
+    )
     return session.started_here, int(ray.cluster_resources().get("CPU", cpus)), time.perf_counter() - start
 
 

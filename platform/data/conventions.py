@@ -20,8 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CT_OFFSET", "MEDICAL_WHITE", "CT_HU_WINDOW", "white_level", "scaled_white_level", "hu_to_stored",
-           "stored_to_hu", "outside_ct_window"]
+__all__ = [
+    "CT_OFFSET",
+    "MEDICAL_WHITE",
+    "CT_HU_WINDOW",
+    "white_level",
+    "scaled_white_level",
+    "hu_to_stored",
+    "stored_to_hu",
+    "outside_ct_window",
+]
 
 CT_OFFSET = 1024
 """Added to HU before storing, so that air (-1024 HU) is stored as 0."""
@@ -35,8 +43,9 @@ CT_HU_WINDOW = (-CT_OFFSET, MEDICAL_WHITE - CT_OFFSET)
 _MAX_BIT_DEPTH = 16  # the widest container the corpus and the codec use (uint16)
 
 
-def white_level(declared: int | None = None, *, bit_depth: int | None = None, dtype: np.dtype | type | None = None
-                ) -> int:
+def white_level(
+    declared: int | None = None, *, bit_depth: int | None = None, dtype: np.dtype | type | None = None
+) -> int:
     """The stored value that maps to 1.0: ``declared`` when given (non-zero), else the full range of the container.
 
     The container is named by exactly one of ``bit_depth`` (1..16: ``2**bit_depth - 1``, so 255 for 8-bit and 65535
@@ -50,13 +59,20 @@ def white_level(declared: int | None = None, *, bit_depth: int | None = None, dt
     if dtype is not None:
         kind = np.dtype(dtype)
         if kind not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-            raise ValueError(f"no default white level for dtype {kind}: stored images are uint8 or uint16; "
-                             "convert the image or give its white level explicitly")
+            raise ValueError(
+                f"no default white level for dtype {kind}: stored images are uint8 or uint16; "
+                "convert the image or give its white level explicitly"
+            )
         return int(np.iinfo(kind).max)
-    if isinstance(bit_depth, bool) or not isinstance(bit_depth, (int, np.integer)) or not (
-            1 <= bit_depth <= _MAX_BIT_DEPTH):
-        raise ValueError(f"bit_depth={bit_depth!r} is not a whole number of bits in 1..{_MAX_BIT_DEPTH}; stored "
-                         "images are 8-bit or 16-bit")
+    if (
+        isinstance(bit_depth, bool)
+        or not isinstance(bit_depth, (int, np.integer))
+        or not (1 <= bit_depth <= _MAX_BIT_DEPTH)
+    ):
+        raise ValueError(
+            f"bit_depth={bit_depth!r} is not a whole number of bits in 1..{_MAX_BIT_DEPTH}; stored "
+            "images are 8-bit or 16-bit"
+        )
     return 2 ** int(bit_depth) - 1
 
 

@@ -32,10 +32,16 @@ class DatasetHandle:
         try:
             data = storage.read_bytes(where, s3)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no dataset at {url}: {where} does not exist; build one with "
-                                    f"`python jobs/build_dataset.py output={url}`") from None
-        return cls(url=str(url), s3=s3, manifest=Manifest.model_validate_json(data),
-                   manifest_sha256=hashlib.sha256(data).hexdigest())
+            raise FileNotFoundError(
+                f"no dataset at {url}: {where} does not exist; build one with "
+                f"`python jobs/build_dataset.py output={url}`"
+            ) from None
+        return cls(
+            url=str(url),
+            s3=s3,
+            manifest=Manifest.model_validate_json(data),
+            manifest_sha256=hashlib.sha256(data).hexdigest(),
+        )
 
     def shard_urls(self, split: str | None = None) -> list[str]:
         """Full URLs of the shards of ``split`` (or of every split), in manifest order."""

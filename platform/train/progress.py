@@ -44,8 +44,17 @@ class TrainingProgress:
     ``step`` is the last step reported, ``last`` the last report (None before the first) and ``reports`` how many
     reports were shown."""
 
-    def __init__(self, metrics_path: Path, total_steps: int, start_step: int = 0, enabled: bool = True, *,
-                 file: TextIO | None = None, poll_s: float = POLL_S, line_interval_s: float = LINE_INTERVAL_S):
+    def __init__(
+        self,
+        metrics_path: Path,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        *,
+        file: TextIO | None = None,
+        poll_s: float = POLL_S,
+        line_interval_s: float = LINE_INTERVAL_S,
+    ):
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps}: a run has at least one step (TrainConfig.steps >= 1)")
         if not 0 <= start_step <= total_steps:
@@ -227,8 +236,11 @@ def _validation_line(report: dict) -> str:
     line = f"[train] step {report['step']} validation: PSNR {report['val_psnr']:.2f} dB"
     if isinstance(report.get("val_input_psnr"), (int, float)):
         line += f" (input {report['val_input_psnr']:.2f})"
-    deltas = {k.split("/", 1)[1]: v for k, v in report.items()
-              if k.startswith("val_delta_psnr/") and isinstance(v, (int, float))}
+    deltas = {
+        k.split("/", 1)[1]: v
+        for k, v in report.items()
+        if k.startswith("val_delta_psnr/") and isinstance(v, (int, float))
+    }
     if deltas:
         line += "; per task dB vs input: " + " ".join(f"{task} {delta:+.2f}" for task, delta in deltas.items())
     return line

@@ -39,8 +39,10 @@ def evaluation_summary(evaluation: dict) -> dict:
     apart, and each task's output-minus-input PSNR. Per-image scores are left out (they stay in the eval folder)."""
     missing = [key for key in ("rows", "mean", "split") if key not in evaluation]
     if missing:
-        raise ValueError(f"evaluation lacks {missing}; pass EvalResult.to_json() (platform/evaluation/report.py), "
-                         "or None when nothing was evaluated")
+        raise ValueError(
+            f"evaluation lacks {missing}; pass EvalResult.to_json() (platform/evaluation/report.py), "
+            "or None when nothing was evaluated"
+        )
     mean = evaluation["mean"]
     summary: dict[str, Any] = {
         "split": evaluation["split"],
@@ -96,8 +98,9 @@ def _package_version() -> str | None:
         return None
 
 
-def build_provenance(config_dict: dict, *, model_spec: str, steps: int, manifest_sha256: str | None,
-                     evaluation: dict | None) -> dict:
+def build_provenance(
+    config_dict: dict, *, model_spec: str, steps: int, manifest_sha256: str | None, evaluation: dict | None
+) -> dict:
     """The provenance record of weights exported after training (JSON-compatible).
 
     ``config_dict``: the resolved training config (``config_to_dict(TrainConfig)``). ``model_spec``: the network as
@@ -117,8 +120,10 @@ def build_provenance(config_dict: dict, *, model_spec: str, steps: int, manifest
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be the number of optimisation steps trained (an int >= 0), got {steps!r}")
     if manifest_sha256 is not None and not _SHA256.fullmatch(manifest_sha256):
-        raise ValueError(f"manifest_sha256 must be 64 lower-case hex digits (hashlib.sha256(...).hexdigest()) or "
-                         f"None, got {manifest_sha256!r}")
+        raise ValueError(
+            f"manifest_sha256 must be 64 lower-case hex digits (hashlib.sha256(...).hexdigest()) or "
+            f"None, got {manifest_sha256!r}"
+        )
     commit, dirty = git_state()
     return {
         "trained": True,

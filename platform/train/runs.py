@@ -143,10 +143,16 @@ def check_run(config: TrainConfig) -> RunStatus:
         raise RunMismatch(
             f"run {config.name!r} at {url} was trained (to step {step}) with a different config:\n{shown}{more}\n"
             f"Start a new run with name=<another name>, or start this one over with resume=false "
-            f"(deletes its checkpoints).")
+            f"(deletes its checkpoints)."
+        )
     previous = saved.get("steps")
-    return RunStatus("complete" if step >= config.steps else "resume", url, step=step, steps=config.steps,
-                     previous_steps=previous if previous != config.steps else None)
+    return RunStatus(
+        "complete" if step >= config.steps else "resume",
+        url,
+        step=step,
+        steps=config.steps,
+        previous_steps=previous if previous != config.steps else None,
+    )
 
 
 def delete_run(config: TrainConfig) -> bool:
