@@ -56,6 +56,10 @@ class DatasetHandle:
                 counts[entry.task] = counts.get(entry.task, 0) + entry.samples
         return counts
 
+    def splits(self) -> list[str]:
+        """The splits that hold samples, sorted."""
+        return sorted({entry.split for entry in self.manifest.counts if entry.samples > 0})
+
     def tasks(self, split: str) -> list[str]:
         """The tasks present in ``split``, sorted."""
         return sorted(self.samples_per_task(split))

@@ -34,6 +34,8 @@ from pydantic import Field, field_validator, model_validator
 
 from datprl.models import unwrap_model
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
+from datprl.platform.data.handle import DatasetHandle
+from datprl.platform.storage import is_s3
 from datprl.platform.data.pipeline import DataConfig, StreamReport, evaluation_rows, local_evaluation_rows
 from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, ssim
 from datprl.platform.evaluation.report import (
@@ -191,10 +193,7 @@ class _UsageCounter:
 def _check_tasks(data: DataConfig, split: str, tasks: Sequence[str] | None) -> None:
     if tasks is None:
         return
-    from datprl.platform.data.format import read_manifest
-
-    manifest = read_manifest(data.dataset, data.s3)
-    present = sorted({c.task for c in manifest.counts if c.split == split and c.samples > 0})
+    present = DatasetHandle.open(data.dataset, data.s3).tasks(split)
     missing = sorted(set(tasks) - set(present))
     if missing:
         raise ValueError(f"tasks {missing} have no {split!r} samples in {data.dataset}; present: {present}")
@@ -319,29 +318,31 @@ def evaluate(
 def _dataset_problem(config: EvalConfig) -> str | None:
     """What stops ``config`` from being evaluated on its dataset (no manifest, a split or task without samples), as a
     message naming the fix; None when every split and task has samples. Read from the manifest, before Ray starts."""
-    from datprl.platform.data.format import read_manifest
-
     dataset = config.data.dataset
     try:
-        manifest = read_manifest(dataset, config.data.s3)
+        handle = DatasetHandle.open(dataset, config.data.s3)
     except FileNotFoundError:
         return (f"no dataset at {dataset} (no manifest.json there): build one with `python jobs/build_dataset.py "
                 f"output={dataset}` (`python jobs/train.py` builds the default corpus when it is missing), or set "
                 "data.dataset=path/or/s3/prefix")
-    tasks_of = defaultdict(set)
-    for count in manifest.counts:
-        if count.samples > 0:
-            tasks_of[count.split].add(count.task)
     for split in config.splits:
-        if not tasks_of[split]:
-            present = ", ".join(sorted(s for s in tasks_of if tasks_of[s])) or "none"
-            return (f"split {split!r} has no samples in {dataset} (its splits: {present}); "
-                    f"set splits=[...] to those you want")
-        missing = sorted(set(config.tasks or ()) - tasks_of[split])
+        present = handle.tasks(split)
+        if not present:
+            splits = ", ".join(handle.splits()) or "none"
+            return (f"split {split!r} has no samples in {dataset} (its splits: {splits}); "
+                    "set splits=[...] to those you want")
+        missing = sorted(set(config.tasks or ()) - set(present))
         if missing:
-            return (f"tasks {missing} have no {split!r} samples in {dataset}; present: {sorted(tasks_of[split])}; "
+            return (f"tasks {missing} have no {split!r} samples in {dataset}; present: {present}; "
                     "drop them from tasks=[...] or the split from splits=[...]")
     return None
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset locations name the same place (a relative local path against its absolute form)."""
+    if is_s3(a) or is_s3(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _training_dataset(weights: str) -> str | None:
@@ -377,7 +378,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"evaluate.py: error: {message}", file=sys.stderr)
             return 2
         trained_on = _training_dataset(weights)
-        if trained_on is not None and trained_on != config.data.dataset:
+        if trained_on is not None and not _same_dataset(trained_on, config.data.dataset):
             print(f"[evaluate] note: {weights} was trained on {trained_on}; evaluating on {config.data.dataset} "
                   f"(set data.dataset={trained_on} for the training dataset)", flush=True)
     problem = _dataset_problem(config)
