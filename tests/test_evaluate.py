@@ -20,6 +20,7 @@ from datprl.platform.data.pipeline import DataConfig, evaluation_rows
 from datprl.platform.data.build import BuildConfig, build
 from datprl.platform.data.format import SampleRecord
 from datprl.platform.data.shards import DatasetWriter
+from datprl.platform.evaluation.metrics import selection_nmi
 from datprl.platform.evaluation.evaluate import TRAINED_WEIGHTS, EvalConfig, evaluate, main
 from datprl.platform.evaluation.metrics import PAPER, psnr, ssim
 
@@ -147,6 +148,9 @@ def test_prompt_usage_adds_up(tiny_run, tiny):
         assert sum(sum(c) for c in entry["by_domain"].values()) == n * spec.top_k
         for task, counts in entry["by_task"].items():
             assert max(counts) <= entry["images_by_task"][task]  # an image selects each prompt at most once
+        for label in ("task", "domain"):  # the NMI is the one computed from the counts it reports
+            assert entry[f"nmi_{label}"] == selection_nmi(entry[f"by_{label}"])
+    assert "Prompt selection vs labels" in result.markdown() and "task pool: task " in result.markdown()
 
 
 def test_task_filter_and_zero_shot_marking(ray_local, data, tiny, tmp_path):

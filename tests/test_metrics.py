@@ -167,3 +167,16 @@ def test_bad_input_raises_clear_value_error(pred, target, proto, fn, match):
 def test_negative_crop_border_rejected():
     with pytest.raises(ValueError, match="non-negative"):
         MetricProtocol(crop_border=-1)
+
+
+def test_selection_nmi_bounds_and_known_values():
+    from datprl.platform.evaluation.metrics import selection_nmi
+
+    # every label selects the same prompts: the selection says nothing about the label
+    assert selection_nmi({"ct": [4, 4, 0], "haze": [2, 2, 0], "sr": [6, 6, 0]}) == pytest.approx(0.0, abs=1e-12)
+    # disjoint prompts per label: the selection determines the label
+    assert selection_nmi({"ct": [3, 3, 0, 0], "haze": [0, 0, 5, 5]}) == pytest.approx(1.0)
+    # two equally likely labels sharing one of their two prompts: I = 0.5 log 2, H(label) = log 2
+    value = selection_nmi({"a": [1, 1, 0], "b": [0, 1, 1]})
+    assert value == pytest.approx(0.5)
+    assert selection_nmi({"only": [3, 1]}) is None and selection_nmi({"a": [2, 0], "b": [0, 0]}) is None

@@ -37,7 +37,7 @@ from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.storage import is_s3
 from datprl.platform.data.pipeline import DataConfig, StreamReport, evaluation_rows, local_evaluation_rows
-from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, ssim
+from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, selection_nmi, ssim
 from datprl.platform.evaluation.report import (
     _METRICS, PSNR_CAP, EvalResult, side_by_side_markdown, write_outputs,
 )
@@ -185,8 +185,12 @@ class _UsageCounter:
     def result(self) -> dict | None:
         if not self.pools:
             return None
-        return {name: {k: (dict(sorted(v.items())) if isinstance(v, (dict, Counter)) else v) for k, v in e.items()}
-                for name, e in self.pools.items()}
+        result = {name: {k: (dict(sorted(v.items())) if isinstance(v, (dict, Counter)) else v) for k, v in e.items()}
+                  for name, e in self.pools.items()}  # fmt: skip
+        for entry in result.values():  # how much the selection depends on the task and on the domain
+            entry["nmi_task"] = selection_nmi(entry["by_task"])
+            entry["nmi_domain"] = selection_nmi(entry["by_domain"])
+        return result
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MetricProtocol", "PAPER", "psnr", "ssim"]
+__all__ = ["MetricProtocol", "PAPER", "psnr", "selection_nmi", "ssim"]
 
 _L = 255.0  # data range: metrics are computed on the 0-255 scale, as for uint8 images
 _WIN, _SIGMA = 11, 1.5  # Wang et al. / basicsr SSIM window; skimage's sigma=1.5 with truncate=3.5 gives 11 taps too
@@ -151,3 +151,23 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, protocol: MetricProtocol = PA
     smap = ((2 * mu_x * mu_y + _C1) * (2 * cov + _C2)) / ((mu_x**2 + mu_y**2 + _C1) * (var_x + var_y + _C2))
     return smap.flatten(1).mean(1)  # equal-size maps, so the mean over all = mean of per-channel means
 
+
+def selection_nmi(counts_by_label: dict[str, list[int]]) -> float | None:
+    """How much the selected prompts say about a label: I(label; prompt) / H(label), from the number of times each
+    prompt was selected for each label (one row per label, one column per prompt; every image adds its top-k).
+
+    0 when the pool selects the same prompts whatever the label (the collapse the domain-aware prompts of the paper,
+    arXiv 2603.01725 Sec. 3, are meant to avoid), 1 when the selection determines the label. None when it is
+    undefined: fewer than two labels with selections (H(label) = 0).
+    """
+    import numpy as np
+
+    table = np.asarray([row for row in counts_by_label.values() if sum(row) > 0], dtype=np.float64)
+    if table.ndim != 2 or table.shape[0] < 2:
+        return None
+    joint = table / table.sum()
+    p_label, p_prompt = joint.sum(axis=1, keepdims=True), joint.sum(axis=0, keepdims=True)
+    nonzero = joint > 0
+    mutual = float((joint[nonzero] * np.log(joint[nonzero] / (p_label @ p_prompt)[nonzero])).sum())
+    entropy = float(-(p_label[p_label > 0] * np.log(p_label[p_label > 0])).sum())
+    return max(0.0, min(1.0, mutual / entropy))

@@ -16,7 +16,8 @@ import numpy as np
 from datprl.platform.storage import atomic_write_bytes
 
 
-__all__ = ["EvalResult", "PSNR_CAP", "prompt_usage_png", "side_by_side_markdown", "write_outputs"]
+__all__ = ["EvalResult", "PSNR_CAP", "prompt_usage_png", "selection_dependence_line", "side_by_side_markdown",
+           "write_outputs"]
 
 PSNR_CAP = 100.0
 """PSNR (dB) assigned to an exactly restored image (MSE 0, i.e. +inf) before averaging."""
@@ -84,6 +85,8 @@ class EvalResult:
             f"(do-nothing baseline). Exact restorations (infinite PSNR) count as {PSNR_CAP:g} dB.",
             f"Metric protocol: {self.protocol}",
         ]
+        if self.prompt_usage:
+            lines += ["", selection_dependence_line(self.prompt_usage)]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
@@ -145,6 +148,9 @@ def side_by_side_markdown(results: Mapping[str, EvalResult], model: str = "") ->
         counts = ", ".join(f"{split} {n}" for split, n in task_counts.items())
         lines.append(f"The splits hold different tasks ({counts}), so their means are over different tasks.")
     lines.append(f"Metric protocol: {first.protocol}")
+    for split, result in results.items():
+        if result.prompt_usage:
+            lines.append(f"{split}: {selection_dependence_line(result.prompt_usage)}")
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +165,19 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+
+
+def selection_dependence_line(usage: dict) -> str:
+    """One line: per pool, the normalised mutual information of its selected prompts with the task and the domain
+    labels (:func:`~datprl.platform.evaluation.metrics.selection_nmi`; "-" where there is a single label)."""
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    pools = "; ".join(f"{name} pool: task {shown(entry.get('nmi_task'))}, domain {shown(entry.get('nmi_domain'))}"
+                      for name, entry in usage.items())  # fmt: skip
+    return ("Prompt selection vs labels, NMI = I(label; prompt) / H(label) (0: the same prompts for every label, "
+            f"1: the prompts determine the label): {pools}")
 
 
 def prompt_usage_png(usage: dict) -> bytes:
