@@ -233,3 +233,26 @@ def test_more_steps_continue_a_run_fewer_find_it_complete(tmp_path):
     longer = check_run(_config(tmp_path, "steps=30"))
     assert (longer.kind, longer.step, longer.previous_steps) == ("resume", 20, 20)
     assert check_run(_config(tmp_path, "steps=10")).kind == "complete"
+
+
+def test_the_run_check_reads_checkpoints_on_s3(s3_server):
+    """Run storage on s3:// (shared storage of a cluster): the same check, through the run's filesystem."""
+    import boto3
+
+    from datprl.platform.storage import S3Settings, atomic_write_bytes
+    from datprl.platform.train.runs import delete_run
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="runs")
+    s3 = {"endpoint_url": s3_server}
+    trained = load_config(TrainConfig, None, ["storage=s3://runs/prefix", "name=r", "steps=20"]).model_copy(
+        update={"s3": S3Settings(**s3)}
+    )
+    assert check_run(trained).kind == "new"
+    folder = "s3://runs/prefix/r/checkpoint_2026-01-01_00-00-00.000000"
+    atomic_write_bytes(f"{folder}/config.json", json.dumps(config_to_dict(trained)).encode(), trained.s3)
+    atomic_write_bytes(f"{folder}/progress.json", json.dumps({"step": 7, "steps": 20}).encode(), trained.s3)
+    assert (check_run(trained).kind, check_run(trained).step) == ("resume", 7)
+    other = trained.model_copy(update={"model": ModelSpec(variant="task_only_tiny")})
+    with pytest.raises(RunMismatch, match="model.domain_pool.size"):
+        check_run(other)
+    assert delete_run(trained) and check_run(trained).kind == "new"
