@@ -1,0 +1,250 @@
+"""The describe job: one description and one text embedding per clean source image of a dataset.
+
+    python jobs/describe.py                              # data/default -> data/default/priors
+    python jobs/describe.py dataset=data/mine output=data/mine/priors splits=[train,val]
+
+Ray Data reads the shards of the chosen splits (one read task per shard, :func:`describe_shard`): each task streams
+its shard through :func:`datprl.platform.data.shards.iter_samples`, keeps the first sample of every source image
+(``source_id``) not yet described, and composes its description from the record and the clean image
+(:mod:`datprl.priors.describe`), so decoding and image statistics -- the cost -- run in parallel over shards. Only
+short rows of text come back to the driver. The driver embeds the descriptions with the frozen text encoder
+(:mod:`datprl.priors.encoders`): the model is small (22M parameters, a few ms per description on a CPU), so one copy
+in the driver costs less than starting encoder actors and shipping the model to them.
+
+Output (local folder or ``s3://``), both written atomically, the table first:
+
+* ``descriptions.parquet``: ``source_id``, ``sample_key`` (the sample described), ``domain``, ``description``,
+  ``embedding`` (list<float32>, the raw 384-d encoder output). Projection to the prompt dimension happens at training
+  time (:func:`datprl.priors.encoders.project`).
+* ``manifest.json``: describer and template version, encoder name, package version and dimension, projection recipe,
+  rows, SHA-256 of the table, the dataset and its manifest's SHA-256, package versions, damaged samples of the last
+  run.
+
+Resumable: a rerun with the same describer, template and encoder describes only source ids not yet in the table and
+appends them; with different ones it stops (use another ``output`` or ``overwrite=true``). Damaged samples are
+skipped and reported (shard and key), not fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from datprl.platform import storage
+from datprl.platform.config import StrictModel, parse_cli
+from datprl.platform.data.handle import DatasetHandle
+from datprl.platform.data.shards import CorruptionReport, iter_samples
+from datprl.platform.storage import S3Settings
+from datprl.priors import describe as describer
+from datprl.priors import encoders
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "descriptions.parquet"
+MANIFEST_NAME = "manifest.json"
+SCHEMA = pa.schema([
+    ("source_id", pa.string()),
+    ("sample_key", pa.string()),
+    ("domain", pa.string()),
+    ("description", pa.string()),
+    ("embedding", pa.list_(pa.float32())),
+])  # fmt: skip
+
+
+class DescribeConfig(StrictModel):
+    """Describe and embed the clean images of a dataset (one row per source image)."""
+
+    dataset: str = Field("data/default", description="local folder or s3://bucket/prefix holding manifest.json")
+    output: str = Field("data/default/priors", description="folder (or s3:// prefix) for descriptions.parquet and "
+                        "manifest.json")  # fmt: skip
+    s3: S3Settings | None = Field(None, description="S3 endpoint and credentials (dataset and output)")
+    splits: list[str] = Field(["train"], min_length=1, description="splits whose clean images are described")
+    describer: Literal["metadata"] = Field("metadata", description="how descriptions are made (metadata: from the "
+                                           "sample record and measured image statistics, no VLM)")  # fmt: skip
+    encoder_batch_size: int = Field(64, ge=1, description="descriptions per text-encoder batch")
+    projection_seed: int = Field(0, description="seed of the fixed projection to the prompt dimension (recorded "
+                                 "in the manifest, applied at training time)")  # fmt: skip
+    overwrite: bool = Field(False, description="replace existing output made with another describer or encoder")
+    ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray")
+
+
+@dataclass
+class DescribeResult:
+    """What one run did: rows added and in total, damaged samples skipped (shard and key), the output files."""
+
+    added: int
+    rows: int
+    corrupt: list[str] = field(default_factory=list)
+    table_url: str = ""
+    manifest_url: str = ""
+
+
+def describe_shard(item: dict[str, Any], done: frozenset[str] | set[str], s3: S3Settings | None) -> Iterator[dict]:
+    """Ray Data ``flat_map`` stage: one shard -> one row per source image of it not in ``done`` (the first sample of
+    each), with its description; damaged samples become rows with ``error`` naming shard and key."""
+    report = CorruptionReport()
+    seen: set[str] = set()
+    for position, (record, _lq, gt) in enumerate(iter_samples(item["url"], s3=s3, report=report)):
+        if record.source_id in done or record.source_id in seen:
+            continue
+        seen.add(record.source_id)
+        yield {"shard": item["index"], "position": position, "source_id": record.source_id,
+               "sample_key": record.key, "domain": record.domain, "description": describer.describe(record, gt),
+               "error": ""}  # fmt: skip
+    for url, key, reason in report.skipped:
+        yield {"shard": item["index"], "position": -1, "source_id": "", "sample_key": "", "domain": "",
+               "description": "", "error": f"{url} [{key or 'shard'}]: {reason}"}  # fmt: skip
+
+
+def _identity(config: DescribeConfig) -> dict[str, Any]:
+    """What must match for a rerun to append to existing output."""
+    encoder = {
+        "name": encoders.ENCODER_NAME,
+        "package": encoders.ENCODER_PACKAGE,
+        "package_version": encoders.encoder_package_version(),
+        "dim": encoders.EMBEDDING_DIM,
+    }
+    return {"describer": config.describer, "template_version": describer.TEMPLATE_VERSION, "encoder": encoder}
+
+
+def _read_existing(config: DescribeConfig, identity: dict[str, Any], table_url: str,
+                   manifest_url: str) -> pa.Table | None:  # fmt: skip
+    """The table already written by a run with the same describer and encoder; None when there is none or when
+    ``overwrite``. Raises ValueError when it was made differently."""
+    if config.overwrite or not storage.exists(table_url, config.s3):
+        return None
+    if not storage.exists(manifest_url, config.s3):
+        raise ValueError(f"{table_url} exists without {manifest_url}: cannot tell how it was made; "
+                         "pass overwrite=true to describe everything again, or choose another output=")  # fmt: skip
+    old = json.loads(storage.read_bytes(manifest_url, config.s3))
+    mismatch = sorted(k for k, v in identity.items() if old.get(k) != v)
+    if mismatch:
+        raise ValueError(f"{config.output} was made with a different {', '.join(mismatch)} "
+                         f"({ {k: old.get(k) for k in mismatch} } vs { {k: identity[k] for k in mismatch} }); "
+                         "pass overwrite=true to replace it, or choose another output=")  # fmt: skip
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(table_url, config.s3)))
+    if table.schema.names != SCHEMA.names:
+        raise ValueError(f"{table_url} has columns {table.schema.names}, expected {SCHEMA.names}; "
+                         "pass overwrite=true to rebuild it")  # fmt: skip
+    return table.cast(SCHEMA)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for name in ("datprl-ir", "numpy", "pyarrow", "ray", "torch", "transformers", encoders.ENCODER_PACKAGE):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -> DescribeResult:
+    """Describe and embed the source images of ``config.splits`` not yet in the output; Ray must be running (see
+    :func:`main`). ``encoder``: an already loaded encoder (tests), else one is loaded when there is new text."""
+    import ray
+
+    started = time.monotonic()
+    table_url = storage.join_url(config.output, TABLE_NAME)
+    manifest_url = storage.join_url(config.output, MANIFEST_NAME)
+    identity = _identity(config)
+    existing = _read_existing(config, identity, table_url, manifest_url)
+    done = frozenset(existing.column("source_id").to_pylist()) if existing is not None else frozenset()
+
+    dataset = DatasetHandle.open(config.dataset, config.s3)
+    present = dataset.splits()
+    unknown = [s for s in config.splits if s not in present]
+    if unknown:
+        raise ValueError(f"{config.dataset} has no samples in split(s) {unknown}; present: {present}. "
+                         "Set splits=[...] to some of those.")  # fmt: skip
+    urls = [url for split in config.splits for url in dataset.shard_urls(split)]
+    items = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
+    rows = items.flat_map(describe_shard, fn_kwargs=dict(done=done, s3=config.s3)).take_all()
+
+    corrupt = [row["error"] for row in rows if row["error"]]
+    for message in corrupt:
+        log.warning("skipped damaged sample: %s", message)
+    new: dict[str, dict] = {}
+    for row in sorted((r for r in rows if not r["error"]), key=lambda r: (r["shard"], r["position"])):
+        new.setdefault(row["source_id"], row)  # the first sample seen, in manifest order
+    if not new:
+        log.info("nothing new to describe: %d source images already in %s", len(done), table_url)
+        return DescribeResult(0, len(done), corrupt, table_url, manifest_url)
+
+    ordered = sorted(new.values(), key=lambda r: r["source_id"])
+    encoder = encoder if encoder is not None else encoders.MiniLMEncoder(batch_size=config.encoder_batch_size)
+    embeddings = encoder.encode([r["description"] for r in ordered])
+    added = pa.table({
+        "source_id": [r["source_id"] for r in ordered], "sample_key": [r["sample_key"] for r in ordered],
+        "domain": [r["domain"] for r in ordered], "description": [r["description"] for r in ordered],
+        "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32())),
+    }, schema=SCHEMA)  # fmt: skip
+    table = pa.concat_tables([existing, added]) if existing is not None else added
+    table = table.sort_by("source_id")
+    data = _table_bytes(table)
+    storage.atomic_write_bytes(table_url, data, config.s3)
+    manifest = {
+        **identity,
+        "projection": {
+            "function": "datprl.priors.encoders.project",
+            "method": encoders.PROJECTION_METHOD,
+            "in_dim": encoders.EMBEDDING_DIM,
+            "seed": config.projection_seed,
+            "note": "applied at training time: out_dim = the model's prompt dimension",
+        },  # fmt: skip
+        "table": TABLE_NAME,
+        "rows": table.num_rows,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "dataset": config.dataset,
+        "dataset_manifest_sha256": dataset.manifest_sha256,
+        "splits": list(config.splits),
+        "corrupt": corrupt,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    storage.atomic_write_bytes(manifest_url, (json.dumps(manifest, indent=2) + "\n").encode(), config.s3)
+    log.info("described %d new source images (%d in all) in %.1f s -> %s", len(ordered), table.num_rows,
+             time.monotonic() - started, table_url)  # fmt: skip
+    return DescribeResult(len(ordered), table.num_rows, corrupt, table_url, manifest_url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: ``python jobs/describe.py [config.yaml] [key=value ...]``."""
+    from datprl.platform.runtime import LocalRaySettings, ray_session
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    config = parse_cli(DescribeConfig, argv, prog="describe.py")
+    try:
+        with ray_session(config.ray_address, LocalRaySettings(object_store_bytes=256 * 2**20, dashboard=False)):
+            result = run(config)
+    except (FileNotFoundError, ValueError) as err:  # a missing dataset or split, outputs made another way
+        print(f"describe.py: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result.added} source images described, {result.rows} in {result.table_url}")
+    if result.corrupt:
+        print(f"{len(result.corrupt)} damaged sample(s) skipped:\n  " + "\n  ".join(result.corrupt))
+    return 0
+
+
+__all__ = ["DescribeConfig", "DescribeResult", "describe_shard", "main", "run"]

@@ -1,0 +1,161 @@
+"""Domain priors without a VLM: the metadata describer, the MiniLM text encoder, the projection and the describe job."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_tiny_dataset
+
+from datprl.priors import describe as d
+from datprl.priors.encoders import EMBEDDING_DIM, MiniLMEncoder, project, projection_matrix
+
+# --- describer --------------------------------------------------------------------------------------------------
+
+
+def _grey(value: float, shape=(32, 32)) -> np.ndarray:
+    return np.full(shape, round(value * 255), np.uint8)
+
+
+def test_brightness_words_dark_vs_bright():
+    dark, bright = d.image_stats(_grey(0.05), 255), d.image_stats(_grey(0.9), 255)
+    assert d.brightness_words(dark) == "very low brightness"
+    assert d.brightness_words(bright) == "very high brightness"
+    assert d.brightness_words(d.image_stats(_grey(0.3), 255)) == "relatively low brightness"
+    # the white level decides: 12-bit data in a 16-bit container at half of 4095 is moderate, not very dark
+    assert d.brightness_words(d.image_stats(np.full((8, 8), 2048, np.uint16), 4095)) == "moderate brightness"
+
+
+def test_grey_vs_colourful():
+    grey_rgb = np.repeat(_grey(0.5)[..., None], 3, axis=2)
+    stats = d.image_stats(grey_rgb, 255)
+    assert stats.grey and d.colour_words(stats) == "black and white" and stats.colours == ()
+    colourful = np.zeros((32, 32, 3), np.uint8)
+    colourful[:, :16] = (230, 20, 20)  # red half
+    colourful[:, 16:] = (20, 40, 220)  # blue half
+    stats = d.image_stats(colourful, 255)
+    assert not stats.grey and stats.colourfulness > 82
+    assert d.colour_words(stats) == "highly colourful"
+    assert set(stats.colours) == {"red", "blue"}
+    assert d.dominant_colours(np.full((4, 4, 3), (0.1, 0.7, 0.1))) == ("green",)
+
+
+def test_flat_vs_edgy():
+    flat = d.image_stats(_grey(0.5), 255)
+    checker = (((np.indices((32, 32)) // 4).sum(axis=0) % 2) * 255).astype(np.uint8)  # 4-pixel squares
+    edgy = d.image_stats(checker, 255)
+    assert flat.edge_density == 0.0 and d.detail_words(flat).startswith("smooth")
+    assert edgy.edge_density > 0.5 and d.detail_words(edgy).startswith("dense edges")
+    assert d.contrast_words(flat) == "low contrast" and d.contrast_words(edgy) == "high contrast"
+
+
+def test_modality_from_record_task_and_domain():
+    assert d.modality_words({"modality": "mr", "task": "pet_low_count", "domain": "medical"})[0] == "MRI scan"
+    assert d.modality_words({"modality": None, "task": "ct_low_dose", "domain": "medical"})[0] == "CT scan"
+    assert d.modality_words({"task": "pet_low_count", "domain": "medical"})[0] == "PET scan"
+    assert "bird's-eye" in d.modality_words({"task": "haze", "domain": "remote_sensing"})[1]
+    with pytest.raises(ValueError, match="unknown domain"):
+        d.modality_words({"task": "x", "domain": "astro"})
+
+
+def test_describe_composes_a_deterministic_sentence():
+    record = {"domain": "medical", "task": "ct_low_dose", "bit_depth": 16, "white_level": 4095,
+              "source_package": "pydicom-data==1.0.0"}  # fmt: skip
+    image = np.full((16, 16), 200, np.uint16)
+    text = d.describe(record, image)
+    assert text == d.describe(record, image)
+    assert text.startswith("a black and white CT scan with a cross-sectional view")
+    assert "very low brightness" in text and "(16-bit grayscale, from pydicom-data)" in text and "1.0.0" not in text
+    with pytest.raises(ValueError, match="expected a grey"):
+        d.describe(record, np.zeros((4, 4, 2), np.uint8))
+
+
+# --- encoder and projection ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return MiniLMEncoder()
+
+
+def test_encoder_vectors(encoder):
+    texts = ["a black and white MRI scan with a cross-sectional view of the anatomy",
+             "a highly colourful photo of a market, mostly red and orange",
+             "a black and white MRI scan with a cross-sectional view of the anatomy"]  # fmt: skip
+    vectors = encoder.encode(texts)
+    assert vectors.shape == (3, EMBEDDING_DIM) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    np.testing.assert_allclose(vectors[0], encoder.encode(texts[:1])[0], atol=1e-5)  # batch-independent
+    assert float(vectors[0] @ vectors[1]) < 0.9 * float(vectors[0] @ vectors[0])
+    with pytest.raises(ValueError, match="non-empty"):
+        encoder.encode(["ok", " "])
+
+
+def test_projection_is_seeded_and_keeps_directions():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20, EMBEDDING_DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    a, b = project(x, 64, seed=3), project(x, 64, seed=3)
+    assert a.shape == (20, 64) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, project(x, 64, seed=4))
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    wide = project(x, 1024, seed=0)  # 384 -> 1024 with orthonormal rows: every cosine kept
+    np.testing.assert_allclose(wide @ wide.T, x @ x.T, atol=1e-5)
+    m = projection_matrix(EMBEDDING_DIM, 64, 0)
+    np.testing.assert_allclose(m.T @ m, np.eye(64), atol=1e-10)  # orthonormal columns
+    with pytest.raises(ValueError, match="2-D"):
+        project(x[0], 64)
+
+
+# --- the job -------------------------------------------------------------------------------------------------------
+
+
+def _damage_member(shard, name: str) -> None:
+    """Rewrite ``shard`` with member ``name`` replaced by bytes that are not a PNG."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, data in members:
+            data = b"\x89PNG garbage" if info.name == name else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shard.write_bytes(buffer.getvalue())
+
+
+@pytest.mark.ray
+def test_describe_job_rows_resume_and_damage(tmp_path, ray_local, encoder):
+    from datprl.priors.job import DescribeConfig, run
+
+    data = write_tiny_dataset(tmp_path / "tiny")
+    config = DescribeConfig(dataset=str(data), output=str(tmp_path / "priors"))
+    first = run(config, encoder=encoder)
+    table = pq.read_table(first.table_url)
+    assert first.added == first.rows == 4 and not first.corrupt
+    assert table.column("source_id").to_pylist() == ["src0", "src1", "src2", "src3"]
+    assert table.column("sample_key").to_pylist() == ["sr_x4-0", "sr_x4-1", "sr_x4-2", "sr_x4-3"]
+    assert all(len(e) == EMBEDDING_DIM for e in table.column("embedding").to_pylist())
+    manifest = json.loads((tmp_path / "priors" / "manifest.json").read_text())
+    assert manifest["rows"] == 4 and manifest["encoder"]["dim"] == EMBEDDING_DIM
+    before = (tmp_path / "priors" / "descriptions.parquet").read_bytes()
+
+    again = run(config, encoder=encoder)  # a rerun adds nothing and leaves the table as it was
+    assert again.added == 0 and again.rows == 4
+    assert (tmp_path / "priors" / "descriptions.parquet").read_bytes() == before
+
+    # a damaged clean image: reported with its key; its source is described from its next sample
+    _damage_member(data / "train" / "shard-00000.tar", "sr_x4-1.gt.png")
+    damaged = run(config.model_copy(update={"output": str(tmp_path / "priors2")}), encoder=encoder)
+    assert damaged.rows == 4 and len(damaged.corrupt) == 1 and "sr_x4-1" in damaged.corrupt[0]
+    keys = dict(zip(*pq.read_table(damaged.table_url).select(["source_id", "sample_key"]).to_pydict().values()))
+    assert keys["src1"] == "haze-1"
+
+    # output made with another template is not appended to
+    manifest["template_version"] = "metadata-v0"
+    (tmp_path / "priors" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="overwrite=true"):
+        run(config, encoder=encoder)
