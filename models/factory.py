@@ -229,22 +229,35 @@ def _read_sidecar(config_file: Path) -> dict[str, Any]:
     return sidecar
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DATPRLIR:
-    """Load a network written by :func:`save_model` (safetensors only, never pickle); sidecars with or without
-    provenance load alike."""
+def _provenance(sidecar: dict[str, Any], config_file: Path) -> dict[str, Any] | None:
+    provenance = sidecar.get("provenance")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise ValueError(f"{config_file}: 'provenance' must be a JSON object, not {type(provenance).__name__}; "
+                         "re-export the weights with save_model(..., provenance=build_provenance(...))")
+    return provenance
+
+
+def load_export(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DATPRLIR, dict | None]:
+    """(network, provenance or None) of an export written by :func:`save_model`, its sidecar read once (safetensors
+    only, never pickle); sidecars with or without provenance load alike."""
     weights, config_file = _export_paths(path)
-    for needed in (weights, config_file):
-        if not needed.exists():
-            raise FileNotFoundError(f"{needed} not found; exported weights are a .safetensors file with a .json "
-                                    "config beside it")
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} not found; exported weights are a .safetensors file with a .json "
+                                "config beside it")
     sidecar = _read_sidecar(config_file)
     try:
         config = ModelConfig.model_validate(sidecar["model"])
     except (KeyError, ValidationError) as error:
         raise ValueError(f"{config_file} is not a valid model config: {error}") from None
+    provenance = _provenance(sidecar, config_file)
     model = DATPRLIR(config)
     load_state_strict(model, load_file(str(weights)), source=str(weights))
-    return model.to(map_location)
+    return model.to(map_location), provenance
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DATPRLIR:
+    """Load a network written by :func:`save_model` (see :func:`load_export`)."""
+    return load_export(path, map_location)[0]
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -252,11 +265,7 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
     ``.safetensors`` file), or None for a sidecar written without it (exports from before provenance, or weights
     saved outside training)."""
     _, config_file = _export_paths(path)
-    provenance = _read_sidecar(config_file).get("provenance")
-    if provenance is not None and not isinstance(provenance, dict):
-        raise ValueError(f"{config_file}: 'provenance' must be a JSON object, not {type(provenance).__name__}; "
-                         "re-export the weights with save_model(..., provenance=build_provenance(...))")
-    return provenance
+    return _provenance(_read_sidecar(config_file), config_file)
 
 
 def weights_digest(path: str | os.PathLike) -> str:

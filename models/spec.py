@@ -43,6 +43,16 @@ def _scalar_overrides() -> dict[str, Any]:
     return fields
 
 
+def _merged_pool(base: PromptPoolConfig | None, override: PoolOverride | None) -> dict[str, int] | None:
+    """A pool's fields with the override's set values on top of the variant's (or the pool defaults, when the variant
+    has no such pool); None when the override removes the pool or sets nothing on a variant without it."""
+    if override is None or (base is None and override.size is None and override.top_k is None):
+        return None
+    merged = (base or PromptPoolConfig()).model_dump()
+    merged.update(override.model_dump(exclude_none=True))
+    return merged
+
+
 class _Variant(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,9 +75,8 @@ class ModelSpec(_Overrides):
         variant = info.data.get("variant")
         if override is None or variant is None:
             return override
-        base: PromptPoolConfig | None = getattr(VARIANTS[variant], info.field_name)
-        size = override.size or (base.size if base else PromptPoolConfig().size)
-        top_k = override.top_k or (base.top_k if base else PromptPoolConfig().top_k)
+        merged = _merged_pool(getattr(VARIANTS[variant], info.field_name), override)
+        size, top_k = (merged["size"], merged["top_k"]) if merged is not None else (1, 1)
         if top_k > size:
             name = info.field_name
             size_from = "" if override.size else f" (variant {variant}'s)"
@@ -99,16 +108,7 @@ class ModelSpec(_Overrides):
             if value is not None:
                 fields[name] = value
         for name in _POOLS:
-            override: PoolOverride | None = getattr(self, name)
-            current: PromptPoolConfig | None = getattr(base, name)
-            if override is None:
-                fields[name] = None
-            elif override.size is None and override.top_k is None:
-                fields[name] = current.model_dump() if current is not None else None
-            else:
-                merged = (current or PromptPoolConfig()).model_dump()
-                merged.update({k: v for k, v in override.model_dump().items() if v is not None})
-                fields[name] = merged
+            fields[name] = _merged_pool(getattr(base, name), getattr(self, name))
         return ModelConfig.model_validate(fields)
 
     def describe(self) -> str:

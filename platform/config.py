@@ -187,19 +187,19 @@ def _move_old_keys(raw: dict, schema: type[BaseModel], where: str) -> None:
         if old not in raw:
             continue
         if new is None:
-            raise ConfigError(f"'{old}' {where} is no longer a config key: {why}".replace("  ", " "))
+            raise ConfigError(f"'{old}'{where} is no longer a config key: {why}")
         value = raw.pop(old)
         node = raw
         *parents, leaf = new.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"'{old}' {where} moved to '{new}', but '{part}' is not a mapping there")
+                raise ConfigError(f"'{old}'{where} moved to '{new}', but '{part}' is not a mapping there")
         if leaf in node and node[leaf] != value:
-            raise ConfigError(f"'{old}' {where} is the old spelling of '{new}', and both are given with different "
+            raise ConfigError(f"'{old}'{where} is the old spelling of '{new}', and both are given with different "
                               f"values ({_short(value)} and {_short(node[leaf])}); keep only '{new}'")
         node[leaf] = value
-        print(f"note: '{old}' {where} is now '{new}' ({why}); please rename it".replace("  ", " "), file=sys.stderr)
+        print(f"note: '{old}'{where} is now '{new}' ({why}); please rename it", file=sys.stderr)
 
 
 def _moved_override(schema: type[BaseModel], text: str) -> str:
@@ -278,7 +278,7 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
     """
     file = Path(path) if path is not None else None
     raw = _read_yaml(file) if file is not None else {}
-    _move_old_keys(raw, schema, f"in {file}" if file is not None else "")
+    _move_old_keys(raw, schema, f" in {file}" if file is not None else "")
     overrides = [_moved_override(schema, text) for text in overrides]
     applied = [(_apply_override(raw, schema, text), text) for text in overrides]
     try:

@@ -88,11 +88,11 @@ def init_ray(
     loopback_only()
     import ray
 
+    joined = cluster_address(address)
     if quiet:
-        quiet_ray_logging(local=cluster_address(address) is None)
+        quiet_ray_logging(local=joined is None)
     if ray.is_initialized():
         return RaySession(started_here=False, address=None)
-    joined = cluster_address(address)
     if joined:
         ray.init(address=joined, log_to_driver=local.log_to_driver, runtime_env=runtime_env,
                  logging_level=logging.WARNING if quiet else logging.INFO)  # fmt: skip

@@ -23,8 +23,7 @@ from datprl.models.factory import (
     WEIGHTS_SUFFIX,
     count_parameters,
     create_model,
-    load_model,
-    read_provenance,
+    load_export,
     weights_digest,
 )
 from datprl.models.network import PAD_MULTIPLE, DATPRLIR
@@ -85,8 +84,9 @@ def _stem(path: str) -> str:
     return path[: -len(WEIGHTS_SUFFIX)] if path.endswith(WEIGHTS_SUFFIX) else path
 
 
-def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, str, dict[str, Any] | None]:
-    """(network, sha256 of the .safetensors file, provenance of its sidecar or None) from a local path or s3:// URL."""
+def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, dict[str, Any] | None, str]:
+    """(network, provenance of its sidecar or None, sha256 of the .safetensors file) from a local path or s3://
+    URL; the sidecar is read once."""
     stem = _stem(path)
     if storage.is_s3(stem):
         s3 = storage.S3Settings(endpoint_url=config.s3_endpoint_url) if config.s3_endpoint_url else storage.S3Settings()
@@ -100,9 +100,9 @@ def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, str, dict[s
                                             "file with a .json config beside it") from None
                 Path(tmp, "model" + suffix).write_bytes(data)
             local = os.path.join(tmp, "model" + WEIGHTS_SUFFIX)
-            return load_model(local), weights_digest(local), read_provenance(local)
+            return (*load_export(local), weights_digest(local))
     local = stem + WEIGHTS_SUFFIX
-    return load_model(local), weights_digest(local), read_provenance(local)
+    return (*load_export(local), weights_digest(local))
 
 
 #: Provenance fields ``GET /v1/model`` reports. The training config stays in the sidecar: it names internal storage
@@ -286,7 +286,7 @@ def load_engine(config: ServeConfig, device: str | torch.device | None = None) -
         torch.set_num_threads(config.torch_threads)
     weights = config.resolved_weights()
     if weights is not None:
-        model, digest, provenance = _load_weights(weights, config)
+        model, provenance, digest = _load_weights(weights, config)
         variant = _variant_name(model)
         trained, note = trained_state(provenance, identity=not bool(model.output.weight.detach().any()))
         info_args = dict(variant=variant, source="weights", trained=trained, weights=weights, weights_sha256=digest,

@@ -277,7 +277,7 @@ def split_tasks(config: DataConfig, split: str = "train", dataset: DatasetHandle
         return present
     missing = sorted(set(config.tasks) - set(present))
     if missing:
-        raise ValueError(f"tasks {missing} have no {split} samples in {config.dataset}; present: {present}")
+        raise ValueError(f"tasks {missing} have no {split!r} samples in {config.dataset}; present: {present}")
     return list(config.tasks)
 
 

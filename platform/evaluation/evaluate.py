@@ -36,7 +36,13 @@ from datprl.models import unwrap_model
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.storage import is_s3
-from datprl.platform.data.pipeline import DataConfig, StreamReport, evaluation_rows, local_evaluation_rows
+from datprl.platform.data.pipeline import (
+    DataConfig,
+    StreamReport,
+    evaluation_rows,
+    local_evaluation_rows,
+    split_tasks,
+)
 from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, selection_nmi, ssim
 from datprl.platform.evaluation.report import (
     _METRICS, PSNR_CAP, EvalResult, side_by_side_markdown, write_outputs,
@@ -194,15 +200,6 @@ class _UsageCounter:
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
-def _check_tasks(data: DataConfig, split: str, tasks: Sequence[str] | None) -> None:
-    if tasks is None:
-        return
-    present = DatasetHandle.open(data.dataset, data.s3).tasks(split)
-    missing = sorted(set(tasks) - set(present))
-    if missing:
-        raise ValueError(f"tasks {missing} have no {split!r} samples in {data.dataset}; present: {present}")
-
-
 def evaluate(
     model: torch.nn.Module,
     data: DataConfig,
@@ -215,6 +212,7 @@ def evaluate(
     zero_shot_tasks: Sequence[str] = (),
     metadata: dict | None = None,
     read_in_process: bool = False,
+    dataset: DatasetHandle | None = None,
 ) -> EvalResult:
     """Score ``model`` on every sample of ``split`` (those of ``tasks`` only, when given); see the module docstring.
 
@@ -225,7 +223,8 @@ def evaluate(
     are restored afterwards, so the training loop can call this between steps. ``model`` may be any module mapping a
     (1, 3, H, W) batch to its restoration; networks whose ``forward`` takes ``return_aux`` also report prompt usage.
     With ``out_dir``: ``metrics.md``, ``metrics.csv``, ``metrics.json`` (``metadata`` is stored there too, e.g.
-    weights or training step), ``grids/`` and ``prompt_usage.png``, every file written atomically.
+    weights or training step), ``grids/`` and ``prompt_usage.png``, every file written atomically. ``dataset``: the
+    dataset's handle when the caller has opened it (its manifest is then not read again).
     """
     net = unwrap_model(model)
     first = next(iter(net.parameters()), None)
@@ -234,7 +233,9 @@ def evaluate(
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     zero_shot = set(zero_shot_tasks)
     wanted = set(tasks) if tasks is not None else None
-    _check_tasks(data, split, tasks)
+    dataset = dataset if dataset is not None else DatasetHandle.open(data.dataset, data.s3)
+    if tasks is not None:
+        split_tasks(data.model_copy(update={"tasks": list(tasks)}), split, dataset)  # every task asked for has samples
 
     with_aux = _accepts_return_aux(net)
     usage = _UsageCounter()
@@ -249,7 +250,7 @@ def evaluate(
     try:
         with torch.inference_mode():
             rows = local_evaluation_rows if read_in_process else evaluation_rows
-            for row in rows(data, split, report=report):
+            for row in rows(data, split, report=report, dataset=dataset):
                 task, domain = str(row["task"]), str(row["domain"])
                 if wanted is not None and task not in wanted:
                     continue
@@ -319,27 +320,27 @@ def evaluate(
 
 
 # --- command line -------------------------------------------------------------------------------------------------
-def _dataset_problem(config: EvalConfig) -> str | None:
-    """What stops ``config`` from being evaluated on its dataset (no manifest, a split or task without samples), as a
-    message naming the fix; None when every split and task has samples. Read from the manifest, before Ray starts."""
+def _open_dataset(config: EvalConfig) -> tuple[DatasetHandle | None, str | None]:
+    """(the dataset's handle, None), or (None, what stops ``config`` from being evaluated on it: no manifest, a split
+    or task without samples, as a message naming the fix). Read from the manifest once, before Ray starts."""
     dataset = config.data.dataset
     try:
         handle = DatasetHandle.open(dataset, config.data.s3)
     except FileNotFoundError:
-        return (f"no dataset at {dataset} (no manifest.json there): build one with `python jobs/build_dataset.py "
-                f"output={dataset}` (`python jobs/train.py` builds the default corpus when it is missing), or set "
-                "data.dataset=path/or/s3/prefix")
+        return None, (f"no dataset at {dataset} (no manifest.json there): build one with `python jobs/build_dataset.py "
+                      f"output={dataset}` (`python jobs/train.py` builds the default corpus when it is missing), or "
+                      "set data.dataset=path/or/s3/prefix")
     for split in config.splits:
         present = handle.tasks(split)
         if not present:
             splits = ", ".join(handle.splits()) or "none"
-            return (f"split {split!r} has no samples in {dataset} (its splits: {splits}); "
-                    "set splits=[...] to those you want")
+            return None, (f"split {split!r} has no samples in {dataset} (its splits: {splits}); "
+                          "set splits=[...] to those you want")
         missing = sorted(set(config.tasks or ()) - set(present))
         if missing:
-            return (f"tasks {missing} have no {split!r} samples in {dataset}; present: {present}; "
-                    "drop them from tasks=[...] or the split from splits=[...]")
-    return None
+            return None, (f"tasks {missing} have no {split!r} samples in {dataset}; present: {present}; "
+                          "drop them from tasks=[...] or the split from splits=[...]")
+    return handle, None
 
 
 def _same_dataset(a: str, b: str) -> bool:
@@ -385,7 +386,7 @@ def main(argv: Sequence[str]) -> int:
         if trained_on is not None and not _same_dataset(trained_on, config.data.dataset):
             print(f"[evaluate] note: {weights} was trained on {trained_on}; evaluating on {config.data.dataset} "
                   f"(set data.dataset={trained_on} for the training dataset)", flush=True)
-    problem = _dataset_problem(config)
+    dataset, problem = _open_dataset(config)
     if problem is not None:
         print(f"evaluate.py: error: {problem}", file=sys.stderr)
         return 2
@@ -410,7 +411,7 @@ def main(argv: Sequence[str]) -> int:
             results[split] = evaluate(
                 model, config.data, split=split, out_dir=config.out_dir / split, protocol=config.protocol,
                 tasks=config.tasks, max_grids_per_task=config.max_grids_per_task, device=device,
-                zero_shot_tasks=config.zero_shot_tasks, metadata=metadata,
+                zero_shot_tasks=config.zero_shot_tasks, metadata=metadata, dataset=dataset,
             )  # fmt: skip
     summary = side_by_side_markdown(results, model=label)
     atomic_write_bytes(str(config.out_dir / "summary.md"), summary.encode("utf-8"))

@@ -28,6 +28,7 @@ from datprl.models import save_model
 from datprl.platform.config import config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.pipeline import read_split, split_tasks, use_decoded_cache
+from datprl.platform.storage import filesystem, is_s3
 from datprl.platform.runtime import init_ray, ray_session
 from datprl.platform.train.config import TrainConfig
 from datprl.platform.train.loop import train_loop_per_worker
@@ -39,11 +40,15 @@ log = logging.getLogger(__name__)
 def open_dataset(config: TrainConfig) -> DatasetHandle:
     """The run's dataset, its manifest read once; the embedded default corpus is built first when it is missing and
     ``build_dataset_if_missing`` is on (building needs no Ray)."""
+    try:
+        return DatasetHandle.open(config.data.dataset, config.data.s3)
+    except FileNotFoundError:
+        if not config.build_dataset_if_missing:
+            raise
     from datprl.platform.data.build import ensure_dataset
 
     command = ["jobs/train.py", f"data.dataset={config.data.dataset}"]  # recorded in the built manifest
-    ensure_dataset(config.data.dataset, config.data.s3, command=command,
-                   build_if_missing=config.build_dataset_if_missing)
+    ensure_dataset(config.data.dataset, config.data.s3, command=command)
     return DatasetHandle.open(config.data.dataset, config.data.s3)
 
 
@@ -91,7 +96,7 @@ def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
     directory of their own, so ``data/default`` would not exist there."""
 
     def absolute(path: str | None) -> str | None:
-        if path is None or path.startswith("s3://") or Path(path).is_absolute():
+        if path is None or is_s3(path) or Path(path).is_absolute():
             return path
         return str(Path(path).resolve())
 
@@ -142,9 +147,7 @@ def fit(config: TrainConfig | PreparedRun):
     use_gpu = torch.cuda.is_available() if config.use_gpu == "auto" else config.use_gpu
     storage_fs = None
     storage_path = config.storage
-    if config.storage.startswith("s3://"):
-        from datprl.platform.storage import filesystem
-
+    if is_s3(config.storage):
         storage_fs, storage_path = filesystem(config.storage, config.s3)
     cached = use_decoded_cache(config.data, "train", dataset)  # decided once, here, and handed to read_split
     if cached:
@@ -180,15 +183,12 @@ def fit(config: TrainConfig | PreparedRun):
         return trainer.fit()
 
 
-def export_final(result, output_dir: Path, provenance: dict | None = None) -> Path:
-    """Copy the final checkpoint's weights (safetensors + json sidecar with ``provenance``) to ``output_dir/model.*``;
-    returns the weights path."""
+def final_weights(result):
+    """The network of the run's final checkpoint (the EMA weights when EMA is on)."""
     from datprl.models import load_model
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as folder:
-        model = load_model(Path(folder) / "model.safetensors")
-    return save_model(model, output_dir / "model", provenance=provenance)
+        return load_model(Path(folder) / "model.safetensors")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -217,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
         if run.status.previous_steps is not None:
             print(f"[train] steps changed from {run.status.previous_steps} to {config.steps}: the learning-rate "
                   f"schedule now decays over {config.steps} steps", flush=True)
-    from datprl.models import load_model
     from datprl.platform.evaluation.evaluate import evaluate
     from datprl.platform.train.provenance import build_provenance
 
@@ -227,12 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             result = fit(run)
             if result.error is not None:
                 return _fail(f"training failed: {result.error}", code=1)
-            evaluation = None
+            model, evaluation = final_weights(result), None
             if config.evaluate_split:
-                with result.checkpoint.as_directory() as folder:
-                    model = load_model(Path(folder) / "model.safetensors")
                 evaluation = evaluate(model, config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
-                                      zero_shot_tasks=run.held_out,
+                                      zero_shot_tasks=run.held_out, dataset=run.dataset,
                                       metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (runtime.Stopped; Ray turns one that interrupts fit() into this)
         # ray_session has stopped the local Ray by now; nothing is evaluated or exported from an unfinished run.
@@ -242,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     provenance = build_provenance(config_to_dict(config), model_spec=config.model.describe(), steps=config.steps,
                                   manifest_sha256=run.dataset.manifest_sha256,
                                   evaluation=evaluation.to_json() if evaluation is not None else None)  # fmt: skip
-    weights = export_final(result, output_dir, provenance)
+    weights = save_model(model, output_dir / "model", provenance=provenance)
     print(f"[train] exported {weights}", flush=True)
     if evaluation is not None:
         print(evaluation.markdown())

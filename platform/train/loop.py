@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -22,8 +21,6 @@ from datprl.platform.data.pipeline import StreamReport, training_batches
 from datprl.platform.storage import S3Settings
 from datprl.platform.train.config import OptimConfig, TrainConfig
 from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
-
-log = logging.getLogger(__name__)
 
 
 
@@ -60,12 +57,12 @@ def _schedule(optim: OptimConfig, steps: int):
     return factor
 
 
-def _worker_print(*parts: object, flush: bool = True) -> None:
+def _worker_print(*parts: object) -> None:
     # Only notes the reports cannot carry (a missing input, a resume, the test hook): steps and validation results
     # reach the console through the driver's progress display, from the reports themselves.
     # Ray Train V2 patches print() in workers to go both to the console and to its logger, which the driver shows
     # twice; the process's real stdout is forwarded to the driver once.
-    print(*parts, file=sys.__stdout__, flush=flush)
+    print(*parts, file=sys.__stdout__, flush=True)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -134,7 +131,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 crash_at(step)
             window.append(terms)
             last = step >= config.steps
-            validate = bool(config.validate_every and config.evaluate_split and step % config.validate_every == 0)
+            validate = bool(config.validate_every and config.evaluate_split
+                            and (step % config.validate_every == 0 or last))
             if step % config.log_every == 0 or step % config.checkpoint_every == 0 or validate or last:
                 batch_size = batch["lq"].shape[0]
                 means = {k: sum(t[k] for t in window) / len(window) for k in window[-1]}
@@ -143,8 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
                            "corrupt_samples": len(report.corrupt),
                            **{f"loss_{k}": v for k, v in means.items()}}  # fmt: skip
-                if config.validate_every and config.evaluate_split and (step % config.validate_every == 0 or last):
-                    metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank, step))
+                if validate:
+                    metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank))
                 window, started = [], time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
                     _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank)
@@ -177,11 +175,11 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
     optimizer.step()
     scheduler.step()
-    _clamp_temperatures(model, config)
+    _clamp_temperatures(model)
     return terms
 
 
-def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank: int, step: int) -> dict[str, float]:
+def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank: int) -> dict[str, float]:
     """Periodic validation on rank 0 (the weights are the same on every worker): PSNR per task of the EMA weights when
     EMA is on, read in this process (a Ray Data read would compete with the training read for the worker's CPUs)."""
     if rank != 0:
@@ -218,7 +216,7 @@ def _crash_hook():
     return crash
 
 
-def _clamp_temperatures(model: torch.nn.Module, config: TrainConfig) -> None:
+def _clamp_temperatures(model: torch.nn.Module) -> None:
     # The forward pass clamps the learnable temperature tau to [min, max] ([0.1, 2] in the paper, arXiv 2603.01725,
     # Sec. 3), which gives the raw parameter zero gradient once it leaves the range: project it back after each step
     # so it can always move again.

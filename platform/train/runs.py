@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from datprl.models import variant_config
+from datprl.models.spec import ModelSpec
 from datprl.platform.config import ConfigError, config_to_dict
 from datprl.platform.storage import filesystem, join_url
 from datprl.platform.train.config import TrainConfig
@@ -62,8 +63,6 @@ def _model_of(saved: dict[str, Any]) -> dict[str, Any]:
     """The resolved network of a saved config, current (``model`` section) or from before the typed section
     (``variant`` + ``model_overrides``, merged as they were then)."""
     if "model" in saved:
-        from datprl.models.spec import ModelSpec
-
         return ModelSpec.model_validate(saved["model"]).resolve().model_dump(mode="json")
     network = variant_config(saved.get("variant", "paper_tiny"), **saved.get("model_overrides", {}))
     return network.model_dump(mode="json")
@@ -93,20 +92,20 @@ def _latest_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], int] | None
         entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    best: tuple[dict[str, Any], int] | None = None
+    steps: list[tuple[int, str]] = []
     for entry in entries:
-        name = posixpath.basename(entry.path)
-        if entry.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
-            continue
+        if entry.type == pafs.FileType.Directory and posixpath.basename(entry.path).startswith("checkpoint_"):
+            try:
+                steps.append((_checkpoint_step(fs, entry.path), entry.path))
+            except (FileNotFoundError, OSError, ValueError, KeyError):
+                continue  # an incomplete checkpoint (interrupted upload): Ray does not resume from it either
+    for step, folder in sorted(steps, reverse=True):  # the furthest one whose config can be read
         try:
-            with fs.open_input_stream(posixpath.join(entry.path, CONFIG_FILE)) as f:
-                saved = json.loads(f.read())
-            step = _checkpoint_step(fs, entry.path)
-        except (FileNotFoundError, OSError, ValueError, KeyError):
-            continue  # an incomplete checkpoint (interrupted upload): Ray does not resume from it either
-        if best is None or step > best[1]:
-            best = (saved, step)
-    return best
+            with fs.open_input_stream(posixpath.join(folder, CONFIG_FILE)) as f:
+                return json.loads(f.read()), step
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+    return None
 
 
 def _checkpoint_step(fs, folder: str) -> int:
