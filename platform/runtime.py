@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: Object store of the local Ray that jobs start in-process (the embedded default): room for a decoded training cache
 #: of up to 256 MiB (a quarter of the store), about twice the default corpus's estimate (3 x 40 MB of train shards).
 LOCAL_OBJECT_STORE_BYTES = 1024 * 2**20
+#: Object store of a local Ray whose tasks pass little data (serving, evaluation, description jobs, the tests).
+SMALL_OBJECT_STORE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from pydantic import Field
 
 from datprl.platform import storage
 from datprl.platform.config import StrictModel, parse_cli
+from datprl.platform.data.format import default_package_versions
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.shards import CorruptionReport, iter_samples
 from datprl.platform.storage import S3Settings
@@ -141,18 +142,6 @@ def _read_existing(config: DescribeConfig, identity: dict[str, Any], table_url: 
     return table.cast(SCHEMA)
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {"python": sys.version.split()[0]}
-    for name in ("datprl-ir", "numpy", "pyarrow", "ray", "torch", "transformers", encoders.ENCODER_PACKAGE):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def _table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -181,9 +170,7 @@ def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -
     items = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
     rows = items.flat_map(describe_shard, fn_kwargs=dict(done=done, s3=config.s3)).take_all()
 
-    corrupt = [row["error"] for row in rows if row["error"]]
-    for message in corrupt:
-        log.warning("skipped damaged sample: %s", message)
+    corrupt = [row["error"] for row in rows if row["error"]]  # each logged by the shard reader, listed by main()
     new: dict[str, dict] = {}
     for row in sorted((r for r in rows if not r["error"]), key=lambda r: (r["shard"], r["position"])):
         new.setdefault(row["source_id"], row)  # the first sample seen, in manifest order
@@ -220,7 +207,9 @@ def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -
         "splits": list(config.splits),
         "corrupt": corrupt,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": default_package_versions(
+            ("datprl-ir", "numpy", "pyarrow", "ray", "torch", "transformers", encoders.ENCODER_PACKAGE)
+        ),
     }
     storage.atomic_write_bytes(manifest_url, (json.dumps(manifest, indent=2) + "\n").encode(), config.s3)
     log.info("described %d new source images (%d in all) in %.1f s -> %s", len(ordered), table.num_rows,
@@ -230,13 +219,14 @@ def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: ``python jobs/describe.py [config.yaml] [key=value ...]``."""
-    from datprl.platform.runtime import LocalRaySettings, ray_session
+    from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, ray_session
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     config = parse_cli(DescribeConfig, argv, prog="describe.py")
     try:
-        with ray_session(config.ray_address, LocalRaySettings(object_store_bytes=256 * 2**20, dashboard=False)):
+        local = LocalRaySettings(object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False)
+        with ray_session(config.ray_address, local):
             result = run(config)
     except (FileNotFoundError, ValueError) as err:  # a missing dataset or split, outputs made another way
         print(f"describe.py: error: {err}", file=sys.stderr)

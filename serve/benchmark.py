@@ -151,10 +151,10 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     if url is None:
         from ray import serve
 
-        from datprl.platform.runtime import LocalRaySettings, init_ray, shutdown_ray
+        from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, init_ray, shutdown_ray
         from datprl.serve.app import build_app, start_serve
 
-        started_here = init_ray(local=LocalRaySettings(object_store_bytes=256 * 2**20, dashboard=False,
+        started_here = init_ray(local=LocalRaySettings(object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False,
                                                        log_to_driver=False)).started_here
         port = free_port()
         start_serve("127.0.0.1", port)
@@ -168,12 +168,12 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         in_process = _in_process(config, images)
         endpoint = _endpoint(config, url, images)
     finally:
-        if config.url is None:
+        if started_here:
+            shutdown_ray(serve=True)  # Serve and the local Ray, signals held off while they stop
+        elif config.url is None:
             from ray import serve
 
             serve.shutdown()
-            if started_here:
-                shutdown_ray()
     if in_process["weights_sha256"] != endpoint["weights_sha256"]:
         raise RuntimeError("the endpoint serves other weights than the in-process baseline loaded; pass the same "
                            "weights= the app was started with")

@@ -609,10 +609,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.RescaleIntercept)
         hu = raw.astype(np.float64) * slope + intercept
-        outside = conventions.outside_ct_window(hu)
+        stored, outside = conventions.hu_to_stored_and_outside(hu)
         if outside.any():  # padding (-2000/-3024 HU) or metal: the DICOM out gives these pixels back unchanged
             mapping["outside"] = (outside, raw[outside])
-        stored = conventions.hu_to_stored(hu)
         white = conventions.MEDICAL_WHITE
         mapping.update(kind="ct", slope=slope, intercept=intercept)
     else:

@@ -19,11 +19,9 @@ from typing import Any
 from pydantic import Field
 
 from datprl.platform.config import config_to_dict, parse_cli
-from datprl.platform.runtime import LocalRaySettings, cluster_address, ray_session
+from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, cluster_address, ray_session
 from datprl.serve.config import LISTEN_FIELDS, ServeConfig
 
-#: Object store of the local Ray this job starts: replicas hold a network and a few images, nothing is shared.
-SERVE_OBJECT_STORE_BYTES = 256 * 2**20
 
 
 class ServeJobConfig(ServeConfig):
@@ -44,7 +42,7 @@ class ServeJobConfig(ServeConfig):
 def local_ray_settings(config: ServeJobConfig) -> LocalRaySettings:
     """The local Ray started when no cluster is given: ``local_num_cpus`` CPUs, a 256 MiB object store, no dashboard
     (Serve does not need it), the replicas' output in this console."""
-    return LocalRaySettings(num_cpus=config.local_num_cpus, object_store_bytes=SERVE_OBJECT_STORE_BYTES,
+    return LocalRaySettings(num_cpus=config.local_num_cpus, object_store_bytes=SMALL_OBJECT_STORE_BYTES,
                             dashboard=False, log_to_driver=True)
 
 

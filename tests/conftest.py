@@ -37,10 +37,10 @@ def ray_local():
 def start_local_ray(runtime_env: dict | None = None):
     """The test session's Ray: 2 CPUs, 256 MiB object store, dashboard on a free loopback port, as
     :func:`datprl.platform.runtime.init_ray` starts every local Ray (tests that restart Ray use it too)."""
-    from datprl.platform.runtime import LocalRaySettings, init_ray
+    from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, init_ray
 
-    return init_ray(local=LocalRaySettings(num_cpus=2, object_store_bytes=256 * 2**20, log_to_driver=False),
-                    runtime_env=runtime_env)
+    local = LocalRaySettings(num_cpus=2, object_store_bytes=SMALL_OBJECT_STORE_BYTES, log_to_driver=False)
+    return init_ray(local=local, runtime_env=runtime_env)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from datprl.platform.runtime import LocalRaySettings, init_ray
+from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, init_ray
 from datprl.platform.storage import atomic_write_bytes
 
 __all__ = ["LocalDataset", "NoRepeats", "ensure_dataset", "start_ray", "ray_worker_settings", "save_report"]
@@ -46,7 +46,7 @@ def ensure_dataset(path: str, job: str) -> bool:
 
 
 def start_ray(
-    cpus: int, niceness: int | None, dashboard: bool = False, object_store_mib: int = 256
+    cpus: int, niceness: int | None, dashboard: bool = False, object_store_bytes: int = SMALL_OBJECT_STORE_BYTES
 ) -> tuple[bool, int, float]:
     """Start the local Ray a benchmark runs on (``cpus`` CPUs, Ray's workers at OS niceness ``niceness``, None =
     Ray's default) and return (started here, CPUs Ray has, seconds to start). An already running Ray (tests) is used
@@ -57,7 +57,7 @@ def start_ray(
     session = init_ray(
         local=LocalRaySettings(
             num_cpus=cpus,
-            object_store_bytes=object_store_mib * 2**20,
+            object_store_bytes=object_store_bytes,
             dashboard=dashboard,
             log_to_driver=False,
             worker_niceness=niceness,

@@ -283,20 +283,20 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     import torch
     import webdataset
 
+    from datprl.platform.data.handle import DatasetHandle
     from datprl.platform.data.pipeline import DataConfig, read_split, split_tasks, use_decoded_cache
-    from datprl.platform.data.format import manifest_shard_urls, read_manifest
 
     ensure_dataset(config.dataset, "jobs/benchmark_data.py")
-    manifest = read_manifest(config.dataset)
-    expected = sum(c.samples for c in manifest.counts if c.split == "train")
-    urls = manifest_shard_urls(config.dataset, "train")
+    dataset = DatasetHandle.open(config.dataset)  # the manifest, read once for every side
+    expected = sum(dataset.samples_per_task("train").values())
+    urls = dataset.shard_urls("train")
     data_config = DataConfig(dataset=config.dataset, crop_size=config.crop_size, shuffle_buffer=config.shuffle_buffer,
                              cache_decoded=config.cache_decoded)
-    tasks = split_tasks(data_config, "train")
+    tasks = split_tasks(data_config, "train", dataset)
     per_task = max(1, config.batch_size // len(tasks))
 
     owned, cpus, ray_start_s = start_ray(config.cpus, config.ray_worker_niceness,
-                                         object_store_mib=config.object_store_mib)
+                                         object_store_bytes=config.object_store_mib * 2**20)
     context = ray.data.DataContext.get_current()
     progress, context.enable_progress_bars = context.enable_progress_bars, False
     data_log = logging.getLogger("ray.data")  # otherwise an INFO block per pass ("Starting execution of ...")
@@ -306,15 +306,15 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     loader = decoded_loader = None
     try:
         niceness = {"ray_workers": ray_worker_settings()["niceness"], "dataloader_workers": os.nice(0)}
-        cached = use_decoded_cache(data_config, "train")
+        cached = use_decoded_cache(data_config, "train", dataset)
         data_config = data_config.model_copy(update={"cache_decoded": cached})  # decided once, here
         loader = baseline_loader(urls, config.crop_size, config.batch_size, cpus, config.shuffle_buffer)
         seeds = iter(range(1_000_000))
 
-        def consumer_pass(consumer: str, dataset) -> Callable[[], dict]:
+        def consumer_pass(consumer: str, rows) -> Callable[[], dict]:
             if consumer == "training_batches":
-                return lambda: _training_batches_pass(dataset, tasks, per_task, config.shuffle_buffer, next(seeds))
-            return lambda: _iterate_rows_pass(dataset)
+                return lambda: _training_batches_pass(rows, tasks, per_task, config.shuffle_buffer, next(seeds))
+            return lambda: _iterate_rows_pass(rows)
 
         runs: dict[str, Callable[[], dict]] = {BASELINE: lambda: _baseline_pass(loader)}
         baseline_cache_build_s = 0.0
@@ -324,7 +324,7 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
             baseline_cache_build_s = time.perf_counter() - start
             runs[BASELINE_CACHED] = lambda: _baseline_pass(decoded_loader)
         if cached and config.compare_uncached:
-            uncached = read_split(data_config.model_copy(update={"cache_decoded": False}), "train")
+            uncached = read_split(data_config.model_copy(update={"cache_decoded": False}), "train", dataset=dataset)
             runs[UNCACHED] = consumer_pass("training_batches", uncached)
         timing: dict[str, dict[str, list]] = {}
         first: dict[str, dict] = {}
@@ -355,10 +355,10 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
             for side in list(runs):
                 timed_pass(side, round_, warm=True)
         start = time.perf_counter()
-        dataset = read_split(data_config, "train")  # with the cache: decodes the split once, here
+        split = read_split(data_config, "train", dataset=dataset)  # with the cache: decodes the split once, here
         cache_build_s = time.perf_counter() - start if cached else 0.0
         for consumer in config.consumers:
-            runs[consumer] = consumer_pass(consumer, dataset)
+            runs[consumer] = consumer_pass(consumer, split)
         for round_ in range(config.warmup):
             for side in config.consumers:
                 timed_pass(side, round_, warm=True)

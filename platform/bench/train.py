@@ -266,7 +266,7 @@ def _rates(windows: list[tuple[int, float]], warmup: int, batch: int, last_loss:
 def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
     """(started here, CPUs Ray has, seconds to start): the local Ray as ``fit()`` starts it (dashboard on, the same
     object store, so the decoded cache is on or off as there). An already running Ray (tests) is used as it is."""
-    return start_ray(cpus, niceness, dashboard=True, object_store_mib=LOCAL_OBJECT_STORE_BYTES // 2**20)
+    return start_ray(cpus, niceness, dashboard=True, object_store_bytes=LOCAL_OBJECT_STORE_BYTES)
 
 
 def _set_omp_wait_policy(policy: str | None) -> str:

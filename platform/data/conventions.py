@@ -27,6 +27,7 @@ __all__ = [
     "white_level",
     "scaled_white_level",
     "hu_to_stored",
+    "hu_to_stored_and_outside",
     "stored_to_hu",
     "outside_ct_window",
 ]
@@ -82,9 +83,20 @@ def scaled_white_level(raw_max: float) -> int:
     return MEDICAL_WHITE if raw_max <= MEDICAL_WHITE else white_level(bit_depth=16)
 
 
+def _rounded_stored(hu: np.ndarray) -> np.ndarray:
+    shifted = np.asarray(hu, dtype=np.float64) + CT_OFFSET
+    return np.rint(shifted, out=shifted)
+
+
 def hu_to_stored(hu: np.ndarray) -> np.ndarray:
     """CT values (HU, after the DICOM rescale) -> stored ``uint16``: ``clip(round(HU + 1024), 0, 4095)``."""
-    return np.clip(np.rint(np.asarray(hu, dtype=np.float64) + CT_OFFSET), 0, MEDICAL_WHITE).astype(np.uint16)
+    return np.clip(_rounded_stored(hu), 0, MEDICAL_WHITE).astype(np.uint16)
+
+
+def hu_to_stored_and_outside(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`hu_to_stored`, :func:`outside_ct_window`) of the same image, rounding it once."""
+    rounded = _rounded_stored(hu)
+    return np.clip(rounded, 0, MEDICAL_WHITE).astype(np.uint16), (rounded < 0) | (rounded > MEDICAL_WHITE)
 
 
 def stored_to_hu(stored: np.ndarray) -> np.ndarray:
@@ -95,6 +107,5 @@ def stored_to_hu(stored: np.ndarray) -> np.ndarray:
 def outside_ct_window(hu: np.ndarray) -> np.ndarray:
     """Boolean mask of the pixels :func:`hu_to_stored` clips (their rounded value lies outside
     :data:`CT_HU_WINDOW`), e.g. padding at -2000/-3024 HU or metal."""
-    shifted = np.asarray(hu, dtype=np.float64) + CT_OFFSET
-    np.rint(shifted, out=shifted)
-    return (shifted < 0) | (shifted > MEDICAL_WHITE)
+    rounded = _rounded_stored(hu)
+    return (rounded < 0) | (rounded > MEDICAL_WHITE)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import re
 import sys
 from datetime import datetime
@@ -42,9 +41,10 @@ __all__ = [
     "read_manifest",
     "verify_manifest",
     "manifest_shard_urls",
+    "manifest_dir",
+    "manifest_url",
+    "shard_urls",
 ]
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -251,12 +251,17 @@ class Manifest(BaseModel):
         return sum(s.samples for s in self.shards if split is None or s.split == split)
 
 
-def default_package_versions() -> dict[str, str]:
-    """Versions of the packages that determine the bytes of a build (and Python's)."""
+#: The packages whose versions determine the bytes of a dataset build.
+BUILD_PACKAGES = ("datprl-ir", "numpy", "pillow", "scikit-image", "pydantic", "pyarrow", "s3fs", "webdataset", "ray")
+
+
+def default_package_versions(names: tuple[str, ...] = BUILD_PACKAGES) -> dict[str, str]:
+    """Versions of the packages ``names`` (by default those that determine the bytes of a build) and Python's;
+    packages that are not installed are left out."""
     from importlib import metadata
 
     versions = {"python": sys.version.split()[0]}
-    for name in ("datprl-ir", "numpy", "pillow", "scikit-image", "pydantic", "pyarrow", "s3fs", "webdataset", "ray"):
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -292,11 +297,15 @@ def read_manifest(url: str, s3: S3Settings | None = None) -> Manifest:
     return Manifest.model_validate_json(storage.read_bytes(manifest_url(url), s3))
 
 
-def manifest_shard_urls(url: str, split: str | None = None, s3: S3Settings | None = None) -> list[str]:
-    """Full URLs of the manifest's shards (of one split, or all), in manifest order."""
-    manifest = read_manifest(url, s3)
+def shard_urls(url: str, manifest: Manifest, split: str | None = None) -> list[str]:
+    """Full URLs of the shards (of one split, or all) that ``manifest``, read from ``url``, lists, in its order."""
     root = manifest_dir(url)
     return [storage.join_url(root, path) for path in manifest.shard_paths(split)]
+
+
+def manifest_shard_urls(url: str, split: str | None = None, s3: S3Settings | None = None) -> list[str]:
+    """Full URLs of the manifest's shards (of one split, or all), in manifest order."""
+    return shard_urls(url, read_manifest(url, s3), split)
 
 
 def verify_manifest(url: str, s3: S3Settings | None = None) -> list[str]:

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 from datprl.platform import storage
-from datprl.platform.data.format import Manifest, manifest_dir, manifest_url
+from datprl.platform.data.format import Manifest, manifest_url, shard_urls
 from datprl.platform.storage import S3Settings
 
 
@@ -45,8 +45,7 @@ class DatasetHandle:
 
     def shard_urls(self, split: str | None = None) -> list[str]:
         """Full URLs of the shards of ``split`` (or of every split), in manifest order."""
-        root = manifest_dir(self.url)
-        return [storage.join_url(root, path) for path in self.manifest.shard_paths(split)]
+        return shard_urls(self.url, self.manifest, split)
 
     def samples_per_task(self, split: str) -> dict[str, int]:
         """Samples of every task present in ``split`` (tasks with no samples are left out)."""

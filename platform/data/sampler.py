@@ -16,12 +16,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-_PROCESS_RNG: tuple[int, np.random.Generator] | None = None
-
-
-
-
-
 @dataclass
 class BalancedBatcher:
     """Assemble batches with exactly ``per_task`` samples of every task (the paper's task-balanced sampler).

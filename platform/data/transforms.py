@@ -1,18 +1,16 @@
-"""Paired crops, augmentation and task-balanced batch assembly (the consumer side of the data pipeline).
+"""Per-sample training transforms: unit-range conversion, paired random crops, flips and rotations (task-balanced
+batches are assembled by :mod:`datprl.platform.data.sampler`).
 
 Pure numpy/torch: used inside Ray Data map stages and inside Ray Train workers, and testable without Ray.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
 
 from datprl.platform.data import conventions
-
-log = logging.getLogger(__name__)
 
 
 _PROCESS_RNG: tuple[int, np.random.Generator] | None = None

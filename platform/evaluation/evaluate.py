@@ -47,7 +47,7 @@ from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, sele
 from datprl.platform.evaluation.report import (
     _METRICS, PSNR_CAP, EvalResult, side_by_side_markdown, write_outputs,
 )
-from datprl.platform.runtime import LocalRaySettings, ray_session, resolve_device
+from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, ray_session, resolve_device
 from datprl.platform.storage import atomic_write_bytes
 from datprl.platform.train.config import TrainConfig
 
@@ -405,7 +405,7 @@ def main(argv: Sequence[str]) -> int:
     model.to(device)  # once for every split (evaluate would move it there and back per split)
 
     results: dict[str, EvalResult] = {}
-    with ray_session(local=LocalRaySettings(num_cpus=2, object_store_bytes=256 * 2**20, dashboard=False)):
+    with ray_session(local=LocalRaySettings(num_cpus=2, object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False)):
         for split in config.splits:
             print(f"[evaluate] {label}: split {split} of {config.data.dataset}", flush=True)
             results[split] = evaluate(
