@@ -23,13 +23,14 @@ from pathlib import Path, PurePath
 from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from datprl.platform.storage import atomic_write_bytes
 
-__all__ = ["StrictModel", "ConfigError", "load_config", "parse_cli", "save_resolved_config", "config_to_dict"]
+__all__ = ["StrictModel", "NoRepeats", "ConfigError", "load_config", "parse_cli", "save_resolved_config",
+           "config_to_dict"]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -39,6 +40,17 @@ class StrictModel(BaseModel):
     and assignments are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _no_repeats(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"the entries must not repeat (got {values}); list each one once")
+    return values
+
+
+NoRepeats = AfterValidator(_no_repeats)
+"""``Annotated[list[...], NoRepeats]``: a list field whose entries must all differ (e.g. splits or variants to
+evaluate or time once each)."""
 
 
 class ConfigError(ValueError):

@@ -8,12 +8,14 @@ from typing import NamedTuple
 
 import pytest
 
+from datprl.platform.runtime import loopback_only
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OFFICIAL_CHECKPOINT = FIXTURES / "official-checkpoint"  # the published network's layout and a tiny fixture (README)
 
 # Ray must only ever talk to loopback in tests (single node): with this, a local Ray binds every port to 127.0.0.1.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+loopback_only()
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 

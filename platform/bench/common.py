@@ -14,7 +14,7 @@ from pydantic import AfterValidator
 from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, init_ray
 from datprl.platform.storage import atomic_write_bytes
 
-__all__ = ["LocalDataset", "NoRepeats", "ensure_dataset", "start_ray", "ray_worker_settings", "save_report"]
+__all__ = ["LocalDataset", "ensure_dataset", "start_ray", "ray_worker_settings", "save_report"]
 
 
 def _local_folder(value: str) -> str:
@@ -25,16 +25,6 @@ def _local_folder(value: str) -> str:
 
 LocalDataset = Annotated[str, AfterValidator(_local_folder)]
 """A dataset field of the benchmarks' configs: a local folder, not a URL."""
-
-
-def _no_repeats(values: list) -> list:
-    if len(set(values)) != len(values):
-        raise ValueError(f"the entries must not repeat (got {values}); list each one once")
-    return values
-
-
-NoRepeats = AfterValidator(_no_repeats)
-"""``Annotated[list[...], NoRepeats]``: a list option whose entries must all differ (each is timed once)."""
 
 
 def ensure_dataset(path: str, job: str) -> bool:

@@ -60,13 +60,12 @@ from pydantic import Field
 
 from datprl.platform.bench.common import (
     LocalDataset,
-    NoRepeats,
     ensure_dataset,
     ray_worker_settings,
     save_report,
     start_ray,
 )
-from datprl.platform.config import StrictModel, config_to_dict, parse_cli
+from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli
 from datprl.platform.data.conventions import white_level
 from datprl.platform.data.transforms import paired_augment, paired_random_crop, process_rng, to_chw3, to_unit_float
 

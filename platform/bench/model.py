@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from datprl.models import VARIANTS, count_parameters, create_model
-from datprl.platform.bench.common import NoRepeats, save_report
+from datprl.platform.bench.common import save_report
 from datprl.platform.runtime import resolve_device
-from datprl.platform.config import StrictModel, config_to_dict, parse_cli
+from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "format_report", "main"]
 

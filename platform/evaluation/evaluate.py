@@ -25,15 +25,15 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from datprl.models import unwrap_model
-from datprl.platform.config import StrictModel, config_to_dict, parse_cli, save_resolved_config
+from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.storage import is_s3
 from datprl.platform.data.pipeline import (
@@ -68,7 +68,7 @@ class EvalConfig(StrictModel):
         f"{TRAINED_WEIGHTS} (what `python jobs/train.py` exports) unless `variant` is given")
     variant: str | None = Field(None, description="evaluate a freshly initialised variant instead (smoke runs)")
     data: DataConfig = Field(default_factory=DataConfig, description="the dataset (eval_crop applies)")
-    splits: list[str] = Field(["val", "test"], min_length=1,
+    splits: Annotated[list[str], NoRepeats] = Field(["val", "test"], min_length=1,
                               description="splits of the dataset's manifest to evaluate, compared side by side")
     split: str | None = Field(None, description="old spelling of splits=[NAME] (one split); kept as an alias")
     out_dir: Path = Field(Path("outputs/eval"), description="summary.md and config.yaml here; each split's metrics, "
@@ -90,13 +90,6 @@ class EvalConfig(StrictModel):
             raise ValueError(f"give splits=[...] only: split={data['split']} is the old spelling of "
                              f"splits=[{data['split']}]")
         return {**data, "splits": [data["split"]], "split": None}
-
-    @field_validator("splits")
-    @classmethod
-    def _distinct(cls, splits: list[str]) -> list[str]:
-        if len(set(splits)) != len(splits):
-            raise ValueError(f"splits {splits} name a split twice; list each once")
-        return splits
 
     @model_validator(mode="after")
     def _one_model(self) -> "EvalConfig":

@@ -188,31 +188,24 @@ class TrainingProgress:
             return None
         return max(0.0, (self.total_steps - self.step) / self._rate - (time.monotonic() - self._last_at))
 
-    def _postfix(self) -> str:
-        if self.last is None:
-            return "starting"
-        parts = []
-        if isinstance(self.last.get("loss"), (int, float)):
-            parts.append(f"loss {self.last['loss']:.4f}")
-        if isinstance(self.last.get("samples_per_s"), (int, float)):
-            parts.append(f"{self.last['samples_per_s']:.1f} samples/s")
+    def _parts(self, report: dict, with_lr: bool) -> list[str]:
+        """The report's loss, (learning rate,) samples/s and the ETA, each where known."""
+        shown = [
+            ("loss", "loss {:.4f}"),
+            *([("lr", "lr {:.2e}")] if with_lr else []),
+            ("samples_per_s", "{:.1f} samples/s"),
+        ]
+        parts = [fmt.format(report[key]) for key, fmt in shown if isinstance(report.get(key), (int, float))]
         eta = self._eta_s()
         if eta is not None:
             parts.append(f"ETA {tqdm.format_interval(eta)}")
-        return ", ".join(parts)
+        return parts
+
+    def _postfix(self) -> str:
+        return "starting" if self.last is None else ", ".join(self._parts(self.last, with_lr=False))
 
     def _plain_line(self, report: dict) -> str:
-        line = f"[train] step {report['step']}/{self.total_steps}"
-        if isinstance(report.get("loss"), (int, float)):
-            line += f" loss {report['loss']:.4f}"
-        if isinstance(report.get("lr"), (int, float)):
-            line += f" lr {report['lr']:.2e}"
-        if isinstance(report.get("samples_per_s"), (int, float)):
-            line += f" {report['samples_per_s']:.1f} samples/s"
-        eta = self._eta_s()
-        if eta is not None:
-            line += f" ETA {tqdm.format_interval(eta)}"
-        return line
+        return " ".join([f"[train] step {report['step']}/{self.total_steps}", *self._parts(report, with_lr=True)])
 
     def _write_line(self) -> None:
         """The bar as one whole line, for a console that is not a terminal."""
