@@ -43,6 +43,12 @@ class ModelConfig(BaseModel):
     value_tokens: int = Field(2, ge=1, description="tokens T per prompt value")
     selection_noise_std: float = Field(0.1, ge=0,
                                        description="std of the noise added to similarities for top-k in training")
+    query_centering: bool = Field(
+        False,
+        description="subtract a running mean from each pool's query before the cosine with the keys (our fix of the "
+        "prompt-selection collapse; the published network has none)",
+    )
+    query_center_momentum: float = Field(0.1, gt=0, le=1, description="update rate of that running mean")
     temperature_min: float = Field(0.1, gt=0)
     temperature_max: float = Field(2.0, gt=0)
     fusion_heads: int = Field(8, ge=1, description="heads of the domain-task cross-attention")

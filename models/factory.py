@@ -34,13 +34,18 @@ _TINY = dict(
 #: ``restormer``: the plain Restormer the paper compares against (decoder levels 1/2/3 with 4/6/6 blocks,
 #: 26,126,644 parameters). The published DATPRL-IR decoder has 6/6/4 instead.
 #: ``paper_backbone``: the paper's own backbone with both pools removed (the "no pools" ablation row).
+#: ``paper_centred``: ``paper`` with centred queries (``query_centering``), our fix of the prompt-selection collapse
+#: of the published network; the variant to train from scratch. ``paper`` stays exactly the published layout.
+#: ``paper_tiny``: the embedded default, a small network of the same design with centred queries; its domain pool has
+#: 9 prompts and composes 3 (the paper's ratio, 5 of 15), so three domains can each own a distinct set of prompts.
 VARIANTS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),
+    "paper_centred": ModelConfig(query_centering=True),
     "task_only": ModelConfig(domain_pool=None),
     "restormer": ModelConfig(task_pool=None, domain_pool=None, decoder_blocks=(4, 6, 6)),
     "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
     "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3),
-                              domain_pool=PromptPoolConfig(size=6, top_k=3)),
+                              domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True),
     "task_only_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=None),
     "restormer_tiny": ModelConfig(**_TINY, task_pool=None, domain_pool=None),
 }

@@ -89,6 +89,8 @@ class DATPRLIR(nn.Module):
             value_tokens=t,
             noise_std=config.selection_noise_std,
             temperature_range=(config.temperature_min, config.temperature_max),
+            query_centering=config.query_centering,
+            center_momentum=config.query_center_momentum,
         )
         self.task_query = self.task_pool = None
         self.domain_query = self.domain_pool = self.fusion = None

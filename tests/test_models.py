@@ -265,6 +265,61 @@ def test_train_noise_changes_selection_but_weights_use_clean_similarities():
             torch.testing.assert_close(sel.weights, expected, rtol=0, atol=1e-6)
 
 
+def _three_kinds(n: int) -> torch.Tensor:
+    """Images of three clearly different kinds, in turn: dark grey with faint noise, uniform noise, flat orange."""
+    g = torch.Generator().manual_seed(0)
+    kinds = [
+        lambda: torch.full((3, 32, 32), 0.1) + 0.05 * torch.rand(1, 32, 32, generator=g),
+        lambda: torch.rand(3, 32, 32, generator=g),
+        lambda: torch.tensor([0.9, 0.6, 0.2]).view(3, 1, 1).expand(3, 32, 32).clone(),
+    ]
+    return torch.stack([kinds[i % 3]() for i in range(n)])
+
+
+@pytest.mark.parametrize("centring", [False, True], ids=["published", "centred"])
+def test_query_centring_makes_selection_depend_on_the_image(centring):
+    """The published query projector gives nearly the same query to every image (a shared component dominates), so
+    top-k selects the same prompts for all; centring the query (``query_centering``) removes that component."""
+    torch.manual_seed(0)
+    model = create_model("paper_tiny", query_centering=centring).train()
+    x = _three_kinds(12)
+    with torch.no_grad():
+        for _ in range(3):  # training batches set the running centre used in evaluation
+            model(x)
+        out = model.eval()(x, return_aux=True)
+    for sel in (out.task, out.domain):
+        unit = torch.nn.functional.normalize(sel.query, dim=-1)
+        cosines = unit @ unit.t()
+        selections = {tuple(sorted(row)) for row in sel.indices.tolist()}
+        if centring:
+            assert cosines.min() < 0.5 and len(selections) >= 2
+        else:
+            assert cosines.min() > 0.99 and len(selections) == 1
+
+
+def test_query_centre_is_a_running_mean_of_training_batches_and_fixed_in_evaluation():
+    torch.manual_seed(0)
+    model = create_model("paper_tiny")  # the embedded default centres its queries
+    pool = model.domain_pool
+    assert model.config.query_centering and pool.query_center is not None
+    assert "domain_pool.query_center" in model.state_dict()  # saved and loaded with the weights
+    assert "domain_pool.query_center" not in create_model("paper_tiny", query_centering=False).state_dict()
+    x = _three_kinds(6)
+    with torch.no_grad():
+        first = model.domain_query(model.patch_embed(x)).mean(0)
+        model.train()(x)
+        torch.testing.assert_close(pool.query_center, first)  # the first batch sets the centre
+        model(x)
+        torch.testing.assert_close(pool.query_center, first)  # the same batch again: the mean it already holds
+        model(x[:3])
+        expected = first.lerp(model.domain_query(model.patch_embed(x[:3])).mean(0), model.config.query_center_momentum)
+        torch.testing.assert_close(pool.query_center, expected)
+        centre = pool.query_center.clone()
+        out = model.eval()(x[:1], return_aux=True)  # a single image in evaluation: centred by the running mean
+        torch.testing.assert_close(pool.query_center, centre)
+        torch.testing.assert_close(out.domain.query, model.domain_query(model.patch_embed(x[:1])) - centre)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Auxiliary outputs
 

@@ -124,6 +124,18 @@ def test_pixel_loss_decreases(first_run):
     assert all(r["corrupt_samples"] == 0 for r in rows)
 
 
+def test_priors_are_described_when_missing_and_align_is_logged(first_run, dataset):
+    """text_embeddings=auto (the default) on a dataset without priors: the driver described its training images
+    first, into <dataset>/priors, and every report carries the alignment loss L_align = 1 - cos in [0, 2]."""
+    import pyarrow.parquet as pq
+
+    config, _, _, _ = first_run
+    table = pq.read_table(dataset / "priors" / "descriptions.parquet")
+    assert table.num_rows > 0 and len(set(table.column("source_id").to_pylist())) == table.num_rows
+    rows = _metrics(config)
+    assert all(0.0 <= r["loss_align"] <= 2.0 for r in rows), [r.get("loss_align") for r in rows]
+
+
 def test_same_name_resumes_from_its_checkpoint(first_run, ray_local, dataset):
     _, first_result, root, _ = first_run
     assert _state(first_result)["step"] == 20
@@ -154,11 +166,12 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
     """The same 3 Adam steps on a fixed global batch of 4: two DDP workers (Ray Train, 2 x 0.5 CPU) on 2 images
     each vs one plain process (this one, no DDP) on all 4, both through ``train_step``.
 
-    The network has no batch statistics (no BatchNorm) and every loss term used is a mean over samples (or depends
-    on the parameters only), so the DDP average of the two half-batch gradients is the full-batch gradient and the
-    weights must agree up to float rounding. The balance loss is off: it is the entropy of the batch-mean
-    selection distribution, a nonlinear function of the whole batch that does not decompose over workers (DDP would
-    average two half-batch entropies). Top-k selection noise is off so both runs select the same prompts."""
+    Without batch statistics every loss term used is a mean over samples (or depends on the parameters only), so
+    the DDP average of the two half-batch gradients is the full-batch gradient and the weights must agree up to float
+    rounding. So two batch statistics are off here: the balance loss (the entropy of the batch-mean selection
+    distribution, a nonlinear function of the whole batch: DDP would average two half-batch entropies) and query
+    centring (each worker centres with its own batch mean, as BatchNorm without synchronisation does). Top-k selection
+    noise is off so both runs select the same prompts."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -170,7 +183,7 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
         from datprl.platform.train.loop import train_step
 
         torch.manual_seed(0)
-        model = create_model("paper_tiny", selection_noise_std=0.0)
+        model = create_model("paper_tiny", selection_noise_std=0.0, query_centering=False)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         net = wrap(model)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -264,6 +277,9 @@ def test_relative_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch
     assert resolved.storage == str(tmp_path / "runs") and resolved.output_dir == str(tmp_path / "outputs/train")
     assert resolved.text_embeddings == "s3://bucket/emb.parquet"
     assert resolved.data.crop_size == config.data.crop_size
+    default = _absolute_local_paths(TrainConfig(data=DataConfig(dataset="data/default")))  # text_embeddings=auto
+    assert default.text_embeddings == str(tmp_path / "data/default/priors/descriptions.parquet")
+    assert _absolute_local_paths(TrainConfig(text_embeddings=None)).text_embeddings is None
 
 
 @pytest.mark.ray

@@ -52,7 +52,11 @@ class TrainConfig(StrictModel):
     log_every: int = Field(50, ge=1)
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per worker; None = Ray's default "
                                       "(cpus_per_worker)")
-    text_embeddings: str | None = Field(None, description="Parquet of description embeddings keyed by source_id")
+    text_embeddings: str | None = Field("auto", description="Parquet of the descriptions' text embeddings keyed by "
+                                        "source_id (jobs/describe.py), aligned with the domain prompts by L_align; "
+                                        "auto = <data.dataset>/priors/descriptions.parquet; null = L_align off")
+    describe_if_missing: bool = Field(True, description="with text_embeddings=auto: describe the training images "
+                                      "first when the table is missing (metadata describer; seconds)")
     zero_shot_tasks: list[str] = Field(default_factory=list, description="tasks held out of training, evaluated "
                                        "zero-shot (marked in the tables)")
     zero_shot_domains: list[str] = Field(default_factory=list, description="domains held out of training: all their "

@@ -9,7 +9,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -18,28 +17,13 @@ from datprl.models.losses import DATPRLLoss
 from datprl.platform.config import config_to_dict
 from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
 from datprl.platform.data.pipeline import StreamReport, training_batches
-from datprl.platform.storage import S3Settings
 from datprl.platform.train.config import OptimConfig, TrainConfig
+from datprl.platform.train.priors import load_text_embeddings
 from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
 
 
-
-def _load_text_embeddings(path: str | None, s3: S3Settings | None) -> dict[str, torch.Tensor] | None:
-    if path is None:
-        return None
-    import pyarrow.parquet as pq
-
-    from datprl.platform.storage import filesystem
-
-    fs, local = filesystem(path, s3)
-    table = pq.read_table(local, filesystem=fs, columns=["source_id", "embedding"])
-    pairs = zip(table["source_id"].to_pylist(), table["embedding"].to_pylist())
-    return {sid: torch.tensor(emb, dtype=torch.float32) for sid, emb in pairs}
-
-
-def _text_batch(table: dict[str, torch.Tensor] | None, source_ids: list[str], device) -> tuple[Any, Any]:
-    if table is None:
-        return None, None
+def _text_batch(table: dict[str, torch.Tensor], source_ids: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's text embeddings (B, D) and a mask of the samples that have one (sources not described)."""
     dim = next(iter(table.values())).numel()
     mask = torch.tensor([s in table for s in source_ids], device=device)
     rows = [table.get(s, torch.zeros(dim)) for s in source_ids]
@@ -91,11 +75,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ema = None
     if config.optim.ema_decay:
         ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay)
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn)
+        # use_buffers: the pools' running query centres are averaged with the weights (without it the EMA copy would
+        # keep the centres it was created with).
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
     criterion = DATPRLLoss(config.loss)
-    texts = _load_text_embeddings(config.text_embeddings, config.s3)
-    if texts is None and rank == 0 and config.loss.align and model.domain_pool is not None:
-        _worker_print("[train] no text embeddings (text_embeddings=None): the alignment loss L_align is off")
+    texts = None
+    if config.loss.align and model.domain_pool is not None:
+        if config.text_embeddings is None:
+            if rank == 0:
+                _worker_print("[train] text_embeddings=null: the alignment loss L_align is off")
+        else:
+            loaded = load_text_embeddings(config.text_embeddings, config.data.s3, model.config.prompt_dim)
+            texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
+            if rank == 0:
+                _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from "
+                              f"{config.text_embeddings}")  # fmt: skip
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()

@@ -189,9 +189,11 @@ class TrainingProgress:
         return max(0.0, (self.total_steps - self.step) / self._rate - (time.monotonic() - self._last_at))
 
     def _parts(self, report: dict, with_lr: bool) -> list[str]:
-        """The report's loss, (learning rate,) samples/s and the ETA, each where known."""
+        """The report's loss, the alignment loss L_align when it is on, (learning rate,) samples/s and the ETA, each
+        where known."""
         shown = [
             ("loss", "loss {:.4f}"),
+            ("loss_align", "align {:.3f}"),
             *([("lr", "lr {:.2e}")] if with_lr else []),
             ("samples_per_s", "{:.1f} samples/s"),
         ]

@@ -1,0 +1,97 @@
+"""The training side of the domain priors: which text embeddings a run aligns its domain prompts with, describing the
+training images when they have none yet, and bringing the embeddings to the prompt dimension.
+
+The paper (arXiv 2603.01725, Sec. 3) aligns the domain representation PR_d of every training image with the text
+embedding of a description of its clean image, ``L_align = 1 - cos(PR_d, e_text)``. ``text_embeddings=auto`` (the
+default) takes them from ``<data.dataset>/priors/descriptions.parquet``; when that table does not exist yet and
+``describe_if_missing`` is on, :func:`ensure_text_embeddings` runs the describe job on the training split first
+(:mod:`datprl.priors.job`; with the embedded default, the metadata describer and all-MiniLM-L6-v2: seconds). Only
+training reads them: the exported network never needs a describer or a text encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datprl.platform import storage
+from datprl.platform.storage import S3Settings
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+PRIORS_FOLDER = "priors"  # next to the dataset's manifest.json
+TABLE_NAME = "descriptions.parquet"  # the describe job's table (datprl.priors.job)
+MANIFEST_NAME = "manifest.json"
+
+__all__ = ["AUTO", "ensure_text_embeddings", "load_text_embeddings", "resolve_text_embeddings"]
+
+
+def resolve_text_embeddings(text_embeddings: str | None, dataset: str) -> str | None:
+    """The table a run reads: ``auto`` -> ``<dataset>/priors/descriptions.parquet``; a path as given; None = none
+    (L_align off)."""
+    if text_embeddings == AUTO:
+        return storage.join_url(dataset, PRIORS_FOLDER, TABLE_NAME)
+    return text_embeddings
+
+
+def ensure_text_embeddings(url: str | None, dataset: str, s3: S3Settings | None, describe_if_missing: bool) -> bool:
+    """Make sure the table at ``url`` exists; Ray must be running. When it is missing and ``describe_if_missing``,
+    run the describe job (default describer and encoder) on ``dataset``'s training split into the table's folder.
+    Returns True when the describe job ran. Raises FileNotFoundError, with the ways forward, when the table is missing
+    and may not be made."""
+    if url is None or storage.exists(url, s3):
+        return False
+    if not describe_if_missing or posixpath.basename(url.rstrip("/")) != TABLE_NAME:
+        raise FileNotFoundError(
+            f"text_embeddings={url} does not exist: make it with `python jobs/describe.py dataset={dataset} "
+            f"output={posixpath.dirname(url)}`, or set text_embeddings=null to train without the alignment loss"
+        )
+    from datprl.priors.job import DescribeConfig, run
+
+    output = posixpath.dirname(url)
+    print(f"[train] no domain priors at {url}: describing the training images first (metadata describer, "
+          "all-MiniLM-L6-v2 text encoder; python jobs/describe.py makes them on its own)", flush=True)  # fmt: skip
+    result = run(DescribeConfig(dataset=dataset, output=output, s3=s3))  # the train split
+    print(f"[train] described {result.rows} source images -> {result.table_url}", flush=True)
+    return True
+
+
+def _projection_seed(url: str, s3: S3Settings | None) -> int:
+    """The projection seed recorded next to the table by the describe job (0 when there is no manifest)."""
+    manifest_url = storage.join_url(posixpath.dirname(url), MANIFEST_NAME)
+    if not storage.exists(manifest_url, s3):
+        return 0
+    return int(json.loads(storage.read_bytes(manifest_url, s3)).get("projection", {}).get("seed", 0))
+
+
+def load_text_embeddings(url: str, s3: S3Settings | None, dim: int) -> dict[str, np.ndarray]:
+    """source_id -> unit-length float32 embedding of length ``dim`` (the model's prompt dimension D).
+
+    Embeddings of another length are mapped to ``dim`` by the fixed, seeded projection of
+    :func:`datprl.priors.encoders.project` (seed from the table's manifest), which keeps their cosine geometry; why a
+    fixed projection rather than choosing D to match the encoder: D is a property of the network (1024 in the paper,
+    64 in the tiny default) and of its published checkpoints, while the encoder is a choice of the priors job (CLIP's
+    text tower gives 1024-d, all-MiniLM-L6-v2 384-d); the alignment compares directions only, so the projection loses
+    nothing of what L_align uses when D >= 384 and little when D is smaller (Johnson-Lindenstrauss)."""
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(url, s3)), columns=["source_id", "embedding"])
+    except (KeyError, pa.ArrowInvalid) as err:
+        raise ValueError(f"text_embeddings={url} is not a table with columns source_id and embedding ({err}); make "
+                         "it with python jobs/describe.py") from None  # fmt: skip
+    ids = table.column("source_id").to_pylist()
+    vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    if vectors.ndim != 2 or len(ids) == 0:
+        raise ValueError(f"text_embeddings={url} holds no embeddings of one length; remake it with jobs/describe.py")
+    if vectors.shape[1] != dim:
+        from datprl.priors.encoders import project
+
+        vectors = project(vectors, dim, seed=_projection_seed(url, s3))
+    else:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return dict(zip(ids, vectors))

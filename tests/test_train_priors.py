@@ -1,0 +1,66 @@
+"""The training side of the domain priors (datprl.platform.train.priors): where a run's text embeddings come from,
+when they may be described on the fly, and their projection to the prompt dimension D."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datprl.platform.train.priors import ensure_text_embeddings, load_text_embeddings, resolve_text_embeddings
+from datprl.priors.encoders import project
+
+
+def _table(folder, vectors: np.ndarray, seed: int | None) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [f"src{i}" for i in range(len(vectors))]
+    pq.write_table(pa.table({"source_id": ids, "embedding": list(vectors.astype(np.float32))}),
+                   folder / "descriptions.parquet")  # fmt: skip
+    if seed is not None:
+        (folder / "manifest.json").write_text(json.dumps({"projection": {"seed": seed}}))
+    return str(folder / "descriptions.parquet")
+
+
+def test_auto_resolves_next_to_the_dataset():
+    assert resolve_text_embeddings("auto", "/d/corpus") == "/d/corpus/priors/descriptions.parquet"
+    assert resolve_text_embeddings("auto", "s3://b/corpus") == "s3://b/corpus/priors/descriptions.parquet"
+    assert resolve_text_embeddings("s3://b/e.parquet", "/d") == "s3://b/e.parquet"
+    assert resolve_text_embeddings(None, "/d") is None
+
+
+def test_embeddings_are_projected_with_the_recorded_seed(tmp_path):
+    raw = np.random.default_rng(0).standard_normal((5, 384))
+    url = _table(tmp_path / "a", raw, seed=3)
+    loaded = load_text_embeddings(url, None, dim=64)
+    expected = project(raw.astype(np.float32), 64, seed=3)
+    assert list(loaded) == [f"src{i}" for i in range(5)]
+    np.testing.assert_allclose(np.stack(list(loaded.values())), expected, atol=1e-6)
+    assert not np.allclose(expected, project(raw.astype(np.float32), 64, seed=0))  # the seed matters
+    # Already of the prompt dimension (CLIP's 1024-d text tower and D = 1024): used as they are, unit length.
+    same = load_text_embeddings(url, None, dim=384)
+    np.testing.assert_allclose(same["src1"], raw[1] / np.linalg.norm(raw[1]), atol=1e-6)
+    # No manifest: seed 0.
+    plain = load_text_embeddings(_table(tmp_path / "b", raw, seed=None), None, dim=64)
+    np.testing.assert_allclose(plain["src0"], project(raw.astype(np.float32), 64, seed=0)[0], atol=1e-6)
+
+
+def test_a_table_of_another_shape_is_rejected(tmp_path):
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"id": ["a"], "vector": [[1.0, 2.0]]}), path)
+    with pytest.raises(ValueError, match="columns source_id and embedding"):
+        load_text_embeddings(str(path), None, dim=64)
+
+
+def test_missing_embeddings_are_described_only_when_allowed(tmp_path):
+    existing = _table(tmp_path / "p", np.ones((1, 4)), seed=None)
+    assert ensure_text_embeddings(None, "/d", None, describe_if_missing=True) is False  # L_align off
+    assert ensure_text_embeddings(existing, "/d", None, describe_if_missing=True) is False  # nothing to do
+    missing = str(tmp_path / "none" / "descriptions.parquet")
+    with pytest.raises(FileNotFoundError, match="jobs/describe.py.*text_embeddings=null"):
+        ensure_text_embeddings(missing, "/d", None, describe_if_missing=False)
+    # A table named by hand is never made on the fly: its name says someone expects a particular table there.
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ensure_text_embeddings(str(tmp_path / "mine.parquet"), "/d", None, describe_if_missing=True)
