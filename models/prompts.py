@@ -59,14 +59,16 @@ class PromptPool(nn.Module):
     s_j = cos(q, K_j) / clamp(tau, t_min, t_max); top-k on s (+ noise_std * N(0,1) in training only);
     w = softmax(s_selected); A = sum_j w_j V_j; representation = GELU(LayerNorm(Linear(flatten(A)))).
 
-    ``query_centering`` (not in the published network): the query is centred before the cosine, ``q - m``. Why: the
+    ``query_centering`` (not in the published network): the query is centred before the cosine, ``q - c``. Why: the
     published query projector ends in a linear layer with bias, and the component shared by all images dominates
     the query (pairwise cosine between the queries of different images >= 0.999 in a fresh network, >= 0.985 after
     training on the default corpus), so the cosine ranks the keys the same way for every image and top-k selects the
-    same prompts whatever the image (normalised mutual information between selection and domain: 0.00). In training
-    ``m`` is the batch mean of the queries and a running mean ``query_center`` follows it (momentum
-    ``center_momentum``, as BatchNorm's running statistics); in evaluation ``m`` is the running mean, so a single
-    image is centred like a training batch.
+    same prompts whatever the image (normalised mutual information between selection and domain: 0.00). ``c`` is a
+    running mean of the queries (buffer ``query_center``): the first training batch sets it, each later one moves
+    it by ``center_momentum`` towards its own mean, and training and evaluation both subtract it, so a single image
+    in evaluation is centred exactly as in training. (Centring training batches by their own mean instead let the
+    shared component drift freely -- it receives no gradient -- to 60x the spread of the queries, and evaluation
+    with a running mean then collapsed again.)
     """
 
     def __init__(
@@ -102,17 +104,16 @@ class PromptPool(nn.Module):
         return F.normalize(query, dim=-1) @ F.normalize(self.prompt_keys, dim=-1).t() / tau
 
     def centred(self, query: torch.Tensor) -> torch.Tensor:
-        """The query the keys are compared with: ``query`` itself, or centred when ``query_centering`` is on."""
+        """The query the keys are compared with: ``query`` itself, or ``query - c`` with ``query_centering`` (the
+        running centre ``c`` updated first with the batch in training)."""
         if self.query_center is None:
             return query
-        if self.training and query.shape[0] > 1:
-            mean = query.mean(0)
+        if self.training:
             with torch.no_grad():
-                batch = mean.detach().to(self.query_center.dtype)
+                batch = query.detach().mean(0).to(self.query_center.dtype)
                 # The first batch sets the centre (no lag from a zero start); later ones move it by the momentum.
                 fresh = (self.query_center == 0).all()
                 self.query_center.copy_(torch.where(fresh, batch, self.query_center.lerp(batch, self.center_momentum)))
-            return query - mean
         return query - self.query_center.to(query.dtype)
 
     def forward(self, query: torch.Tensor) -> PoolSelection:

@@ -34,17 +34,32 @@ def test_auto_resolves_next_to_the_dataset():
 def test_embeddings_are_projected_with_the_recorded_seed(tmp_path):
     raw = np.random.default_rng(0).standard_normal((5, 384))
     url = _table(tmp_path / "a", raw, seed=3)
-    loaded = load_text_embeddings(url, None, dim=64)
+    loaded = load_text_embeddings(url, None, dim=64, centre=False)
     expected = project(raw.astype(np.float32), 64, seed=3)
     assert list(loaded) == [f"src{i}" for i in range(5)]
     np.testing.assert_allclose(np.stack(list(loaded.values())), expected, atol=1e-6)
     assert not np.allclose(expected, project(raw.astype(np.float32), 64, seed=0))  # the seed matters
     # Already of the prompt dimension (CLIP's 1024-d text tower and D = 1024): used as they are, unit length.
-    same = load_text_embeddings(url, None, dim=384)
+    same = load_text_embeddings(url, None, dim=384, centre=False)
     np.testing.assert_allclose(same["src1"], raw[1] / np.linalg.norm(raw[1]), atol=1e-6)
     # No manifest: seed 0.
-    plain = load_text_embeddings(_table(tmp_path / "b", raw, seed=None), None, dim=64)
+    plain = load_text_embeddings(_table(tmp_path / "b", raw, seed=None), None, dim=64, centre=False)
     np.testing.assert_allclose(plain["src0"], project(raw.astype(np.float32), 64, seed=0)[0], atol=1e-6)
+
+
+def test_centring_removes_the_shared_template_component(tmp_path):
+    """Embeddings with a large shared component (as descriptions from one template have): centred, two groups point
+    apart, and the table's mean direction no longer matches every row."""
+    rng = np.random.default_rng(1)
+    shared, a, b = rng.standard_normal((3, 384))
+    raw = np.stack([3 * shared + a + 0.1 * rng.standard_normal(384) for _ in range(4)]
+                   + [3 * shared + b + 0.1 * rng.standard_normal(384) for _ in range(4)])  # fmt: skip
+    url = _table(tmp_path, raw, seed=0)
+    plain = np.stack(list(load_text_embeddings(url, None, dim=384, centre=False).values()))
+    centred = np.stack(list(load_text_embeddings(url, None, dim=384).values()))
+    assert (plain[:4] @ plain[4:].T).min() > 0.7  # the groups look alike before
+    assert (centred[:4] @ centred[4:].T).max() < -0.5  # and point apart after
+    np.testing.assert_allclose(np.linalg.norm(centred, axis=1), 1.0, atol=1e-5)
 
 
 def test_a_table_of_another_shape_is_rejected(tmp_path):

@@ -55,6 +55,8 @@ class TrainConfig(StrictModel):
     text_embeddings: str | None = Field("auto", description="Parquet of the descriptions' text embeddings keyed by "
                                         "source_id (jobs/describe.py), aligned with the domain prompts by L_align; "
                                         "auto = <data.dataset>/priors/descriptions.parquet; null = L_align off")
+    text_centering: bool = Field(True, description="subtract the table's mean text embedding before L_align (the "
+                                 "descriptions' shared template otherwise rewards a constant domain prompt)")
     describe_if_missing: bool = Field(True, description="with text_embeddings=auto: describe the training images "
                                       "first when the table is missing (metadata describer; seconds)")
     zero_shot_tasks: list[str] = Field(default_factory=list, description="tasks held out of training, evaluated "

@@ -85,7 +85,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 _worker_print("[train] text_embeddings=null: the alignment loss L_align is off")
         else:
-            loaded = load_text_embeddings(config.text_embeddings, config.data.s3, model.config.prompt_dim)
+            loaded = load_text_embeddings(config.text_embeddings, config.data.s3, model.config.prompt_dim,
+                                          centre=config.text_centering)  # fmt: skip
             texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
             if rank == 0:
                 _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from "

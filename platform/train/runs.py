@@ -27,7 +27,7 @@ PROGRESS_FILE = "progress.json"
 # cadence, storage and output places may change between attempts, and ``steps`` may grow: continuing a finished run
 # for longer is a resume (the cosine schedule then decays over the new total, which the driver says).
 IDENTITY_DATA_FIELDS = ("dataset", "tasks", "crop_size", "augment", "per_task_batch")
-IDENTITY_FIELDS = ("loss", "optim", "seed", "zero_shot_tasks", "zero_shot_domains", "text_embeddings")
+IDENTITY_FIELDS = ("loss", "optim", "seed", "zero_shot_tasks", "zero_shot_domains", "text_embeddings", "text_centering")
 
 
 class RunMismatch(ConfigError):
