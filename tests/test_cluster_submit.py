@@ -47,7 +47,9 @@ def test_cluster_training_config_validates():
     assert LAUNCH in header, "the header comment must give the exact launch command"
     config = load_config(TrainConfig, INFRA / "train-cluster.yaml")
     assert config.storage.startswith("s3://") and config.data.dataset.startswith("s3://"), "nodes share s3:// storage"
-    assert config.use_gpu is True and config.model.variant == "paper" and config.data.crop_size == 128
+    assert config.use_gpu is True and config.model.variant == "paper_centred" and config.data.crop_size == 128
+    assert config.model.resolve().query_centering and config.text_embeddings == "auto"
+    assert not config.describe_if_missing, "the cluster run aligns with MLLM descriptions made beforehand"
     assert isinstance(config.num_workers, int) and config.num_workers > 1
     assert config.checkpoint_every < config.steps
     # The job runs in a temporary copy of the repo: a relative output_dir would be written into it.

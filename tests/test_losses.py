@@ -17,6 +17,7 @@ from datprl.models.losses import (
     diversity_loss,
     fft_loss,
     pixel_loss,
+    prior_selection_loss,
 )
 
 
@@ -146,20 +147,79 @@ def test_gradients_reach_pool_parameters(tiny):
     assert g["task", "prompt_values"] is None and g["task", "prompt_keys"] is None
 
 
+def test_prior_selection_teaches_the_query_the_descriptions_picks():
+    """L_psel: its value is the two InfoNCE terms over the prompts the description picks; minimising it over a free
+    query makes the query select exactly those prompts, and over the keys makes two groups of descriptions pick
+    disjoint prompts."""
+    torch.manual_seed(0)
+    keys = torch.nn.Parameter(torch.randn(9, 16))
+    text = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    query = torch.nn.Parameter(torch.randn(4, 16))
+
+    def sims(q):
+        return torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).t() / 0.5
+
+    value = prior_selection_loss(sims(query), text, keys, 0.5, top_k=3)
+    u = sims(text)
+    picked = u.topk(3).indices
+    assert value.item() == pytest.approx(
+        (contrastive_selection_loss(u, picked) + contrastive_selection_loss(sims(query), picked)).item(), rel=1e-6)
+
+    def overlap() -> int:  # how many of the description's picks the query selects, over the batch
+        chosen = sims(query).topk(3).indices
+        return sum(len(set(a) & set(b)) for a, b in zip(chosen.tolist(), picked.tolist()))
+
+    before = overlap()
+    optimiser = torch.optim.Adam([query], lr=0.05)
+    for _ in range(300):
+        optimiser.zero_grad()
+        prior_selection_loss(sims(query), text, keys.detach(), 0.5, top_k=3).backward()
+        optimiser.step()
+    assert before <= 6 and overlap() >= 10, (before, overlap())  # of 12
+
+    # Keys trained by the description side become prototypes: each of two groups of similar descriptions (group
+    # means at cosine ~0.75) spreads its picks over 4-6 prompts with random keys, and agrees on one set of 3 after.
+    torch.manual_seed(1)
+    keys = torch.nn.Parameter(torch.randn(9, 16) * 0.02)
+    a = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    b = torch.nn.functional.normalize(a + 0.8 * torch.nn.functional.normalize(torch.randn(16), dim=0), dim=0)
+    groups = torch.nn.functional.normalize(torch.cat([a + 0.1 * torch.randn(8, 16), b + 0.1 * torch.randn(8, 16)]),
+                                           dim=-1)  # fmt: skip
+
+    def spread() -> list[int]:
+        return [len(set((groups[i : i + 8] @ keys.detach().t()).topk(3).indices.flatten().tolist())) for i in (0, 8)]
+
+    assert min(spread()) > 3
+    optimiser = torch.optim.Adam([keys], lr=0.01)
+    for _ in range(300):
+        optimiser.zero_grad()
+        prior_selection_loss(sims(torch.randn(16, 16)).detach(), groups, keys, 1.0, top_k=3).backward()
+        optimiser.step()
+    assert spread() == [3, 3]
+
+    # Rows without a description are ignored; with none left the loss is 0 and still backpropagates.
+    empty = prior_selection_loss(sims(query), text, keys, 0.5, top_k=3, mask=torch.zeros(4, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="do not fit keys"):
+        prior_selection_loss(sims(query), torch.randn(4, 8), keys, 0.5, top_k=3)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The combined loss
 
 
 def test_combined_equals_weighted_sum(tiny):
-    weights = LossWeights(pixel=1.0, fft=0.1, align=0.5, diversity=2.0, balance=0.3, contrastive=0.7)
+    weights = LossWeights(pixel=1.0, fft=0.1, align=0.5, prior_selection=0.4, diversity=2.0, balance=0.3,
+                          contrastive=0.7)
     out, target = _run(tiny)
     text = torch.randn(2, tiny.config.prompt_dim)
     total, logs = DATPRLLoss(weights)(out, target, model=tiny, text_embedding=text)
     pool_terms = {f"{t}_{p}" for t in DATPRLLoss.POOL_TERMS for p in ("task", "domain")}
-    expected_keys = {"pixel", "fft", "align", "total"} | pool_terms
+    expected_keys = {"pixel", "fft", "align", "prior_selection", "total"} | pool_terms
     assert set(logs) == expected_keys
     w = weights.model_dump()
-    assert total.item() == pytest.approx(sum(w[k.split("_")[0]] * v for k, v in logs.items() if k != "total"), rel=1e-5)
+    weighted = [(w[k] if k in w else w[k.rsplit("_", 1)[0]]) * v for k, v in logs.items() if k != "total"]
+    assert total.item() == pytest.approx(sum(weighted), rel=1e-5)
     assert logs["total"] == pytest.approx(total.item())
     # ...and the logged terms are the pure functions' values.
     assert logs["pixel"] == pytest.approx(pixel_loss(out.image, target).item())
@@ -176,6 +236,7 @@ def test_zero_weights_drop_terms(tiny):
     total, logs = DATPRLLoss(LossWeights(balance=0, diversity=0))(out, target)  # no model needed without diversity
     assert not any(k.startswith(("balance", "diversity")) for k in logs)
     assert "align" not in logs and "align" not in full  # no text embedding: skipped silently
+    assert "prior_selection" not in full
     dropped = sum(0.1 * full[f"balance_{p}"] + full[f"diversity_{p}"] for p in ("task", "domain"))
     assert total.item() == pytest.approx(full_total.item() - dropped, rel=1e-5)
 

@@ -79,3 +79,26 @@ def test_missing_embeddings_are_described_only_when_allowed(tmp_path):
     # A table named by hand is never made on the fly: its name says someone expects a particular table there.
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ensure_text_embeddings(str(tmp_path / "mine.parquet"), "/d", None, describe_if_missing=True)
+
+
+def test_inference_needs_no_describer_or_text_encoder(tmp_path):
+    """The paper's point: the priors shape training only. Loading exported weights and restoring an image through
+    the serving engine imports neither the priors package nor transformers / vLLM."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from datprl.models import create_model, save_model
+from datprl.serve.config import ServeConfig
+from datprl.serve.engine import load_engine
+path = save_model(create_model("paper_tiny"), sys.argv[1])
+engine = load_engine(ServeConfig(weights=str(path)), device="cpu")
+restored, prompts = engine.restore(torch.rand(3, 24, 24))
+assert restored.shape == (3, 24, 24) and prompts["domain"]
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "vllm") or m.startswith("datprl.priors"))
+print("loaded:", loaded)
+assert not loaded, loaded
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "net")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
