@@ -1,13 +1,11 @@
 """Domain priors without a VLM: the metadata describer, the MiniLM text encoder, the projection and the describe job."""
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_tiny_dataset
+from conftest import damage_member, write_tiny_dataset
 
 from datprl.priors import describe as d
 from datprl.priors.encoders import EMBEDDING_DIM, MiniLMEncoder, project, projection_matrix
@@ -114,19 +112,6 @@ def test_projection_is_seeded_and_keeps_directions():
 # --- the job -------------------------------------------------------------------------------------------------------
 
 
-def _damage_member(shard, name: str) -> None:
-    """Rewrite ``shard`` with member ``name`` replaced by bytes that are not a PNG."""
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for info, data in members:
-            data = b"\x89PNG garbage" if info.name == name else data
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    shard.write_bytes(buffer.getvalue())
-
-
 @pytest.mark.ray
 def test_describe_job_rows_resume_and_damage(tmp_path, ray_local, encoder):
     from datprl.priors.job import DescribeConfig, run
@@ -148,7 +133,7 @@ def test_describe_job_rows_resume_and_damage(tmp_path, ray_local, encoder):
     assert (tmp_path / "priors" / "descriptions.parquet").read_bytes() == before
 
     # a damaged clean image: reported with its key; its source is described from its next sample
-    _damage_member(data / "train" / "shard-00000.tar", "sr_x4-1.gt.png")
+    damage_member(data / "train" / "shard-00000.tar", "sr_x4-1.gt.png")
     damaged = run(config.model_copy(update={"output": str(tmp_path / "priors2")}), encoder=encoder)
     assert damaged.rows == 4 and len(damaged.corrupt) == 1 and "sr_x4-1" in damaged.corrupt[0]
     keys = dict(zip(*pq.read_table(damaged.table_url).select(["source_id", "sample_key"]).to_pydict().values()))
