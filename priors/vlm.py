@@ -186,10 +186,12 @@ def processor_config(config: VLLMDescriberConfig, gpus: bool):
     )
 
 
-def rgb8(record: Any, gt: np.ndarray) -> np.ndarray:
-    """A clean image at its stored depth -> uint8 RGB (H, W, 3), the input of a vision-language model: scaled by the
-    record's white level (a 12-bit CT in a 16-bit container by 4095, not 65535), grey replicated to three channels."""
-    white = white_level(getattr(record, "white_level", None), bit_depth=int(getattr(record, "bit_depth", 8) or 8))
+def rgb8(gt: np.ndarray, white: int) -> np.ndarray:
+    """A clean image at its stored depth -> uint8 RGB (H, W, 3), the input of a vision-language model: scaled by its
+    white level (``white``: a 12-bit CT in a 16-bit container is scaled by 4095, not 65535; see
+    :func:`datprl.platform.data.conventions.white_level`), grey replicated to three channels."""
+    if white <= 0:
+        raise ValueError(f"white level must be positive, got {white}")
     array = np.asarray(gt)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
@@ -209,7 +211,8 @@ def image_rows(item: dict[str, Any], wanted: Mapping[int, Mapping[str, str]], s3
         return
     for record, _lq, gt in iter_samples(item["url"], s3=s3, report=CorruptionReport()):
         if record.key in keys:
-            _, png = encode_image(rgb8(record, gt), compress_level=1)
+            white = white_level(record.white_level, bit_depth=record.bit_depth)
+            _, png = encode_image(rgb8(gt, white), compress_level=1)
             yield {"source_id": keys[record.key], "sample_key": record.key, "domain": record.domain, "image": png}
 
 

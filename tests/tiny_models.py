@@ -18,19 +18,24 @@ CORPUS = [
     "a CT scan with a cross-sectional view of the body, dark background, bright bones",
     "Question: describe the content, colour, objects, brightness and viewpoint of this image. Answer:",
 ]
-SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<image>"]
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<image>", "<s>"]
 
 
-def _bpe_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2/OPT style) trained on :data:`CORPUS`, wrapped for transformers."""
+def _bpe_tokenizer(vocab_size: int, wrap: bool = False):
+    """A byte-level BPE tokenizer (GPT-2/OPT style) trained on :data:`CORPUS`, wrapped for transformers; ``wrap``:
+    every text becomes ``<s> ... </s>``, as CLIP's tokenizer does (CLIP's text tower pools at the end token)."""
     from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS)
+    if wrap:
+        ids = {token: bpe.token_to_id(token) for token in ("<s>", "</s>")}
+        bpe.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=list(ids.items()))
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
-        bos_token="</s>",
+        bos_token="<s>" if wrap else "</s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
@@ -88,7 +93,7 @@ def build_tiny_clip_text(path: Path, *, projection_dim: int = 48) -> Path:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = _bpe_tokenizer(vocab_size=400)
+    tokenizer = _bpe_tokenizer(vocab_size=400, wrap=True)
     tokenizer.model_max_length = 77
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
