@@ -59,6 +59,7 @@ def test_vllm_describer_end_to_end(vllm, ray_8_cpus, tmp_path):
     table = pq.read_table(first.table_url).to_pydict()
     assert table["source_id"] == ["src0", "src1", "src2", "src3"]
     assert dict(zip(table["source_id"], table["sample_key"]))["src1"] == "haze-1"  # its next, intact sample
+    print(f"first description (random weights): {table['description'][0]!r}")
     assert all(text.strip() for text in table["description"])
     assert len(set(table["description"])) > 1  # the images reach the model: random weights, different images
     assert all(len(e) == EMBEDDING_DIM for e in table["embedding"])
@@ -81,3 +82,24 @@ def test_vllm_describer_end_to_end(vllm, ray_8_cpus, tmp_path):
     other = config.model_copy(update={"vllm": engine.model_copy(update={"prompt": "Describe the image."})})
     with pytest.raises(ValueError, match=r"different vlm.*overwrite=true"):
         run(other, encoder=encoder)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_vllm_describer_reports_what_the_model_fails_on(vllm, ray_8_cpus, tmp_path):
+    """A request the engine refuses (here: every prompt is longer than max_model_len) is reported with its sample key,
+    nothing is stored for it, and the job itself succeeds, so a rerun tries those images again."""
+    model = build_tiny_blip2(tmp_path / "blip2")
+    data = write_tiny_dataset(tmp_path / "tiny")
+    engine = VLLMDescriberConfig(model=str(model), prompt_template="Question: {prompt} Answer:", max_tokens=4,
+                                 dtype="bfloat16", max_model_len=24, gpu_memory_utilization=0.15, enforce_eager=True,
+                                 batch_size=4)  # fmt: skip
+    config = DescribeConfig(dataset=str(data), output=str(tmp_path / "priors"), describer="vllm", vllm=engine)
+    started = time.monotonic()
+    result = run(config, encoder=MiniLMEncoder())
+    print(f"\nvllm describer, 4 refused requests, engine start included: {time.monotonic() - started:.1f} s")
+    assert result.added == result.rows == 0
+    assert sorted(problem.split("[")[1].split("]")[0] for problem in result.corrupt) == [f"sr_x4-{i}" for i in range(4)]
+    print(f"first problem: {result.corrupt[0]}")
+    assert all("the model failed" in problem for problem in result.corrupt)
+    assert not (tmp_path / "priors" / "descriptions.parquet").exists()
