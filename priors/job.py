@@ -179,6 +179,10 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
     table_url = storage.join_url(config.output, TABLE_NAME)
     manifest_url = storage.join_url(config.output, MANIFEST_NAME)
     identity = _identity(config)
+    if encoder is not None and encoder.dim != identity["encoder"]["dim"]:
+        raise ValueError(f"the encoder passed to run() gives {encoder.dim}-d embeddings, but encoder.name="
+                         f"{config.encoder.name} is {identity['encoder']['dim']}-d; pass the encoder config.encoder "
+                         "names, or none")  # fmt: skip
     existing = _read_existing(config, identity, table_url, manifest_url)
     done = frozenset(existing.column("source_id").to_pylist()) if existing is not None else frozenset()
 
@@ -197,6 +201,8 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
     new: dict[str, dict] = {}
     for row in sorted((r for r in rows if not r["error"]), key=lambda r: (r["shard"], r["position"])):
         new.setdefault(row["source_id"], row)  # the first sample seen, in manifest order
+    if new and encoder is None:  # loaded before the VLM: a model that fails to load must not waste its GPU hours
+        encoder = encoders.load_encoder(config.encoder, config.encoder_batch_size)
     if new and not metadata:  # the chosen samples go to the vision-language model
         wanted: dict[int, dict[str, str]] = {}
         for row in new.values():
@@ -209,11 +215,6 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
         return DescribeResult(0, len(done), corrupt, table_url, manifest_url)
 
     ordered = sorted(new.values(), key=lambda r: r["source_id"])
-    encoder = encoder if encoder is not None else encoders.load_encoder(config.encoder, config.encoder_batch_size)
-    if encoder.dim != identity["encoder"]["dim"]:
-        raise ValueError(f"the encoder passed to run() gives {encoder.dim}-d embeddings, but encoder.name="
-                         f"{config.encoder.name} is {identity['encoder']['dim']}-d; pass the encoder config.encoder "
-                         "names, or none")  # fmt: skip
     embeddings = encoder.encode([r["description"] for r in ordered])
     added = pa.table({
         "source_id": [r["source_id"] for r in ordered], "sample_key": [r["sample_key"] for r in ordered],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -179,6 +180,9 @@ def processor_config(config: VLLMDescriberConfig, gpus: bool):
         accelerator_type=config.accelerator_type,
         placement_group_config={"bundles": bundles} if bundles is not None else None,
         should_continue_on_error=True,  # a failing image becomes a reported row, not a failed job
+        # vLLM logs every engine step at INFO in the engine actors; the job's console keeps its warnings only
+        # (VLLM_LOGGING_LEVEL set in the environment wins).
+        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
@@ -203,12 +207,11 @@ def rgb8(gt: np.ndarray, white: int) -> np.ndarray:
     return np.round(unit * 255.0).astype(np.uint8)
 
 
-def image_rows(item: dict[str, Any], wanted: Mapping[int, Mapping[str, str]], s3: S3Settings | None) -> Iterator[dict]:
-    """Ray Data ``flat_map`` stage: one shard -> one row per chosen sample of it (``wanted[shard][sample_key]`` is the
-    source id), with the clean image as 8-bit RGB PNG bytes (small in the object store)."""
-    keys = wanted.get(item["index"], {})
-    if not keys:
-        return
+def image_rows(item: dict[str, Any], s3: S3Settings | None) -> Iterator[dict]:
+    """Ray Data ``flat_map`` stage: one shard (``url``, and ``keys`` with their ``sources``: the chosen samples and
+    their source ids) -> one row per chosen sample, with the clean image as 8-bit RGB PNG bytes (small in the object
+    store). Each task carries only its own shard's keys."""
+    keys = dict(zip(item["keys"], item["sources"]))
     for record, _lq, gt in iter_samples(item["url"], s3=s3, report=CorruptionReport()):
         if record.key in keys:
             white = white_level(record.white_level, bit_depth=record.bit_depth)
@@ -239,7 +242,8 @@ def describe_images(
     import ray
     from ray.data.llm import build_processor
 
-    items = [{"url": url, "index": i} for i, url in enumerate(urls) if wanted.get(i)]
+    items = [{"url": url, "keys": list(wanted[i]), "sources": list(wanted[i].values())}
+             for i, url in enumerate(urls) if wanted.get(i)]  # fmt: skip
     if not items:
         return [], []
     gpus = ray.cluster_resources().get("GPU", 0) > 0
@@ -250,7 +254,7 @@ def describe_images(
         postprocess=_answer,
     )
     images = ray.data.from_items(items, override_num_blocks=len(items))
-    images = images.flat_map(image_rows, fn_kwargs=dict(wanted=wanted, s3=s3))
+    images = images.flat_map(image_rows, fn_kwargs=dict(s3=s3))
     out = processor(images).take_all()
 
     url_of = {key: urls[i] for i, keys in wanted.items() for key in keys}
