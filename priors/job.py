@@ -257,19 +257,27 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
     return DescribeResult(len(ordered), table.num_rows, corrupt, table_url, manifest_url)
 
 
+def local_ray_settings(config: DescribeConfig):
+    """How :func:`main` starts a local Ray for ``config`` (when it joins no cluster): a small object store (only text
+    and chosen images pass through it), no dashboard, ``ray_cpus`` logical CPUs -- for ``describer=vllm`` at least
+    :data:`VLLM_LOCAL_CPUS` unless set."""
+    from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings
+
+    cpus = config.ray_cpus
+    if cpus is None and config.describer == vlm.DESCRIBER:
+        cpus = max(VLLM_LOCAL_CPUS, os.cpu_count() or 2)
+    return LocalRaySettings(num_cpus=cpus, object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: ``python jobs/describe.py [config.yaml] [key=value ...]``."""
-    from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, ray_session
+    from datprl.platform.runtime import ray_session
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     config = parse_cli(DescribeConfig, argv, prog="describe.py")
     try:
-        cpus = config.ray_cpus
-        if cpus is None and config.describer == vlm.DESCRIBER:
-            cpus = max(VLLM_LOCAL_CPUS, os.cpu_count() or 2)
-        local = LocalRaySettings(num_cpus=cpus, object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False)
-        with ray_session(config.ray_address, local):
+        with ray_session(config.ray_address, local_ray_settings(config)):
             result = run(config)
     except (FileNotFoundError, ValueError) as err:  # a missing dataset or split, outputs made another way
         print(f"describe.py: error: {err}", file=sys.stderr)
@@ -280,4 +288,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DescribeConfig", "DescribeResult", "describe_shard", "main", "run"]
+__all__ = ["DescribeConfig", "DescribeResult", "describe_shard", "local_ray_settings", "main", "run"]

@@ -168,6 +168,15 @@ def test_describer_and_encoder_config_errors_name_the_field():
     assert default.describer == "metadata" and default.encoder.name == "minilm"
 
 
+def test_local_ray_has_enough_logical_cpus_for_vllm():
+    from datprl.priors.job import VLLM_LOCAL_CPUS, DescribeConfig, local_ray_settings
+
+    assert local_ray_settings(DescribeConfig()).num_cpus is None  # metadata: the machine's CPUs, as before
+    assert local_ray_settings(DescribeConfig(describer="vllm")).num_cpus >= VLLM_LOCAL_CPUS == 8
+    assert local_ray_settings(DescribeConfig(describer="vllm", ray_cpus=4)).num_cpus == 4  # an explicit value wins
+    assert not local_ray_settings(DescribeConfig()).dashboard
+
+
 def test_describe_cluster_config_parses(repo_root):
     from datprl.platform.config import load_config
     from datprl.priors.job import DescribeConfig
