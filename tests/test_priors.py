@@ -1,13 +1,12 @@
 """Domain priors without a VLM: the metadata describer, the MiniLM text encoder, the projection and the describe job."""
 
-import io
 import json
-import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_tiny_dataset
+from conftest import damage_member, write_tiny_dataset
 
 from datprl.priors import describe as d
 from datprl.priors.encoders import EMBEDDING_DIM, MiniLMEncoder, project, projection_matrix
@@ -114,19 +113,6 @@ def test_projection_is_seeded_and_keeps_directions():
 # --- the job -------------------------------------------------------------------------------------------------------
 
 
-def _damage_member(shard, name: str) -> None:
-    """Rewrite ``shard`` with member ``name`` replaced by bytes that are not a PNG."""
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for info, data in members:
-            data = b"\x89PNG garbage" if info.name == name else data
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    shard.write_bytes(buffer.getvalue())
-
-
 @pytest.mark.ray
 def test_describe_job_rows_resume_and_damage(tmp_path, ray_local, encoder):
     from datprl.priors.job import DescribeConfig, run
@@ -148,7 +134,7 @@ def test_describe_job_rows_resume_and_damage(tmp_path, ray_local, encoder):
     assert (tmp_path / "priors" / "descriptions.parquet").read_bytes() == before
 
     # a damaged clean image: reported with its key; its source is described from its next sample
-    _damage_member(data / "train" / "shard-00000.tar", "sr_x4-1.gt.png")
+    damage_member(data / "train" / "shard-00000.tar", "sr_x4-1.gt.png")
     damaged = run(config.model_copy(update={"output": str(tmp_path / "priors2")}), encoder=encoder)
     assert damaged.rows == 4 and len(damaged.corrupt) == 1 and "sr_x4-1" in damaged.corrupt[0]
     keys = dict(zip(*pq.read_table(damaged.table_url).select(["source_id", "sample_key"]).to_pydict().values()))
@@ -159,3 +145,148 @@ def test_describe_job_rows_resume_and_damage(tmp_path, ray_local, encoder):
     (tmp_path / "priors" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="overwrite=true"):
         run(config, encoder=encoder)
+
+
+# --- configuration: the vllm describer and the encoder ------------------------------------------------------------
+
+
+def test_describer_and_encoder_config_errors_name_the_field():
+    from datprl.platform.config import ConfigError, load_config
+    from datprl.priors.job import DescribeConfig
+
+    with pytest.raises(ConfigError, match="encoder.model"):
+        load_config(DescribeConfig, None, ["encoder.name=clip"])
+    with pytest.raises(ConfigError, match="for encoder.name=clip"):
+        load_config(DescribeConfig, None, ["encoder.model=some/clip"])
+    with pytest.raises(ConfigError, match="set vllm.dtype instead"):
+        load_config(DescribeConfig, None, ["describer=vllm", "vllm.engine_kwargs={dtype: half}"])
+    with pytest.raises(ConfigError, match=r"\{prompt\}"):
+        load_config(DescribeConfig, None, ["describer=vllm", "vllm.prompt_template='USER <image> ASSISTANT'"])
+    with pytest.raises(ConfigError, match="describer"):
+        load_config(DescribeConfig, None, ["describer=llava"])
+    default = DescribeConfig()  # the embedded default stays the metadata describer with MiniLM
+    assert default.describer == "metadata" and default.encoder.name == "minilm"
+
+
+def test_local_ray_has_enough_logical_cpus_for_vllm():
+    from datprl.priors.job import VLLM_LOCAL_CPUS, DescribeConfig, local_ray_settings
+
+    assert local_ray_settings(DescribeConfig()).num_cpus is None  # metadata: the machine's CPUs, as before
+    assert local_ray_settings(DescribeConfig(describer="vllm")).num_cpus >= VLLM_LOCAL_CPUS == 8
+    assert local_ray_settings(DescribeConfig(describer="vllm", ray_cpus=4)).num_cpus == 4  # an explicit value wins
+    assert not local_ray_settings(DescribeConfig()).dashboard
+
+
+def test_describe_cluster_config_parses(repo_root):
+    from datprl.platform.config import load_config
+    from datprl.priors.job import DescribeConfig
+
+    path = repo_root / "infra" / "describe-cluster.yaml"
+    assert "ray job submit --working-dir . -- python jobs/describe.py infra/describe-cluster.yaml" in path.read_text()
+    assert (repo_root / "jobs" / "describe.py").is_file()
+    config = load_config(DescribeConfig, path)
+    assert config.describer == "vllm" and config.vllm.model == "llava-hf/llava-1.5-7b-hf"
+    assert config.vllm.prompt_template == "USER: <image>\n{prompt} ASSISTANT:"
+    assert config.encoder.name == "clip" and config.encoder.model == "openai/clip-vit-large-patch14"
+    assert config.dataset.startswith("s3://") and config.output.startswith("s3://")
+
+
+def test_vlm_inputs_and_processor_config():
+    from datprl.priors import vlm
+
+    ct = vlm.rgb8(np.array([[0, 4095], [2048, 65535]], np.uint16), 4095)
+    assert ct.dtype == np.uint8 and ct.shape == (2, 2, 3)
+    assert ct[..., 0].tolist() == [[0, 255], [128, 255]] and (ct[..., 0] == ct[..., 2]).all()  # 12-bit scale, grey
+    photo = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    np.testing.assert_array_equal(vlm.rgb8(photo, 255), photo)
+    with pytest.raises(ValueError, match="grey"):
+        vlm.rgb8(np.zeros((4, 4, 2), np.uint8), 255)
+    config = vlm.VLLMDescriberConfig(model="/models/blip2", prompt_template="Question: {prompt} Answer:",
+                                     tensor_parallel_size=2, engine_kwargs={"max_num_seqs": 8})  # fmt: skip
+    assert vlm.prompt_text(config) == f"Question: {vlm.PAPER_PROMPT} Answer:"
+    cpu = vlm.processor_config(config, gpus=False)
+    bundles = cpu.placement_group_config["bundles"]  # one CPU per tensor-parallel rank, no GPU
+    assert len(bundles) == 2 and all(b["CPU"] == 1 and not b.get("GPU") for b in bundles)
+    assert cpu.engine_kwargs["max_num_seqs"] == 8 and cpu.engine_kwargs["limit_mm_per_prompt"] == {"image": 1}
+    assert cpu.engine_kwargs["tensor_parallel_size"] == 2 and "revision" not in cpu.engine_kwargs
+    assert cpu.should_continue_on_error and cpu.model_source == "/models/blip2"
+    gpu = vlm.processor_config(config.model_copy(update={"revision": "abc123"}), gpus=True)
+    assert gpu.placement_group_config is None and gpu.engine_kwargs["revision"] == "abc123"
+
+
+# --- CLIP text encoder ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from tiny_models import build_tiny_clip_text
+
+    return build_tiny_clip_text(tmp_path_factory.mktemp("clip") / "clip-text", projection_dim=48)
+
+
+def test_clip_encoder_vectors(tiny_clip):
+    from datprl.priors.encoders import CLIPTextEncoder, EncoderConfig, encoder_identity
+
+    encoder = CLIPTextEncoder(str(tiny_clip), batch_size=2)
+    texts = ["a satellite image of fields", "a black and white photo of the brain", "a satellite image of fields",
+             "a city " * 200]  # fmt: skip  # the last is longer than CLIP's 77 tokens: truncated, not an error
+    vectors = encoder.encode(texts)
+    assert encoder.dim == 48 and vectors.shape == (4, 48) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    np.testing.assert_allclose(vectors[1], encoder.encode(texts[1:2])[0], atol=1e-5)  # padding does not leak in
+    assert float(vectors[0] @ vectors[1]) < 0.999
+    identity = encoder_identity(EncoderConfig(name="clip", model=str(tiny_clip)))
+    assert identity == {"name": "clip", "model": str(tiny_clip), "revision": None, "dim": 48}
+
+
+@pytest.mark.ray
+def test_describe_job_with_clip(tmp_path, ray_local, tiny_clip, encoder):
+    from datprl.priors.encoders import EncoderConfig
+    from datprl.priors.job import DescribeConfig, run
+
+    data = write_tiny_dataset(tmp_path / "tiny")
+    clip = EncoderConfig(name="clip", model=str(tiny_clip))
+    config = DescribeConfig(dataset=str(data), output=str(tmp_path / "priors"), encoder=clip)
+    result = run(config)  # loads the CLIP encoder the config names
+    table = pq.read_table(result.table_url)
+    assert result.added == 4 and all(len(e) == 48 for e in table.column("embedding").to_pylist())
+    manifest = json.loads((tmp_path / "priors" / "manifest.json").read_text())
+    assert manifest["encoder"] == {"name": "clip", "model": str(tiny_clip), "revision": None, "dim": 48}
+    assert manifest["projection"]["in_dim"] == 48 and manifest["projection"]["seed"] == 0
+    assert project(np.array(table.column("embedding").to_pylist()), 64).shape == (4, 64)
+    assert run(config).added == 0  # same encoder: resumes
+    with pytest.raises(ValueError, match="different encoder"):  # MiniLM onto CLIP embeddings: refused
+        run(config.model_copy(update={"encoder": EncoderConfig()}), encoder=encoder)
+    with pytest.raises(ValueError, match="384-d"):  # a loaded encoder of another kind than the config names
+        run(config.model_copy(update={"output": str(tmp_path / "other")}), encoder=encoder)
+
+
+# --- S3 ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_describe_job_on_s3(tmp_path, ray_local, s3_server, encoder):
+    import boto3
+    import s3fs
+
+    from datprl.platform import storage
+    from datprl.platform.storage import S3Settings
+    from datprl.priors.job import DescribeConfig, main, run
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="priors")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.put(str(write_tiny_dataset(tmp_path / "tiny")), "priors/tiny", recursive=True)
+    s3 = S3Settings(endpoint_url=s3_server)
+    config = DescribeConfig(dataset="s3://priors/tiny", output="s3://priors/tiny/priors", s3=s3)
+    first = run(config, encoder=encoder)
+    assert first.added == first.rows == 4 and first.table_url == "s3://priors/tiny/priors/descriptions.parquet"
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(first.table_url, s3)))
+    assert table.column("source_id").to_pylist() == ["src0", "src1", "src2", "src3"]
+    manifest = json.loads(storage.read_bytes(first.manifest_url, s3))
+    assert manifest["rows"] == 4 and manifest["dataset"] == "s3://priors/tiny"
+    assert not (tmp_path / "priors").exists()  # nothing written locally
+    before = storage.read_bytes(first.table_url, s3)
+    # the CLI on the same bucket (joins the test's Ray): resumes, nothing new, the table untouched
+    assert main(["dataset=s3://priors/tiny", "output=s3://priors/tiny/priors", f"s3.endpoint_url={s3_server}"]) == 0
+    assert storage.read_bytes(first.table_url, s3) == before
