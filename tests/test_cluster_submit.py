@@ -30,6 +30,7 @@ from conftest import session_processes
 from datprl.platform.config import load_config
 from datprl.platform.runtime import free_loopback_port
 from datprl.platform.train.config import TrainConfig
+from datprl.priors.job import DescribeConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INFRA = REPO_ROOT / "infra"
@@ -48,8 +49,9 @@ def test_cluster_training_config_validates():
     config = load_config(TrainConfig, INFRA / "train-cluster.yaml")
     assert config.storage.startswith("s3://") and config.data.dataset.startswith("s3://"), "nodes share s3:// storage"
     assert config.use_gpu is True and config.model.variant == "paper_centred" and config.data.crop_size == 128
-    assert config.model.resolve().query_centering and config.text_embeddings == "auto"
-    assert not config.describe_if_missing, "the cluster run aligns with MLLM descriptions made beforehand"
+    assert config.model.resolve().query_centering
+    describe = load_config(DescribeConfig, INFRA / "describe-cluster.yaml")
+    assert config.text_embeddings == f"{describe.output}/descriptions.parquet", "train on what the describe job writes"
     assert isinstance(config.num_workers, int) and config.num_workers > 1
     assert config.checkpoint_every < config.steps
     # The job runs in a temporary copy of the repo: a relative output_dir would be written into it.

@@ -278,7 +278,9 @@ def test_relative_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch
     assert resolved.text_embeddings == "s3://bucket/emb.parquet"
     assert resolved.data.crop_size == config.data.crop_size
     default = _absolute_local_paths(TrainConfig(data=DataConfig(dataset="data/default")))  # text_embeddings=auto
-    assert default.text_embeddings == str(tmp_path / "data/default/priors/descriptions.parquet")
+    assert default.text_embeddings == "auto"  # resolved against the (absolute) dataset where it is read
+    named = _absolute_local_paths(TrainConfig(text_embeddings="e.parquet"))
+    assert named.text_embeddings == str(tmp_path / "e.parquet")
     assert _absolute_local_paths(TrainConfig(text_embeddings=None)).text_embeddings is None
 
 

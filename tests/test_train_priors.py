@@ -71,14 +71,11 @@ def test_a_table_of_another_shape_is_rejected(tmp_path):
 
 def test_missing_embeddings_are_described_only_when_allowed(tmp_path):
     existing = _table(tmp_path / "p", np.ones((1, 4)), seed=None)
-    assert ensure_text_embeddings(None, "/d", None, describe_if_missing=True) is False  # L_align off
-    assert ensure_text_embeddings(existing, "/d", None, describe_if_missing=True) is False  # nothing to do
+    assert ensure_text_embeddings(None, "/d", None, describe=True) is False  # L_align off
+    assert ensure_text_embeddings(existing, "/d", None, describe=True) is False  # nothing to do
     missing = str(tmp_path / "none" / "descriptions.parquet")
     with pytest.raises(FileNotFoundError, match="jobs/describe.py.*text_embeddings=null"):
-        ensure_text_embeddings(missing, "/d", None, describe_if_missing=False)
-    # A table named by hand is never made on the fly: its name says someone expects a particular table there.
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ensure_text_embeddings(str(tmp_path / "mine.parquet"), "/d", None, describe_if_missing=True)
+        ensure_text_embeddings(missing, "/d", None, describe=False)
 
 
 def test_inference_needs_no_describer_or_text_encoder(tmp_path):

@@ -32,7 +32,7 @@ from datprl.platform.storage import filesystem, is_s3
 from datprl.platform.runtime import init_ray, ray_session
 from datprl.platform.train.config import TrainConfig
 from datprl.platform.train.loop import train_loop_per_worker
-from datprl.platform.train.priors import ensure_text_embeddings, resolve_text_embeddings
+from datprl.platform.train.priors import AUTO, ensure_text_embeddings, resolve_text_embeddings
 from datprl.platform.train.runs import RunMismatch, RunStatus, check_run, delete_run, run_url
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
         return str(Path(path).resolve())
 
     data = config.data.model_copy(update={"dataset": absolute(config.data.dataset)})
-    text_embeddings = absolute(resolve_text_embeddings(config.text_embeddings, data.dataset))
+    text_embeddings = config.text_embeddings if config.text_embeddings == AUTO else absolute(config.text_embeddings)
     return config.model_copy(update={"data": data, "text_embeddings": text_embeddings,
                                      "storage": absolute(config.storage), "output_dir": absolute(config.output_dir)})
 
@@ -145,7 +145,9 @@ def fit(config: TrainConfig | PreparedRun):
     config, dataset = run.config, run.dataset
     init_ray(config.ray_address, quiet=not config.verbose)
     if config.loss.align and config.model.resolve().domain_pool is not None:
-        ensure_text_embeddings(config.text_embeddings, config.data.dataset, config.data.s3, config.describe_if_missing)
+        url = resolve_text_embeddings(config.text_embeddings, config.data.dataset)
+        describe = config.text_embeddings == AUTO and config.describe_if_missing
+        ensure_text_embeddings(url, config.data.dataset, config.data.s3, describe=describe)
     if run.held_out:
         print(f"[train] held out of training (zero-shot): {run.held_out}", flush=True)
     use_gpu = torch.cuda.is_available() if config.use_gpu == "auto" else config.use_gpu

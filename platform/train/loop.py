@@ -18,7 +18,7 @@ from datprl.platform.config import config_to_dict
 from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
 from datprl.platform.data.pipeline import StreamReport, training_batches
 from datprl.platform.train.config import OptimConfig, TrainConfig
-from datprl.platform.train.priors import load_text_embeddings
+from datprl.platform.train.priors import load_text_embeddings, resolve_text_embeddings
 from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
 
 
@@ -85,12 +85,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 _worker_print("[train] text_embeddings=null: the alignment loss L_align is off")
         else:
-            loaded = load_text_embeddings(config.text_embeddings, config.data.s3, model.config.prompt_dim,
-                                          centre=config.text_centering)  # fmt: skip
+            url = resolve_text_embeddings(config.text_embeddings, config.data.dataset)
+            loaded = load_text_embeddings(url, config.data.s3, model.config.prompt_dim, centre=config.text_centering)
             texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
             if rank == 0:
-                _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from "
-                              f"{config.text_embeddings}")  # fmt: skip
+                _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from {url}")
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()

@@ -40,14 +40,14 @@ def resolve_text_embeddings(text_embeddings: str | None, dataset: str) -> str | 
     return text_embeddings
 
 
-def ensure_text_embeddings(url: str | None, dataset: str, s3: S3Settings | None, describe_if_missing: bool) -> bool:
-    """Make sure the table at ``url`` exists; Ray must be running. When it is missing and ``describe_if_missing``,
-    run the describe job (default describer and encoder) on ``dataset``'s training split into the table's folder.
-    Returns True when the describe job ran. Raises FileNotFoundError, with the ways forward, when the table is missing
-    and may not be made."""
+def ensure_text_embeddings(url: str | None, dataset: str, s3: S3Settings | None, describe: bool) -> bool:
+    """Make sure the table at ``url`` exists; Ray must be running. When it is missing and ``describe`` (training's
+    ``text_embeddings=auto`` with ``describe_if_missing``), run the describe job (default describer and encoder) on
+    ``dataset``'s training split into the table's folder. Returns True when the describe job ran. Raises
+    FileNotFoundError, with the ways forward, when the table is missing and may not be made."""
     if url is None or storage.exists(url, s3):
         return False
-    if not describe_if_missing or posixpath.basename(url.rstrip("/")) != TABLE_NAME:
+    if not describe:
         raise FileNotFoundError(
             f"text_embeddings={url} does not exist: make it with `python jobs/describe.py dataset={dataset} "
             f"output={posixpath.dirname(url)}`, or set text_embeddings=null to train without the alignment loss"
