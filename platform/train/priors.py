@@ -12,7 +12,6 @@ training reads them: the exported network never needs a describer or a text enco
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 
 import numpy as np
@@ -21,13 +20,10 @@ import pyarrow.parquet as pq
 
 from datprl.platform import storage
 from datprl.platform.storage import S3Settings
-
-log = logging.getLogger(__name__)
+from datprl.priors.job import MANIFEST_NAME, TABLE_NAME
 
 AUTO = "auto"
 PRIORS_FOLDER = "priors"  # next to the dataset's manifest.json
-TABLE_NAME = "descriptions.parquet"  # the describe job's table (datprl.priors.job)
-MANIFEST_NAME = "manifest.json"
 
 __all__ = ["AUTO", "ensure_text_embeddings", "load_text_embeddings", "resolve_text_embeddings"]
 
