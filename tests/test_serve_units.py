@@ -278,9 +278,10 @@ def test_tiled_inference_is_within_the_stated_tolerance():
     from datprl.serve.engine import Engine, ModelInfo
 
     image = torch.from_numpy(_photo(96, 96)).permute(2, 0, 1).float() / 255
-    info = ModelInfo("paper_tiny", "fresh", False, None, "", 0, {}, "cpu",
-                     {"task": {"size": 6, "top_k": 3}, "domain": {"size": 6, "top_k": 3}})
-    engine = Engine(_noisy_model(), info, torch.device("cpu"))
+    model = _noisy_model()
+    pools = {name: getattr(model.config, f"{name}_pool").model_dump() for name in ("task", "domain")}
+    info = ModelInfo("paper_tiny", "fresh", False, None, "", 0, {}, "cpu", pools)
+    engine = Engine(model, info, torch.device("cpu"))
     full, _ = engine.restore(image)
     tiled, prompts = engine.restore(image, tiling=True, tile_size=64, tile_overlap=16, batch_size=4)
     diff = (tiled - full).abs()
