@@ -41,6 +41,7 @@ class QueryProjector(nn.Module):
 class PoolSelection:
     """What one prompt pool did for a batch: everything the auxiliary losses and users need.
 
+    query: (B, D) the query compared with the keys (centred when the pool centres its queries).
     similarities: (B, N) clean cosine similarities over the temperature, s_j = cos(q, K_j) / tau.
     indices: (B, k) selected prompts; weights: (B, k) softmax of the clean selected similarities.
     representation: (B, D), the pool's prompt representation.

@@ -24,10 +24,10 @@ from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
 
 def _text_batch(table: dict[str, torch.Tensor], source_ids: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's text embeddings (B, D) and a mask of the samples that have one (sources not described)."""
-    dim = next(iter(table.values())).numel()
-    mask = torch.tensor([s in table for s in source_ids], device=device)
-    rows = [table.get(s, torch.zeros(dim)) for s in source_ids]
-    return torch.stack(rows).to(device), mask
+    mask = [s in table for s in source_ids]
+    zero = torch.zeros_like(next(iter(table.values())))
+    rows = torch.stack([table[s] if has else zero for s, has in zip(source_ids, mask)])
+    return rows.to(device), torch.tensor(mask, device=device)
 
 
 def _schedule(optim: OptimConfig, steps: int):
