@@ -91,6 +91,7 @@ class SourceImage:
     group: str = ""  # scan / volume / scene the source was cut from; defaults to the id
     region: tuple[int, int, int, int] | None = None  # (row, col, height, width) in the parent image, for tiles
     readers: tuple[str, ...] = ()  # further distributions needed to decode it (recorded in the manifest)
+    licence: str = ""  # the licence of the image as its package states it (recorded in the manifest)
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
@@ -494,10 +495,22 @@ def real_cloudy_landsat() -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------- public API
 
+def _with_packaged(builtin: Callable[[], list], module: str) -> Callable[[], list[SourceImage | MissingSource]]:
+    """A domain's sources: the ones above (Python packages we install) plus its data-package sources (Debian and PyPI
+    data-only packages fetched by :mod:`datprl.platform.data.packages`), listed in ``module``'s ``sources()``."""
+
+    def build() -> list[SourceImage | MissingSource]:
+        import importlib
+
+        return [*builtin(), *importlib.import_module(module).sources()]
+
+    return build
+
+
 _BUILDERS: dict[str, Callable[[], list[SourceImage | MissingSource]]] = {
-    "natural": _natural,
-    "medical": _medical,
-    "remote_sensing": _remote_sensing,
+    "natural": _with_packaged(_natural, "datprl.platform.data.sources_natural"),
+    "medical": _with_packaged(_medical, "datprl.platform.data.sources_medical"),
+    "remote_sensing": _with_packaged(_remote_sensing, "datprl.platform.data.sources_remote_sensing"),
 }
 
 
