@@ -7,6 +7,8 @@ losses are safe under mixed precision (autocast outputs bf16/fp16 similarities a
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -29,22 +31,46 @@ def _same_shape(pred: Tensor, target: Tensor) -> None:
         raise ValueError(f"output shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
 
 
-def pixel_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """L_pix = mean |pred - target| (L1 between output and target; weight 1.0)."""
+def _per_sample_l1(a: Tensor, b: Tensor) -> Tensor:
+    return (a.float() - b.float()).abs().flatten(1).mean(1)
+
+
+def _relative(per_sample: Tensor, input_error: Tensor | None) -> Tensor:
+    """Mean over the batch of each sample's loss, divided by the same loss of its degraded input when given."""
+    if input_error is None:
+        return per_sample.mean()
+    return (per_sample / (input_error.detach() + INPUT_ERROR_FLOOR)).mean()
+
+
+#: Added to a sample's input error before dividing by it, so a nearly clean input does not blow its weight up.
+INPUT_ERROR_FLOOR = 1e-3
+
+
+def pixel_loss(pred: Tensor, target: Tensor, degraded: Tensor | None = None) -> Tensor:
+    """L_pix = mean |pred - target| (L1 between output and target; weight 1.0).
+
+    With ``degraded`` (the network's input), each sample's L1 is divided by its input's L1 to the target (ours, see
+    :attr:`LossWeights.input_relative`): doing nothing then costs 1 on every task, whatever its input PSNR."""
     _same_shape(pred, target)
-    return F.l1_loss(pred.float(), target.float())
+    error = _per_sample_l1(pred, target)
+    return _relative(error, None if degraded is None else _per_sample_l1(degraded, target))
 
 
-def fft_loss(pred: Tensor, target: Tensor) -> Tensor:
+def fft_loss(pred: Tensor, target: Tensor, degraded: Tensor | None = None) -> Tensor:
     """L_fft = mean( |Re F(pred) - Re F(target)| , |Im F(pred) - Im F(target)| ), F = torch.fft.fft2 over (H, W)
     (weight 0.1).
 
     Inputs are cast to float32 first: half-precision FFTs are unsupported on CPU and lossy on GPU. The FFT is
     unnormalised (``norm="backward"``) as in the released code, so the term's scale grows with the patch size.
+    ``degraded``: per-sample division by the input's own L_fft, as in :func:`pixel_loss`.
     """
     _same_shape(pred, target)
-    spectra = [torch.view_as_real(torch.fft.fft2(x.float(), dim=(-2, -1))) for x in (pred, target)]
-    return F.l1_loss(*spectra)
+    spectrum = functools.partial(torch.fft.fft2, dim=(-2, -1))
+    target_spectrum = torch.view_as_real(spectrum(target.float()))
+    error = _per_sample_l1(torch.view_as_real(spectrum(pred.float())), target_spectrum)
+    if degraded is None:
+        return error.mean()
+    return _relative(error, _per_sample_l1(torch.view_as_real(spectrum(degraded.float())), target_spectrum))
 
 
 def alignment_loss(domain_repr: Tensor, text_embedding: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -178,6 +204,11 @@ class LossWeights(BaseModel):
 
     pixel: float = Field(1.0, ge=0)
     fft: float = Field(0.1, ge=0)
+    input_relative: bool = Field(
+        False,
+        description="divide each sample's L_pix and L_fft by the same loss of its degraded input (ours): every task "
+        "then weighs the same, where plain L1 lets the low-PSNR tasks (haze, cloud) dominate the gradient",
+    )
     align: float = Field(1.0, ge=0)
     prior_selection: float = Field(1.0, ge=0, description="L_psel (ours): the domain pool selects what the image's "
                                    "description selects")
@@ -225,13 +256,17 @@ class DATPRLLoss(nn.Module):
         model: nn.Module | None = None,
         text_embedding: Tensor | None = None,
         text_mask: Tensor | None = None,
+        degraded: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         w = self.weights
         terms: dict[str, tuple[float, Tensor]] = {}
+        if w.input_relative and degraded is None:
+            raise ValueError("LossWeights.input_relative needs the network's input: pass degraded=...")
+        reference = degraded if w.input_relative else None
         if w.pixel:
-            terms["pixel"] = (w.pixel, pixel_loss(output.image, target))
+            terms["pixel"] = (w.pixel, pixel_loss(output.image, target, reference))
         if w.fft:
-            terms["fft"] = (w.fft, fft_loss(output.image, target))
+            terms["fft"] = (w.fft, fft_loss(output.image, target, reference))
         if w.align and output.domain is not None and text_embedding is not None:
             terms["align"] = (w.align, alignment_loss(output.domain.representation, text_embedding, text_mask))
         if w.prior_selection and output.domain is not None and text_embedding is not None:

@@ -25,6 +25,7 @@ from datprl.platform.data.build import (
     BuildConfig,
     CleanFolder,
     PairedFolders,
+    SplitUnit,
     assign_splits,
     build,
     main,
@@ -205,22 +206,38 @@ def test_default_build_is_deterministic_and_prints_the_count_table(default_build
 # --- units: splits, tiles, synthesis ------------------------------------------------------------------------------
 
 
-def test_assign_splits_by_group():
-    sources = {f"a{i}": "A" for i in range(10)} | {"b0": "B", "b1": "B"} | {"c0": "C"}
-    splits = assign_splits(sources, val=2, test=3, seed=0)
-    assert splits.keys() == sources.keys()  # each source in exactly one split
-    per_group: dict[str, Counter] = defaultdict(Counter)
-    for source_id, split in splits.items():
-        per_group[sources[source_id]][split] += 1
-    assert per_group["A"] == {"train": 5, "val": 2, "test": 3}
-    assert per_group["B"] == {"train": 1, "test": 1}  # test first, but one source always stays in train
-    assert per_group["C"] == {"train": 1}
-    # a seeded order, independent of the dict's insertion order
-    assert assign_splits(dict(reversed(list(sources.items()))), val=2, test=3, seed=0) == splits
-    assert assign_splits(sources, val=2, test=3, seed=0) == splits
-    assert any(assign_splits(sources, 2, 3, seed) != splits for seed in range(1, 6))
-    assert set(assign_splits(sources, val=0, test=0, seed=0).values()) == {"train"}
-    assert assign_splits({}, 1, 1, 0) == {}
+def _units(spec: dict[str, tuple[str, str, str]]) -> list[SplitUnit]:
+    return [SplitUnit(source_id, *rest) for source_id, rest in spec.items()]
+
+
+def test_assign_splits_keeps_groups_whole_and_holds_packages_out():
+    spec = {f"a{i}": ("photo", f"pkgA/set{i // 3}", "pkgA") for i in range(12)}  # 4 photo sets of 3
+    spec |= {f"b{i}": ("photo", "pkgB", "pkgB") for i in range(4)}  # a small package: one group
+    spec |= {f"v{i}": ("mr", "vol1", "vols") for i in range(10)} | {f"w{i}": ("mr", "vol2", "vols") for i in range(6)}
+    spec |= {"c0": ("ct", "c0", "solo")}
+    units = _units(spec)
+    splits = assign_splits(units, val=3, test=1, seed=0, held_out=["pkgB", "vol2"])
+    assert splits.keys() == spec.keys()  # each source in exactly one split
+    assert {s for s in spec if splits[s] == "test"} == {f"b{i}" for i in range(4)} | {f"w{i}" for i in range(6)}
+    for group in {g for _, g, _ in spec.values()}:  # a group is never split
+        assert len({splits[s] for s, (_, g, _) in spec.items() if g == group}) == 1, group
+    photo_val = [s for s in spec if splits[s] == "val" and spec[s][0] == "photo"]
+    assert len(photo_val) == 3  # one whole photo set of pkgA
+    assert {splits[f"v{i}"] for i in range(10)} == {"train"}  # the only MR group left stays in training
+    assert splits["c0"] == "train"
+    # a seeded order, independent of the input order; another seed picks other groups
+    assert assign_splits(units[::-1], 3, 1, 0, held_out=["pkgB", "vol2"]) == splits
+    assert any(assign_splits(units, 3, 1, seed, held_out=["pkgB", "vol2"]) != splits for seed in range(1, 6))
+    assert set(assign_splits(units, val=0, test=0, seed=0).values()) == {"train"}
+    assert assign_splits([], 1, 1, 0) == {}
+
+
+def test_assign_splits_without_held_out_packages_takes_test_groups_per_modality():
+    units = _units({f"u{i}": ("user", f"u{i}", "user-folder") for i in range(10)})
+    splits = assign_splits(units, val=2, test=3, seed=0)
+    assert sorted(splits.values()).count("test") == 3 and sorted(splits.values()).count("val") == 2
+    three = _units({f"u{i}": ("user", f"u{i}", "user-folder") for i in range(3)})
+    assert sorted(assign_splits(three, val=8, test=1, seed=0).values()) == ["test", "train", "val"]
 
 
 def test_tiles_skip_near_empty_regions_and_keep_small_images_whole():

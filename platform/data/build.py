@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,6 +39,10 @@ Split = Literal["train", "val", "test"]
 # PET has no real data on any registry: counts are simulated from the nuclear-medicine scan and from MR slices
 # used as activity-like images (labelled simulated). The CT perfusion map is not an attenuation image: no task.
 NATURAL_TASKS = ("sr_x4", "derain", "motion_deblur")
+
+#: Packages and source groups held out whole as the cross-source test split of the default corpus: the model never
+#: trains on any image they ship, so the test split measures restoration of unseen sources (one set per domain).
+CROSS_SOURCE_TEST: tuple[str, ...] = ("glymur", "PyWavelets", "nilearn/mni152_t1", "pydicom/CT/693_UNCI")
 DEFAULT_TASKS_BY_MODALITY: dict[str, tuple[str, ...]] = {
     "photo": NATURAL_TASKS,
     "astronomy": NATURAL_TASKS,
@@ -83,8 +87,15 @@ class BuildConfig(StrictModel):
     tile: int = Field(256, ge=32, description="clean images are cut into tiles of this size (pixels)")
     max_tiles_per_source: int = Field(4, ge=1)
     samples_per_tile: int = Field(1, ge=1, description="degraded versions per (tile, task), each with its own seed")
-    val_sources: int = Field(1, ge=0, description="sources per modality held out for validation")
-    test_sources: int = Field(1, ge=0, description="sources per modality held out for testing")
+    val_sources: int = Field(8, ge=0, description="sources per modality held out for validation, taken as whole "
+                             "groups (scene, volume, photo set) of the training packages")
+    test_sources: int = Field(1, ge=0, description="sources per modality held out for testing when no package is held "
+                              "out (users' clean folders); the default corpus uses cross_source_test instead")
+    cross_source_test: list[str] = Field(
+        default_factory=lambda: list(CROSS_SOURCE_TEST),
+        description="packages (or source groups) held out whole as the test split: it measures restoration of "
+        "sources the model never saw in training",
+    )
     max_samples_per_shard: int = Field(256, ge=1)
     seed: int = 0
     contact_sheet: bool = True
@@ -115,19 +126,56 @@ def _stable_int(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def assign_splits(source_ids: dict[str, str], val: int, test: int, seed: int) -> dict[str, Split]:
-    """Split by source: within each group (modality), a seeded order puts ``test`` sources in test, ``val`` in val and
-    the rest in train, keeping at least one training source per group."""
-    groups: dict[str, list[str]] = {}
-    for source_id, group in source_ids.items():
-        groups.setdefault(group, []).append(source_id)
-    splits: dict[str, Split] = {}
-    for members in groups.values():
-        members.sort(key=lambda s: _stable_int(seed, s))
-        n_test = min(test, max(0, len(members) - 1))
-        n_val = min(val, max(0, len(members) - 1 - n_test))
-        for i, source_id in enumerate(members):
-            splits[source_id] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+@dataclass(frozen=True)
+class SplitUnit:
+    """What the split of one source depends on: its modality (splits are balanced per modality), the group it was cut
+    from (scene, volume, photo set: never split across train/val/test) and its package."""
+
+    source_id: str
+    modality: str
+    group: str
+    package: str
+
+
+def assign_splits(units: Iterable[SplitUnit], val: int, test: int, seed: int,
+                  held_out: Collection[str] = ()) -> dict[str, Split]:  # fmt: skip
+    """Split sources by group, never by tile or slice. Returns ``{source_id: split}``.
+
+    * ``test``: every source whose package or group is in ``held_out`` (the cross-source test: whole packages or
+      volumes the model never sees). With nothing held out, ``test`` sources per modality, taken as whole groups as
+      ``val`` is.
+    * ``val``: per modality, whole groups of what is left, in a seeded order, until at least ``val`` sources are in
+      val (a group that would take val past twice that is passed over while a smaller one remains). Training keeps at
+      least one group of each modality and, beyond val's first group, at least half of its sources.
+    """
+    units = list(units)
+    splits: dict[str, Split] = {u.source_id: "test" for u in units if u.package in held_out or u.group in held_out}
+    by_modality: dict[str, dict[str, list[str]]] = {}
+    for unit in units:
+        if unit.source_id not in splits:
+            by_modality.setdefault(unit.modality, {}).setdefault(unit.group, []).append(unit.source_id)
+
+    def take(groups: dict[str, list[str]], wanted: int, split: Split) -> None:
+        order = sorted(groups, key=lambda g: _stable_int(seed, g))
+        limit = sum(map(len, groups.values())) // 2  # training keeps at least half of each modality's sources
+        taken = 0
+        for group in order:
+            left = [g for g in order if g in groups and g != group]
+            if taken >= wanted or not left:
+                break
+            size = len(groups[group])
+            if taken > 0 and taken + size > limit:
+                continue
+            if taken + size > 2 * wanted and any(taken + len(groups[g]) <= 2 * wanted for g in left):
+                continue
+            splits.update((source_id, split) for source_id in groups.pop(group))
+            taken += size
+
+    for groups in by_modality.values():
+        if not held_out:
+            take(groups, test, "test")
+        take(groups, val, "val")
+        splits.update((source_id, "train") for members in groups.values() for source_id in members)
     return splits
 
 
@@ -231,23 +279,25 @@ class Job:
     meta: dict  # SampleRecord fields shared by every sample of this source (domain, split, package, units...)
 
 
-def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str]]:
+def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str], dict[str, str]]:
     from datprl.platform.data import sources
 
     catalogue = sources.catalogue()
     if not catalogue:
         raise RuntimeError("no clean source images are installed; run infra/setup.sh (it installs the image packages)")
     usable = [s for s in catalogue if DEFAULT_TASKS_BY_MODALITY.get(s.modality, ()) or s.domain == "natural"]
-    splits = assign_splits({s.id: s.modality for s in usable}, config.val_sources, config.test_sources, config.seed)
+    splits = assign_splits([SplitUnit(s.id, s.modality, s.group, s.package) for s in usable], config.val_sources,
+                           config.test_sources, config.seed, held_out=config.cross_source_test)
     jobs = []
     for src in usable:
         tasks = DEFAULT_TASKS_BY_MODALITY.get(src.modality, NATURAL_TASKS if src.domain == "natural" else ())
         if src.domain == "natural":
             tasks = tuple(dict.fromkeys((*tasks, *config.extra_tasks)))  # a repeated task would repeat keys
         meta = dict(domain=src.domain, split=splits[src.id], source_package=f"{src.package}=={src.package_version}",
-                    units=src.units, to_physical=src.to_physical, modality=src.modality, white_level=src.white_level)
+                    source_group=src.group, units=src.units, to_physical=src.to_physical, modality=src.modality,
+                    white_level=src.white_level)
         jobs.append(Job(src.id, src.load, tasks, meta))
-    return jobs, sources.package_versions(usable)
+    return jobs, sources.package_versions(usable), sources.package_licences(usable)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -275,7 +325,8 @@ def _folder_images(folder: Path) -> dict[str, Path]:
 
 def _clean_folder_jobs(clean: CleanFolder, config: BuildConfig) -> list[Job]:
     files = _folder_images(clean.dir)
-    splits = assign_splits({name: "user" for name in files}, config.val_sources, config.test_sources, config.seed)
+    units = [SplitUnit(name, "user", name, "user-folder") for name in files]
+    splits = assign_splits(units, config.val_sources, config.test_sources, config.seed)
     return [
         Job(f"{clean.dir.name}/{name}", (lambda p=path: _read_file(p)), tuple(dict.fromkeys(clean.tasks)),
             dict(domain=clean.domain, split=splits[name], source_package="user-folder"))  # fmt: skip
@@ -308,6 +359,7 @@ def _paired_samples(paired: PairedFolders) -> Iterator[PendingSample]:
 def build(config: BuildConfig, command: list[str] | None = None) -> dict:
     """Write the dataset described by ``config``; returns a summary (counts, manifest path, contact sheet)."""
     versions: dict[str, str] = {}
+    licences: dict[str, str] = {}
     if config.paired is not None:
         samples: Iterator[PendingSample] = _paired_samples(config.paired)
         total = None
@@ -315,7 +367,7 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
         if config.clean is not None:
             jobs = _clean_folder_jobs(config.clean, config)
         else:
-            jobs, versions = _default_jobs(config)
+            jobs, versions, licences = _default_jobs(config)
         samples = (s for job in jobs for s in synthesize(job.source_id, job.load(), job.tasks, config, job.meta))
         total = None
     counts: Counter = Counter()
@@ -323,7 +375,8 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
     name = Path(config.output.rstrip("/")).name or "dataset"
     with DatasetWriter(config.output, name, config.max_samples_per_shard, config.s3, command=command,
                        package_versions={**default_package_versions(), **versions},
-                       metadata={"config": config.model_dump(mode="json")}) as writer:  # fmt: skip
+                       metadata={"config": config.model_dump(mode="json"),
+                                 "source_licences": licences}) as writer:  # fmt: skip
         for sample in tqdm(samples, total=total, desc="samples", unit="pair", disable=None):
             record = SampleRecord.model_validate(sample.record)
             writer.write(record, sample.lq, sample.gt)

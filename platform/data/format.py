@@ -91,6 +91,8 @@ class SampleRecord(BaseModel):
     split: Split
     source_id: str = Field(description="identifier of the clean image within its source package")
     source_package: str = Field(description="where the clean image came from, e.g. 'scikit-image==0.24.0'")
+    source_group: str | None = Field(None, description="the scene, volume or photo set the clean image was cut from "
+                                     "(splits keep a group together)")
     degradation: dict[str, Any] = Field(description="degradation parameters, including its seed")
     seed: int
     bit_depth: Literal[8, 16]

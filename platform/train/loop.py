@@ -162,7 +162,7 @@ def train_step(
     text, mask = _text_batch(texts, batch["source_id"], device) if texts is not None else (None, None)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         output = net(lq, return_aux=True)
-    loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask)
+    loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask, degraded=lq)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.optim.grad_clip:
