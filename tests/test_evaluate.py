@@ -94,6 +94,17 @@ def test_metrics_match_direct_computation(tiny_run, rows, tiny):
     assert result.mean["input_psnr"] == pytest.approx(np.mean([np.mean(v) for v in per_task.values()]))
     assert result.mean["output_psnr"] == pytest.approx(np.mean([r["output_psnr"] for r in result.rows]))
     assert result.protocol == PAPER.describe() and PAPER.describe() in result.markdown()
+    # CT also in Hounsfield units, from the stored values: HU = x * 4095 - 1024
+    ct_rows = [r for r in rows if r["units"] == "HU"]
+    assert ct_rows and {r["task"] for r in ct_rows} == {"ct_low_dose"}
+    for r in ct_rows:
+        im = by_key[r["key"]]
+        hu_in, hu_gt = (np.asarray(r[k], np.float64) * 4095 - 1024 for k in ("lq", "gt"))
+        assert im["input_hu_mae"] == pytest.approx(np.abs(hu_in - hu_gt).mean())
+    ct_row = next(row for row in result.rows if row["task"] == "ct_low_dose")
+    assert ct_row["input_hu_mae"] == pytest.approx(np.mean([by_key[r["key"]]["input_hu_mae"] for r in ct_rows]))
+    assert "Hounsfield" in result.markdown() and "[-160, 240] HU" in result.markdown()
+    assert all("input_hu_mae" not in row for row in result.rows if row["task"] != "ct_low_dose")
 
 
 def test_identity_model_scores_its_input(ray_local, data):

@@ -12,7 +12,8 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim_raw
 
-from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, ssim
+from datprl.platform.data.conventions import CT_EVAL_WINDOW
+from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, ct_hu_metrics, psnr, ssim
 
 H, W = 128, 160  # crop keeps the tests fast
 PSNR_TOL, SSIM_TOL = 1e-4, 1e-5
@@ -180,3 +181,19 @@ def test_selection_nmi_bounds_and_known_values():
     value = selection_nmi({"a": [1, 1, 0], "b": [0, 1, 1]})
     assert value == pytest.approx(0.5)
     assert selection_nmi({"only": [3, 1]}) is None and selection_nmi({"a": [2, 0], "b": [0, 0]}) is None
+
+
+def test_ct_hu_metrics_read_hounsfield_units_back_and_use_the_window():
+    white = 4095.0
+    hu = torch.tensor([[-1000.0, 0.0], [40.0, 1000.0]])
+    target = (hu + 1024) / white
+    assert ct_hu_metrics(target, target, white) == (0.0, math.inf)
+    shifted = (hu + 10 + 1024) / white  # +10 HU everywhere
+    mae, window_psnr = ct_hu_metrics(shifted, target, white)
+    assert mae == pytest.approx(10.0, abs=1e-6)
+    # inside [-160, 240] only the 0 and 40 HU pixels differ (by 10); -1000 and 1000 clip to the window's ends
+    low, high = CT_EVAL_WINDOW
+    assert window_psnr == pytest.approx(10 * math.log10((high - low) ** 2 / (2 * 100 / 4)), abs=1e-6)
+    # the prediction is clamped to the stored range first: below 0 reads as -1024 HU (air)
+    mae_clamped, _ = ct_hu_metrics(torch.full((2, 2), -0.5), torch.zeros(2, 2), white)
+    assert mae_clamped == 0.0

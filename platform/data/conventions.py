@@ -23,6 +23,7 @@ import numpy as np
 __all__ = [
     "CT_OFFSET",
     "MEDICAL_WHITE",
+    "CT_EVAL_WINDOW",
     "CT_HU_WINDOW",
     "white_level",
     "scaled_white_level",
@@ -40,6 +41,10 @@ MEDICAL_WHITE = 4095
 
 CT_HU_WINDOW = (-CT_OFFSET, MEDICAL_WHITE - CT_OFFSET)
 """The HU values a CT slice stores exactly (inclusive): (-1024, 3071)."""
+
+CT_EVAL_WINDOW = (-160, 240)
+"""The HU window CT restoration PSNR is computed over (the abdominal soft-tissue display window, W400/L40, used in
+low-dose CT evaluations): values are clipped to it and the data range is its width, 400 HU."""
 
 _MAX_BIT_DEPTH = 16  # the widest container the corpus and the codec use (uint16)
 

@@ -112,9 +112,12 @@ def decode_shard(
             continue
         if eval_crop is not None:
             lq, gt = center_crop(lq, eval_crop), center_crop(gt, eval_crop)
-        yield _row(record, to_chw3(to_unit_float(lq, white)), to_chw3(to_unit_float(gt, white)))
+        # Evaluation rows also say how to read values back in physical units (CT in HU).
+        yield {**_row(record, to_chw3(to_unit_float(lq, white)), to_chw3(to_unit_float(gt, white))),
+               "white": float(white), "units": record.units or ""}  # fmt: skip
     for url, key, reason in report.skipped:
-        yield _row(None, _EMPTY, _EMPTY, error=f"{url} [{key or 'shard'}]: {reason}")
+        row = _row(None, _EMPTY, _EMPTY, error=f"{url} [{key or 'shard'}]: {reason}")
+        yield row if mode == "train" else {**row, "white": 0.0, "units": ""}
 
 
 # --- the decoded cache: decode once, crop every pass ----------------------------------------------------------------

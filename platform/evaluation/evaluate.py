@@ -43,9 +43,9 @@ from datprl.platform.data.pipeline import (
     local_evaluation_rows,
     split_tasks,
 )
-from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, psnr, selection_nmi, ssim
+from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, ct_hu_metrics, psnr, selection_nmi, ssim
 from datprl.platform.evaluation.report import (
-    _METRICS, PSNR_CAP, EvalResult, side_by_side_markdown, write_outputs,
+    _METRICS, HU_METRICS, PSNR_CAP, EvalResult, side_by_side_markdown, write_outputs,
 )
 from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, ray_session, resolve_device
 from datprl.platform.storage import atomic_write_bytes
@@ -142,6 +142,10 @@ def _means(images: list[dict]) -> dict[str, float]:
         values = [_finite(im[key]) if key.endswith("psnr") else im[key] for im in images]
         out[key] = float(np.mean(values))
     out["delta_psnr"] = out["output_psnr"] - out["input_psnr"]
+    if images and all("output_hu_mae" in im for im in images):
+        for key in HU_METRICS:
+            values = [_finite(im[key]) if key.endswith("psnr") else im[key] for im in images]
+            out[key] = float(np.mean(values))
     return out
 
 
@@ -269,6 +273,10 @@ def evaluate(
                     "output_psnr": float(psnr(restored, gt, protocol)[0]),
                     "output_ssim": float(ssim(restored, gt, protocol)[0]),
                 })  # fmt: skip
+                if row.get("units") == "HU":  # CT also in physical units: the display metrics above hide HU errors
+                    for name, image in (("input", lq), ("output", restored)):
+                        mae, window_psnr = ct_hu_metrics(image, gt, float(row["white"]))
+                        images[-1][f"{name}_hu_mae"], images[-1][f"{name}_hu_psnr"] = mae, window_psnr
                 if out_dir is not None and grids_per_task[task] < max_grids_per_task:
                     grids_per_task[task] += 1
                     grid = np.concatenate([_to_uint8(row["lq"]), _to_uint8(restored[0].numpy()),

@@ -12,10 +12,13 @@ tensor. They are evaluation metrics, not losses: inputs are detached and (by def
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from datprl.platform.data.conventions import CT_EVAL_WINDOW, CT_OFFSET
 
 __all__ = ["MetricProtocol", "PAPER", "psnr", "selection_nmi", "ssim"]
 
@@ -171,3 +174,18 @@ def selection_nmi(counts_by_label: dict[str, list[int]]) -> float | None:
     mutual = float((joint[nonzero] * np.log(joint[nonzero] / (p_label @ p_prompt)[nonzero])).sum())
     entropy = float(-(p_label[p_label > 0] * np.log(p_label[p_label > 0])).sum())
     return max(0.0, min(1.0, mutual / entropy))
+
+
+def ct_hu_metrics(pred: torch.Tensor, target: torch.Tensor, white: float,
+                  window: tuple[float, float] = CT_EVAL_WINDOW) -> tuple[float, float]:  # fmt: skip
+    """(MAE in HU over the whole image, PSNR in dB over ``window``) of one CT image pair in model units.
+
+    ``pred`` and ``target`` are in [0, 1] (stored value / ``white``; ``pred`` is clamped there first), so
+    ``HU = x * white - CT_OFFSET`` (the corpus' CT storage convention). The PSNR clips both to the HU window and uses
+    its width as the data range; it is infinite when they agree exactly inside the window."""
+    to_hu = lambda x: x.double().clamp(0, 1) * white - CT_OFFSET  # noqa: E731
+    pred_hu, target_hu = to_hu(pred), to_hu(target)
+    mae = float((pred_hu - target_hu).abs().mean())
+    low, high = window
+    mse = float((pred_hu.clamp(low, high) - target_hu.clamp(low, high)).pow(2).mean())
+    return mae, (math.inf if mse == 0 else 10 * math.log10((high - low) ** 2 / mse))

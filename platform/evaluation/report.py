@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datprl.platform.data.conventions import CT_EVAL_WINDOW
 from datprl.platform.storage import atomic_write_bytes
 
 
@@ -23,6 +24,19 @@ PSNR_CAP = 100.0
 """PSNR (dB) assigned to an exactly restored image (MSE 0, i.e. +inf) before averaging."""
 
 _METRICS = ("input_psnr", "input_ssim", "output_psnr", "output_ssim")
+#: CT rows (units HU) also carry these: MAE in HU over the image and PSNR over CT_EVAL_WINDOW.
+HU_METRICS = ("input_hu_mae", "output_hu_mae", "input_hu_psnr", "output_hu_psnr")
+
+
+def ct_hu_line(rows: Sequence[dict], prefix: str = "") -> str | None:
+    """One line with the CT rows' HU metrics (input -> output), or None when there are no CT rows."""
+    parts = [f"{r['task']} ({r['domain']}) MAE {r['input_hu_mae']:.1f} -> {r['output_hu_mae']:.1f} HU, PSNR "
+             f"{r['input_hu_psnr']:.2f} -> {r['output_hu_psnr']:.2f} dB" for r in rows if "output_hu_mae" in r]
+    if not parts:
+        return None
+    low, high = CT_EVAL_WINDOW
+    return (f"{prefix}CT in Hounsfield units, input -> output: " + "; ".join(parts)
+            + f" (MAE over the whole slice; PSNR over the window [{low}, {high}] HU, data range {high - low} HU)")
 
 
 @dataclass
@@ -85,6 +99,9 @@ class EvalResult:
             f"(do-nothing baseline). Exact restorations (infinite PSNR) count as {PSNR_CAP:g} dB.",
             f"Metric protocol: {self.protocol}",
         ]
+        hu = ct_hu_line(self.rows)
+        if hu:
+            lines += ["", hu]
         if self.prompt_usage:
             lines += ["", selection_dependence_line(self.prompt_usage)]
         return "\n".join(lines) + "\n"
@@ -148,6 +165,10 @@ def side_by_side_markdown(results: Mapping[str, EvalResult], model: str = "") ->
         counts = ", ".join(f"{split} {n}" for split, n in task_counts.items())
         lines.append(f"The splits hold different tasks ({counts}), so their means are over different tasks.")
     lines.append(f"Metric protocol: {first.protocol}")
+    for split, result in results.items():
+        hu = ct_hu_line(result.rows, prefix=f"{split}: ")
+        if hu:
+            lines.append(hu)
     for split, result in results.items():
         if result.prompt_usage:
             lines.append(f"{split}: {selection_dependence_line(result.prompt_usage)}")
@@ -223,7 +244,7 @@ def write_outputs(result: EvalResult, out_dir: Path, grids: Sequence[tuple[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "metrics.md", result.markdown().encode("utf-8"))
 
-    columns = ["domain", "task", "zero_shot", "n", *_METRICS, "delta_psnr", "input_exact", "output_exact"]
+    columns = ["domain", "task", "zero_shot", "n", *_METRICS, "delta_psnr", *HU_METRICS, "input_exact", "output_exact"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

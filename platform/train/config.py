@@ -65,6 +65,11 @@ class TrainConfig(StrictModel):
                                          "tasks are evaluated zero-shot")
     evaluate_split: str | None = Field("val", description="split evaluated after training (and by validate_every); "
                                        "None = skip")
+    cross_source_split: str | None = Field(
+        "test",
+        description="split evaluated after training next to evaluate_split: in the default corpus the cross-source "
+        "test (whole packages and volumes never trained on); None, or a dataset without it, = skip",
+    )
     validate_every: int | None = Field(250, ge=1, description="validate on evaluate_split every this many steps "
                                        "(rank 0; PSNR per task in the reports and the log); None = only at the end")
     output_dir: str = Field("outputs/train", description="exported weights, evaluation tables and pictures")

@@ -28,7 +28,7 @@ from datprl.models import save_model
 from datprl.platform.config import config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.pipeline import read_split, split_tasks, use_decoded_cache
-from datprl.platform.storage import filesystem, is_s3
+from datprl.platform.storage import atomic_write_bytes, filesystem, is_s3
 from datprl.platform.runtime import init_ray, ray_session
 from datprl.platform.train.config import TrainConfig
 from datprl.platform.train.loop import train_loop_per_worker
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[train] steps changed from {run.status.previous_steps} to {config.steps}: the learning-rate "
                   f"schedule now decays over {config.steps} steps", flush=True)
     from datprl.platform.evaluation.evaluate import evaluate
+    from datprl.platform.evaluation.report import side_by_side_markdown
     from datprl.platform.train.provenance import build_provenance
 
     save_resolved_config(config, output_dir / "config.yaml")
@@ -232,11 +233,17 @@ def main(argv: list[str] | None = None) -> int:
             result = fit(run)
             if result.error is not None:
                 return _fail(f"training failed: {result.error}", code=1)
-            model, evaluation = final_weights(result), None
+            model, evaluation, evaluations = final_weights(result), None, {}
             if config.evaluate_split:
                 evaluation = evaluate(model, config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
                                       zero_shot_tasks=run.held_out, dataset=run.dataset,
                                       metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
+                evaluations[config.evaluate_split] = evaluation
+            cross = config.cross_source_split
+            if cross and cross != config.evaluate_split and cross in run.dataset.splits():
+                evaluations[cross] = evaluate(model, config.data, split=cross, out_dir=output_dir / f"eval-{cross}",
+                                              zero_shot_tasks=run.held_out, dataset=run.dataset,
+                                              metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (runtime.Stopped; Ray turns one that interrupts fit() into this)
         # ray_session has stopped the local Ray by now; nothing is evaluated or exported from an unfinished run.
         print(f"\n[train] stopped before the end; run {config.name!r} keeps its checkpoints at {run.status.url}: the "
@@ -247,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                                   evaluation=evaluation.to_json() if evaluation is not None else None)  # fmt: skip
     weights = save_model(model, output_dir / "model", provenance=provenance)
     print(f"[train] exported {weights}", flush=True)
-    if evaluation is not None:
+    if len(evaluations) > 1:
+        table = side_by_side_markdown(evaluations, model=str(weights))
+        atomic_write_bytes(output_dir / "evaluation.md", table.encode())
+        print(table)
+    elif evaluation is not None:
         print(evaluation.markdown())
     return 0
