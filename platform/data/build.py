@@ -53,6 +53,9 @@ DEFAULT_TASKS_BY_MODALITY: dict[str, tuple[str, ...]] = {
     "ct_perfusion": (),
     "nm": ("pet_low_count",),
     "sentinel2_rgb": ("rs_sr_x4", "cloud", "haze"),
+    "landsat_rgb": ("rs_sr_x4", "cloud", "haze"),
+    "satellite_grey": ("rs_sr_x4", "cloud", "haze"),
+    "satellite_mosaic": ("rs_sr_x4", "cloud", "haze"),
     "aerial": ("rs_sr_x4", "cloud", "haze"),
 }
 
