@@ -85,6 +85,26 @@ PACKAGES: dict[str, DataPackage] = {
                      "usr/lib/R/site-library/rgdal/pictures/SOURCES")),
         DataPackage("r-cran-stars", "debian", "0.6-0-4", "Apache-2.0",
                     ("usr/lib/R/site-library/stars/tif/L7_ETMs.tif", "usr/lib/R/site-library/stars/tif/README")),
+        # Medical
+        # pyradiomics' test volumes (its sdist only; the wheel has none): two chest CTs (HU) and two contrast T1 brain
+        # MRs, each a different subject. PyPI's metadata of this sdist says 3.0.1a1, hence the direct link.
+        DataPackage("pyradiomics", "pypi", "3.1.0", "BSD-3-Clause",
+                    ("pyradiomics-3.1.0/data/lung[12]_image.nrrd", "pyradiomics-3.1.0/data/brain[12]_image.nrrd",
+                     "pyradiomics-3.1.0/LICENSE.txt"),
+                    url="https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448"
+                        "ab6b4578f2/pyradiomics-3.1.0.tar.gz",
+                    sha256="24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4"),
+        # TotalSegmentator's test chest CT angiography (1.5 mm isotropic, HU); its other test volumes are under
+        # 128 px a side.
+        DataPackage("totalsegmentator", "pypi", "2.18.0", "Apache-2.0",
+                    ("totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz",
+                     "totalsegmentator-2.18.0/LICENSE"),
+                    url="https://files.pythonhosted.org/packages/c3/53/7d654d2ec3fcb801ae54d318b0ffc18021aed528bf4e4df0"
+                        "753caf0c8a73/totalsegmentator-2.18.0.tar.gz",
+                    sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"),
+        # MRIcron's Colin27 single-subject T1 ("ch2", 1 mm, 8-bit).
+        DataPackage("mricron-data", "debian", "1.2.20211006+dfsg-4", "BSD-3-Clause",
+                    ("usr/share/mricron/templates/ch2.nii.gz", "usr/share/doc/mricron-data/copyright")),
     )
 }
 
