@@ -3,7 +3,7 @@
 Some data packages (GCompris) ship their images only inside ``.rcc`` archives. We never load Qt; this reads the
 format directly. All integers are big-endian.
 
-Header (20 bytes; 16 before format version 3)::
+Header (24 bytes; 20 before format version 3)::
 
     "qres"  magic
     u32     format version (1, 2 or 3)
