@@ -67,6 +67,23 @@ PACKAGES: dict[str, DataPackage] = {
     for p in (
         # Natural photographs
         DataPackage("kphotoalbum", "debian", "5.9.1-1", "GPL-2+", ("usr/share/kphotoalbum/demo/*.jpg",)),
+        # GCompris keeps its photos inside Qt resource archives (read by datprl.platform.data.qt_resources)
+        DataPackage("gcompris-qt-data", "debian", "3.1-2", "GPL-3+ (photos: per-file CC-BY(-SA)/CC0/PD)",
+                    tuple(f"usr/share/gcompris-qt/rcc/{a}.rcc" for a in ("erase", "explore_monuments",
+                          "explore_world_animals", "explore_farm_animals", "explore_world_music"))),
+        DataPackage("tuxpaint-data", "debian", "1:0.9.28-sdl2-1", "GPL-2+", ("usr/share/tuxpaint/templates/*.jpg",)),
+        DataPackage("lomiri-wallpapers-16.04", "debian", "20.04.0-2", "CC-BY-4.0 / CC-BY-SA-4.0 / CC0-1.0",
+                    ("usr/share/backgrounds/*_by_*.jpg",)),
+        # lxqt-themes: only its 11 photographs (the other 13 wallpapers are renders)
+        DataPackage("lxqt-themes", "debian", "1.2.0-1", "CC-BY-SA-3.0 (wallpapers/License)",
+                    tuple(f"usr/share/lxqt/wallpapers/{f}" for f in ("Butterfly-Kenneth-Wimer.jpg", "Valendas.png",
+                          "after-the-rain.jpg", "appleflower.png", "beam.png", "butterfly.png", "cloud.png",
+                          "drop.png", "flowers.png", "fog.jpg", "this-is-not-windows.jpg"))),
+        DataPackage("scribus-template", "debian", "1.2.4.1-6", "public domain (Riku Leino's templates)",
+                    ("usr/share/scribus/templates/br2/*.jpg", "usr/share/scribus/templates/cal2/moon.jpg",
+                     "usr/share/scribus/templates/menu2/pizza.jpg")),
+        DataPackage("palapeli-data", "debian", "4:22.12.3-1", "GPL-2+ (photos: per-file PD/GFDL)",
+                    ("usr/share/palapeli/collection/*.jpg",)),
         # Remote sensing
         DataPackage("localtileserver", "pypi", "1.0.0", "MIT",
                     ("localtileserver/tiler/data/landsat.tif",),
@@ -119,7 +136,8 @@ def cache_dir() -> Path:
 
 
 def _folder(package: DataPackage, cache: Path) -> Path:
-    return cache / f"{package.name}-{package.version}"
+    # A Debian epoch ("1:0.9.28") would put a colon in the folder name, which copying tools (scp, Windows) trip on.
+    return cache / f"{package.name}-{package.version.replace(':', '_')}"
 
 
 def package_root(name: str, cache: Path | None = None) -> Path:
