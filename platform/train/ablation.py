@@ -107,11 +107,14 @@ class AblationConfig(StrictModel):
         description="the recipe every run shares (defaults: the training job's); name, model, seed, output_dir and "
         "cross_source_split are set per run",
     )
-    arms: list[AblationArm] = Field(default_factory=lambda: list(DEFAULT_ARMS), min_length=1,
+    # validate_default: the default arms include one with priors, which must be checked against train too.
+    arms: list[AblationArm] = Field(default_factory=lambda: list(DEFAULT_ARMS), min_length=1, validate_default=True,
                                     description="the arms: name, variant, priors")  # fmt: skip
     seeds: Annotated[list[int], NoRepeats] = Field([0, 1, 2], min_length=1, description="seeds every arm is run with")
     split: str = Field("test", min_length=1, description="split the table reports (the cross-source test split)")
-    output_dir: str = Field("outputs/ablation", description="tables, plot, resolved config and runs/<arm>_s<seed>")
+    output_dir: str = Field(
+        "outputs/ablation", description="local folder: tables, plot, resolved config and runs/<arm>_s<seed>"
+    )
 
     @field_validator("train")
     @classmethod
