@@ -206,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: check the run before Ray starts, train, evaluate, export the weights with their provenance,
     print the table. SIGTERM and Ctrl-C stop the Ray this process started (a joined cluster is left running)."""
     config = parse_cli(TrainConfig, sys.argv[1:] if argv is None else argv, prog="train.py")
+    return train_and_evaluate(config)
+
+
+def train_and_evaluate(config: TrainConfig) -> int:
+    """What :func:`main` does with a parsed config (other jobs, e.g. the ablation, call it per run): returns the exit
+    code; joins a Ray this process already runs rather than starting one."""
     try:
         run = prepare(config)
     except (RunMismatch, FileNotFoundError, ValueError) as err:
