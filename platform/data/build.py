@@ -96,6 +96,9 @@ class BuildConfig(StrictModel):
                                    description="classic natural tasks to add, e.g. [denoise_25, jpeg]")
     tile: int = Field(256, ge=32, description="clean images are cut into tiles of this size (pixels)")
     max_tiles_per_source: int = Field(2, ge=1, description="tiles per natural or remote-sensing source image")
+    max_tiles_per_eval_source: int = Field(1, ge=1, description="tiles per source in val and test: every model "
+                                           "evaluation pays for each one, and another tile of the same image adds "
+                                           "little")
     max_tiles_per_scan: int = Field(1, ge=1, description="tiles per medical slice: a volume's many slices already vary "
                                     "its anatomy, and low-dose CT costs about a second per tile to simulate")
     samples_per_tile: int = Field(1, ge=1, description="degraded versions per (tile, task), each with its own seed")
@@ -225,7 +228,10 @@ def synthesize(
 ) -> Iterator[PendingSample]:
     """Degraded/clean pairs of one clean source image for each task, seeded by (config seed, source, tile, task, i)."""
     white = white_level(meta.get("white_level"), dtype=image.dtype)
-    limit = config.max_tiles_per_scan if meta.get("domain") == "medical" else config.max_tiles_per_source
+    if meta.get("split") in ("val", "test"):  # more sources, not more tiles of one source, make a better estimate
+        limit = config.max_tiles_per_eval_source
+    else:
+        limit = config.max_tiles_per_scan if meta.get("domain") == "medical" else config.max_tiles_per_source
     for r, c, tile in tiles(image, config.tile, limit):
         clean = _float(tile, white)
         for task in tasks:

@@ -72,6 +72,10 @@ class TrainConfig(StrictModel):
     )
     validate_every: int | None = Field(250, ge=1, description="validate on evaluate_split every this many steps "
                                        "(rank 0; PSNR per task in the reports and the log); None = only at the end")
+    validation_crop: int | None = Field(
+        128, ge=8, description="periodic validation scores central crops of this size (a quarter of a 256 px tile's "
+        "cost; the final evaluation uses full images); None = full images",
+    )
     output_dir: str = Field("outputs/train", description="exported weights, evaluation tables and pictures")
     seed: int = 0
     resume: bool = Field(True, description="continue the run of this name from its last checkpoint; false = delete "

@@ -181,7 +181,8 @@ def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank
     from datprl.platform.evaluation.evaluate import evaluate
 
     net = ema.module if ema is not None else model
-    result = evaluate(net, config.data, split=config.evaluate_split, max_grids_per_task=0, device=device,
+    data = config.data.model_copy(update={"eval_crop": config.validation_crop})
+    result = evaluate(net, data, split=config.evaluate_split, max_grids_per_task=0, device=device,
                       zero_shot_tasks=held_out, read_in_process=True)  # fmt: skip
     metrics = {"val_psnr": result.mean["output_psnr"], "val_input_psnr": result.mean["input_psnr"]}
     for row in result.rows:
