@@ -28,6 +28,16 @@ _TINY = dict(
     fusion_heads=4,
 )
 
+_SMALL = dict(
+    width=32,
+    encoder_blocks=(1, 2, 2),
+    bottleneck_blocks=2,
+    decoder_blocks=(2, 2, 1),
+    refinement_blocks=1,
+    prompt_dim=128,
+    fusion_heads=4,
+)
+
 #: Every registered variant.
 #: ``paper``: the multi-domain network of the paper (53,133,552 parameters).
 #: ``task_only``: its natural-image variant, task pool only (42,563,115).
@@ -38,6 +48,8 @@ _TINY = dict(
 #: of the published network; the variant to train from scratch. ``paper`` stays exactly the published layout.
 #: ``paper_tiny``: the embedded default, a small network of the same design with centred queries; its domain pool has
 #: 9 prompts and composes 3 (the paper's ratio, 5 of 15), so three domains can each own a distinct set of prompts.
+#: ``paper_small``: ``paper_tiny``'s design at twice the width and about twice the depth (infra/train-quality.yaml,
+#: the longer CPU recipe).
 VARIANTS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),
     "paper_centred": ModelConfig(query_centering=True),
@@ -46,6 +58,8 @@ VARIANTS: dict[str, ModelConfig] = {
     "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
     "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3),
                               domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True),
+    "paper_small": ModelConfig(**_SMALL, task_pool=PromptPoolConfig(size=6, top_k=3),
+                               domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True),
     "task_only_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=None),
     "restormer_tiny": ModelConfig(**_TINY, task_pool=None, domain_pool=None),
 }

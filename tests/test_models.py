@@ -33,7 +33,7 @@ from datprl.models import (
 )
 from datprl.models.backbone import GatedFusionBlock
 
-TINY_VARIANTS = sorted(name for name in VARIANTS if name.endswith("_tiny"))
+TINY_VARIANTS = sorted(name for name in VARIANTS if name.endswith(("_tiny", "_small")))  # the CPU-sized ones
 OFFICIAL_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "official-checkpoint"
 KEYS_TSV = OFFICIAL_CHECKPOINT / "paper-6task-keys.tsv"
 INERT = re.compile(r"\.cross_attn_[qk]\.(weight|bias)$")

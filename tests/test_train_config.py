@@ -146,6 +146,17 @@ def test_a_mismatched_run_is_refused_naming_fields_and_fix(tmp_path):
     assert check_run(_config(tmp_path, "model.variant=paper_tiny", "num_workers=2", "log_every=7")).kind == "resume"
 
 
+def test_a_run_on_a_rebuilt_dataset_is_refused(tmp_path):
+    trained = _config(tmp_path)
+    folder = _fake_checkpoint(tmp_path / "runs" / "r", config_to_dict(trained), step=10)
+    (folder / "progress.json").write_text(json.dumps({"step": 10, "steps": 20, "dataset_manifest_sha256": "a" * 64}))
+    assert check_run(trained, "a" * 64).kind == "resume"
+    assert check_run(trained).kind == "resume"  # nothing to compare against: the config alone decides
+    rebuilt = r"dataset content \(sha256 of .*\): 'aaaaaaaaaaaa' in the run, 'bbbbbbbbbbbb' asked for"
+    with pytest.raises(RunMismatch, match=rebuilt):
+        check_run(trained, "b" * 64)
+
+
 def test_the_same_network_spelled_differently_is_the_same_run(tmp_path):
     trained = _config(tmp_path, "model.variant=paper_tiny", "model.task_pool.top_k=4")
     explicit = _config(tmp_path, "model.variant=paper_tiny", "model.task_pool={size: 6, top_k: 4}")
@@ -256,3 +267,14 @@ def test_the_run_check_reads_checkpoints_on_s3(s3_server):
     with pytest.raises(RunMismatch, match="model.domain_pool.size"):
         check_run(other)
     assert delete_run(trained) and check_run(trained).kind == "new"
+
+
+@pytest.mark.parametrize("name", ["train-cluster.yaml", "train-gpu.yaml", "train-local.yaml", "train-quality.yaml"])
+def test_every_training_recipe_loads_and_names_its_launch_command(repo_root, name):
+    path = repo_root / "infra" / name
+    config = load_config(TrainConfig, path)  # every field validated, unknown keys refused
+    header = path.read_text().split("\n\n", 1)[0]
+    assert f"python jobs/train.py infra/{name}" in header
+    if name == "train-gpu.yaml":  # the paper's settings (Sec. 4.1): batch 2 per task, 128 px, lr 4e-4, 1M iterations
+        assert config.model.variant == "paper" and config.use_gpu is True and config.loss.input_relative is False
+        assert (config.data.crop_size, config.optim.lr, config.steps) == (128, 4e-4, 1_000_000)

@@ -126,8 +126,8 @@ def prepare(config: TrainConfig) -> PreparedRun:
     config = _absolute_local_paths(config)
     if not config.resume and delete_run(config):
         print(f"[train] resume=false: deleted the checkpoints of run {config.name!r} at {run_url(config)}", flush=True)
-    status = check_run(config)
     dataset = open_dataset(config)
+    status = check_run(config, dataset.manifest_sha256)
     tasks, held_out = training_tasks(config, dataset)
     return PreparedRun(config, dataset, tasks, held_out, status)
 
@@ -167,7 +167,8 @@ def fit(config: TrainConfig | PreparedRun):
         train_loop_per_worker,
         # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.
         train_loop_config={"config": config.model_dump(), "tasks": run.tasks,
-                           "counts": dataset.samples_per_task("train"), "held_out": run.held_out},
+                           "counts": dataset.samples_per_task("train"), "held_out": run.held_out,
+                           "manifest_sha256": dataset.manifest_sha256},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
         ),

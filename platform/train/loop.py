@@ -139,7 +139,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank))
                 window, started = [], time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
-                    _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank)
+                    _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank,
+                                            loop_config.get("manifest_sha256"))
                 else:
                     ray.train.report(metrics)
                 # No step line here: the driver shows every report (progress bar, or step lines with verbose=true).
@@ -221,7 +222,8 @@ def _clamp_temperatures(model: torch.nn.Module) -> None:
                 pool.temperature.clamp_(*pool.temperature_range)
 
 
-def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank) -> None:
+def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank,
+                            manifest_sha256: str | None = None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
@@ -233,7 +235,8 @@ def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, pas
             torch.save(state, Path(folder) / "state.pt")
             # config.json and progress.json let the driver check a run before resuming it (datprl.platform.train.runs)
             (Path(folder) / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=1))
-            (Path(folder) / PROGRESS_FILE).write_text(json.dumps({"step": step, "steps": config.steps}))
+            progress = {"step": step, "steps": config.steps, "dataset_manifest_sha256": manifest_sha256}
+            (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress))
             weights = ema.module if ema is not None else model
             save_model(weights, Path(folder) / "model")
             checkpoint = ray.train.Checkpoint.from_directory(folder)

@@ -83,8 +83,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _latest_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], int] | None:
-    """(saved config, step) of the run's furthest checkpoint, or None when the run has none."""
+def _latest_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], int, str | None] | None:
+    """(saved config, step, dataset manifest SHA-256 or None) of the run's furthest checkpoint, or None when the run
+    has none."""
     fs, root = filesystem(run_url(config), config.s3)
     import pyarrow.fs as pafs
 
@@ -96,22 +97,24 @@ def _latest_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], int] | None
     for entry in entries:
         if entry.type == pafs.FileType.Directory and posixpath.basename(entry.path).startswith("checkpoint_"):
             try:
-                steps.append((_checkpoint_step(fs, entry.path), entry.path))
+                steps.append((*_checkpoint_progress(fs, entry.path), entry.path))
             except (FileNotFoundError, OSError, ValueError, KeyError):
                 continue  # an incomplete checkpoint (interrupted upload): Ray does not resume from it either
-    for step, folder in sorted(steps, reverse=True):  # the furthest one whose config can be read
-        try:
+    for step, manifest_sha256, folder in sorted(steps, key=lambda item: item[0], reverse=True):
+        try:  # the furthest checkpoint whose config can be read
             with fs.open_input_stream(posixpath.join(folder, CONFIG_FILE)) as f:
-                return json.loads(f.read()), step
+                return json.loads(f.read()), step, manifest_sha256
         except (FileNotFoundError, OSError, ValueError):
             continue
     return None
 
 
-def _checkpoint_step(fs, folder: str) -> int:
+def _checkpoint_progress(fs, folder: str) -> tuple[int, str | None]:
+    """(step, SHA-256 of the dataset manifest it trained on, None for checkpoints from before it was recorded)."""
     try:
         with fs.open_input_stream(posixpath.join(folder, PROGRESS_FILE)) as f:
-            return int(json.loads(f.read())["step"])
+            progress = json.loads(f.read())
+        return int(progress["step"]), progress.get("dataset_manifest_sha256")
     except FileNotFoundError:
         # Checkpoints written before progress.json existed: the step is in the training state.
         import io
@@ -120,22 +123,26 @@ def _checkpoint_step(fs, folder: str) -> int:
 
         with fs.open_input_stream(posixpath.join(folder, "state.pt")) as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        return int(state["step"])
+        return int(state["step"]), None
 
 
-def check_run(config: TrainConfig) -> RunStatus:
+def check_run(config: TrainConfig, manifest_sha256: str | None = None) -> RunStatus:
     """Compare the run ``config.name`` already in ``config.storage`` (if any) with ``config``.
 
     Returns a ``new``, ``resume`` or ``complete`` :class:`RunStatus`; raises :class:`RunMismatch` when the run was
-    trained with other identity fields (network, data, losses, schedule), naming them and the fix. ``config`` should
+    trained with other identity fields (network, data, losses, schedule) or, given ``manifest_sha256``, on another
+    build of the dataset (rebuilt at the same path), naming them and the fix. ``config`` should
     have its local paths made absolute, as the workers see them.
     """
     url = run_url(config)
     latest = _latest_checkpoint(config)
     if latest is None:
         return RunStatus("new", url, steps=config.steps)
-    saved, step = latest
+    saved, step, trained_on = latest
     diffs = differences(saved, config_to_dict(config))
+    if manifest_sha256 and trained_on and trained_on != manifest_sha256:  # same path, other content: rebuilt since
+        diffs.append((f"dataset content (sha256 of {config.data.dataset}/manifest.json)", trained_on[:12],
+                      manifest_sha256[:12]))  # fmt: skip
     if diffs:
         shown = "\n".join(f"  {field}: {old!r} in the run, {new!r} asked for" for field, old, new in diffs[:12])
         more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
