@@ -193,7 +193,8 @@ def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
     from datprl.platform.data.build import BuildConfig, build
 
     dataset, runs, out = tmp_path / "data", tmp_path / "runs", tmp_path / "out"
-    build(BuildConfig(output=str(dataset), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False))
+    build(BuildConfig(output=str(dataset), tile=64, max_tiles_per_source=1, max_sources_per_group=2,
+                      contact_sheet=False))
     local = load_config(TrainConfig, INFRA / "train-local.yaml")
 
     with LocalHead() as head:

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.ray
 def dataset(tmp_path_factory):
     """The embedded default corpus at a small size (64-pixel tiles, one per source), 2 samples per shard."""
     out = tmp_path_factory.mktemp("corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False, max_samples_per_shard=16))
+    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False,
+                      max_samples_per_shard=16))
     return out
 
 
