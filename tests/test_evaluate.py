@@ -174,7 +174,8 @@ def test_task_filter_and_zero_shot_marking(ray_local, data, tiny, tmp_path):
     assert "haze (zero-shot)" in text and "cloud (zero-shot)" not in text and "zero-shot tasks (1)" in text
     assert result.mean["zero_shot"]["n_tasks"] == 1 and result.mean["seen"]["n_tasks"] == 1
     assert result.prompt_usage is None and not (tmp_path / "prompt_usage.png").exists()  # no pools, no heatmap
-    assert len(list((tmp_path / "grids").glob("*.png"))) == 2
+    # max_grids_per_task (2) pictures of each task
+    assert len(list((tmp_path / "grids").glob("*.png"))) == sum(min(2, r["n"]) for r in result.rows)
     with pytest.raises(ValueError, match="no 'test' samples"):
         evaluate(Identity(), data, split=SPLIT, tasks=["no_such_task"])
 
