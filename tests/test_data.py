@@ -190,4 +190,6 @@ def test_ray_train_workers_get_disjoint_parts(ray_local, dataset, tmp_path, cach
     assert trainer.fit().error is None
     parts = [set(filter(None, (out / f"rank{r}.txt").read_text().splitlines())) for r in (0, 1)]
     assert parts[0] and parts[1] and not parts[0] & parts[1]
-    assert len(parts[0] | parts[1]) == _count(read_manifest(str(dataset)), "train")
+    # Ray Train hands each worker an equal share (streaming_split(equal=True)): with an odd count one row is left over
+    total = _count(read_manifest(str(dataset)), "train")
+    assert total - 1 <= len(parts[0] | parts[1]) <= total
