@@ -240,17 +240,16 @@ def train_and_evaluate(config: TrainConfig) -> int:
             result = fit(run)
             if result.error is not None:
                 return _fail(f"training failed: {result.error}", code=1)
-            model, evaluation, evaluations = final_weights(result), None, {}
-            if config.evaluate_split:
-                evaluation = evaluate(model, config.data, split=config.evaluate_split, out_dir=output_dir / "eval",
-                                      zero_shot_tasks=run.held_out, dataset=run.dataset,
-                                      metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
-                evaluations[config.evaluate_split] = evaluation
+            model, evaluations = final_weights(result), {}
             cross = config.cross_source_split
+            splits = {config.evaluate_split: "eval"} if config.evaluate_split else {}
             if cross and cross != config.evaluate_split and cross in run.dataset.splits():
-                evaluations[cross] = evaluate(model, config.data, split=cross, out_dir=output_dir / f"eval-{cross}",
+                splits[cross] = f"eval-{cross}"
+            for split, folder in splits.items():
+                evaluations[split] = evaluate(model, config.data, split=split, out_dir=output_dir / folder,
                                               zero_shot_tasks=run.held_out, dataset=run.dataset,
                                               metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
+            evaluation = evaluations.get(config.evaluate_split) if config.evaluate_split else None
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (runtime.Stopped; Ray turns one that interrupts fit() into this)
         # ray_session has stopped the local Ray by now; nothing is evaluated or exported from an unfinished run.
         print(f"\n[train] stopped before the end; run {config.name!r} keeps its checkpoints at {run.status.url}: the "
