@@ -72,6 +72,11 @@ class TrainConfig(StrictModel):
     )
     validate_every: int | None = Field(250, ge=1, description="validate on evaluate_split every this many steps "
                                        "(rank 0; PSNR per task in the reports and the log); None = only at the end")
+    validate_cross_source: bool = Field(
+        False, description="periodic validation also scores cross_source_split (report keys cross_psnr, "
+        "cross_delta_psnr = mean PSNR gain over tasks, cross_delta_psnr/<task>; the tune job's metric); doubles "
+        "its cost",
+    )
     validation_crop: int | None = Field(
         128, ge=8, description="periodic validation scores central crops of this size (a quarter of a 256 px tile's "
         "cost; the final evaluation uses full images); None = full images",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,24 +133,25 @@ def prepare(config: TrainConfig) -> PreparedRun:
     return PreparedRun(config, dataset, tasks, held_out, status)
 
 
-def fit(config: TrainConfig | PreparedRun):
-    """Run (or resume) training on Ray Train (a local Ray is started unless one is running or ``ray_address`` /
-    ``RAY_ADDRESS`` names a cluster); returns the ``ray.train.Result``. Every report's metrics (rank 0) are appended to
-    ``<output_dir>/metrics.jsonl`` (see :func:`_metrics_log`) and drawn as a progress bar."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from datprl.platform.train.progress import TrainingProgress
-
-    run = config if isinstance(config, PreparedRun) else prepare(config)
-    config, dataset = run.config, run.dataset
-    init_ray(config.ray_address, quiet=not config.verbose)
+def ensure_priors(config: TrainConfig) -> None:
+    """Make sure the text embeddings L_align needs exist (describing the training images first when
+    ``text_embeddings=auto`` and ``describe_if_missing``); Ray must be running. A no-op without L_align or without a
+    domain pool."""
     if config.loss.align and config.model.resolve().domain_pool is not None:
         url = resolve_text_embeddings(config.text_embeddings, config.data.dataset)
         describe = config.text_embeddings == AUTO and config.describe_if_missing
         ensure_text_embeddings(url, config.data.dataset, config.data.s3, describe=describe)
-    if run.held_out:
-        print(f"[train] held out of training (zero-shot): {run.held_out}", flush=True)
+
+
+def build_trainer(run: PreparedRun, callbacks: Sequence = ()):
+    """The ``TorchTrainer`` of a prepared run (Ray must be running): the train split read (decoded once into the object
+    store when it fits), the workers' scaling, the run's storage (local or s3://) and name, and the callbacks: the
+    metrics log of ``<output_dir>/metrics.jsonl`` (:func:`_metrics_log`) and ``callbacks`` (e.g. the tune job's
+    ``TuneReportCallback``)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    config, dataset = run.config, run.dataset
     use_gpu = torch.cuda.is_available() if config.use_gpu == "auto" else config.use_gpu
     storage_fs = None
     storage_path = config.storage
@@ -163,7 +165,7 @@ def fit(config: TrainConfig | PreparedRun):
               "store)", flush=True)  # fmt: skip
     train_split = read_split(config.data.model_copy(update={"cache_decoded": cached}), "train", dataset=dataset)
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.
         train_loop_config={"config": config.model_dump(), "tasks": run.tasks,
@@ -179,14 +181,29 @@ def fit(config: TrainConfig | PreparedRun):
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[_metrics_log(metrics_path)],
+            callbacks=[_metrics_log(metrics_path), *callbacks],
             # Ray Train sets up its controller's and workers' loggers from this level itself (no variable reaches
             # them): WARNING keeps worker-group start-up and checkpoint notes out of the console unless verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
     )
-    with TrainingProgress(metrics_path, total_steps=config.steps, start_step=run.status.step,
-                          enabled=not config.verbose):
+
+
+def fit(config: TrainConfig | PreparedRun):
+    """Run (or resume) training on Ray Train (a local Ray is started unless one is running or ``ray_address`` /
+    ``RAY_ADDRESS`` names a cluster); returns the ``ray.train.Result``. Every report's metrics (rank 0) are appended to
+    ``<output_dir>/metrics.jsonl`` (see :func:`_metrics_log`) and drawn as a progress bar."""
+    from datprl.platform.train.progress import TrainingProgress
+
+    run = config if isinstance(config, PreparedRun) else prepare(config)
+    config = run.config
+    init_ray(config.ray_address, quiet=not config.verbose)
+    ensure_priors(config)
+    if run.held_out:
+        print(f"[train] held out of training (zero-shot): {run.held_out}", flush=True)
+    trainer = build_trainer(run)
+    with TrainingProgress(Path(config.output_dir) / "metrics.jsonl", total_steps=config.steps,
+                          start_step=run.status.step, enabled=not config.verbose):  # fmt: skip
         return trainer.fit()
 
 

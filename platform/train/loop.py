@@ -176,19 +176,36 @@ def train_step(
 
 def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank: int) -> dict[str, float]:
     """Periodic validation on rank 0 (the weights are the same on every worker): PSNR per task of the EMA weights when
-    EMA is on, read in this process (a Ray Data read would compete with the training read for the worker's CPUs)."""
+    EMA is on, read in this process (a Ray Data read would compete with the training read for the worker's CPUs).
+    ``evaluate_split`` gives the ``val_*`` keys; with ``validate_cross_source`` the ``cross_source_split`` gives the
+    same keys prefixed ``cross_`` (see :func:`_validation_metrics`)."""
     if rank != 0:
         return {}
     from datprl.platform.evaluation.evaluate import evaluate
 
     net = ema.module if ema is not None else model
     data = config.data.model_copy(update={"eval_crop": config.validation_crop})
-    result = evaluate(net, data, split=config.evaluate_split, max_grids_per_task=0, device=device,
-                      zero_shot_tasks=held_out, read_in_process=True)  # fmt: skip
-    metrics = {"val_psnr": result.mean["output_psnr"], "val_input_psnr": result.mean["input_psnr"]}
-    for row in result.rows:
-        metrics[f"val_delta_psnr/{row['task']}"] = row["delta_psnr"]
+    splits = {config.evaluate_split: "val"}
+    cross = config.cross_source_split
+    if config.validate_cross_source and cross and cross != config.evaluate_split:
+        splits[cross] = "cross"
+    metrics: dict[str, float] = {}
+    for split, prefix in splits.items():
+        result = evaluate(net, data, split=split, max_grids_per_task=0, device=device, zero_shot_tasks=held_out,
+                          read_in_process=True)  # fmt: skip
+        metrics.update(_validation_metrics(result, prefix))
     return metrics  # printed by the driver, which shows every report (datprl.platform.train.progress)
+
+
+def _validation_metrics(result, prefix: str) -> dict[str, float]:
+    """One split's validation numbers as report keys: ``<prefix>_psnr`` (output) and ``<prefix>_input_psnr`` (the
+    degraded input), each the mean over tasks of the per-task means; ``<prefix>_delta_psnr``, their difference (the mean
+    PSNR gain over tasks); ``<prefix>_delta_psnr/<task>`` per task."""
+    metrics = {f"{prefix}_psnr": result.mean["output_psnr"], f"{prefix}_input_psnr": result.mean["input_psnr"],
+               f"{prefix}_delta_psnr": result.mean["delta_psnr"]}  # fmt: skip
+    for row in result.rows:
+        metrics[f"{prefix}_delta_psnr/{row['task']}"] = row["delta_psnr"]
+    return metrics
 
 
 def _crash_hook():
