@@ -156,6 +156,12 @@ class SearchSettings(StrictModel):
         description="CPUs held by each trial's driver function (it only waits on "
         "its TorchTrainer; the workers take train.num_workers x train.cpus_per_worker)",
     )
+    state_every_s: float = Field(
+        5.0,
+        gt=0,
+        description="how often the sweep's state is saved to its storage (Ray Tune's TUNE_GLOBAL_CHECKPOINT_S): a "
+        "driver that dies loses at most the trial events of this long (a finished trial then reports again, untrained)",
+    )
     data_cpus: float = Field(
         1.0,
         ge=1,
@@ -173,10 +179,12 @@ class TuneConfig(StrictModel):
         description="sweep name: its state and trials live at <train.storage>/<name>; launching the "
         "same name again resumes it",
     )
+    # The training job's defaults, its worker at 0.9 CPU: with the trial's function (search.trial_cpus 0.1) one trial
+    # holds one CPU, so on a 2-CPU machine one runs with a CPU free for the Ray Data reads.
     train: TrainConfig = Field(
-        TrainConfig(),
-        description="the recipe of every trial (defaults: the training job's); name, storage, output_dir and the "
-        "searched fields are set per trial",
+        TrainConfig(cpus_per_worker=0.9),
+        description="the recipe of every trial (defaults: the training job's, with cpus_per_worker 0.9); name, "
+        "storage, output_dir and the searched fields are set per trial",
     )
     space: SearchSpace = SearchSpace()
     search: SearchSettings = SearchSettings()

@@ -157,12 +157,13 @@ def check_resources(config: TuneConfig, cpus: float) -> None:
     held = search.max_concurrent_trials * per_trial
     if cpus - held < search.data_cpus - 1e-9:
         fit = max(0, math.floor((cpus - search.data_cpus) / per_trial + 1e-9))
+        fix = (f"use search.max_concurrent_trials={fit} or fewer" if fit else "not even one trial fits: use smaller "
+               "train.cpus_per_worker / search.trial_cpus, or more CPUs (local_cpus, or a larger cluster)")  # fmt: skip
         raise SweepError(
             f"{search.max_concurrent_trials} concurrent trials x {per_trial:g} CPUs (search.trial_cpus "
             f"{search.trial_cpus:g} + {workers} worker(s) x train.cpus_per_worker {train.cpus_per_worker:g}) hold "
             f"{held:g} of {cpus:g} CPUs, leaving less than search.data_cpus={search.data_cpus:g} for the Ray Data "
-            f"reads (trials would wait for them forever); use search.max_concurrent_trials={fit} or fewer, or "
-            "smaller train.cpus_per_worker / search.trial_cpus"
+            f"reads (trials would wait for them forever); {fix}"
         )
 
 
@@ -343,6 +344,7 @@ def run_sweep(config: TuneConfig) -> int:
                 # Ray Tune's console (the experiment header, status tables) off: TrialLines prints one line per event.
                 # Read when the Tuner runs; "0" selects the classic reporter, which verbose=0 silences entirely.
                 os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+            os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = f"{config.search.state_every_s:g}"  # read when the Tuner runs
             callback = TrialLines(config.metric, train.steps, config.search.num_samples)
             tuner = _tuner(config, restore, callback)
             try:
