@@ -32,21 +32,32 @@ class TrialLines(Callback):
         self.started: dict[str, float] = {}
         self.numbers: dict[str, int] = {}
 
-    def _name(self, trial) -> str:
-        number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
-        return f"trial {number}/{self.total} {trial.trial_id}"
+    def _name(self, trial, trials=()) -> str:
+        # The trial's place among the sweep's trials (a restored sweep lists its earlier trials too), so a trial keeps
+        # its number across launches.
+        if trial.trial_id not in self.numbers:
+            ids = [t.trial_id for t in trials]
+            self.numbers[trial.trial_id] = ids.index(trial.trial_id) + 1 if trial.trial_id in ids else len(ids) + 1
+        return f"trial {self.numbers[trial.trial_id]}/{self.total} {trial.trial_id}"
 
     def _print(self, text: str) -> None:
         print(f"[tune] {text}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.monotonic()
-        self._print(f"{self._name(trial)} started: {_params_text(trial.config)}")
+        before = (trial.last_result or {}).get("step")
+        how = (
+            f"restarted (reported step {before} before; training resumes from its last checkpoint)"
+            if before
+            else ("started")
+        )
+        self._print(f"{self._name(trial, trials)} {how}: {_params_text(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.metric in result:
+            value = result[self.metric]
             self._print(
-                f"{self._name(trial)} step {result.get('step')}/{self.steps}: {self.metric} {result[self.metric]:+.4f}"
+                f"{self._name(trial, trials)} step {result.get('step')}/{self.steps}: {self.metric} {value:+.4f}"
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -55,10 +66,10 @@ class TrialLines(Callback):
         shown = f"{self.metric} {value:+.4f}" if isinstance(value, (int, float)) else f"no {self.metric}"
         took = time.monotonic() - self.started.get(trial.trial_id, time.monotonic())
         how = "finished" if step is not None and step >= self.steps else "stopped early by ASHA"
-        self._print(f"{self._name(trial)} {how} at step {step}/{self.steps}: {shown} ({took:.0f} s)")
+        self._print(f"{self._name(trial, trials)} {how} at step {step}/{self.steps}: {shown} ({took:.0f} s)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = str(getattr(trial, "error_msg", None) or "see its error.txt").strip().splitlines()
         self._print(
-            f"{self._name(trial)} failed: {error[-1] if error else 'unknown error'} (trial folder {trial.path})"
+            f"{self._name(trial, trials)} failed: {error[-1] if error else 'unknown error'} (trial folder {trial.path})"
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
 import tempfile
 import warnings
@@ -109,6 +110,11 @@ def trial_rows(config: TuneConfig, grid) -> list[TrialRow]:
                 values = [float(v) for v in frame[other] if _number(v) is not None]
                 if values:
                     extra[other] = values[-1]
+        # A trial restarted after the driver died: Tune's record of it may have lost the reports before (they reach
+        # its storage only at the end); the trial's own metrics log on this node keeps every attempt.
+        logged = _logged_history(Path(config.output_dir) / "trials" / trial_id / "metrics.jsonl", metric)
+        history = {**logged, **history}
+        step = max([step, *logged])
         status = getattr(trial, "status", None)
         if result.error is not None or status == "ERROR":
             text = str(result.error or getattr(trial, "error_msg", "") or "failed").strip().splitlines()
@@ -135,6 +141,23 @@ def trial_rows(config: TuneConfig, grid) -> list[TrialRow]:
             )
         )
     return rows
+
+
+def _logged_history(path: Path, metric: str) -> dict[int, float]:
+    """step -> ``metric`` from a trial's ``metrics.jsonl`` (the last attempt's value where steps repeat); empty when
+    the file is not on this node."""
+    history: dict[int, float] = {}
+    if not path.exists():
+        return history
+    for line in path.read_text().splitlines():
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        value, step = _number(report.get(metric)), _number(report.get("step"))
+        if value is not None and step is not None:
+            history[int(step)] = value
+    return history
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
