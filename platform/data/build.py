@@ -487,10 +487,11 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
 
 
 def ensure_dataset(url: str, s3: S3Settings | None = None, command: Sequence[str] | None = None,
-                   build_if_missing: bool = True) -> bool:
+                   build_if_missing: bool = True, recipe: BuildConfig | None = None) -> bool:
     """Make sure a dataset exists at ``url`` (local folder or ``s3://bucket/prefix``): when its ``manifest.json`` is
-    missing, build the embedded default corpus there (:class:`BuildConfig` defaults), recording ``command`` (the
-    command line of the job that asked for it) in the manifest. Returns True when it built one.
+    missing, build the embedded default corpus there (``recipe``, else :class:`BuildConfig` defaults; its ``output``
+    and ``s3`` are replaced by ``url`` and ``s3``), recording ``command`` (the command line of the job that asked for
+    it) in the manifest. Returns True when it built one.
 
     With ``build_if_missing=False`` a missing manifest is a FileNotFoundError that says how to build one. An existing
     manifest is not validated here: the readers (:func:`~datprl.platform.data.format.read_manifest`) do that."""
@@ -499,8 +500,10 @@ def ensure_dataset(url: str, s3: S3Settings | None = None, command: Sequence[str
     if not build_if_missing:
         raise FileNotFoundError(f"no dataset at {url} ({MANIFEST_NAME} not found); build it with "
                                 f"jobs/build_dataset.py output={url}")
-    print(f"no dataset at {url} ({MANIFEST_NAME} not found): building the embedded default corpus there", flush=True)
-    build(BuildConfig(output=url, s3=s3), command=None if command is None else list(command))
+    what = "the embedded default corpus" if recipe is None else "the configured corpus"
+    print(f"no dataset at {url} ({MANIFEST_NAME} not found): building {what} there", flush=True)
+    recipe = (recipe or BuildConfig()).model_copy(update={"output": url, "s3": s3})
+    build(recipe, command=None if command is None else list(command))
     return True
 
 

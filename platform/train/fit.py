@@ -54,6 +54,20 @@ def open_dataset(config: TrainConfig) -> DatasetHandle:
     return DatasetHandle.open(config.data.dataset, config.data.s3)
 
 
+def read_metrics_log(path: Path) -> list[dict]:
+    """The reports of a run's ``metrics.jsonl`` (written by :func:`_metrics_log`), in order; a line cut short by a
+    crash is skipped; empty when the file does not exist (e.g. it was written on another node)."""
+    if not path.exists():
+        return []
+    reports = []
+    for line in path.read_text().splitlines():
+        try:
+            reports.append(json.loads(line))
+        except ValueError:
+            continue
+    return reports
+
+
 def _metrics_log(path: Path):
     """A Ray Train callback that appends rank 0's metrics of every report as one JSON line to ``path``.
 

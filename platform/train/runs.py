@@ -50,11 +50,12 @@ def run_url(config: TrainConfig) -> str:
     return join_url(config.storage, config.name)
 
 
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"dotted.field": value}`` (lists and other leaves kept whole)."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: value}
 
@@ -71,9 +72,9 @@ def _model_of(saved: dict[str, Any]) -> dict[str, Any]:
 def identity(saved: dict[str, Any]) -> dict[str, Any]:
     """The fields of a saved (JSON) TrainConfig that define the training, flattened to dotted names; the network as
     it resolves (``model.task_pool.size`` etc.), whatever spelling the config used."""
-    fields = _flatten({"model": _model_of(saved)}, "")
-    fields.update(_flatten({"data": {k: saved.get("data", {}).get(k) for k in IDENTITY_DATA_FIELDS}}, ""))
-    fields.update(_flatten({k: saved.get(k) for k in IDENTITY_FIELDS}, ""))
+    fields = flatten({"model": _model_of(saved)}, "")
+    fields.update(flatten({"data": {k: saved.get("data", {}).get(k) for k in IDENTITY_DATA_FIELDS}}, ""))
+    fields.update(flatten({k: saved.get(k) for k in IDENTITY_FIELDS}, ""))
     return fields
 
 

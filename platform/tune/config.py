@@ -61,32 +61,30 @@ def metric_task(metric: str) -> str | None:
     return match.group(2) if match else None
 
 
-class IntRange(StrictModel):
+class _Range(StrictModel):
+    """``low`` to ``high``; an empty or reversed range is refused at load time."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError(f"empty or reversed range: low={self.low:g} > high={self.high:g}; write low <= high")
+        return self
+
+
+class IntRange(_Range):
     """Integers from ``low`` to ``high``, both included (``log``: drawn uniformly in log space)."""
 
     low: int = Field(ge=1)
     high: int = Field(ge=1)
     log: bool = False
 
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if self.low > self.high:
-            raise ValueError(f"empty or reversed range: low={self.low} > high={self.high}; write low <= high")
-        return self
 
-
-class FloatRange(StrictModel):
+class FloatRange(_Range):
     """Reals from ``low`` to ``high`` (``log``: drawn uniformly in log space, the default, as for learning rates)."""
 
     low: float = Field(gt=0)
     high: float = Field(gt=0)
     log: bool = True
-
-    @model_validator(mode="after")
-    def _ordered(self) -> FloatRange:
-        if self.low > self.high:
-            raise ValueError(f"empty or reversed range: low={self.low:g} > high={self.high:g}; write low <= high")
-        return self
 
 
 class PoolSpace(StrictModel):

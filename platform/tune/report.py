@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import math
 import tempfile
 import warnings
@@ -146,14 +145,10 @@ def trial_rows(config: TuneConfig, grid) -> list[TrialRow]:
 def _logged_history(path: Path, metric: str) -> dict[int, float]:
     """step -> ``metric`` from a trial's ``metrics.jsonl`` (the last attempt's value where steps repeat); empty when
     the file is not on this node."""
+    from datprl.platform.train.fit import read_metrics_log
+
     history: dict[int, float] = {}
-    if not path.exists():
-        return history
-    for line in path.read_text().splitlines():
-        try:
-            report = json.loads(line)
-        except ValueError:
-            continue
+    for report in read_metrics_log(path):
         value, step = _number(report.get(metric)), _number(report.get("step"))
         if value is not None and step is not None:
             history[int(step)] = value

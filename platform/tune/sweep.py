@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from datprl.platform.config import config_to_dict, parse_cli, save_resolved_config
+from datprl.platform.train.runs import flatten
 from datprl.platform.storage import atomic_write_bytes, exists, filesystem, is_s3, join_url, read_bytes
 from datprl.platform.tune.config import POOLS, TuneConfig, metric_task, trial_train_config
 
@@ -100,18 +101,10 @@ def run_trial(params: dict[str, Any], config: TuneConfig) -> None:
 
 
 def _last_validation(path: Path, metric: str) -> dict | None:
-    """The last line of a run's metrics log that carries ``metric``."""
-    if not path.exists():
-        return None
-    last = None
-    for line in path.read_text().splitlines():
-        try:
-            report = json.loads(line)
-        except ValueError:
-            continue
-        if metric in report:
-            last = report
-    return last
+    """The last report of a run's metrics log that carries ``metric``."""
+    from datprl.platform.train.fit import read_metrics_log
+
+    return next((report for report in reversed(read_metrics_log(path)) if metric in report), None)
 
 
 # --- checks before Ray starts -------------------------------------------------------------------------------------
@@ -130,23 +123,16 @@ def _absolute(config: TuneConfig) -> TuneConfig:
 
 def _dataset(config: TuneConfig):
     """The recipe's dataset, built first when missing (``build``, else the training job's rule)."""
+    from datprl.platform.data.build import ensure_dataset
     from datprl.platform.data.handle import DatasetHandle
     from datprl.platform.train.fit import open_dataset
 
     train = config.train
-    if config.build is not None:
-        from datprl.platform.data.build import manifest_url
-
-        if not exists(manifest_url(train.data.dataset), train.data.s3):
-            from datprl.platform.data.build import build
-
-            print(f"[tune] no dataset at {train.data.dataset}: building it (build section of the config)", flush=True)
-            build(
-                config.build.model_copy(update={"output": train.data.dataset, "s3": train.data.s3}),
-                command=["jobs/tune.py", f"train.data.dataset={train.data.dataset}"],
-            )
-        return DatasetHandle.open(train.data.dataset, train.data.s3)
-    return open_dataset(train)
+    if config.build is None:
+        return open_dataset(train)
+    command = ["jobs/tune.py", f"train.data.dataset={train.data.dataset}"]  # recorded in the built manifest
+    ensure_dataset(train.data.dataset, train.data.s3, command=command, recipe=config.build)
+    return DatasetHandle.open(train.data.dataset, train.data.s3)
 
 
 def check_resources(config: TuneConfig, cpus: float) -> None:
@@ -230,7 +216,8 @@ def prepare_sweep(config: TuneConfig) -> tuple[TuneConfig, bool]:
     if restore and exists(record, train.s3):
         saved = _sweep_identity(json.loads(read_bytes(record, train.s3)))
         asked = _sweep_identity(json.loads(json.dumps(config_to_dict(config))))
-        diffs = sorted(_diff(saved, asked))
+        old, new = flatten(saved), flatten(asked)
+        diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if diffs:
             shown = "\n".join(f"  {key}: {old!r} in the sweep, {new!r} asked for" for key, old, new in diffs[:12])
             raise SweepError(
@@ -239,15 +226,6 @@ def prepare_sweep(config: TuneConfig) -> tuple[TuneConfig, bool]:
                 "resume=false (deletes its trials)"
             )
     return config, restore
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if old == new else [(prefix, old, new)]
 
 
 # --- the sweep ----------------------------------------------------------------------------------------------------
