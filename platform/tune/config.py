@@ -9,6 +9,7 @@ prompt dimension, learning rate) on top: :func:`trial_train_config`.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -332,6 +333,11 @@ def _model_with(model: ModelSpec, params: dict[str, Any]) -> ModelSpec:
     if "prompt_dim" in params:
         fields["prompt_dim"] = int(params["prompt_dim"])
     return ModelSpec.model_validate(fields)
+
+
+def trial_output_dir(config: TuneConfig, trial_id: str) -> str:
+    """A trial's local folder (its ``metrics.jsonl``): ``<output_dir>/trials/<trial id>``."""
+    return str(Path(config.output_dir) / "trials" / trial_id)
 
 
 def trial_train_config(config: TuneConfig, params: dict[str, Any], trial_id: str, output_dir: str) -> TrainConfig:

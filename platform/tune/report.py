@@ -29,7 +29,7 @@ import yaml
 from datprl.platform.config import config_to_dict
 from datprl.platform.storage import atomic_write_bytes
 from datprl.platform.train.config import TrainConfig
-from datprl.platform.tune.config import POOLS, TuneConfig, parameter_names, trial_train_config
+from datprl.platform.tune.config import POOLS, TuneConfig, parameter_names, trial_output_dir, trial_train_config
 
 __all__ = [
     "TrialRow",
@@ -111,7 +111,7 @@ def trial_rows(config: TuneConfig, grid) -> list[TrialRow]:
                     extra[other] = values[-1]
         # A trial restarted after the driver died: Tune's record of it may have lost the reports before (they reach
         # its storage only at the end); the trial's own metrics log on this node keeps every attempt.
-        logged = _logged_history(Path(config.output_dir) / "trials" / trial_id / "metrics.jsonl", metric)
+        logged = _logged_history(Path(trial_output_dir(config, trial_id)) / "metrics.jsonl", metric)
         history = {**logged, **history}
         step = max([step, *logged])
         status = getattr(trial, "status", None)

@@ -32,7 +32,7 @@ from typing import Any
 from datprl.platform.config import config_to_dict, parse_cli, save_resolved_config
 from datprl.platform.train.runs import flatten
 from datprl.platform.storage import atomic_write_bytes, exists, filesystem, is_s3, join_url, read_bytes
-from datprl.platform.tune.config import POOLS, TuneConfig, metric_task, trial_train_config
+from datprl.platform.tune.config import POOLS, TuneConfig, metric_task, trial_output_dir, trial_train_config
 
 __all__ = ["DefineByRun", "SweepError", "check_resources", "main", "prepare_sweep", "run_sweep", "run_trial"]
 
@@ -62,11 +62,6 @@ class DefineByRun:
             trial.suggest_categorical("prompt_dim", list(self.space.prompt_dim))
         if self.space.lr is not None:
             trial.suggest_float("lr", self.space.lr.low, self.space.lr.high, log=self.space.lr.log)
-
-
-def trial_output_dir(config: TuneConfig, trial_id: str) -> str:
-    """A trial's local folder (its ``metrics.jsonl``): ``<output_dir>/trials/<trial id>``."""
-    return str(Path(config.output_dir) / "trials" / trial_id)
 
 
 def run_trial(params: dict[str, Any], config: TuneConfig) -> None:
