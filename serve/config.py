@@ -39,11 +39,21 @@ class AutoscalingSettings(StrictModel):
     )
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="window (seconds) over which ongoing requests are averaged for a decision (Ray's 30)"
+    )
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="how often handles and replicas report ongoing requests to the controller (Ray's 10; "
+        "Ray marks the field deprecated and warns when it is changed, but still reads it)"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSettings":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        if self.look_back_period_s <= self.metrics_interval_s:  # Ray warns now and will refuse it
+            raise ValueError(f"look_back_period_s={self.look_back_period_s} must exceed "
+                             f"metrics_interval_s={self.metrics_interval_s}")
         return self
 
     def to_ray(self) -> dict[str, Any]:

@@ -414,6 +414,34 @@ def test_config_defaults_and_errors():
         config_from_args({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
 
 
+def test_autoscaling_timing_fields_match_ray():
+    """look_back_period_s and metrics_interval_s default to Ray's values; what to_ray() gives is a valid Ray
+    AutoscalingConfig (no warning at the defaults), short settings pass through, and a window not longer than the
+    report interval is refused (Ray only warns about it for now)."""
+    import warnings
+
+    from ray.serve.config import AutoscalingConfig
+
+    from datprl.platform.config import ConfigError
+
+    ray_defaults = AutoscalingConfig()
+    ours = ServeConfig().autoscaling
+    assert ours.look_back_period_s == ray_defaults.look_back_period_s
+    assert ours.metrics_interval_s == ray_defaults.metrics_interval_s
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoscalingConfig(**ours.to_ray())
+    short = config_from_args({"autoscaling.look_back_period_s": "4", "autoscaling.metrics_interval_s": "1",
+                              "autoscaling.upscale_delay_s": "1", "autoscaling.downscale_delay_s": "3"}).autoscaling
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Ray's note on a changed metrics_interval_s
+        ray_short = AutoscalingConfig(**short.to_ray())
+    assert (ray_short.look_back_period_s, ray_short.metrics_interval_s) == (4.0, 1.0)
+    assert (ray_short.upscale_delay_s, ray_short.downscale_delay_s) == (1.0, 3.0)
+    with pytest.raises(ConfigError, match="look_back_period_s"):
+        config_from_args({"autoscaling": {"look_back_period_s": 5, "metrics_interval_s": 5}})
+
+
 def test_serve_deploy_config_is_valid(repo_root):
     from ray.serve.schema import ServeDeploySchema
 
