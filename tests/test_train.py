@@ -36,7 +36,8 @@ def dataset(tmp_path_factory):
 def _config(dataset: Path, root: Path, **overrides) -> TrainConfig:
     """A small CPU run: paper_tiny on 32x32 crops of the haze task (8 training tiles; haze is a global, smooth
     degradation, so a few dozen steps visibly lower the pixel loss), one worker with half a CPU (Ray Data keeps the
-    rest), no evaluation, storage and outputs under ``root``."""
+    rest), no evaluation, storage and outputs under ``root``. The plain L1 (not the default input-relative one): its
+    value is the absolute error the loss test follows."""
     fields = dict(
         name="run",
         storage=str(root / "storage"),
@@ -44,6 +45,7 @@ def _config(dataset: Path, root: Path, **overrides) -> TrainConfig:
         data=DataConfig(dataset=str(dataset), crop_size=32, tasks=["haze"], per_task_batch=4, shuffle_buffer=8),
         build_dataset_if_missing=False,
         model={"variant": "paper_tiny"},
+        loss=LossWeights(input_relative=False),
         optim=OptimConfig(lr=2e-3),
         cpus_per_worker=0.5,
         evaluate_split=None,
