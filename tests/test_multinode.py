@@ -21,7 +21,8 @@ session, with an environment of its own: a fresh token (``RAY_AUTH_TOKEN_PATH``,
 placement-group cleaner (which asks the state API without an address) reaches this cluster even when another Ray runs
 on the machine (the test session's in-process Ray, say) instead of failing with "Found multiple active Ray instances".
 The driver shuts its cluster down; the test then SIGKILLs any process it saw in the driver's session or below it that
-is still alive (never `ray stop`, which would stop every Ray on the machine).
+is still alive (never `ray stop`, which would stop every Ray on the machine). The cluster's temp folder (its logs) is
+removed when the test passes and named in the failure message otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -273,7 +275,7 @@ def test_training_survives_losing_a_node(tmp_path, s3_server, tiny_dataset):
         if left:
             print(f"[multinode] SIGKILLed {len(left)} processes left by the driver: {sorted(set(left))}")
     wall = time.monotonic() - began
-    printed = _tail(log_path)
+    printed = f"{_tail(log_path)}\n(Ray's session logs: {temp})"
     assert driver.returncode == 0, printed
     events = json.loads((tmp_path / "events.json").read_text())
     assert "watch_error" not in events, (events, printed)
@@ -322,6 +324,7 @@ def test_training_survives_losing_a_node(tmp_path, s3_server, tiny_dataset):
     for what, seconds in timeline.items():
         print(f"[multinode] {what}: {seconds:.1f} s")
     print(f"[multinode] test wall time {wall:.1f} s")
+    shutil.rmtree(temp, ignore_errors=True)  # Ray's session logs: kept only when the test fails
 
 
 def _alive(seen: dict[int, int]) -> bool:
