@@ -237,6 +237,27 @@ def test_the_driver_reads_the_manifest_once(tmp_path, monkeypatch):
     assert len(run.dataset.manifest_sha256) == 64
 
 
+def test_placement_strategy_reaches_ray_trains_scaling_config(tmp_path, monkeypatch):
+    """``placement_strategy`` (default PACK, Ray's) goes to the trainer's ScalingConfig with the elastic worker range;
+    a value Ray does not know is refused naming the field. No Ray: the dataset read and the trainer are stand-ins."""
+    import ray.train.torch
+
+    from conftest import write_tiny_dataset
+
+    assert TrainConfig().placement_strategy == "PACK" == ray.train.ScalingConfig().placement_strategy
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        _config(tmp_path, "placement_strategy=EVERYWHERE")
+    dataset = write_tiny_dataset(tmp_path / "data")
+    config = _config(tmp_path, f"data.dataset={dataset}", "data.cache_decoded=false", "placement_strategy=SPREAD",
+                     "num_workers=[1,2]", "cpus_per_worker=0.5", "text_embeddings=null")  # fmt: skip
+    monkeypatch.setattr(fit_module, "read_split", lambda *args, **kwargs: "train split")
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda loop, **kwargs: kwargs)
+    kwargs = fit_module.build_trainer(fit_module.prepare(config))
+    scaling = kwargs["scaling_config"]
+    assert (scaling.placement_strategy, scaling.num_workers) == ("SPREAD", (1, 2))
+    assert scaling.resources_per_worker == {"CPU": 0.5} and kwargs["datasets"] == {"train": "train split"}
+
+
 def test_more_steps_continue_a_run_fewer_find_it_complete(tmp_path):
     trained = _config(tmp_path)  # steps=20
     _fake_checkpoint(tmp_path / "runs" / "r", config_to_dict(trained), step=20)

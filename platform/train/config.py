@@ -52,6 +52,13 @@ class TrainConfig(StrictModel):
     steps: int = Field(1000, ge=1)
     num_workers: int | tuple[int, int] = Field(1, description="workers, or (min, max) for elastic training")
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="how the workers' placement group lays them out on the nodes (Ray's ScalingConfig option): PACK "
+        "(Ray's default) fills few nodes, SPREAD spreads them when it can, STRICT_* insist. With elastic num_workers "
+        "Ray counts the workers a restart gets by resources, not nodes: STRICT_SPREAD can then ask for more workers "
+        "than there are nodes and never start",
+    )
     use_gpu: bool | Literal["auto"] = "auto"
     max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
     checkpoint_every: int = Field(250, ge=1)

@@ -186,7 +186,8 @@ def build_trainer(run: PreparedRun, callbacks: Sequence = ()):
                            "counts": dataset.samples_per_task("train"), "held_out": run.held_out,
                            "manifest_sha256": dataset.manifest_sha256},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker},
+            placement_strategy=config.placement_strategy,
         ),
         datasets={"train": train_split},
         run_config=ray.train.RunConfig(
