@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -160,3 +162,25 @@ def session_processes(session: int, table: dict[int, ProcessInfo] | None = None)
         grew = bool(children)
     found.discard(os.getpid())
     return found
+
+
+def stop_session(session: int, term_grace: float, kill_grace: float = 10) -> list[str]:
+    """Stop every process of ``session`` (see :func:`session_processes`): SIGTERM, SIGKILL to what is left after
+    ``term_grace`` seconds, then assert that none is left after ``kill_grace`` more. Returns the names of the processes
+    that outlived SIGTERM. Only that session is touched: other Ray instances on the machine keep running."""
+    outlived: list[str] = []
+    for sig, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, kill_grace)):
+        for pid in session_processes(session):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while session_processes(session) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if sig == signal.SIGTERM:
+            table = process_table()
+            outlived = sorted(table[p].name for p in session_processes(session, table))
+    left = session_processes(session)
+    assert not left, f"processes of session {session} survived SIGKILL: {sorted(left)}"
+    return outlived

@@ -12,7 +12,6 @@ import copy
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import session_processes
+from conftest import stop_session
 from datprl.platform.config import load_config
 from datprl.platform.runtime import free_loopback_port
 from datprl.platform.train.config import TrainConfig
@@ -152,17 +151,7 @@ class LocalHead:
 
     def stop(self) -> None:
         if self.session is not None:
-            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                for pid in session_processes(self.session):
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-                deadline = time.monotonic() + grace
-                while session_processes(self.session) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-            left = session_processes(self.session)
-            assert not left, f"Ray processes of the test head survived SIGKILL: {sorted(left)}"
+            stop_session(self.session, term_grace=15)
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def __enter__(self) -> LocalHead:

@@ -19,7 +19,6 @@ import io
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import process_table, session_processes
+from conftest import session_processes, stop_session
 from datprl.models.factory import create_model, save_model, weights_digest
 from datprl.platform.runtime import free_loopback_port
 from datprl.serve.app import _TOLERANT_CONTROLLER_ENV
@@ -157,20 +156,7 @@ class ServeHead:
         """SIGTERM to every process of the head's session, SIGKILL to what is left after 5 s (some Ray processes
         outlive SIGTERM; the head's state goes with its temp dir), then assert that none is left."""
         if self.session is not None:
-            for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-                for pid in session_processes(self.session):
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-                deadline = time.monotonic() + grace
-                while session_processes(self.session) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if sig == signal.SIGTERM:
-                    table = process_table()
-                    self.outlived_sigterm = sorted(table[p].name for p in session_processes(self.session, table))
-            left = session_processes(self.session)
-            assert not left, f"processes of the test head survived SIGKILL: {sorted(left)}"
+            self.outlived_sigterm = stop_session(self.session, term_grace=5)
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def __enter__(self) -> ServeHead:
