@@ -169,7 +169,7 @@ def _decode(data: bytes, fmt: str, max_pixels: int, white_level: int | None) -> 
     return decode(data, fmt, max_pixels, white_level)
 
 
-#: Activation bytes per pixel assumed when the replica cannot measure them (no /proc): above the ~2.4 KB measured for
+#: Activation bytes per pixel assumed when the replica cannot measure them (no /proc): above the ~2.2 KB measured for
 #: paper_tiny in fp32 on CPU. Set activation_bytes_per_pixel for other variants on such systems.
 FALLBACK_ACTIVATION_BYTES_PER_PIXEL = 4096.0
 

@@ -696,7 +696,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
 
 #: Pixels quantised (and PNG-filtered) at a time: the encoder's float and filter temporaries stay a few MB whatever
 #: the image's size.
-_CHUNK_PIXELS = 1 << 16
+_CHUNK_PIXELS = 1 << 14
 
 
 def to_gray_or_rgb(restored: np.ndarray, channels: int) -> np.ndarray:

@@ -101,8 +101,8 @@ class ServeConfig(StrictModel):
     max_batch_pixels: int = Field(
         512 * 512, ge=1, description="most pixels (padded, summed over the batch) in one forward: a batch above it is "
         "split into several forwards, and a tiled image sends this many pixels of tiles at a time; one image or tile "
-        "always goes through. Bounds the network's activation memory (paper_tiny fp32 on CPU: ~2.4 KB per pixel, "
-        "0.63 GB for one 512x512 tile); on CPU larger batches are not faster (README 'Large images'), on a GPU raise it"
+        "always goes through. Bounds the network's activation memory (paper_tiny fp32 on CPU: ~2.2 KB per pixel, "
+        "0.56 GB for one 512x512 tile); on CPU larger batches are not faster (README 'Large images'), on a GPU raise it"
     )
     request_memory_budget_bytes: int | None = Field(
         4 * 2**30, ge=1, description="a request whose estimated memory (image buffers from the header's size, "

@@ -157,13 +157,25 @@ def _replica_path(size: int, config: LargeImageBenchmarkConfig) -> dict[str, Any
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _replica_pid(app_name: str) -> int:
-    from ray.util.state import list_actors
-
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-        if actor.get("class_name", "").endswith(f"{app_name}:Restorer"):
-            return int(actor["pid"])
-    raise RuntimeError(f"no live replica of application {app_name!r} found")
+def _replica_pid(app_name: str, timeout_s: float = 60) -> int:
+    """The process of the application's one replica on this machine: Ray titles an actor's process
+    ``ray::ServeReplica:<app>:<deployment>`` (found in ``/proc``, so no dashboard is needed)."""
+    title = f"ServeReplica:{app_name}:Restorer".encode()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if title in cmdline.read():
+                        return int(entry)
+            except OSError:
+                continue
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"no process titled ray::{title.decode()} found in /proc: path=http needs the replica on this machine"
+    )
 
 
 def _http_path(sizes: Sequence[int], config: LargeImageBenchmarkConfig) -> list[dict[str, Any]]:

@@ -150,6 +150,24 @@ def test_output_writer_in_strips_equals_one_piece(channels, bits, fmt, out_bits)
         np.testing.assert_allclose(back.pixels, expected, atol=1)
 
 
+def test_encoding_allocates_no_full_size_float_copy():
+    """tracemalloc sees NumPy's allocations: encoding a (3, 1024, 1024) float32 restoration never holds a full-size
+    float copy (12 MB in float32, 25 MB in float64). PNG holds a few MB of chunk temporaries whatever the size (the
+    file here compresses to almost nothing); 16-bit TIFF holds its integer array, the file and its copy (6 MB each)."""
+    import tracemalloc
+
+    gradient = np.linspace(0, 1, 1024, dtype=np.float32)
+    restored = np.stack([np.add.outer(gradient, gradient) / 2] * 3)
+    source = DecodedImage("png", np.zeros((1024, 1024, 3), np.uint8), None, 8, 255)
+    for fmt, bits, limit in (("png", None, 4 * 2**20), ("tiff", 16, 3 * 6 * 2**20 + 4 * 2**20)):
+        tracemalloc.start()
+        data, _ = encode(restored, source, fmt, bits)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"{fmt}: traced peak {peak / 2**20:.1f} MB, file {len(data) / 2**20:.1f} MB")
+        assert peak < limit
+
+
 def test_output_writer_refuses_rows_out_of_order():
     writer = OutputWriter(_source(3, 8), "png")
     writer.write(0, np.zeros((3, 10, 53), np.float32))
