@@ -15,6 +15,7 @@ import torch
 
 from datprl.models import create_model, load_model
 from datprl.models.losses import LossWeights
+from datprl.platform.compute import ComputeConfig
 from datprl.platform.config import config_to_dict
 from datprl.platform.data.pipeline import DataConfig
 from datprl.platform.data.build import BuildConfig, build
@@ -237,7 +238,9 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
 def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_local, dataset, tmp_path):
     """Two DDP workers on a split where one task has very few samples (a worker may receive none of them) finish the
     same number of steps without hanging; periodic validation reports PSNR per task, including the task held out of
-    training for zero-shot evaluation, which the training batches never contain."""
+    training for zero-shot evaluation, which the training batches never contain. The run also takes the non-default
+    compute options through Ray Train and DDP (fp16 autocast with a GradScaler whose state is checkpointed,
+    channels-last, fused Adam, the learning rate scaled linearly with the 2 workers)."""
     from datprl.platform.data.format import read_manifest
     from datprl.platform.train.fit import training_tasks
 
@@ -246,12 +249,18 @@ def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_
         data=DataConfig(dataset=str(dataset), crop_size=16, tasks=["haze", "ct_low_dose", "cloud"], per_task_batch=2,
                         shuffle_buffer=4, eval_crop=32),
         zero_shot_tasks=["cloud"], evaluate_split="val", validate_every=6, log_every=6, checkpoint_every=12,
+        compute=ComputeConfig(precision="fp16", channels_last=True, adam_impl="fused"),
+        optim=OptimConfig(lr=1e-3, lr_scaling="linear", min_lr=1e-3),
     )  # fmt: skip
     counts = {c.task: c.samples for c in read_manifest(str(dataset)).counts if c.split == "train"}
     assert counts["ct_low_dose"] < counts["haze"]  # the unbalanced case this test is about
     assert training_tasks(config) == (["haze", "ct_low_dose"], ["cloud"])
     result = fit(config)
-    assert result.error is None and _state(result)["step"] == 12
+    state = _state(result)
+    assert result.error is None and state["step"] == 12
+    assert state["scaler"]["scale"] > 0  # the fp16 loss scale is resumed with the run
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-3)  # 1e-3 x 2 workers
+    assert all(m["loss"] == m["loss"] for m in _metrics(config))  # no NaN loss reached a report
     validated = [m for m in _metrics(config) if "val_psnr" in m]
     assert [m["step"] for m in validated] == [6, 12]
     for m in validated:

@@ -176,7 +176,7 @@ def _bare_round(train_config, batches: list[dict], warmup: int, report_every: in
 
     from datprl.models import create_model
     from datprl.models.losses import DATPRLLoss
-    from datprl.platform.train.loop import _schedule, train_step
+    from datprl.platform.train.loop import build_optimizer, train_step
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -185,19 +185,19 @@ def _bare_round(train_config, batches: list[dict], warmup: int, report_every: in
         model = create_model(train_config.model.resolve())
         params = [p for p in model.parameters() if p.requires_grad]
         optim = train_config.optim
-        optimizer = torch.optim.Adam(params, lr=optim.lr, betas=optim.betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(optim, train_config.steps))
+        device = torch.device("cpu")
+        optimizer, scheduler, scaler = build_optimizer(params, train_config, 1, device)
         criterion = DATPRLLoss(train_config.loss)
         ema = None
         if optim.ema_decay:  # as train_loop_per_worker builds it
             ema = torch.optim.swa_utils.AveragedModel(
                 model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(optim.ema_decay))
-        device = torch.device("cpu")
         windows: list[tuple[int, float]] = []
         losses: list[float] = []
         start = time.perf_counter()
         for i, batch in enumerate(batches):
-            terms = train_step(model, model, batch, criterion, optimizer, scheduler, params, train_config, device, None)
+            terms = train_step(model, model, batch, criterion, optimizer, scheduler, params, train_config, device, None,
+                               scaler)
             if ema is not None:
                 ema.update_parameters(model)
             losses.append(terms["total"])
