@@ -230,6 +230,18 @@ def test_markdown_summary_of_a_json_report():
            "needs 2" in lines  # fmt: skip
 
 
+def test_markdown_of_a_multi_gpu_run_states_the_setup_and_the_equivalence_test():
+    report = _report()
+    report["steps"]["multi_gpu"].update(status="ok", reason=None, data={
+        "command": ["python", "jobs/train.py", "num_workers=2"], "returncode": 0, "workers": 2, "gpus": 2,
+        "reports": [{"step": 20, "samples_per_s": 300.0, "loss": 0.05}],
+        "setup_line": "[train] global batch 36 (2/task x 9 tasks per worker x 2 workers); lr 0.0004",
+        "ddp_equivalence_returncode": 1})  # fmt: skip
+    lines = format_markdown(json.loads(json.dumps(report))).splitlines()
+    assert "Stated at start: `[train] global batch 36 (2/task x 9 tasks per worker x 2 workers); lr 0.0004`." in lines
+    assert "1-vs-2-worker DDP equivalence test on the GPUs: FAILED." in lines
+
+
 TINY = ["model.variants=[paper_tiny]", "model.size=16", "model.batch=1", "model.dtypes=[fp32]",
         "model.channels_last=[false,true]", "model.compile_dtypes=[fp32]", "model.compile_backend=eager",
         "serving.sizes=[16,24]", "serving.batches=[1,2]", "serving.requests=2", "serving.batch_iters=1"]  # fmt: skip

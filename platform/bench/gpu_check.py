@@ -707,6 +707,11 @@ def _multi_gpu_md(data: dict[str, Any]) -> list[str]:
             f"Last report: step {last.get('step')}, {_num(last.get('samples_per_s'), 1)} samples/s over "
             f"{data.get('workers')} workers, loss {_num(last.get('loss'), 4)}."
         )
+    if data.get("setup_line"):
+        lines.append(f"Stated at start: `{data['setup_line']}`.")
+    if "ddp_equivalence_returncode" in data:
+        passed = data["ddp_equivalence_returncode"] == 0
+        lines.append(f"1-vs-2-worker DDP equivalence test on the GPUs: {'passed' if passed else 'FAILED'}.")
     return lines
 
 

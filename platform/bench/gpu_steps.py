@@ -432,3 +432,25 @@ def multi_gpu_step(config: GpuCheckConfig, record: Recorder) -> None:
         raise RuntimeError(f"jobs/train.py {what}; the end of {log}:\n{tail}")
     if not reports or reports[-1]["step"] != m.steps:
         raise RuntimeError(f"jobs/train.py ended without a report of step {m.steps} in {metrics}")
+    # Rank 0's start-up line states the global batch, the lr and its scaling, the numerics and DDP's settings.
+    stated = [line for line in log.read_text(errors="replace").splitlines() if "[train] global batch" in line]
+    record.update(setup_line=stated[-1].strip() if stated else None)
+    if not stated:
+        raise RuntimeError(
+            f"jobs/train.py did not state its global batch and learning rate (no '[train] global batch' line in {log})"
+        )
+    # Gradients are synchronised: the GPU flavour of the test that two DDP workers on halves of a batch take the
+    # steps one process takes on the whole batch.
+    test_log = out / "ddp_equivalence.log"
+    test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_train.py"),
+            "-k", "two_ddp_workers_match_one_process and cuda"]  # fmt: skip
+    with test_log.open("w") as stream:
+        try:
+            test_code = subprocess.run(test, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO,
+                                       timeout=max(1.0, record.left()), check=False).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            test_code = None
+    record.update(ddp_equivalence_returncode=test_code, ddp_equivalence_log=str(test_log))
+    if test_code != 0:
+        tail = "\n".join(test_log.read_text(errors="replace").rstrip().splitlines()[-15:])
+        raise RuntimeError(f"the GPU 1-vs-2-worker DDP equivalence test did not pass ({test_code}):\n{tail}")
