@@ -5,6 +5,7 @@
 # process of its own within its budget, and one that fails or runs out of time is reported while the others run.
 # Exit status: 0 every step ran (ok or skipped), 1 a step failed, 2 a bad option, 3 no CUDA device (a one-line message,
 # within seconds: nothing else is started). The CPU test mode: bash infra/gpu-check.sh OUT infra/gpu-check-cpu.yaml
+# On a GPU lent through the device tool (no network there): infra/gpu-check-device.md (infra/gpu-check-device.sh).
 set -euo pipefail
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ] || [ "${1#*=}" != "$1" ]; then
   echo "usage: bash infra/gpu-check.sh OUT_DIR [config.yaml] [key=value ...]" >&2
