@@ -34,18 +34,19 @@ from datprl.serve.codec import (
     FORMATS_OUT,
     MEDIA_TYPES,
     DecodedImage,
+    OutputWriter,
     RequestError,
     check_content_type,
     check_output,
     decode,
-    encode,
     media_type_of,
     output_format,
-    probe,
+    read_header,
 )
+from datprl.serve import memory
 from datprl.serve.config import ServeConfig, replica_config, resolve_num_gpus
-from datprl.serve.engine import Engine, PromptTally, Restored, load_engine
-from datprl.serve.tiling import TiledJob
+from datprl.serve.engine import Engine, Restored, load_engine
+from datprl.serve.pipeline import plan_request, restore_image
 
 __all__ = ["build_app", "deployment_options", "start_serve", "Restorer", "api"]
 
@@ -80,7 +81,9 @@ _RESTORE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the restored image (format/bit depth as asked), or JSON with `response=json`",
           "content": {**{m: {} for m in MEDIA_TYPES.values()}, "application/json": {}}},
     400: {"description": "empty body, truncated or corrupt image, malformed upload", "content": _ERROR_SCHEMA},
-    413: {"description": "body or image larger than the configured limits (decompression bombs too)",
+    413: {"description": "body or image larger than the configured limits (decompression bombs too), or a "
+                         "request whose estimated memory exceeds request_memory_budget_bytes (checked from the header "
+                         "before decoding; the error names the estimate, the budget and the fix)",
           "content": _ERROR_SCHEMA},
     415: {"description": "wrong Content-Type, unsupported or unrecognised format", "content": _ERROR_SCHEMA},
     422: {"description": "invalid parameters (format, bit_depth, tiling, white_level) or unusable image "
@@ -159,14 +162,39 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str | None]
         await form.close()
 
 
-def _decode_for_model(data: bytes, fmt: str, max_pixels: int,
-                      white_level: int | None) -> tuple[DecodedImage, torch.Tensor]:
-    """Decode and normalise in one worker-thread call: (image, (3, H, W) float32 in [0, 1]). The stored values are
-    released once normalised (encoding needs only their shape)."""
-    image = decode(data, fmt, max_pixels, white_level)
-    unit = torch.from_numpy(image.to_unit())
-    image.release_pixels()
-    return image, unit
+def _decode(data: bytes, fmt: str, max_pixels: int, white_level: int | None) -> DecodedImage:
+    """:func:`~datprl.serve.codec.decode`, looked up in this module when called: ``@serve.ingress`` copies the class
+    by value, and its methods keep copies of the module-level names they use, so a patched ``decode`` (tests) is
+    seen only through a module-level function."""
+    return decode(data, fmt, max_pixels, white_level)
+
+
+#: Activation bytes per pixel assumed when the replica cannot measure them (no /proc): above the ~2.4 KB measured for
+#: paper_tiny in fp32 on CPU. Set activation_bytes_per_pixel for other variants on such systems.
+FALLBACK_ACTIVATION_BYTES_PER_PIXEL = 4096.0
+
+
+def configure_process_memory(config: ServeConfig) -> None:
+    """The replica process's allocator settings (``malloc_mmap_threshold_bytes``); set before the engine loads."""
+    if config.malloc_mmap_threshold_bytes is not None and not memory.set_mmap_threshold(
+        config.malloc_mmap_threshold_bytes
+    ):
+        log.info("[serve] malloc_mmap_threshold_bytes is not applied here (the C library is not glibc)")
+
+
+def activation_bytes_per_pixel(config: ServeConfig, engine: Engine) -> float | None:
+    """The activation memory per pixel the memory estimate uses: the configured value, else one forward of a tile
+    measured here (None without a budget: nothing needs it)."""
+    if config.request_memory_budget_bytes is None:
+        return None
+    if config.activation_bytes_per_pixel is not None:
+        return config.activation_bytes_per_pixel
+    measured = engine.measure_activation_bytes_per_pixel(max(config.tile_size, 128))
+    if measured is None:
+        log.warning("[serve] activation memory could not be measured here; the memory estimate assumes %.0f "
+                    "bytes/pixel (set activation_bytes_per_pixel)", FALLBACK_ACTIVATION_BYTES_PER_PIXEL)
+        return FALLBACK_ACTIVATION_BYTES_PER_PIXEL
+    return measured
 
 
 @serve.deployment(name="Restorer", max_ongoing_requests=32, health_check_period_s=10)
@@ -179,13 +207,16 @@ class Restorer:
 
         self.config = ServeConfig.model_validate(config)
         Image.MAX_IMAGE_PIXELS = self.config.max_pixels  # Pillow's own bomb check agrees with ours
+        configure_process_memory(self.config)
         self.engine: Engine = load_engine(self.config)
+        self.activation_bytes_per_pixel = activation_bytes_per_pixel(self.config, self.engine)
         self._infer.set_max_batch_size(self.config.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._large_slots = asyncio.Semaphore(self.config.max_concurrent_tiled)
         info = self.engine.info
-        log.info("[serve] replica ready: %s (%s, sha256 %s) on %s", info.variant, info.source,
-                 info.weights_sha256[:12], info.device)
+        log.info("[serve] replica ready: %s (%s, sha256 %s) on %s, %s; activations %s bytes/pixel", info.variant,
+                 info.source, info.weights_sha256[:12], info.device, self.engine.precision,
+                 "unused" if self.activation_bytes_per_pixel is None else f"{self.activation_bytes_per_pixel:.0f}")
         if info.trained is False:
             log.warning("[serve] %s", info.note)
 
@@ -204,25 +235,6 @@ class Restorer:
         if isinstance(result, BaseException):
             raise result
         return result
-
-    async def _restore(self, unit: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, dict, int, int]:
-        """(restored (3, H, W), prompt summary, number of tiles, largest batch this image's forwards ran in)."""
-        tally = PromptTally(self.engine.pools)
-        if not tiled:
-            out = await self._forward(unit)
-            tally.add(out.selection, 0)
-            return out.image, tally.summary(), 1, out.batch
-        cfg = self.config
-        job = TiledJob(unit, cfg.tile_size, cfg.tile_overlap, cfg.max_batch_size)
-        largest = 0
-        for group in job.groups():  # at most one batch of tiles in flight per image
-            outs = await asyncio.gather(*(self._forward(crop) for crop in job.crops(group)))
-            await asyncio.to_thread(job.add, group, [o.image for o in outs])  # allocates the canvas on the first
-            for out in outs:
-                tally.add(out.selection, 0)
-                largest = max(largest, out.batch)
-        restored = await asyncio.to_thread(job.result)
-        return restored, tally.summary(), len(job.tiles), largest
 
     # -- routes ------------------------------------------------------------------------------------------------------
     @api.get("/healthz", summary="Readiness: 200 once the model is loaded and a tiny forward works, else 503",
@@ -245,7 +257,9 @@ class Restorer:
             "max_pixels": cfg.max_pixels, "max_body_bytes": cfg.max_body_bytes, "tile_size": cfg.tile_size,
             "tile_overlap": cfg.tile_overlap, "tile_above_pixels": cfg.tile_above_pixels,
             "max_untiled_pixels": cfg.max_untiled_pixels, "max_concurrent_tiled": cfg.max_concurrent_tiled,
-            "max_batch_size": cfg.max_batch_size},
+            "max_batch_size": cfg.max_batch_size, "max_batch_pixels": cfg.max_batch_pixels,
+            "request_memory_budget_bytes": cfg.request_memory_budget_bytes,
+            "activation_bytes_per_pixel": self.activation_bytes_per_pixel},
             "batching": dict(self.engine.stats)}
 
     @api.post("/v1/restore", summary="Restore one image", openapi_extra={"requestBody": _RESTORE_BODY},
@@ -272,25 +286,25 @@ class Restorer:
         data, content_type = await _image_bytes(request, cfg.max_body_bytes)
         fmt = check_content_type(data, content_type)
         check_output(out_format, bit_depth, fmt)
-        # The header gives the size before any pixel is decoded: limits, tiling and the large-image slot come first.
-        width, height = await asyncio.to_thread(probe, data, fmt, cfg.max_pixels)
-        pixels = width * height
-        tiled = tiling == "always" or (tiling == "auto" and pixels > cfg.tile_above_pixels)
-        if tiling == "never" and pixels > cfg.max_untiled_pixels:
-            raise RequestError(413, f"tiling=never with {pixels} pixels exceeds max_untiled_pixels="
-                               f"{cfg.max_untiled_pixels}", "use tiling=auto for large images")
+        # The header gives the size before any pixel is decoded: limits, tiling, the memory estimate and the
+        # large-image slot come first.
+        header = await asyncio.to_thread(read_header, data, fmt, cfg.max_pixels)
+        plan = plan_request(header, len(data), tiling, cfg, self.activation_bytes_per_pixel, out_format, bit_depth)
         # Large images (tiled or not) are decoded and restored at most max_concurrent_tiled at a time per replica.
-        slot = self._large_slots if pixels > cfg.tile_above_pixels else contextlib.nullcontext()
+        slot = self._large_slots if header.pixels > cfg.tile_above_pixels else contextlib.nullcontext()
         async with slot:
-            image, unit = await asyncio.to_thread(_decode_for_model, data, fmt, cfg.max_pixels, white_level)
+            image = await asyncio.to_thread(_decode, data, fmt, cfg.max_pixels, white_level)
             del data  # the request body is not needed any more
             check_output(out_format, bit_depth, image.format, image.bit_depth)  # before the forward, not after
-            restored, prompts, tiles, batch = await self._restore(unit, tiled)
-            del unit
-            encoded, described = await asyncio.to_thread(encode, restored.numpy(), image, out_format, bit_depth)
-            del restored
+            writer = await asyncio.to_thread(OutputWriter, image, out_format, bit_depth)
+            outcome = await restore_image(image, plan.tiled, writer, self._forward, self.engine.pools, cfg)
+            encoded, described = await asyncio.to_thread(writer.finish)
+            del writer
+        if plan.note:
+            described["notes"].append(plan.note)
         info = self.engine.info
-        headers = {"X-Tiles": str(tiles), "X-Batch-Size": str(batch), "X-Weights-SHA256": info.weights_sha256,
+        headers = {"X-Tiles": str(outcome.tiles), "X-Batch-Size": str(outcome.batch),
+                   "X-Weights-SHA256": info.weights_sha256,
                    "X-Model-Trained": {True: "true", False: "false", None: "unknown"}[info.trained]}
         wants_json = response == "json" or media_type_of(request.headers.get("accept")) == "application/json"
         if not wants_json:
@@ -300,10 +314,11 @@ class Restorer:
             "image": base64.b64encode(encoded).decode("ascii"),
             "input": {"format": image.format, "width": image.width, "height": image.height,
                       "channels": image.channels, "bit_depth": image.bit_depth, "white_level": image.white_level},
-            "prompts": prompts,
-            "tiled": tiled,
-            "tiles": tiles,
-            "batch_size": batch,
+            "prompts": outcome.prompts,
+            "tiled": plan.tiled,
+            "tiles": outcome.tiles,
+            "batch_size": outcome.batch,
+            "memory": plan.estimate.as_dict() if plan.estimate is not None else None,
             "model": {"variant": info.variant, "trained": info.trained, "weights_sha256": info.weights_sha256},
             "seconds": round(time.perf_counter() - started, 4),
         }

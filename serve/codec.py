@@ -56,6 +56,9 @@ __all__ = [
     "decode",
     "encode",
     "probe",
+    "read_header",
+    "ImageHeader",
+    "OutputWriter",
     "output_format",
     "check_output",
     "to_gray_or_rgb",
@@ -149,17 +152,42 @@ class DecodedImage:
 
     def to_unit(self) -> np.ndarray:
         """(3, H, W) float32 in [0, 1]: stored / white level, grayscale replicated to 3 channels (the paper's input)."""
-        height, width, channels = self.pixels.shape
+        return self.unit_crop(0, 0, self.height, self.width)
+
+    def unit_crop(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """:meth:`to_unit` of one window only: tiled restoration normalises each tile from the stored values, so no
+        full-size float copy of the image exists (12 bytes per pixel against the stored 1-6)."""
+        stored = self.pixels[top : top + height, left : left + width]
+        channels = stored.shape[2]
         unit = np.empty((3, height, width), np.float32)  # written channel by channel: no full-size temporaries
         for c in range(3):
-            np.divide(self.pixels[..., c if channels == 3 else 0], float(self.white_level), out=unit[c],
+            np.divide(stored[..., c if channels == 3 else 0], float(self.white_level), out=unit[c],
                       casting="unsafe")
         return np.clip(unit, 0.0, 1.0, out=unit)
 
     def release_pixels(self) -> None:
-        """Drop the stored values once :meth:`to_unit` has been taken (they are not needed to encode the result);
-        shape and dtype stay, backed by one zero."""
+        """Drop the stored values once the restoration has read them (they are not needed to encode the result);
+        shape and dtype stay, backed by one zero. The alpha channel stays: encoding writes it back."""
         self.pixels = np.broadcast_to(np.zeros(1, self.pixels.dtype), self.pixels.shape)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says about an image before any pixel is decoded: size, samples per pixel and bits per
+    sample (as stored; palette images count as RGBA, the most they decode to)."""
+
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return 1 if self.bit_depth <= 8 else 2
 
 
 # --- format detection -----------------------------------------------------------------------------------------------
@@ -314,15 +342,27 @@ def _png_header(data: bytes) -> tuple[int, int, int, int]:
     return width, height, depth, colour
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}  # by colour type; palette counts as RGBA, the most it decodes to
+
+
 def probe(data: bytes, fmt: str, max_pixels: int) -> tuple[int, int]:
-    """(width, height) from the header alone (no pixel is decoded), after the ``max_pixels`` check: what the app
-    needs to choose tiling and to take a large-image slot before it decodes."""
+    """(width, height) from the header alone (no pixel is decoded), after the ``max_pixels`` check."""
+    header = read_header(data, fmt, max_pixels)
+    return header.width, header.height
+
+
+def read_header(data: bytes, fmt: str, max_pixels: int) -> ImageHeader:
+    """Size, samples per pixel and bit depth from the header alone (no pixel is decoded), after the ``max_pixels``
+    check: what the app needs to choose tiling, estimate the request's memory and take a large-image slot before it
+    decodes."""
     if fmt == "png":
-        width, height, _, _ = _png_header(data)
+        width, height, depth, colour = _png_header(data)
+        channels, bits = _PNG_CHANNELS.get(colour, 4), 16 if depth == 16 else 8
     elif fmt == "jpeg":
         try:
             with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
                 width, height = image.size
+                channels, bits = len(image.getbands()), 8
         except Image.DecompressionBombError as error:
             raise RequestError(413, f"image rejected as a decompression bomb: {error}",
                                "downscale or crop the image, or raise the server's max_pixels") from None
@@ -335,20 +375,25 @@ def probe(data: bytes, fmt: str, max_pixels: int) -> tuple[int, int]:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 page = tif.pages.first
                 width, height = int(page.imagewidth), int(page.imagelength)
+                # More than 4 samples are refused when decoding (415); the estimate counts what may be decoded.
+                channels = min(max(int(page.samplesperpixel), 1), 4)
+                bits = 16 if int(page.bitspersample) > 8 else 8
         except Exception as error:  # noqa: BLE001
             raise _corrupt("tiff", error) from None
     elif fmt == "dicom":
         ds = _read_dicom(data, stop_before_pixels=True)
         if "Rows" not in ds or "Columns" not in ds:
-            return 0, 0  # no image object: decode says what is missing (422)
+            return ImageHeader(0, 0, 1, 8)  # no image object: decode says what is missing (422)
         try:
             width, height = int(ds.Columns), int(ds.Rows)
+            channels = 3 if int(ds.get("SamplesPerPixel", 1) or 1) == 3 else 1
+            bits = 16 if int(ds.get("BitsAllocated", 16) or 16) > 8 else 8
         except Exception as error:  # noqa: BLE001
             raise _corrupt("dicom", error) from None
     else:  # pragma: no cover
         raise RequestError(415, f"unsupported format {fmt}", f"send {_SUPPORTED_TEXT}")
     _too_many(width, height, max_pixels)
-    return width, height
+    return ImageHeader(width, height, channels, bits)
 
 
 def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
@@ -398,6 +443,24 @@ def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> DecodedImage:
     return _from_pillow(image, fmt)
 
 
+_STRIP_ROWS = 256  # rows of a decoded image copied at a time
+
+
+def _pillow_array(image: Image.Image) -> np.ndarray:
+    """``np.asarray(image)`` without its full-size temporaries: Pillow's array interface goes through ``tobytes()``,
+    which holds the packed pixels twice (a list of chunks and their join) next to Pillow's own copy. Strips of rows
+    are copied into one preallocated array instead, so decoding peaks at Pillow's image plus the result."""
+    width, height = image.size
+    out: np.ndarray | None = None
+    for top in range(0, height, _STRIP_ROWS):
+        bottom = min(top + _STRIP_ROWS, height)
+        strip = np.asarray(image.crop((0, top, width, bottom)))
+        if out is None:
+            out = np.empty((height, *strip.shape[1:]), strip.dtype)
+        out[top:bottom] = strip
+    return out if out is not None else np.asarray(image)
+
+
 def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
     notes: list[str] = []
     mode = image.mode
@@ -419,7 +482,7 @@ def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
         notes.append(f"{mode} input is returned as RGB")
         image, mode = image.convert("RGB"), "RGB"
     if mode in ("L", "LA", "RGB", "RGBA"):
-        pixels, alpha = _split_alpha(np.asarray(image, dtype=np.uint8))
+        pixels, alpha = _split_alpha(_pillow_array(image))
         if alpha is None and key is not None:
             alpha = _key_alpha(pixels, key, 255)
             if alpha is not None:
@@ -427,7 +490,7 @@ def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
         return DecodedImage(fmt, pixels, alpha, 8, conventions.white_level(bit_depth=8), notes=notes,
                             icc_profile=icc, exif=exif)
     if mode.startswith("I;16") or mode == "I":
-        array = np.asarray(image)
+        array = _pillow_array(image)
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise RequestError(415, f"{fmt.upper()} with 32-bit integer samples is not supported",
                                "send 8- or 16-bit unsigned samples")
@@ -608,8 +671,11 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     elif str(ds.get("Modality", "")).upper() == "CT" and "RescaleIntercept" in ds:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.RescaleIntercept)
-        hu = raw.astype(np.float64) * slope + intercept
-        stored, outside = conventions.hu_to_stored_and_outside(hu)
+        stored = np.empty(raw.shape, np.uint16)
+        outside = np.empty(raw.shape, bool)
+        for top in range(0, rows, _STRIP_ROWS):  # HU in float64 a strip at a time, not a full-size float64 copy
+            hu = raw[top : top + _STRIP_ROWS].astype(np.float64) * slope + intercept
+            stored[top : top + _STRIP_ROWS], outside[top : top + _STRIP_ROWS] = conventions.hu_to_stored_and_outside(hu)
         if outside.any():  # padding (-2000/-3024 HU) or metal: the DICOM out gives these pixels back unchanged
             mapping["outside"] = (outside, raw[outside])
         white = conventions.MEDICAL_WHITE
@@ -628,6 +694,10 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
 
 # --- encoding -------------------------------------------------------------------------------------------------------
 
+#: Pixels quantised (and PNG-filtered) at a time: the encoder's float and filter temporaries stay a few MB whatever
+#: the image's size.
+_CHUNK_PIXELS = 1 << 16
+
 
 def to_gray_or_rgb(restored: np.ndarray, channels: int) -> np.ndarray:
     """(3, H, W) network output -> (H, W, channels): grayscale input (replicated to 3 channels on the way in) gets
@@ -638,21 +708,23 @@ def to_gray_or_rgb(restored: np.ndarray, channels: int) -> np.ndarray:
     return hwc
 
 
-def _quantise(values: np.ndarray, scale: int, bits: int) -> np.ndarray:
-    """[0, 1] floats -> integers of ``bits``; works in place on ``values`` (the restored tensor is ours to spend)."""
-    dtype = np.uint8 if bits == 8 else np.uint16
-    values = np.clip(values, 0.0, 1.0, out=values if values.dtype.kind == "f" and values.flags.writeable else None)
-    values *= scale
+def _quantise_into(values: np.ndarray, scale: int, bits: int, out: np.ndarray) -> None:
+    """[0, 1] floats -> integers of ``bits`` written to ``out``, all in float32 (exact enough: scale <= 65535 leaves
+    8 bits below the rounding point). ``values`` is overwritten."""
+    np.clip(values, 0.0, 1.0, out=values)
+    values *= np.float32(scale)
     np.rint(values, out=values)
     np.clip(values, 0, 2**bits - 1, out=values)
-    return values.astype(dtype)
+    out[...] = values
 
 
 def _convert_alpha(alpha: np.ndarray, bits: int) -> np.ndarray:
+    """Alpha at another bit depth: 8 -> 16 bits is x 257 (exact), 16 -> 8 bits rounds to the nearest (257 is odd,
+    so no value falls halfway), in integers."""
     if bits == 16 and alpha.dtype == np.uint8:
         return alpha.astype(np.uint16) * 257
     if bits == 8 and alpha.dtype == np.uint16:
-        return np.rint(alpha / 257.0).astype(np.uint8)
+        return ((alpha.astype(np.uint32) + 128) // 257).astype(np.uint8)
     return alpha
 
 
@@ -692,83 +764,192 @@ def _icc_for(icc: bytes | None, colour_channels: int) -> bytes | None:
     return icc if icc[16:20] == (b"GRAY" if colour_channels == 1 else b"RGB ") else None
 
 
+class OutputWriter:
+    """The restoration of ``source`` written like ``source`` (same size, channel count with alpha passed through,
+    bit depth and value scale unless ``bit_depth`` says otherwise; EXIF and a matching ICC profile) as ``fmt``, from
+    rows of the network's (3, n, W) output in [0, 1] that arrive top to bottom as they become final (tiled
+    restoration finishes a strip of rows at a time).
+
+    Rows are quantised a chunk at a time in float32 (no full-size float or float64 copy). PNG, the default, is
+    filtered and compressed as rows arrive, so no full-size output array exists at all; JPEG, TIFF and DICOM fill one
+    integer array of the output's size, which their encoders need whole. :meth:`finish` returns the file."""
+
+    def __init__(self, source: DecodedImage, fmt: str = "png", bit_depth: int | None = None) -> None:
+        self.source = source
+        self.format = check_output(fmt, bit_depth, source.format, source.bit_depth)
+        self.notes = [n for n in source.notes if not (self.format == "dicom" and n.startswith("CT values"))]
+        if bit_depth is None:
+            self.bits = 8 if self.format == "jpeg" else source.bit_depth
+            if self.format == "jpeg" and source.bit_depth == 16:
+                self.notes.append("JPEG holds 8 bits: the 16-bit input is returned at 8 bits")
+        else:
+            self.bits = bit_depth
+        # the source's own white level at its own depth; at another depth the full range of that depth
+        self.scale = (source.white_level if self.bits == source.bit_depth
+                      else conventions.white_level(bit_depth=self.bits))
+        self.alpha = source.alpha
+        if self.format == "jpeg" and self.alpha is not None:
+            self.notes.append("JPEG has no alpha channel: the input's alpha is dropped")
+            self.alpha = None
+        self.colour = source.colour_channels
+        self.channels = self.colour + (self.alpha is not None)
+        self.dtype = np.dtype(np.uint8 if self.bits == 8 else np.uint16)
+        self.icc = _icc_for(source.icc_profile, self.colour)
+        self.height, self.width = source.height, source.width
+        self.row = 0  # rows written so far
+        self._png: _PngWriter | None = None
+        self.values: np.ndarray | None = None
+        if self.format == "png":
+            self._png = _PngWriter(self.width, self.height, self.channels, self.bits, self.icc, source.exif)
+        else:
+            self.values = np.empty((self.height, self.width, self.channels), self.dtype)
+
+    def write(self, top: int, rows: Any) -> None:
+        """Rows ``top .. top + n`` of the restoration, (3, n, W) floats in [0, 1] (a NumPy array or a CPU tensor);
+        rows must arrive in order, without gaps. ``rows`` is not modified."""
+        array = np.asarray(rows)
+        if top != self.row:
+            raise ValueError(f"rows from {top} written after {self.row} rows: write them top to bottom, without gaps")
+        if array.ndim != 3 or array.shape[0] != 3 or array.shape[2] != self.width:
+            raise ValueError(f"rows of shape {array.shape}, expected (3, n, {self.width})")
+        n = int(array.shape[1])
+        if top + n > self.height:
+            raise ValueError(f"rows {top}..{top + n} exceed the image's {self.height} rows")
+        step = max(1, _CHUNK_PIXELS // self.width)
+        for start in range(0, n, step):
+            quantised = self._quantised(array[:, start : start + step], top + start)
+            if self._png is not None:
+                self._png.write(quantised)
+            else:
+                assert self.values is not None
+                self.values[top + start : top + start + quantised.shape[0]] = quantised
+        self.row += n
+
+    def _quantised(self, chunk: np.ndarray, top: int) -> np.ndarray:
+        m = int(chunk.shape[1])
+        out = np.empty((m, self.width, self.channels), self.dtype)
+        hwc = chunk.transpose(1, 2, 0)
+        work = (hwc.mean(axis=2, keepdims=True, dtype=np.float32) if self.colour == 1
+                else np.array(hwc, dtype=np.float32))  # a chunk-sized copy: ``rows`` stays untouched
+        _quantise_into(work, self.scale, self.bits, out[..., : self.colour])
+        if self.alpha is not None:
+            out[..., self.colour] = _convert_alpha(self.alpha[top : top + m], self.bits)
+        return out
+
+    def finish(self) -> tuple[bytes, dict[str, Any]]:
+        """(file bytes, description with media_type, format, width, height, channels, bit_depth, notes), once every
+        row has been written."""
+        if self.row != self.height:
+            raise RuntimeError(f"{self.row} of {self.height} rows were written")
+        if self._png is not None:
+            data = self._png.finish()
+        else:
+            values, self.values = self.values, None
+            assert values is not None
+            if self.format == "jpeg":
+                buffer = io.BytesIO()
+                extra = {k: v for k, v in (("icc_profile", self.icc), ("exif", self.source.exif)) if v}
+                Image.fromarray(values[..., 0] if self.channels == 1 else values).save(buffer, format="JPEG",
+                                                                                       quality=95, **extra)
+                data = buffer.getvalue()
+            elif self.format == "tiff":
+                data = _encode_tiff(values, self.icc, self.source.exif)
+            else:
+                data = _encode_dicom(values, self.source)
+        described = {"media_type": MEDIA_TYPES[self.format], "format": self.format, "width": self.width,
+                     "height": self.height, "channels": self.channels, "bit_depth": self.bits, "notes": self.notes}
+        return data, described
+
+
 def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png",
            bit_depth: int | None = None) -> tuple[bytes, dict[str, Any]]:
-    """Write the restoration ``restored`` ((3, H, W) float in [0, 1]) like ``source``: same size, channel count
-    (alpha passed through) and, unless ``bit_depth`` says otherwise, bit depth and value scale. EXIF and a matching
-    ICC profile pass through. ``restored`` may be overwritten.
+    """Write the restoration ``restored`` ((3, H, W) float in [0, 1]) like ``source`` in one piece (see
+    :class:`OutputWriter`, which also takes it a strip of rows at a time). ``restored`` is not modified.
 
     Returns (bytes, description with media_type, format, width, height, channels, bit_depth, notes)."""
-    fmt = check_output(fmt, bit_depth, source.format, source.bit_depth)
-    notes = [n for n in source.notes if not (fmt == "dicom" and n.startswith("CT values"))]
-    if bit_depth is None:
-        bits = 8 if fmt == "jpeg" else source.bit_depth
-        if fmt == "jpeg" and source.bit_depth == 16:
-            notes.append("JPEG holds 8 bits: the 16-bit input is returned at 8 bits")
-    else:
-        bits = bit_depth
-    # the source's own white level at its own depth; at another depth the full range of that depth
-    scale = source.white_level if bits == source.bit_depth else conventions.white_level(bit_depth=bits)
-    values = _quantise(to_gray_or_rgb(restored, source.colour_channels), scale, bits)
-    alpha = None if source.alpha is None else _convert_alpha(source.alpha, bits)
-    if fmt == "jpeg" and alpha is not None:
-        notes.append("JPEG has no alpha channel: the input's alpha is dropped")
-        alpha = None
-    if alpha is not None:
-        values = np.concatenate([values, alpha[..., None]], axis=2)
-    channels = values.shape[2]
-    icc = _icc_for(source.icc_profile, source.colour_channels)
-    if fmt == "png":
-        data = _png_with_chunks(_encode_png(values, bits), icc, source.exif)
-    elif fmt == "jpeg":
-        buffer = io.BytesIO()
-        extra = {k: v for k, v in (("icc_profile", icc), ("exif", source.exif)) if v}
-        Image.fromarray(values[..., 0] if channels == 1 else values).save(buffer, format="JPEG", quality=95, **extra)
-        data = buffer.getvalue()
-    elif fmt == "tiff":
-        data = _encode_tiff(values, icc, source.exif)
-    else:
-        data = _encode_dicom(values, source)
-    described = {"media_type": MEDIA_TYPES[fmt], "format": fmt, "width": int(values.shape[1]),
-                 "height": int(values.shape[0]), "channels": int(channels), "bit_depth": int(bits), "notes": notes}
-    return data, described
-
-
-def _encode_png(values: np.ndarray, bits: int) -> bytes:
-    height, width, channels = values.shape
-    buffer = io.BytesIO()
-    if bits == 8:
-        modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-        Image.fromarray(values[..., 0] if channels == 1 else values, mode=None).convert(modes[channels]).save(
-            buffer, format="PNG", compress_level=1)
-        return buffer.getvalue()
-    if channels == 1:
-        Image.fromarray(values[..., 0].astype(np.uint16)).save(buffer, format="PNG", compress_level=1)
-        return buffer.getvalue()
-    import png
-
-    writer = png.Writer(width, height, greyscale=channels == 2, alpha=channels in (2, 4), bitdepth=16,
-                        compression=1)
-    writer.write(buffer, values.reshape(height, width * channels))
-    return buffer.getvalue()
+    writer = OutputWriter(source, fmt, bit_depth)
+    writer.write(0, restored)
+    return writer.finish()
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
 
 
-def _png_with_chunks(data: bytes, icc: bytes | None, exif: bytes | None) -> bytes:
-    """``data`` with iCCP and eXIf chunks right after IHDR (before PLTE/IDAT, as the PNG spec wants); one code path
-    for Pillow's and pypng's output."""
-    chunks = b""
-    if icc:
-        chunks += _png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc))
-    if exif:
-        chunks += _png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
-    if not chunks:
+def _png_filter(raw: np.ndarray, previous: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG scanlines (n, 1 + L) of raw rows (n, L) whose row above the first is ``previous`` (zeros at the top):
+    each row gets the filter (None, Sub, Up, Average, Paeth) whose output has the smallest sum of absolute values as
+    signed bytes, the adaptive heuristic the PNG specification recommends (section 12.8)."""
+    n, length = raw.shape
+    x = raw.astype(np.int16)
+    b = np.empty_like(x)  # the byte above
+    b[0] = previous
+    b[1:] = x[:-1]
+    a = np.zeros_like(x)  # the byte bpp to the left
+    a[:, bpp:] = x[:, :-bpp]
+    c = np.zeros_like(x)  # the byte above that one
+    c[:, bpp:] = b[:, :-bpp]
+    pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    filtered = np.stack([x, x - a, x - b, x - ((a + b) >> 1), x - paeth])
+    filtered &= 0xFF
+    cost = np.minimum(filtered, 256 - filtered).sum(axis=2, dtype=np.int64)  # |byte| read as a signed byte
+    choice = cost.argmin(axis=0)
+    out = np.empty((n, length + 1), np.uint8)
+    out[:, 0] = choice
+    out[:, 1:] = filtered[choice, np.arange(n)]
+    return out
+
+
+class _PngWriter:
+    """A PNG (8 or 16 bits, 1-4 channels) written from rows that arrive top to bottom: each batch of rows is
+    filtered and compressed at once (zlib level 1, as Pillow's ``compress_level=1`` before), so only the compressed
+    stream grows. iCCP and eXIf go right after IHDR (before IDAT, as the PNG specification wants)."""
+
+    _COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> gray, gray+alpha, RGB, RGBA
+
+    def __init__(self, width: int, height: int, channels: int, bits: int, icc: bytes | None = None,
+                 exif: bytes | None = None) -> None:
+        self.width, self.height, self.channels, self.bits = width, height, channels, bits
+        self.bpp = channels * (bits // 8)
+        ihdr = struct.pack(">IIBBBBB", width, height, bits, self._COLOUR_TYPES[channels], 0, 0, 0)
+        self.parts = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", ihdr)]
+        if icc:
+            self.parts.append(_png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc)))
+        if exif:
+            self.parts.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+        self.compressor = zlib.compressobj(1)
+        self.previous = np.zeros(width * self.bpp, np.uint8)
+        self.rows = 0
+
+    def write(self, values: np.ndarray) -> None:
+        """Rows (n, W, channels) of uint8 (8 bits) or uint16 (16 bits)."""
+        step = max(1, _CHUNK_PIXELS // self.width)
+        for start in range(0, values.shape[0], step):
+            part = values[start : start + step]
+            big_endian = part.astype(">u2" if self.bits == 16 else np.uint8, copy=False)
+            raw = np.ascontiguousarray(big_endian).view(np.uint8).reshape(part.shape[0], self.width * self.bpp)
+            compressed = self.compressor.compress(_png_filter(raw, self.previous, self.bpp))
+            if compressed:
+                self.parts.append(_png_chunk(b"IDAT", compressed))
+            self.previous = raw[-1].copy()
+            self.rows += part.shape[0]
+
+    def finish(self) -> bytes:
+        if self.rows != self.height:
+            raise RuntimeError(f"{self.rows} of {self.height} PNG rows were written")
+        self.parts.append(_png_chunk(b"IDAT", self.compressor.flush()))
+        self.parts.append(_png_chunk(b"IEND", b""))
+        data = b"".join(self.parts)
+        self.parts = []
         return data
-    end_of_ihdr = 8 + 8 + 13 + 4
-    return data[:end_of_ihdr] + chunks + data[end_of_ihdr:]
+
+
+def _encode_png(values: np.ndarray, bits: int, icc: bytes | None = None, exif: bytes | None = None) -> bytes:
+    """(H, W, C) integers as a PNG of ``bits`` bits."""
+    writer = _PngWriter(values.shape[1], values.shape[0], values.shape[2], bits, icc, exif)
+    writer.write(values)
+    return writer.finish()
 
 
 def _encode_tiff(values: np.ndarray, icc: bytes | None = None, exif: bytes | None = None) -> bytes:
@@ -814,20 +995,27 @@ def _encode_dicom(values: np.ndarray, source: DecodedImage) -> bytes:
     ds = source.dicom.copy()
     mapping = source.dicom_map
     dtype = np.dtype(mapping["dtype"])
-    stored = values.astype(np.float64)
-    if mapping["kind"] == "ct":
-        raw = (conventions.stored_to_hu(stored) - mapping["intercept"]) / mapping["slope"]
-    elif mapping["kind"] == "range":
-        raw = stored + mapping["lo"]
-    else:
-        raw = stored
-    if raw.shape[2] == 1:
-        raw = raw[..., 0]
-    if "outside" in mapping:  # outside the model's HU range: the original raw value, not the clipped restoration
-        outside, original = mapping["outside"]
-        raw[outside] = original
     lo, hi = _stored_range(ds, dtype)
-    raw = np.clip(np.rint(raw), lo, hi).astype(dtype)
+    gray = values.shape[2] == 1
+    raw = np.empty(values.shape[:2] if gray else values.shape, dtype)
+    outside, original = mapping.get("outside", (None, None))
+    taken = 0  # how many of the original outside values (row-major, like the mask) earlier strips used
+    for top in range(0, values.shape[0], _STRIP_ROWS):  # float64 a strip at a time, not a full-size copy
+        stored = values[top : top + _STRIP_ROWS].astype(np.float64)
+        if mapping["kind"] == "ct":
+            part = (conventions.stored_to_hu(stored) - mapping["intercept"]) / mapping["slope"]
+        elif mapping["kind"] == "range":
+            part = stored + mapping["lo"]
+        else:
+            part = stored
+        if gray:
+            part = part[..., 0]
+        if outside is not None:  # outside the model's HU range: the original raw value, not the clipped restoration
+            mask = outside[top : top + _STRIP_ROWS]
+            count = int(mask.sum())
+            part[mask] = original[taken : taken + count]
+            taken += count
+        raw[top : top + _STRIP_ROWS] = np.clip(np.rint(part), lo, hi)
     photometric = "RGB" if raw.ndim == 3 else str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
         photometric = "MONOCHROME2"

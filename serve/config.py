@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from datprl.platform.config import ConfigError, StrictModel, load_config
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "LISTEN_FIELDS", "config_from_args",
-           "replica_config", "resolve_num_gpus"]
+           "replica_config", "resolve_num_gpus", "resolve_precision"]
 
 #: Where ``jobs/train.py`` exports its final weights by default (``output_dir=outputs/train``); ``weights: auto``
 #: serves them when they exist and a freshly initialised ``variant`` otherwise.
@@ -91,10 +94,39 @@ class ServeConfig(StrictModel):
     )
     max_concurrent_tiled: int = Field(
         2, ge=1, description="large images (above tile_above_pixels, tiled or not) decoded and restored at once per "
-        "replica; the slot is taken before decoding, so a replica's image memory is about this many images of "
-        "max_pixels (40-47 bytes/pixel at peak, README 'Large images') plus the request bodies and one batch"
+        "replica; the slot is taken before decoding, so a replica's image memory is about this many large requests' "
+        "buffers (README 'Large images') plus the bodies of the requests waiting and one forward's activations"
     )
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests (or tiles) in one forward")
+    max_batch_pixels: int = Field(
+        512 * 512, ge=1, description="most pixels (padded, summed over the batch) in one forward: a batch above it is "
+        "split into several forwards, and a tiled image sends this many pixels of tiles at a time; one image or tile "
+        "always goes through. Bounds the network's activation memory (paper_tiny fp32 on CPU: ~2.4 KB per pixel, "
+        "0.63 GB for one 512x512 tile); on CPU larger batches are not faster (README 'Large images'), on a GPU raise it"
+    )
+    request_memory_budget_bytes: int | None = Field(
+        4 * 2**30, ge=1, description="a request whose estimated memory (image buffers from the header's size, "
+        "channels and bit depth, plus the activations of its largest forward) exceeds this is refused up front with a "
+        "413; tiling=auto restores an image in tiles instead when that fits; null = no budget"
+    )
+    activation_bytes_per_pixel: float | None = Field(
+        None, gt=0, description="activation memory of a forward per input pixel, for the memory estimate; null = "
+        "measured at replica start-up by one forward of a tile_size x tile_size input (peak RSS on CPU, peak "
+        "allocated memory on CUDA)"
+    )
+    malloc_mmap_threshold_bytes: int | None = Field(
+        2**20, ge=0, description="glibc: allocations of at least this many bytes get their own mapping, returned to "
+        "the system when freed, so a replica's memory falls back after each forward (glibc's dynamic threshold "
+        "otherwise rises to 32 MB and freed activations stay in per-thread heaps: +0.3 GB at the peak of a "
+        "1024x1024 image, README 'Large images'); null = glibc's default"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="forward precision: bf16 runs the network under torch.autocast (bfloat16); auto = bf16 on "
+        "CUDA (when the GPU supports it), fp32 on CPU"
+    )
+    channels_last: bool = Field(
+        False, description="run the network in channels_last memory format (can be faster on GPUs; same results)"
+    )
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="@serve.batch: how long a batch waits to fill")
     max_ongoing_requests: int = Field(32, ge=1, description="concurrent requests one replica accepts")
     num_replicas: int | None = Field(None, ge=1, description="fixed replica count; None = autoscaling")
@@ -175,3 +207,16 @@ def resolve_num_gpus(config: ServeConfig) -> float:
 
     return 1.0 if torch.cuda.is_available() else 0.0
 
+
+
+def resolve_precision(precision: str, device: "torch.device | str") -> str:
+    """``fp32`` or ``bf16`` for ``precision`` on ``device``: ``auto`` is bf16 on a CUDA device that supports it and
+    fp32 elsewhere. On CPU bf16 is opt-in: it changes results more than tiling does (README 'Large images') and is
+    faster only on CPUs with bf16 instructions (AVX512-BF16, AMX)."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"

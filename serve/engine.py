@@ -29,8 +29,9 @@ from datprl.models.factory import (
 from datprl.models.network import PAD_MULTIPLE, DATPRLIR
 from datprl.platform import storage
 from datprl.platform.runtime import resolve_device
-from datprl.serve.config import ServeConfig
-from datprl.serve.tiling import tiled_apply
+from datprl.serve import memory
+from datprl.serve.config import ServeConfig, resolve_precision
+from datprl.serve.tiling import tiled_apply, tiles_per_forward
 
 __all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "Restored", "load_engine", "pad_to_multiple",
            "padded_shape", "served_provenance", "trained_state"]
@@ -182,24 +183,38 @@ class PromptTally:
 
 
 class Engine:
-    """A network on its device plus the serving logic around a forward pass."""
+    """A network on its device plus the serving logic around a forward pass.
 
-    def __init__(self, model: DATPRLIR, info: ModelInfo, device: torch.device) -> None:
+    ``precision`` (``fp32`` or ``bf16``: the forward under ``torch.autocast`` in bfloat16), ``channels_last`` (the
+    input in channels_last memory format; the model must have been converted too, as :func:`load_engine` does) and
+    ``max_batch_pixels`` (a batch above it is split into several forwards; None = no bound) come from the config."""
+
+    def __init__(self, model: DATPRLIR, info: ModelInfo, device: torch.device, precision: str = "fp32",
+                 channels_last: bool = False, max_batch_pixels: int | None = None) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={precision!r}: the engine runs fp32 or bf16 (resolve 'auto' first)")
         self.model = model.eval()
         self.info = info
         self.device = device
+        self.precision = precision
+        self.channels_last = channels_last
+        self.max_batch_pixels = max_batch_pixels
         self.pools = info.pools
         self.stats = {"batches": 0, "forwards": 0, "items": 0, "largest": 0, "errors": 0}
         self._probe: torch.Tensor | None = None
 
     # -- one forward ---------------------------------------------------------------------------------------------
     def forward(self, batch: torch.Tensor) -> BatchOutput:
-        """Restore (B, 3, H, W) in [0, 1] (any H, W; padded to a multiple of 8 and cropped back)."""
+        """Restore (B, 3, H, W) in [0, 1] (any H, W; padded to a multiple of 8 and cropped back), in the engine's
+        precision; the images come back as float32 whatever it is."""
         height, width = batch.shape[-2:]
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.precision == "bf16"):
             padded = pad_to_multiple(batch.to(self.device, torch.float32))
+            if self.channels_last:
+                padded = padded.contiguous(memory_format=torch.channels_last)
             out = self.model(padded, return_aux=True)
-            images = out.image[..., :height, :width].clamp_(0, 1).float().cpu()
+            images = out.image[..., :height, :width].float().clamp_(0, 1).cpu()
             selections = {}
             for name in ("task", "domain"):
                 selection = getattr(out, name)
@@ -236,24 +251,55 @@ class Engine:
         for i, unit in enumerate(units):
             groups.setdefault(padded_shape(unit), []).append(i)
         self.stats["batches"] += 1
-        for members in groups.values():
-            try:
-                out = self.forward(torch.stack([pad_to_multiple(units[i][None])[0] for i in members]))
-            except Exception as error:  # noqa: BLE001 - reported to this group's requests only
-                log.exception("[serve] forward of a group of %d failed", len(members))
-                self.stats["errors"] += 1
-                for i in members:
-                    results[i] = error
-                continue
-            self.stats["forwards"] += 1
-            self.stats["items"] += len(members)
-            self.stats["largest"] = max(self.stats["largest"], len(members))
-            for row, i in enumerate(members):
-                h, w = units[i].shape[-2:]
-                selection = {name: (idx[row : row + 1], wt[row : row + 1])
-                             for name, (idx, wt) in out.selections.items()}
-                results[i] = Restored(out.images[row, :, :h, :w], selection, len(members))
+        for shape, group in groups.items():
+            # At most max_batch_pixels per forward: activation memory grows with the pixels of a forward, and on
+            # CPU a larger batch is no faster (README "Large images").
+            per_forward = tiles_per_forward(shape[0] * shape[1], len(group), self.max_batch_pixels)
+            for start in range(0, len(group), per_forward):
+                self._forward_members(units, group[start : start + per_forward], results)
         return results  # type: ignore[return-value]
+
+    def _forward_members(self, units: list[torch.Tensor], members: list[int],
+                         results: list[Restored | Exception | None]) -> None:
+        try:
+            out = self.forward(torch.stack([pad_to_multiple(units[i][None])[0] for i in members]))
+        except Exception as error:  # noqa: BLE001 - reported to this group's requests only
+            log.exception("[serve] forward of a group of %d failed", len(members))
+            self.stats["errors"] += 1
+            for i in members:
+                results[i] = error
+            return
+        self.stats["forwards"] += 1
+        self.stats["items"] += len(members)
+        self.stats["largest"] = max(self.stats["largest"], len(members))
+        for row, i in enumerate(members):
+            h, w = units[i].shape[-2:]
+            selection = {name: (idx[row : row + 1], wt[row : row + 1]) for name, (idx, wt) in out.selections.items()}
+            results[i] = Restored(out.images[row, :, :h, :w], selection, len(members))
+
+    def measure_activation_bytes_per_pixel(self, size: int) -> float | None:
+        """The memory one forward of a (1, 3, size, size) input adds at its peak, per pixel (size padded to a
+        multiple of 8): on CUDA from the allocator's peak, on CPU from the process's peak resident memory (freed
+        heap returned first, the peak reset before the forward). None where the peak cannot be read (no ``/proc``).
+        It includes one-time allocations of the first forward at that size, so it errs on the high side."""
+        size = max(PAD_MULTIPLE, size + (-size % PAD_MULTIPLE))
+        probe = torch.full((1, 3, size, size), 0.5)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.forward(probe)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            memory.trim_heap()
+            before = memory.rss_bytes()
+            if before is None or not memory.reset_peak_rss():
+                return None
+            self.forward(probe)
+            peak = memory.peak_rss_bytes()
+            if peak is None:
+                return None
+        return max(peak - before, 0) / (size * size)
 
     def self_check(self) -> None:
         """A forward of a cached 8x8 input: raises when the network (or its device) no longer works."""
@@ -282,6 +328,7 @@ def load_engine(config: ServeConfig, device: str | torch.device | None = None) -
     """The network the config asks for (trained weights when given or found, else a fresh ``variant``) on
     ``device`` (default: CUDA when visible, else CPU)."""
     device = resolve_device(device or "auto")
+    precision = resolve_precision(config.precision, device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     weights = config.resolved_weights()
@@ -299,11 +346,16 @@ def load_engine(config: ServeConfig, device: str | torch.device | None = None) -
                          note=UNTRAINED_NOTE.format(variant=config.variant, seed=config.seed))
         log.warning("[serve] %s", info_args["note"])
     model = model.to(device).eval()
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     pools = {}
     if model.config.task_pool is not None:
         pools["task"] = {"size": model.config.task_pool.size, "top_k": model.config.task_pool.top_k}
     if model.config.domain_pool is not None:
         pools["domain"] = {"size": model.config.domain_pool.size, "top_k": model.config.domain_pool.top_k}
     info = ModelInfo(parameters=count_parameters(model), config=model.config.model_dump(mode="json"),
-                     device=str(device), pools=pools, extra={"torch_threads": torch.get_num_threads()}, **info_args)
-    return Engine(model, info, device)
+                     device=str(device), pools=pools, extra={"torch_threads": torch.get_num_threads(),
+                                                             "precision": precision,
+                                                             "channels_last": config.channels_last}, **info_args)
+    return Engine(model, info, device, precision=precision, channels_last=config.channels_last,
+                  max_batch_pixels=config.max_batch_pixels)

@@ -38,7 +38,13 @@ SETTINGS = dict(
     tile_above_pixels=128 * 128,
     max_untiled_pixels=200 * 200,
     max_batch_size=8,
+    max_batch_pixels=8 * 64 * 64,  # a group of 8 tiles per forward
     batch_wait_timeout_s=0.02,
+    # The memory budget (README "Large images"), with a fixed activation figure so that which request fits does not
+    # depend on a measurement: 150x140 untiled (~44 MB) and 8 tiles of 64x64 (~66 MB) fit, 200x200 untiled (~82 MB)
+    # does not.
+    request_memory_budget_bytes=72 * 2**20,
+    activation_bytes_per_pixel=2000.0,
     num_cpus=0.5,
     torch_threads=1,
     autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
@@ -234,6 +240,24 @@ def test_tiled_equals_untiled_within_tolerance(served):
         np.testing.assert_allclose(_decode(reply.content).pixels.astype(float) / 255, b, atol=1.5 / 255)
 
 
+def test_memory_budget_refuses_an_untiled_image_before_decoding(served):
+    data = _encode_pil(_photo(200, 200), "PNG")  # within max_untiled_pixels, but not within the memory budget
+    refused = _post(served.url, data, "image/png", params={"tiling": "never"})
+    assert refused.status_code == 413, refused.text[:300]
+    payload = refused.json()
+    assert f"request_memory_budget_bytes={SETTINGS['request_memory_budget_bytes']}" in payload["error"]
+    assert "estimated" in payload["error"] and "activations" in payload["error"] and "200x200" in payload["error"]
+    assert "tiling=auto" in payload["fix"] and "request_memory_budget_bytes" in payload["fix"]
+    tiled = _post(served.url, data, "image/png", params={"response": "json"})  # the fix works
+    assert tiled.status_code == 200 and tiled.json()["tiled"] is True
+    estimate = tiled.json()["memory"]
+    assert estimate["tiled"] is True and estimate["estimate_bytes"] <= SETTINGS["request_memory_budget_bytes"]
+    assert estimate["activation_bytes_per_pixel"] == SETTINGS["activation_bytes_per_pixel"]
+    limits = requests.get(f"{served.url}/v1/model", timeout=30).json()["limits"]
+    assert limits["request_memory_budget_bytes"] == SETTINGS["request_memory_budget_bytes"]
+    assert limits["max_batch_pixels"] == SETTINGS["max_batch_pixels"]
+
+
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 
@@ -299,6 +323,8 @@ def _bad_cases():
         ("dicom-out-of-png", png, "image/png", False, {"format": "dicom"}, 422, "DICOM"),
         ("never-tile-too-big", _encode_pil(np.zeros((210, 210), np.uint8), "PNG"), "image/png", False,
          {"tiling": "never"}, 413, "max_untiled_pixels"),
+        ("never-tile-over-memory-budget", _encode_pil(np.zeros((200, 200), np.uint8), "PNG"), "image/png", False,
+         {"tiling": "never"}, 413, "request_memory_budget_bytes"),
     ]
 
 

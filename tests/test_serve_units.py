@@ -539,7 +539,8 @@ def _restore(r, body: bytes, reads: list | None = None, **params):
 
 @pytest.mark.timeout(300)
 def test_replica_keeps_image_work_off_the_event_loop(replica, monkeypatch):
-    from datprl.serve import tiling
+    from datprl.serve import app, tiling
+    from datprl.serve.codec import OutputWriter
 
     on_loop = []
 
@@ -552,14 +553,25 @@ def test_replica_keeps_image_work_off_the_event_loop(replica, monkeypatch):
 
         monkeypatch.setattr(owner, name, wrapped)
 
+    spy(app, "decode")
     spy(DecodedImage, "to_unit")
-    spy(tiling.TileCanvas, "__init__")
-    spy(tiling.TileCanvas, "add")
-    spy(tiling.TileCanvas, "result")
+    spy(DecodedImage, "unit_crop")
+    spy(tiling.StripBlender, "add")
+    spy(tiling.StripBlender, "finish")
+    spy(OutputWriter, "__init__")
+    spy(OutputWriter, "write")
+    spy(OutputWriter, "finish")
     r = replica()
-    reply = asyncio.run(_restore(r, _png(_photo(40, 36)), tiling="always"))
-    assert reply.status_code == 200 and reply.headers["x-tiles"] == "9"
-    assert {name for name, _ in on_loop} == {"to_unit", "__init__", "add", "result"}
+
+    async def both():  # one event loop: the replica's batch queue lives on the loop of its first call
+        tiled = await _restore(r, _png(_photo(40, 36)), tiling="always")
+        assert tiled.status_code == 200 and tiled.headers["x-tiles"] == "9"
+        untiled = await _restore(r, _png(_photo(20, 20)), tiling="never")
+        assert untiled.status_code == 200 and untiled.headers["x-tiles"] == "1"
+
+    asyncio.run(both())
+    expected = {"decode", "to_unit", "unit_crop", "add", "finish", "__init__", "write"}
+    assert {name for name, _ in on_loop} == expected, on_loop
     assert not [name for name, loop in on_loop if loop], on_loop  # asyncio.run's loop is the main thread
 
 
@@ -643,3 +655,34 @@ def test_replica_health_check_runs_the_model(replica):
     with pytest.raises(RuntimeError, match="self-check"):
         asyncio.run(r.check_health())
     assert asyncio.run(type(r).healthz(r)).status_code == 503
+
+
+@pytest.mark.timeout(300)
+def test_replica_refuses_a_request_over_its_memory_budget_before_decoding(replica, monkeypatch):
+    from datprl.serve import app
+
+    measured = replica()  # no figure given: the replica measures one forward of a tile at start-up
+    assert measured.activation_bytes_per_pixel is not None and measured.activation_bytes_per_pixel > 100
+    r = replica(request_memory_budget_bytes=2 * 2**20, activation_bytes_per_pixel=3000.0, max_batch_pixels=256)
+    decoded = []
+    decode_ = app.decode
+
+    def spy(*args, **kwargs):
+        decoded.append(args[1])
+        return decode_(*args, **kwargs)
+
+    monkeypatch.setattr(app, "decode", spy)
+    data = _png(_photo(30, 30))  # 32x32 padded x 3000 bytes = 3 MB of activations in one piece
+
+    async def requests():
+        with pytest.raises(RequestError) as info:
+            await _restore(r, data, tiling="never")
+        assert decoded == []  # refused from the header, before decoding
+        tiled = await _restore(r, data, tiling="auto")  # one 16x16 tile per forward: 0.8 MB
+        return info.value, tiled
+
+    error, tiled = asyncio.run(requests())
+    assert error.status == 413 and "request_memory_budget_bytes=2097152" in error.error
+    assert "3000 bytes/pixel" in error.error
+    assert "tiling=auto" in error.fix
+    assert tiled.status_code == 200 and tiled.headers["x-tiles"] == "9" and decoded == ["png"]
