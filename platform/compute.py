@@ -42,7 +42,8 @@ class ComputeConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="autocast precision of the forward pass (the loss, the weights and the optimiser stay fp32): "
-        "auto = bf16 on CUDA, fp32 on CPU; fp16 adds a GradScaler (dynamic loss scaling), saved with checkpoints",
+        "auto = bf16 on a CUDA device that supports it, else fp32; fp16 adds a GradScaler (dynamic loss scaling), "
+        "saved with checkpoints",
     )
     compile: bool = Field(
         False, description="torch.compile the network (after DDP wrapping); the first steps pay the compile time"
@@ -62,10 +63,12 @@ class ComputeConfig(StrictModel):
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> Precision:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere; any other value is returned as given."""
+    """``auto`` -> bf16 on a CUDA device that supports it, fp32 elsewhere (on a CPU, bf16 is opt-in: it is faster only
+    with bf16 instructions such as AVX512-BF16 or AMX, and it changes results); any other value is returned as
+    given."""
     if precision != "auto":
         return precision  # type: ignore[return-value]
-    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:

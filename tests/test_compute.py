@@ -69,7 +69,8 @@ def fp32_run():
     return _steps({})
 
 
-def test_auto_resolves_by_device():
+def test_auto_resolves_by_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16"
     assert resolve_precision("fp16", "cpu") == "fp16"
     assert resolve_adam_impl("auto", "cpu") == "foreach" and resolve_adam_impl("auto", "cuda") == "fused"
@@ -167,7 +168,8 @@ def test_compiled_network_trains_like_eager(fp32_run):
     assert _max_difference(model, reference) < 1e-4
 
 
-def test_start_up_line_states_global_batch_and_lr_scaling():
+def test_start_up_line_states_global_batch_and_lr_scaling(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     config = TrainConfig(data=DataConfig(per_task_batch=2), optim=OptimConfig(lr=1e-3, lr_scaling="linear"))
     assert scaled_lr(config.optim, 4) == pytest.approx(4e-3)
     assert scaled_lr(config.optim.model_copy(update={"lr_scaling": "sqrt"}), 4) == pytest.approx(2e-3)
