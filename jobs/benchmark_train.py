@@ -11,6 +11,10 @@ Other settings, JSON::
 
     python jobs/benchmark_train.py crop_size=128 steps=100 rounds=3 json_out=runs/bench/train.json
 
+On a GPU (both sides on it; the GPU recipe's network, crops and batch)::
+
+    python jobs/benchmark_train.py device=cuda variant=paper crop_size=128 per_task_batch=2 cpus=16 cpus_per_worker=4
+
 Options are ``key=value`` overrides (or a YAML file first); ``--help`` lists them.
 Logic: datprl.platform.bench.train.
 """

@@ -114,7 +114,10 @@ class PromptPool(nn.Module):
                 batch = query.detach().mean(0).to(self.query_center.dtype)
                 # The first batch sets the centre (no lag from a zero start); later ones move it by the momentum.
                 fresh = (self.query_center == 0).all()
-                self.query_center.copy_(torch.where(fresh, batch, self.query_center.lerp(batch, self.center_momentum)))
+                moved = torch.where(fresh, batch, self.query_center.lerp(batch, self.center_momentum))
+                # A non-finite batch (an fp16 overflow, whose optimiser step the GradScaler skips, or a NaN input)
+                # leaves the centre as it was: a NaN centre would make every later selection NaN.
+                self.query_center.copy_(torch.where(torch.isfinite(batch).all(), moved, self.query_center))
         return query - self.query_center.to(query.dtype)
 
     def forward(self, query: torch.Tensor) -> PoolSelection:

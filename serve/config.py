@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from datprl.platform.config import ConfigError, StrictModel, load_config
 
-if TYPE_CHECKING:
-    import torch
-
 __all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "LISTEN_FIELDS", "config_from_args",
-           "replica_config", "resolve_num_gpus", "resolve_precision"]
+           "replica_config", "resolve_num_gpus"]
 
 #: Where ``jobs/train.py`` exports its final weights by default (``output_dir=outputs/train``); ``weights: auto``
 #: serves them when they exist and a freshly initialised ``variant`` otherwise.
@@ -206,17 +203,3 @@ def resolve_num_gpus(config: ServeConfig) -> float:
     import torch
 
     return 1.0 if torch.cuda.is_available() else 0.0
-
-
-
-def resolve_precision(precision: str, device: "torch.device | str") -> str:
-    """``fp32`` or ``bf16`` for ``precision`` on ``device``: ``auto`` is bf16 on a CUDA device that supports it and
-    fp32 elsewhere. On CPU bf16 is opt-in: it changes results more than tiling does (README 'Large images') and is
-    faster only on CPUs with bf16 instructions (AVX512-BF16, AMX)."""
-    if precision != "auto":
-        return precision
-    import torch
-
-    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"

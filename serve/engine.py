@@ -28,9 +28,10 @@ from datprl.models.factory import (
 )
 from datprl.models.network import PAD_MULTIPLE, DATPRLIR
 from datprl.platform import storage
+from datprl.platform.compute import autocast, resolve_precision, to_memory_format
 from datprl.platform.runtime import resolve_device
 from datprl.serve import memory
-from datprl.serve.config import ServeConfig, resolve_precision
+from datprl.serve.config import ServeConfig
 from datprl.serve.tiling import tiled_apply, tiles_per_forward
 
 __all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "Restored", "load_engine", "pad_to_multiple",
@@ -208,11 +209,8 @@ class Engine:
         """Restore (B, 3, H, W) in [0, 1] (any H, W; padded to a multiple of 8 and cropped back), in the engine's
         precision; the images come back as float32 whatever it is."""
         height, width = batch.shape[-2:]
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
-            padded = pad_to_multiple(batch.to(self.device, torch.float32))
-            if self.channels_last:
-                padded = padded.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            padded = to_memory_format(pad_to_multiple(batch.to(self.device, torch.float32)), self.channels_last)
             out = self.model(padded, return_aux=True)
             images = out.image[..., :height, :width].float().clamp_(0, 1).cpu()
             selections = {}

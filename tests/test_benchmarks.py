@@ -41,3 +41,22 @@ def test_cli_writes_json(tmp_path, capsys) -> None:
 def test_bad_options_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError):
         load_config(BenchmarkConfig, overrides=[override])
+
+
+def test_compute_benchmark_times_every_arm_against_the_first(tmp_path, capsys) -> None:
+    """datprl.platform.bench.compute: every arm's real training step is timed, the first arm is the baseline, and an
+    arm added on the command line (here fp16) takes part."""
+    from datprl.platform.bench.compute import main as compute_main
+
+    out = tmp_path / "compute.json"
+    argv = ["size=16", "batch=2", "warmup=1", "rounds=2", "steps=1", "threads=1", "device=cpu",
+            "arms.fp16.precision=fp16", f"json_out={out}"]  # fmt: skip
+    assert compute_main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["default", "adam fused", "adam for_loop", "channels_last", "bf16", "fp16"]
+    assert rows[0]["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert {r["precision"] for r in rows} == {"fp32", "bf16", "fp16"} and rows[0]["adam"] == "foreach"
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["last_loss"] == r["last_loss"]  # not NaN
+        assert r["speedup_vs_baseline"] == pytest.approx(rows[0]["median_ms"] / r["median_ms"])
+    assert "| channels_last | fp32 | foreach | True | False |" in capsys.readouterr().out

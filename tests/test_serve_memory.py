@@ -19,7 +19,8 @@ from datprl.models.factory import create_model
 from datprl.serve import memory
 from datprl.serve.codec import DecodedImage, ImageHeader, OutputWriter, RequestError, _encode_png, decode, encode
 from datprl.serve.codec import _convert_alpha, read_header
-from datprl.serve.config import ServeConfig, resolve_precision
+from datprl.platform.compute import resolve_precision
+from datprl.serve.config import ServeConfig
 from datprl.serve.engine import Engine, ModelInfo, load_engine
 from datprl.serve.pipeline import plan_request, tile_group_size
 from datprl.serve.samples import encode_pil, photo

@@ -9,11 +9,11 @@ variant is reported. Launch with ``python jobs/benchmark_model.py [key=value ...
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,12 +23,14 @@ from pydantic import Field, field_validator
 
 from datprl.models import VARIANTS, count_parameters, create_model
 from datprl.platform.bench.common import save_report
+from datprl.platform.compute import autocast
 from datprl.platform.runtime import resolve_device
 from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli
 
-__all__ = ["BenchmarkConfig", "run_benchmark", "format_report", "main"]
+__all__ = ["BenchmarkConfig", "Mode", "PEAK_TFLOPS", "run_step", "timed_step", "count_flops", "peak_tflops",
+           "run_benchmark", "format_report", "main"]
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: no autocast
+Mode = Literal["train", "inference"]
 
 
 class BenchmarkConfig(StrictModel):
@@ -57,22 +59,89 @@ class BenchmarkConfig(StrictModel):
         return value
 
 
-def _step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str) -> float:
-    """One forward + L1 loss + backward; gradients are dropped afterwards. Returns the wall time in seconds."""
-    device = image.device
-    cuda = device.type == "cuda"
-    autocast = (torch.autocast(device.type, dtype=_DTYPES[dtype]) if _DTYPES[dtype] is not None else nullcontext())
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    with autocast:
+def run_step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str,
+             mode: Mode = "train") -> None:
+    """One untimed step: ``train``: forward + L1 loss + backward, gradients dropped afterwards (no optimizer);
+    ``inference``: a forward under ``torch.inference_mode``. ``dtype``: the autocast precision of
+    :func:`datprl.platform.compute.autocast` (fp32: none). The model's train/eval mode is the caller's."""
+    if mode == "inference":
+        with torch.inference_mode(), autocast(dtype, image.device):
+            model(image)
+        return
+    with autocast(dtype, image.device):
         loss = F.l1_loss(model(image).float(), target)
     loss.backward()
-    if cuda:
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    return elapsed
+
+
+def timed_step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str,
+               mode: Mode = "train") -> float:
+    """:func:`run_step`, timed: the wall time in seconds, with the device synchronised before and after on CUDA
+    (kernels are asynchronous: without it the time would be the launch time)."""
+    cuda = image.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(image.device)
+    start = time.perf_counter()
+    run_step(model, image, target, dtype, mode)
+    if cuda:
+        torch.cuda.synchronize(image.device)
+    return time.perf_counter() - start
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    # torch.utils.flop_counter (up to torch 2.13 at least) drops the group count from the backward of a grouped
+    # convolution: it counts a depthwise 16-channel 3x3 conv's backward as 17x its forward instead of 2x, and this
+    # network's depthwise convolutions then make its counted backward 18x its forward. Each gradient (input, weight)
+    # of a convolution costs as many multiply-adds as its forward, whose count the weight's shape (out, in/groups,
+    # k...) gives directly: batch x prod(weight shape) x the spatial size the kernel slides over (the output's for a
+    # conv, the input's for a transposed conv).
+    spatial = (x_shape if transposed else grad_out_shape)[2:]
+    forward = 2 * grad_out_shape[0] * math.prod(w_shape) * math.prod(spatial)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, mode: Mode = "train") -> int:
+    """FLOPs of one :func:`run_step` in fp32, counted op by op on a real step by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, the network's compute; a
+    multiply-add is 2 FLOPs), with the backward of convolutions counted by :func:`_conv_backward_flops` (torch's own
+    formula overcounts grouped convolutions). The count depends on the shapes only, not on the dtype."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    with counter:
+        run_step(model, image, target, "fp32", mode)
+    return int(counter.get_total_flops())
+
+
+#: Dense peak tensor-core throughput (TFLOP/s) by GPU, from NVIDIA's data sheets (their "with sparsity" figures
+#: halved); the first entry whose key is in ``torch.cuda.get_device_name()`` applies (more specific names first).
+#: ``tf32`` is what fp32 convolutions reach with ``torch.backends.cudnn.allow_tf32`` (PyTorch's default), ``fp32``
+#: the plain CUDA cores' rate.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100 PCIe": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM ("NVIDIA H100 80GB HBM3")
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+
+
+def peak_tflops(device_name: str, dtype: str, override: float | None = None) -> tuple[float | None, str]:
+    """(peak TFLOP/s, what it is) that MFU divides by for ``dtype`` on ``device_name``: ``override`` when given, else
+    :data:`PEAK_TFLOPS` (bf16 and fp16: dense bf16; fp32: dense tf32 when cuDNN may use TF32 for fp32 convolutions, the
+    network's bulk, else plain fp32); (None, why) for a device not in the table."""
+    if override is not None:
+        return override, f"{override} TFLOP/s set in the config"
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name:
+            if dtype in ("bf16", "fp16"):  # the same dense tensor-core rate on these GPUs
+                basis = "bf16"
+            else:
+                basis = "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+            return peaks[basis], f"{key} dense {basis} {peaks[basis]} TFLOP/s"
+    return None, f"no peak known for {device_name!r}: set it in the config"
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
@@ -102,7 +171,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
     for dtype in config.dtypes:
         for model in models.values():
             for _ in range(config.warmup):
-                _step(model, image, target, dtype)
+                run_step(model, image, target, dtype)
         times: dict[str, list[float]] = {name: [] for name in models}
         peaks: dict[str, int] = dict.fromkeys(models, 0)
         for _ in range(config.rounds):
@@ -110,7 +179,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                     resident = torch.cuda.memory_allocated(device)
-                times[name].append(_step(model, image, target, dtype))
+                times[name].append(timed_step(model, image, target, dtype))
                 if cuda:
                     peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - resident)
         rows = {}

@@ -53,6 +53,10 @@ its threads (libgomp spins only briefly once a process holds more OpenMP threads
 threads; Ray Train runs the loop in a thread of its own), and under libgomp's default the Ray side came out 1.6-2x
 *faster* than the bare loop. ``omp_wait_policy=null`` keeps libgomp's default.
 
+With ``device=cuda`` both sides train on one GPU, with the training config's ``compute`` defaults (bf16 autocast,
+fused Adam): the bare loop on this process's first GPU, each of its windows ending after a CUDA synchronise, and the
+Ray worker with ``use_gpu``; the bare side's cached GPU memory is released before the Ray side runs.
+
 Launch with ``python jobs/benchmark_train.py [key=value ...]``.
 """
 
@@ -75,7 +79,7 @@ from datprl.platform.bench.common import LocalDataset, ensure_dataset, ray_worke
 from datprl.platform.runtime import LOCAL_OBJECT_STORE_BYTES, loopback_only
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
-__all__ = ["TrainBenchmarkConfig", "bare_batches", "run_benchmark", "format_report", "main"]
+__all__ = ["TrainBenchmarkConfig", "bare_batches", "training_state", "run_benchmark", "format_report", "main"]
 
 BARE, RAY = "bare", "ray_train"
 
@@ -105,6 +109,8 @@ class TrainBenchmarkConfig(StrictModel):
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = Field(
         "PASSIVE", description="OMP_WAIT_POLICY of both sides (set before torch is first imported here, and in the "
         "environment of the Ray the benchmark starts); null = libgomp's default (see the module docstring)")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where both sides train: cuda = the bare loop on this "
+                                           "process's first GPU, the Ray worker with use_gpu (one GPU)")
     seed: int = 0
     json_out: Path | None = Field(None, description="also write the results as JSON here")
 
@@ -130,7 +136,7 @@ def _train_config(config: TrainBenchmarkConfig, root: Path | None = None, name: 
         data=DataConfig(dataset=config.dataset, crop_size=config.crop_size, per_task_batch=config.per_task_batch,
                         shuffle_buffer=config.shuffle_buffer),
         build_dataset_if_missing=False, model={"variant": config.variant}, steps=config.warmup_steps + config.steps,
-        num_workers=1, cpus_per_worker=config.cpus_per_worker, use_gpu=False, max_failures=0,
+        num_workers=1, cpus_per_worker=config.cpus_per_worker, use_gpu=config.device == "cuda", max_failures=0,
         checkpoint_every=10**9, log_every=config.report_every, torch_threads=config.threads, evaluate_split=None,
         seed=config.seed)  # fmt: skip
 
@@ -169,45 +175,78 @@ def bare_batches(train_config, count: int) -> tuple[list[dict], dict[str, Any]]:
     return batches[:count], info
 
 
-def _bare_round(train_config, batches: list[dict], warmup: int, report_every: int, threads: int) -> dict[str, Any]:
-    """A fresh model, optimiser (and EMA); ``warmup`` untimed steps, then every remaining batch timed (window per
-    ``report_every`` steps, like the Ray side's reports)."""
+def training_state(train_config, device) -> dict[str, Any]:
+    """What a Ray Train worker builds before its first step, built the same way in this process on ``device``: the
+    network ``model`` (seeded with ``train_config.seed``, the worker's seed at rank 0) and ``net``, what runs it
+    (``compute``'s memory format and ``torch.compile``, without DDP), its trainable ``params``, the ``optimizer``,
+    its ``scheduler`` and fp16 ``scaler`` (:func:`~datprl.platform.train.loop.build_optimizer`, 1 worker), the loss
+    (``criterion``) and the ``ema`` copy when ``optim.ema_decay`` is set (else None)."""
     import torch
 
     from datprl.models import create_model
     from datprl.models.losses import DATPRLLoss
-    from datprl.platform.train.loop import _schedule, train_step
+    from datprl.platform.compute import prepare_module
+    from datprl.platform.train.loop import build_optimizer
+
+    torch.manual_seed(train_config.seed)  # the Ray worker seeds with seed + rank (rank 0)
+    model = create_model(train_config.model.resolve()).to(device)
+    net = prepare_module(model, train_config.compute)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer, scheduler, scaler = build_optimizer(params, train_config, 1, device)
+    ema = None
+    if train_config.optim.ema_decay:  # as train_loop_per_worker builds it
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train_config.optim.ema_decay),
+            use_buffers=True)  # fmt: skip
+    return dict(model=model, net=net, params=params, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                criterion=DATPRLLoss(train_config.loss).to(device), ema=ema)  # fmt: skip
+
+
+def _bare_round(
+    train_config, batches: list[dict], warmup: int, report_every: int, threads: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """A fresh model, optimiser (and EMA) on ``device``; ``warmup`` untimed steps, then every remaining batch timed
+    (window per ``report_every`` steps, like the Ray side's reports). On CUDA each window ends after the device is
+    synchronised, so it holds the steps' GPU work."""
+    import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    device = torch.device(device)
     try:
-        torch.manual_seed(train_config.seed)  # the Ray worker seeds with seed + rank (rank 0)
-        model = create_model(train_config.model.resolve())
-        params = [p for p in model.parameters() if p.requires_grad]
-        optim = train_config.optim
-        optimizer = torch.optim.Adam(params, lr=optim.lr, betas=optim.betas)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(optim, train_config.steps))
-        criterion = DATPRLLoss(train_config.loss)
-        ema = None
-        if optim.ema_decay:  # as train_loop_per_worker builds it
-            ema = torch.optim.swa_utils.AveragedModel(
-                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(optim.ema_decay))
-        device = torch.device("cpu")
-        windows: list[tuple[int, float]] = []
-        losses: list[float] = []
-        start = time.perf_counter()
-        for i, batch in enumerate(batches):
-            terms = train_step(model, model, batch, criterion, optimizer, scheduler, params, train_config, device, None)
-            if ema is not None:
-                ema.update_parameters(model)
-            losses.append(terms["total"])
-            if (i + 1) % report_every == 0 or i + 1 == len(batches):
-                now = time.perf_counter()
-                windows.append((i + 1, now - start))
-                start = now
+        windows, losses = _bare_steps(train_config, batches, report_every, device)
     finally:
         torch.set_num_threads(previous)
+        if device.type == "cuda":  # hand the cached blocks back: the Ray worker trains on the same GPU next
+            torch.cuda.empty_cache()
     return _rates(windows, warmup, batches[0]["lq"].shape[0], losses[-1])
+
+
+def _bare_steps(train_config, batches: list[dict], report_every: int, device) -> tuple[list, list[float]]:
+    """Train on every batch; returns the windows (step at the end, seconds) and the losses. The training state lives
+    in this frame only, so its GPU memory is free once it returns."""
+    import torch
+
+    from datprl.platform.train.loop import train_step
+
+    state = training_state(train_config, device)
+    model, ema = state["model"], state["ema"]
+    windows: list[tuple[int, float]] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        terms = train_step(state["net"], model, batch, state["criterion"], state["optimizer"], state["scheduler"],
+                           state["params"], train_config, device, None, state["scaler"])  # fmt: skip
+        if ema is not None:
+            ema.update_parameters(model)
+        losses.append(terms["total"])
+        if (i + 1) % report_every == 0 or i + 1 == len(batches):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            windows.append((i + 1, now - start))
+            start = now
+    return windows, losses
 
 
 # --- the Ray side ---------------------------------------------------------------------------------------------------
@@ -271,12 +310,15 @@ def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
 
 def _set_omp_wait_policy(policy: str | None) -> str:
     """Put ``policy`` in this process's environment, where libgomp reads it when torch is first imported (and the
-    workers of a Ray started afterwards inherit it); returns the policy this process's torch runs with."""
+    workers of a Ray started afterwards inherit it); returns the policy this process's torch runs with. When torch is
+    already imported and the environment already holds ``policy`` (a parent process set it, as the GPU check does),
+    torch read that value."""
     imported = "torch" in sys.modules
     if policy is not None and not imported:
         os.environ["OMP_WAIT_POLICY"] = policy
     current = os.environ.get("OMP_WAIT_POLICY", "default")
-    return f"{current} (torch was imported before the benchmark set it)" if imported else current
+    late = imported and policy is not None and current != policy
+    return f"{current} (torch was imported before the benchmark set it)" if late else current
 
 
 def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
@@ -296,6 +338,8 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
         import ray
         import torch
 
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device=cuda was asked for, but torch {torch.__version__} sees no CUDA device")
         owned, cpus, ray_start_s = _start_ray(config.cpus, config.ray_worker_niceness)
     finally:  # torch has read it, and so has the raylet whose environment Ray's workers inherit
         if previous_policy is None:
@@ -320,7 +364,7 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
                 for side in (BARE, RAY) if round_ % 2 == 0 else (RAY, BARE):
                     if side == BARE:
                         out = _bare_round(_train_config(config), batches, config.warmup_steps, config.report_every,
-                                          config.threads)  # fmt: skip
+                                          config.threads, config.device)  # fmt: skip
                     else:
                         root = Path(tmp) / f"round{round_}"
                         out = _ray_round(_train_config(config, root, name=f"round{round_}"), config.warmup_steps)

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from datprl.models.losses import LossWeights
 from datprl.models.spec import ModelSpec
+from datprl.platform.compute import ComputeConfig
 from datprl.platform.config import StrictModel
 from datprl.platform.data.pipeline import DataConfig
 from datprl.platform.storage import S3Settings
@@ -23,6 +24,12 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None = no clipping")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the weights (e.g. 0.999); None = off")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="how lr follows the number of workers (data-parallel: the global batch is the per-worker batch "
+        "times the workers): none = lr as given for any global batch; linear/sqrt = lr x workers or x sqrt(workers), "
+        "lr then being the 1-worker value. The training log states the global batch and the lr used",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -49,6 +56,8 @@ class TrainConfig(StrictModel):
     # input (measured on the cross-source test split) while CT, MRI, PET and deraining still gain.
     loss: LossWeights = LossWeights(input_relative=True)
     optim: OptimConfig = OptimConfig(lr=2e-3, ema_decay=0.995)
+    compute: ComputeConfig = Field(ComputeConfig(), description="precision, torch.compile, channels-last, Adam "
+                                   "implementation (datprl.platform.compute)")
     steps: int = Field(1000, ge=1)
     num_workers: int | tuple[int, int] = Field(1, description="workers, or (min, max) for elastic training")
     cpus_per_worker: float = Field(1.0, gt=0)

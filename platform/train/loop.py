@@ -14,6 +14,15 @@ import torch
 
 from datprl.models import create_model, save_model
 from datprl.models.losses import DATPRLLoss
+from datprl.platform.compute import (
+    adam_options,
+    autocast,
+    grad_scaler,
+    prepare_module,
+    resolve_adam_impl,
+    resolve_precision,
+    to_memory_format,
+)
 from datprl.platform.config import config_to_dict
 from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
 from datprl.platform.data.pipeline import StreamReport, training_batches
@@ -39,6 +48,39 @@ def _schedule(optim: OptimConfig, steps: int):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def scaled_lr(optim: OptimConfig, world: int) -> float:
+    """The learning rate for ``world`` data-parallel workers under ``optim.lr_scaling`` (``optim.lr`` is the
+    1-worker value for linear/sqrt scaling, the value for any global batch for none)."""
+    factor = {"none": 1.0, "linear": float(world), "sqrt": math.sqrt(world)}[optim.lr_scaling]
+    return optim.lr * factor
+
+
+def build_optimizer(params, config: TrainConfig, world: int, device: torch.device):
+    """(Adam, its cosine schedule, the fp16 GradScaler or None) of a run: the paper's Adam with the learning rate
+    for ``world`` workers (:func:`scaled_lr`) and ``config.compute``'s Adam implementation."""
+    optimizer = torch.optim.Adam(params, lr=scaled_lr(config.optim, world), betas=config.optim.betas,
+                                 **adam_options(config.compute.adam_impl, device))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
+    return optimizer, scheduler, grad_scaler(config.compute.precision, device)
+
+
+def describe_setup(config: TrainConfig, tasks: int, world: int, device: torch.device) -> str:
+    """The line rank 0 logs at start: global batch, learning rate and its scaling, numerics, DDP."""
+    per_worker = config.data.per_task_batch * tasks
+    compute = config.compute
+    parts = [f"global batch {per_worker * world} ({config.data.per_task_batch}/task x {tasks} tasks per worker x "
+             f"{world} worker{'s' if world > 1 else ''})",
+             f"lr {scaled_lr(config.optim, world):g} (optim.lr {config.optim.lr:g}, "
+             f"lr_scaling={config.optim.lr_scaling})",
+             f"{device.type} {resolve_precision(compute.precision, device)}",
+             f"compile {'on (' + compute.compile_mode + ')' if compute.compile else 'off'}",
+             f"channels_last {'on' if compute.channels_last else 'off'}",
+             f"Adam {resolve_adam_impl(compute.adam_impl, device)}"]
+    if world > 1:
+        parts.append("DDP gradient averaging, find_unused_parameters off")
+    return "[train] " + "; ".join(parts)
 
 
 def _worker_print(*parts: object) -> None:
@@ -68,10 +110,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = create_model(config.model.resolve())
-    net = ray.train.torch.prepare_model(model)  # DDP when world > 1, on the worker's device
+    # On the worker's device, DDP when world > 1 (no find_unused_parameters: every trainable parameter takes part in
+    # every step), compiled when compute.compile.
+    net = prepare_module(model, config.compute, wrap=ray.train.torch.prepare_model)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.optim.lr, betas=config.optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
+    optimizer, scheduler, scaler = build_optimizer(params, config, world, device)
+    if rank == 0:
+        _worker_print(describe_setup(config, len(tasks), world, device))
     ema = None
     if config.optim.ema_decay:
         ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay)
@@ -101,6 +146,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         step, passes = state["step"], state["passes"]
         if rank == 0:
             _worker_print(f"[train] resumed from step {step} (pass {passes})")
@@ -117,7 +164,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while step < config.steps:
         for batch in training_batches(shard, tasks, config.data.per_task_batch, config.data.shuffle_buffer, report,
                                       num_batches=steps_per_pass, batcher=batcher):  # fmt: skip
-            terms = train_step(net, model, batch, criterion, optimizer, scheduler, params, config, device, texts)
+            terms = train_step(net, model, batch, criterion, optimizer, scheduler, params, config, device, texts,
+                               scaler)
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
@@ -139,8 +187,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank))
                 window, started = [], time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
-                    _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank,
-                                            loop_config.get("manifest_sha256"))
+                    _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, scaler, step, passes, config,
+                                            rank, loop_config.get("manifest_sha256"))
                 else:
                     ray.train.report(metrics)
                 # No step line here: the driver shows every report (progress bar, or step lines with verbose=true).
@@ -150,25 +198,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def train_step(
-    net, model, batch, criterion, optimizer, scheduler, params, config: TrainConfig, device, texts
+    net, model, batch, criterion, optimizer, scheduler, params, config: TrainConfig, device, texts, scaler=None
 ) -> dict[str, float]:
     """One optimisation step on one worker's part of the batch; returns the loss terms (detached floats).
 
     ``net`` is the (possibly DDP-wrapped) module that runs forward/backward, ``model`` the bare network (pools,
     temperatures); ``batch`` holds ``lq``/``gt`` tensors (B, 3, H, W) and, when ``texts`` is given, ``source_id``.
-    Forward under bf16 autocast on GPU, all losses, backward (DDP averages the gradients across workers here),
-    optional gradient clipping, optimiser and scheduler step, temperature projection.
+    The forward runs under ``config.compute``'s autocast (bf16 on GPU by default), the losses in fp32; backward (DDP
+    averages the gradients across workers here), optional gradient clipping, optimiser and scheduler step,
+    temperature projection. ``scaler`` (fp16 only, :func:`~datprl.platform.compute.grad_scaler`) scales the loss
+    and unscales the gradients before clipping; a step it skips for inf/NaN gradients still advances the schedule.
     """
-    lq, gt = batch["lq"].to(device, non_blocking=True), batch["gt"].to(device, non_blocking=True)
+    channels_last = config.compute.channels_last
+    lq = to_memory_format(batch["lq"].to(device, non_blocking=True), channels_last)
+    gt = batch["gt"].to(device, non_blocking=True)
     text, mask = _text_batch(texts, batch["source_id"], device) if texts is not None else (None, None)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(config.compute.precision, device):
         output = net(lq, return_aux=True)
     loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask, degraded=lq)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        if config.optim.grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
     scheduler.step()
     _clamp_temperatures(model)
     return terms
@@ -239,7 +299,7 @@ def _clamp_temperatures(model: torch.nn.Module) -> None:
                 pool.temperature.clamp_(*pool.temperature_range)
 
 
-def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, passes, config, rank,
+def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, scaler, step, passes, config, rank,
                             manifest_sha256: str | None = None) -> None:
     import ray.train
 
@@ -248,7 +308,9 @@ def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, step, pas
         if rank == 0:  # one copy of the replicated state; every worker still reports
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(),
-                     "ema": ema.state_dict() if ema is not None else None, "step": step, "passes": passes}  # fmt: skip
+                     "ema": ema.state_dict() if ema is not None else None,
+                     "scaler": scaler.state_dict() if scaler is not None else None,
+                     "step": step, "passes": passes}  # fmt: skip
             torch.save(state, Path(folder) / "state.pt")
             # config.json and progress.json let the driver check a run before resuming it (datprl.platform.train.runs)
             (Path(folder) / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=1))
