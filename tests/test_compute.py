@@ -4,6 +4,8 @@ the start-up line states the global batch and the learning rate's scaling with t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -160,8 +162,10 @@ def test_compile_wraps_and_unwraps_the_network():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DATPRL_COMPILE_TESTS"), reason="4 minutes of compilation on 2 CPUs, beyond "
+                    "the suite's budget: set DATPRL_COMPILE_TESTS=1 (the GPU check compiles the full networks)")
 def test_compiled_network_trains_like_eager(fp32_run):
-    """paper_tiny's training step under torch.compile (minutes of compilation on 2 CPUs: slow)."""
+    """paper_tiny's training step under torch.compile (239 s of compilation on 2 busy CPUs)."""
     reference, reference_terms, _ = fp32_run
     model, terms, _ = _steps({"compile": True})
     assert abs(terms[0]["total"] - reference_terms[0]["total"]) < 1e-4

@@ -192,7 +192,10 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
         from datprl.models.losses import DATPRLLoss
         from datprl.platform.train.loop import train_step
 
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        if device.type == "cuda":  # a local import: cloudpickle cannot ship the torch.backends.cudnn module object
+            from torch.backends import cuda as cuda_backend, cudnn
+
+            cudnn.allow_tf32 = cuda_backend.matmul.allow_tf32 = False
         torch.manual_seed(0)
         model = create_model("paper_tiny", selection_noise_std=0.0, query_centering=False).to(device)
         initial = {k: v.clone().cpu() for k, v in model.state_dict().items()}
