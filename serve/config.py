@@ -108,8 +108,8 @@ class ServeConfig(StrictModel):
     )
     activation_bytes_per_pixel: float | None = Field(
         None, gt=0, description="activation memory of a forward per input pixel, for the memory estimate; null = "
-        "measured at replica start-up by one forward of a tile_size x tile_size input (peak RSS on CPU, peak "
-        "allocated memory on CUDA)"
+        "measured at replica start-up by one forward of a 256x256 input (tile_size when smaller, at least 128; "
+        "peak RSS on CPU, peak allocated memory on CUDA)"
     )
     malloc_mmap_threshold_bytes: int | None = Field(
         2**20, ge=0, description="glibc: allocations of at least this many bytes get their own mapping, returned to "
