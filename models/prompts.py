@@ -99,6 +99,18 @@ class PromptPool(nn.Module):
     def size(self) -> int:
         return self.prompt_keys.shape[0]
 
+    @torch.no_grad()
+    def start_keys_at(self, directions: torch.Tensor) -> None:
+        """Set the first M keys to ``directions`` (M, D), M <= N, rescaled to the norm the random init gives a key on
+        average (0.02 sqrt(D)): selection reads only their directions (cosine), and Adam's steps keep the same
+        relative size as from the published init. The other keys keep their values."""
+        size, dim = self.prompt_keys.shape
+        if directions.ndim != 2 or directions.shape[1] != dim or directions.shape[0] > size:
+            raise ValueError(f"expected at most {size} key directions of length {dim}, "
+                             f"got shape {tuple(directions.shape)}")  # fmt: skip
+        unit = F.normalize(directions.to(self.prompt_keys), dim=-1)
+        self.prompt_keys[: len(unit)] = unit * 0.02 * dim**0.5
+
     def similarities(self, query: torch.Tensor) -> torch.Tensor:
         """(B, D) queries -> (B, N) cosine similarities divided by the clamped temperature."""
         tau = self.temperature.clamp(*self.temperature_range)

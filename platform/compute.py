@@ -2,8 +2,10 @@
 channels-last memory format and the Adam implementation. One :class:`ComputeConfig` section serves training
 (``TrainConfig.compute``), the benchmarks and the GPU check, so each option means the same everywhere.
 
-Defaults are what was measured to pay (README "Performance"): bf16 autocast on CUDA (``precision: auto``), fp32 on CPU;
-compile and channels-last off until a measurement on the target device says otherwise; Adam's fused kernel on CUDA.
+Defaults: bf16 autocast on a CUDA device that supports it (``precision: auto``), fp32 on CPU; compile and
+channels-last off and Adam fused on CUDA, foreach on CPU. The CPU ones were checked with ``jobs/benchmark_compute.py``
+(README "Benchmarks"); the CUDA ones are the framework's recommendations until ``infra/gpu-check.sh`` has measured
+them on a GPU.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Modules (importing this package imports none of them, so the codecs and the engi
 * ``engine``: weights loading (local or s3://, safetensors only), padded batched forwards (pixel-bounded, fp32 or
   bf16), prompt summaries, the activation-memory measurement.
 * ``memory``: a process's resident memory from ``/proc`` and the estimate of one request's memory from its header.
-* ``pipeline``: one request's path after its body is read (plan and memory budget, restore, encode), shared by the
-  deployment and the large-image benchmark.
+* ``pipeline``: one request's path after its body is read (plan and memory budget, restore, encode) and the replica
+  process's memory set-up, shared by the deployment and the large-image benchmark.
 * ``app``: the Serve deployment with its FastAPI ingress and ``build_app``, the application builder.
 * ``launch``: ``jobs/serve.py``; ``benchmark``: ``jobs/benchmark_serve.py``; ``large_images``:
   ``jobs/benchmark_large_images.py``; ``samples``: sample inputs and helpers shared by the benchmark and the tests.

@@ -43,10 +43,9 @@ from datprl.serve.codec import (
     output_format,
     read_header,
 )
-from datprl.serve import memory
 from datprl.serve.config import ServeConfig, replica_config, resolve_num_gpus
 from datprl.serve.engine import Engine, Restored, load_engine
-from datprl.serve.pipeline import plan_request, restore_image
+from datprl.serve.pipeline import activation_bytes_per_pixel, configure_process_memory, plan_request, restore_image
 
 __all__ = ["build_app", "deployment_options", "start_serve", "Restorer", "api"]
 
@@ -169,40 +168,6 @@ def _decode(data: bytes, fmt: str, max_pixels: int, white_level: int | None) -> 
     return decode(data, fmt, max_pixels, white_level)
 
 
-#: Activation bytes per pixel assumed when the replica cannot measure them (no /proc): above the ~2.2 KB measured for
-#: paper_tiny in fp32 on CPU. Set activation_bytes_per_pixel for other variants on such systems.
-FALLBACK_ACTIVATION_BYTES_PER_PIXEL = 4096.0
-
-
-def configure_process_memory(config: ServeConfig) -> None:
-    """The replica process's allocator settings (``malloc_mmap_threshold_bytes``); set before the engine loads."""
-    if config.malloc_mmap_threshold_bytes is not None and not memory.set_mmap_threshold(
-        config.malloc_mmap_threshold_bytes
-    ):
-        log.info("[serve] malloc_mmap_threshold_bytes is not applied here (the C library is not glibc)")
-
-
-#: Edge of the input whose forward measures the activations at start-up (the tile's when smaller, at least 128): for
-#: paper_tiny on CPU 256x256 gives 2,270-2,280 bytes/pixel, 5% above a 512x512 forward's, in under half its time
-#: (a replica's start-up waits for it).
-ACTIVATION_PROBE_EDGE = 256
-
-
-def activation_bytes_per_pixel(config: ServeConfig, engine: Engine) -> float | None:
-    """The activation memory per pixel the memory estimate uses: the configured value, else measured here by one
-    forward of an ``ACTIVATION_PROBE_EDGE`` square (None without a budget: nothing needs it)."""
-    if config.request_memory_budget_bytes is None:
-        return None
-    if config.activation_bytes_per_pixel is not None:
-        return config.activation_bytes_per_pixel
-    measured = engine.measure_activation_bytes_per_pixel(max(128, min(config.tile_size, ACTIVATION_PROBE_EDGE)))
-    if measured is None:
-        log.warning("[serve] activation memory could not be measured here; the memory estimate assumes %.0f "
-                    "bytes/pixel (set activation_bytes_per_pixel)", FALLBACK_ACTIVATION_BYTES_PER_PIXEL)
-        return FALLBACK_ACTIVATION_BYTES_PER_PIXEL
-    return measured
-
-
 @serve.deployment(name="Restorer", max_ongoing_requests=32, health_check_period_s=10)
 @serve.ingress(api)
 class Restorer:
@@ -301,7 +266,7 @@ class Restorer:
         async with slot:
             image = await asyncio.to_thread(_decode, data, fmt, cfg.max_pixels, white_level)
             del data  # the request body is not needed any more
-            check_output(out_format, bit_depth, image.format, image.bit_depth)  # before the forward, not after
+            # OutputWriter checks the output against the decoded image (its bit depth) before the forward, not after
             writer = await asyncio.to_thread(OutputWriter, image, out_format, bit_depth)
             outcome = await restore_image(image, plan.tiled, writer, self._forward, self.engine.pools, cfg)
             encoded, described = await asyncio.to_thread(writer.finish)

@@ -55,7 +55,6 @@ __all__ = [
     "check_content_type",
     "decode",
     "encode",
-    "probe",
     "read_header",
     "ImageHeader",
     "OutputWriter",
@@ -343,12 +342,6 @@ def _png_header(data: bytes) -> tuple[int, int, int, int]:
 
 
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}  # by colour type; palette counts as RGBA, the most it decodes to
-
-
-def probe(data: bytes, fmt: str, max_pixels: int) -> tuple[int, int]:
-    """(width, height) from the header alone (no pixel is decoded), after the ``max_pixels`` check."""
-    header = read_header(data, fmt, max_pixels)
-    return header.width, header.height
 
 
 def read_header(data: bytes, fmt: str, max_pixels: int) -> ImageHeader:
@@ -700,12 +693,12 @@ _CHUNK_PIXELS = 1 << 14
 
 
 def to_gray_or_rgb(restored: np.ndarray, channels: int) -> np.ndarray:
-    """(3, H, W) network output -> (H, W, channels): grayscale input (replicated to 3 channels on the way in) gets
-    the mean of the three restored channels."""
+    """(3, H, W) network output -> a new (H, W, channels) float32 array: grayscale input (replicated to 3 channels
+    on the way in) gets the mean of the three restored channels (computed in float32). ``restored`` is not modified."""
     hwc = restored.transpose(1, 2, 0)
     if channels == 1:
-        return hwc.mean(axis=2, keepdims=True)
-    return hwc
+        return hwc.mean(axis=2, keepdims=True, dtype=np.float32)
+    return np.array(hwc, dtype=np.float32)
 
 
 def _quantise_into(values: np.ndarray, scale: int, bits: int, out: np.ndarray) -> None:
@@ -828,9 +821,7 @@ class OutputWriter:
     def _quantised(self, chunk: np.ndarray, top: int) -> np.ndarray:
         m = int(chunk.shape[1])
         out = np.empty((m, self.width, self.channels), self.dtype)
-        hwc = chunk.transpose(1, 2, 0)
-        work = (hwc.mean(axis=2, keepdims=True, dtype=np.float32) if self.colour == 1
-                else np.array(hwc, dtype=np.float32))  # a chunk-sized copy: ``rows`` stays untouched
+        work = to_gray_or_rgb(chunk, self.colour)  # a chunk-sized copy: ``rows`` stays untouched
         _quantise_into(work, self.scale, self.bits, out[..., : self.colour])
         if self.alpha is not None:
             out[..., self.colour] = _convert_alpha(self.alpha[top : top + m], self.bits)
@@ -923,17 +914,15 @@ class _PngWriter:
         self.rows = 0
 
     def write(self, values: np.ndarray) -> None:
-        """Rows (n, W, channels) of uint8 (8 bits) or uint16 (16 bits)."""
-        step = max(1, _CHUNK_PIXELS // self.width)
-        for start in range(0, values.shape[0], step):
-            part = values[start : start + step]
-            big_endian = part.astype(">u2" if self.bits == 16 else np.uint8, copy=False)
-            raw = np.ascontiguousarray(big_endian).view(np.uint8).reshape(part.shape[0], self.width * self.bpp)
-            compressed = self.compressor.compress(_png_filter(raw, self.previous, self.bpp))
-            if compressed:
-                self.parts.append(_png_chunk(b"IDAT", compressed))
-            self.previous = raw[-1].copy()
-            self.rows += part.shape[0]
+        """Rows (n, W, channels) of uint8 (8 bits) or uint16 (16 bits), filtered and compressed in one piece: callers
+        pass at most ``_CHUNK_PIXELS // width`` rows at a time, which bounds the filter's temporaries."""
+        big_endian = values.astype(">u2" if self.bits == 16 else np.uint8, copy=False)
+        raw = np.ascontiguousarray(big_endian).view(np.uint8).reshape(values.shape[0], self.width * self.bpp)
+        compressed = self.compressor.compress(_png_filter(raw, self.previous, self.bpp))
+        if compressed:
+            self.parts.append(_png_chunk(b"IDAT", compressed))
+        self.previous = raw[-1].copy()
+        self.rows += values.shape[0]
 
     def finish(self) -> bytes:
         if self.rows != self.height:
@@ -948,7 +937,9 @@ class _PngWriter:
 def _encode_png(values: np.ndarray, bits: int, icc: bytes | None = None, exif: bytes | None = None) -> bytes:
     """(H, W, C) integers as a PNG of ``bits`` bits."""
     writer = _PngWriter(values.shape[1], values.shape[0], values.shape[2], bits, icc, exif)
-    writer.write(values)
+    step = max(1, _CHUNK_PIXELS // writer.width)
+    for start in range(0, values.shape[0], step):
+        writer.write(values[start : start + step])
     return writer.finish()
 
 

@@ -280,7 +280,7 @@ class Engine:
         multiple of 8): on CUDA from the allocator's peak, on CPU from the process's peak resident memory (freed
         heap returned first, the peak reset before the forward), after a small forward that allocates what every
         forward reuses. None where the peak cannot be read (no ``/proc``)."""
-        size = max(PAD_MULTIPLE, size + (-size % PAD_MULTIPLE))
+        size = max(PAD_MULTIPLE, memory.padded_length(size))
         # A first forward allocates what every later one reuses (thread pools, kernel caches: ~20 MB for paper_tiny
         # on CPU, +13% at 256x256); the replica's first health check does that before any request.
         self.self_check()
@@ -322,7 +322,7 @@ class Restored:
 
 def padded_shape(unit: torch.Tensor) -> tuple[int, int]:
     height, width = unit.shape[-2:]
-    return height + (-height % PAD_MULTIPLE), width + (-width % PAD_MULTIPLE)
+    return memory.padded_length(height), memory.padded_length(width)
 
 
 def load_engine(config: ServeConfig, device: str | torch.device | None = None) -> Engine:

@@ -92,10 +92,9 @@ def measure_request(size: int, config: LargeImageBenchmarkConfig) -> dict[str, A
     """One request of ``size`` through the replica's request path in this process (call it in a fresh one): peak
     resident memory (reset after set-up), time and the memory estimate the replica would check."""
     from datprl.serve import memory
-    from datprl.serve.app import activation_bytes_per_pixel, configure_process_memory
     from datprl.serve.codec import OutputWriter, decode, read_header
     from datprl.serve.engine import load_engine
-    from datprl.serve.pipeline import plan_request, restore_image
+    from datprl.serve.pipeline import activation_bytes_per_pixel, configure_process_memory, plan_request, restore_image
 
     data = photo_png(size)
     serve_config = _serve_config(config)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from dataclasses import dataclass
 
 from datprl.models.network import PAD_MULTIPLE
@@ -29,6 +30,8 @@ __all__ = [
     "MemoryEstimate",
     "estimate_request_memory",
     "format_bytes",
+    "padded_length",
+    "padded_tile_pixels",
     "peak_rss_bytes",
     "reset_peak_rss",
     "rss_bytes",
@@ -78,15 +81,27 @@ def reset_peak_rss(pid: int | str = "self") -> bool:
         return False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once; None where it cannot be found or loaded."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
 def trim_heap() -> None:
     """Return freed heap memory to the system (glibc ``malloc_trim``), so that a peak measured next is not hidden by
     memory the allocator kept from earlier work; nothing elsewhere."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _libc()
+    if libc is None:
         return
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+        libc.malloc_trim(0)
+    except AttributeError:  # not glibc
         pass
 
 
@@ -98,12 +113,12 @@ def set_mmap_threshold(threshold: int) -> bool:
     freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; fixing it turns off glibc's dynamic threshold, which after the first
     large free rises to 32 MB and then keeps every freed activation of up to that size in the heap of the thread that
     ran the forward). False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        return bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except AttributeError:
         return False
 
 
@@ -116,8 +131,14 @@ def format_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _padded(length: int) -> int:
-    return length + (-length % PAD_MULTIPLE)
+def padded_length(n: int) -> int:
+    """``n`` rounded up to the network's ``PAD_MULTIPLE`` (8): the length a forward pads an image side to."""
+    return n + (-n % PAD_MULTIPLE)
+
+
+def padded_tile_pixels(tile_size: int, height: int, width: int) -> int:
+    """Padded pixels of one tile of a (height, width) image cut in ``tile_size`` tiles (the image when smaller)."""
+    return padded_length(min(tile_size, height)) * padded_length(min(tile_size, width))
 
 
 @dataclass(frozen=True)
@@ -176,14 +197,14 @@ def estimate_request_memory(
 
     phases: dict[str, tuple[int, int]] = {"decode": (0, body_bytes + decoder + stored)}
     if tiled:
-        tile_height, tile_width = min(tile_size, header.height), min(tile_size, header.width)
-        tile_pixels = _padded(tile_height) * _padded(tile_width)
+        tile_pixels = padded_tile_pixels(tile_size, header.height, header.width)
         forward = tiles_per_forward * tile_pixels
+        tile_height = min(tile_size, header.height)
         strip = _UNIT_BYTES * tile_height * header.width * 2  # the accumulator and the rows being quantised
         in_flight = tiles_per_forward * tile_pixels * _UNIT_BYTES * _TILE_FLOAT_COPIES
         phases["restore"] = (int(activation_bytes_per_pixel * forward), stored + strip + in_flight + output)
     else:
-        forward = _padded(header.height) * _padded(header.width)
+        forward = padded_length(header.height) * padded_length(header.width)
         phases["restore"] = (
             int(activation_bytes_per_pixel * forward),
             stored + forward * _UNIT_BYTES * _UNTILED_FLOAT_COPIES,

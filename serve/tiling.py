@@ -109,8 +109,7 @@ class StripBlender:
         self.cols = axis_weights(width, tile, overlap)
         self.window = blend_window(self.tile_height, self.tile_width, overlap)[None]
         self.emit = emit
-        self.top = 0  # image row of the accumulator's first row
-        self.done = 0  # rows emitted so far
+        self.top = 0  # image row of the accumulator's first row (= rows emitted so far)
         self.acc: torch.Tensor | None = None  # (C, tile height, W), allocated by the first tile (its channel count)
 
     def add(self, tile: Tile, output: torch.Tensor) -> None:
@@ -131,7 +130,6 @@ class StripBlender:
         rows = self.acc[:, :n]
         rows.div_(self.rows[self.top : until, None]).div_(self.cols[None, None, :])
         self.emit(self.top, rows)
-        self.done = until
         kept = self.tile_height - n
         if kept > 0:  # rows [until, top + tile height) already hold parts of the next tile row
             self.acc[:, :kept] = self.acc[:, n:].clone()
@@ -143,8 +141,8 @@ class StripBlender:
         if self.acc is None:
             raise RuntimeError("no tile was added")
         self._finalise(self.top + self.tile_height)
-        if self.done != self.height:
-            raise RuntimeError(f"emitted {self.done} of {self.height} rows: tiles missing")
+        if self.top != self.height:
+            raise RuntimeError(f"emitted {self.top} of {self.height} rows: tiles missing")
         self.acc = None
 
 

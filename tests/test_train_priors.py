@@ -10,7 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datprl.platform.train.priors import ensure_text_embeddings, load_text_embeddings, resolve_text_embeddings
+from datprl.platform.train.priors import (
+    description_prototypes,
+    ensure_text_embeddings,
+    load_text_embeddings,
+    resolve_text_embeddings,
+)
 from datprl.priors.encoders import project
 
 
@@ -99,3 +104,42 @@ assert not loaded, loaded
 """
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "net")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_prototypes_are_unit_centroids_of_the_description_groups():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:3] * 5
+    table = {f"s{i}": (centres[i % 3] + rng.normal(0, 0.1, 8)).astype(np.float32) for i in range(30)}
+    prototypes = description_prototypes(table, count=3, seed=0)
+    assert prototypes.shape == (3, 8) and prototypes.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(prototypes, axis=1), 1, atol=1e-5)
+    # each group's centre is matched by one prototype (cosine > 0.99), and no two prototypes share a group
+    best = (prototypes @ (centres / 5).T).argmax(0)
+    assert sorted(best.tolist()) == [0, 1, 2] and (prototypes @ (centres / 5).T).max(0).min() > 0.99
+    np.testing.assert_array_equal(prototypes, description_prototypes(table, count=3, seed=0))  # seeded
+
+
+def test_fewer_descriptions_than_keys_give_one_prototype_each():
+    table = {"a": np.array([1, 0, 0], np.float32), "b": np.array([0, 1, 0], np.float32),
+             "c": np.array([0, 1, 0], np.float32)}  # fmt: skip
+    prototypes = description_prototypes(table, count=9, seed=0)
+    assert sorted(map(tuple, prototypes.round(5).tolist())) == [(0, 1, 0), (1, 0, 0)]
+
+
+def test_domain_keys_start_at_the_given_directions():
+    import torch
+
+    from datprl.models import create_model
+
+    pool = create_model("paper_tiny").domain_pool
+    directions = torch.randn(pool.size, pool.prompt_keys.shape[1])
+    pool.start_keys_at(directions)
+    cosine = torch.nn.functional.cosine_similarity(pool.prompt_keys, directions, dim=-1)
+    assert torch.allclose(cosine, torch.ones(pool.size), atol=1e-5)
+    assert pool.prompt_keys.requires_grad  # still a trained parameter
+    before = pool.prompt_keys.detach().clone()
+    pool.start_keys_at(directions[:2] * 7)  # fewer directions: only the first keys move, to the same norm
+    assert torch.equal(pool.prompt_keys[2:], before[2:])
+    assert torch.allclose(pool.prompt_keys[:2].norm(dim=-1), before[:2].norm(dim=-1))
+    with pytest.raises(ValueError, match="at most"):
+        pool.start_keys_at(torch.randn(pool.size + 1, pool.prompt_keys.shape[1]))

@@ -14,7 +14,7 @@ from pydantic import AfterValidator
 from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, init_ray
 from datprl.platform.storage import atomic_write_bytes
 
-__all__ = ["LocalDataset", "ensure_dataset", "start_ray", "ray_worker_settings", "save_report"]
+__all__ = ["LocalDataset", "known_variants", "ensure_dataset", "start_ray", "ray_worker_settings", "save_report"]
 
 
 def _local_folder(value: str) -> str:
@@ -25,6 +25,16 @@ def _local_folder(value: str) -> str:
 
 LocalDataset = Annotated[str, AfterValidator(_local_folder)]
 """A dataset field of the benchmarks' configs: a local folder, not a URL."""
+
+
+def known_variants(value: list[str]) -> list[str]:
+    """A benchmark config's variant names, checked against the model registry (the error lists the known ones)."""
+    from datprl.models.factory import VARIANTS  # the registry only: no torch work at config time
+
+    unknown = [v for v in value if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
+    return value
 
 
 def ensure_dataset(path: str, job: str) -> bool:

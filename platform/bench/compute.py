@@ -20,14 +20,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from datprl.models import VARIANTS, create_model
-from datprl.models.losses import DATPRLLoss
-from datprl.platform.bench.common import save_report
-from datprl.platform.compute import ComputeConfig, prepare_module, resolve_adam_impl, resolve_precision
+from datprl.platform.bench.common import known_variants, save_report
+from datprl.platform.bench.train import state_step, training_state
+from datprl.platform.compute import ComputeConfig, resolve_adam_impl, resolve_precision
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 from datprl.platform.runtime import resolve_device
 from datprl.platform.train.config import TrainConfig
-from datprl.platform.train.loop import build_optimizer, train_step
 
 __all__ = ["ComputeBenchmarkConfig", "DEFAULT_ARMS", "run_benchmark", "format_report", "main"]
 
@@ -64,9 +62,7 @@ class ComputeBenchmarkConfig(StrictModel):
     @field_validator("variant")
     @classmethod
     def _known_variant(cls, value: str) -> str:
-        if value not in VARIANTS:
-            raise ValueError(f"unknown variant {value!r}; choose from: {', '.join(VARIANTS)}")
-        return value
+        return known_variants([value])[0]
 
 
 def run_benchmark(config: ComputeBenchmarkConfig) -> dict[str, Any]:
@@ -81,18 +77,18 @@ def run_benchmark(config: ComputeBenchmarkConfig) -> dict[str, Any]:
     cuda = device.type == "cuda"
     arms: dict[str, dict[str, Any]] = {}
     for name, compute in config.arms.items():
-        train = TrainConfig(compute=compute, text_embeddings=None)
-        torch.manual_seed(config.seed)
-        model = create_model(config.variant).to(device)
-        net = prepare_module(model, compute)
-        params = [p for p in net.parameters() if p.requires_grad]
-        optimizer, scheduler, scaler = build_optimizer(params, train, 1, device)
-        criterion = DATPRLLoss(train.loss)
+        # The main job's optimiser without its EMA copy, which would only add the same work to every arm.
+        train = TrainConfig(
+            compute=compute,
+            text_embeddings=None,
+            model={"variant": config.variant},
+            optim=TrainConfig().optim.model_copy(update={"ema_decay": None}),
+            seed=config.seed,
+        )
+        state = training_state(train, device)
 
-        def step(net=net, model=model, optimizer=optimizer, scheduler=scheduler, params=params, train=train,
-                 criterion=criterion, scaler=scaler) -> float:  # fmt: skip
-            terms = train_step(net, model, batch, criterion, optimizer, scheduler, params, train, device, None, scaler)
-            return terms["total"]
+        def step(state=state, train=train) -> float:
+            return state_step(state, batch, train, device)["total"]
 
         start = time.perf_counter()
         for _ in range(config.warmup):

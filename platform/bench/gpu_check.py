@@ -38,7 +38,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from datprl.platform.bench.common import LocalDataset
+from datprl.platform.bench.common import LocalDataset, known_variants
 from datprl.platform.bench.train import TrainBenchmarkConfig
 from datprl.platform.runtime import stop_on_signals
 from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli, save_resolved_config
@@ -74,15 +74,6 @@ ERROR_LINES = 20  # lines of a failed step's error (or log) kept in the report
 NO_CUDA_EXIT = 3  # exit status without a CUDA device (2: a config error, 1: a step failed)
 
 Dtype = Literal["fp32", "bf16", "fp16"]  # autocast precisions (datprl.platform.compute.autocast)
-
-
-def _known_variants(value: list[str]) -> list[str]:
-    from datprl.models.factory import VARIANTS  # the model registry only: no torch work at config time
-
-    unknown = [v for v in value if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
-    return value
 
 
 class ModelCheck(StrictModel):
@@ -131,7 +122,7 @@ class ModelCheck(StrictModel):
     @field_validator("variants")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        return _known_variants(value)
+        return known_variants(value)
 
     @model_validator(mode="after")
     def _compiled_dtypes_are_timed(self) -> ModelCheck:
@@ -161,7 +152,7 @@ class ServingCheck(StrictModel):
     @field_validator("variant")
     @classmethod
     def _known(cls, value: str) -> str:
-        return _known_variants([value])[0]
+        return known_variants([value])[0]
 
     @field_validator("batches", "sizes")
     @classmethod
@@ -464,7 +455,8 @@ def _stop_session(session: int, grace: float) -> None:
             time.sleep(0.1)
 
 
-def _tail(path: Path, lines: int = ERROR_LINES) -> list[str]:
+def tail_lines(path: Path, lines: int = ERROR_LINES) -> list[str]:
+    """The last ``lines`` lines of a log file (none when it cannot be read)."""
     try:
         return path.read_text(errors="replace").rstrip().splitlines()[-lines:]
     except OSError:
@@ -511,10 +503,10 @@ def _run_step(name: str, config: GpuCheckConfig, seconds: float, config_path: Pa
     if timed_out:
         section["status"] = "failed"
         section["error"] = [f"timed out after {seconds:.0f} s (budget); results measured until then are kept",
-                            *_tail(log_path, ERROR_LINES - 1)]  # fmt: skip
+                            *tail_lines(log_path, ERROR_LINES - 1)]  # fmt: skip
     elif section["status"] == "running":  # died without recording an outcome (a crash, the kernel's OOM killer)
         section["status"] = "failed"
-        section["error"] = [f"the step's process exited with status {code}", *_tail(log_path, ERROR_LINES - 1)]
+        section["error"] = [f"the step's process exited with status {code}", *tail_lines(log_path, ERROR_LINES - 1)]
     section.update(title=TITLES[name], seconds=round(time.monotonic() - start, 1), budget_s=round(seconds, 1),
                    log=str(log_path))  # fmt: skip
     return section

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datprl.platform.bench.gpu_check import GpuCheckConfig, Recorder, Skip
+from datprl.platform.bench.gpu_check import GpuCheckConfig, Recorder, Skip, tail_lines
 
 __all__ = [
     "model_step",
@@ -189,7 +189,9 @@ def serving_step(config: GpuCheckConfig, record: Recorder) -> None:
     device = engine.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sizes: list[dict[str, Any]] = []
-    record.update(variant=s.variant, dtype="fp32", device_name=name, sizes=sizes, threads=torch.get_num_threads())
+    record.update(
+        variant=s.variant, dtype=engine.precision, device_name=name, sizes=sizes, threads=torch.get_num_threads()
+    )
     generator = torch.Generator().manual_seed(0)
 
     def timed(batch: torch.Tensor) -> float:
@@ -321,7 +323,6 @@ def starvation_step(config: GpuCheckConfig, record: Recorder) -> None:
     from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
     from datprl.platform.runtime import LOCAL_OBJECT_STORE_BYTES, loopback_only, resolve_device
     from datprl.platform.train.fit import training_tasks
-    from datprl.platform.train.loop import train_step
 
     s = config.starvation
     device = resolve_device(config.device)
@@ -358,10 +359,7 @@ def starvation_step(config: GpuCheckConfig, record: Recorder) -> None:
             start = time.perf_counter()
             batch = next(batches)
             got = time.perf_counter()
-            train_step(state["net"], state["model"], batch, state["criterion"], state["optimizer"],
-                       state["scheduler"], state["params"], train_config, device, None, state["scaler"])  # fmt: skip
-            if state["ema"] is not None:
-                state["ema"].update_parameters(state["model"])
+            bench_train.state_step(state, batch, train_config, device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             waits.append(got - start)
@@ -398,6 +396,18 @@ def train_command(config: GpuCheckConfig, out: Path) -> list[str]:
             "name=gpu-check-multi", "resume=false", *m.overrides]  # fmt: skip
 
 
+def _run_logged(command: list[str], log: Path, record: Recorder, cwd: Path | None = None) -> int | None:
+    """Run ``command`` with its output in ``log`` (a file, not a pipe: what it printed survives a timeout) within the
+    step's remaining budget; its exit status, or None when it ran out of time (its Ray is stopped with the rest of
+    this step's session)."""
+    with log.open("w") as stream:
+        try:
+            return subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=cwd,
+                                  timeout=max(1.0, record.left()), check=False).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return None
+
+
 def multi_gpu_step(config: GpuCheckConfig, record: Recorder) -> None:
     """``jobs/train.py`` data-parallel on ``multi_gpu.workers`` GPUs (:func:`train_command`), skipped with fewer;
     records the command, its exit status and the reports of its ``metrics.jsonl``."""
@@ -417,17 +427,12 @@ def multi_gpu_step(config: GpuCheckConfig, record: Recorder) -> None:
     record.update(command=command, workers=m.workers, gpus=count)
     log = out / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as stream:  # a file, not a pipe: what it printed survives a timeout
-        try:
-            code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=max(1.0, record.left()),
-                                  check=False).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            code = None  # its Ray is stopped with the rest of this step's session
+    code = _run_logged(command, log, record)
     metrics = out / "metrics.jsonl"
     reports = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     record.update(returncode=code, reports=reports, log=str(log))
     if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").rstrip().splitlines()[-15:])
+        tail = "\n".join(tail_lines(log, 15))
         what = "ran out of the step's budget" if code is None else f"exited with status {code}"
         raise RuntimeError(f"jobs/train.py {what}; the end of {log}:\n{tail}")
     if not reports or reports[-1]["step"] != m.steps:
@@ -444,13 +449,8 @@ def multi_gpu_step(config: GpuCheckConfig, record: Recorder) -> None:
     test_log = out / "ddp_equivalence.log"
     test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_train.py"),
             "-k", "two_ddp_workers_match_one_process and cuda"]  # fmt: skip
-    with test_log.open("w") as stream:
-        try:
-            test_code = subprocess.run(test, stdout=stream, stderr=subprocess.STDOUT, cwd=REPO,
-                                       timeout=max(1.0, record.left()), check=False).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            test_code = None
+    test_code = _run_logged(test, test_log, record, cwd=REPO)
     record.update(ddp_equivalence_returncode=test_code, ddp_equivalence_log=str(test_log))
     if test_code != 0:
-        tail = "\n".join(test_log.read_text(errors="replace").rstrip().splitlines()[-15:])
+        tail = "\n".join(tail_lines(test_log, 15))
         raise RuntimeError(f"the GPU 1-vs-2-worker DDP equivalence test did not pass ({test_code}):\n{tail}")

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from datprl.models import VARIANTS, count_parameters, create_model
-from datprl.platform.bench.common import save_report
+from datprl.models import count_parameters, create_model
+from datprl.platform.bench.common import known_variants, save_report
 from datprl.platform.compute import autocast
 from datprl.platform.runtime import resolve_device
 from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli
@@ -53,10 +53,7 @@ class BenchmarkConfig(StrictModel):
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, value: list[str]) -> list[str]:
-        unknown = [v for v in value if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
-        return value
+        return known_variants(value)
 
 
 def run_step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str,

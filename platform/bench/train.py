@@ -76,7 +76,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from datprl.platform.bench.common import LocalDataset, ensure_dataset, ray_worker_settings, save_report, start_ray
-from datprl.platform.runtime import LOCAL_OBJECT_STORE_BYTES, loopback_only
+from datprl.platform.runtime import LOCAL_OBJECT_STORE_BYTES, loopback_only, resolve_device
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
 __all__ = ["TrainBenchmarkConfig", "bare_batches", "training_state", "run_benchmark", "format_report", "main"]
@@ -176,30 +176,27 @@ def bare_batches(train_config, count: int) -> tuple[list[dict], dict[str, Any]]:
 
 
 def training_state(train_config, device) -> dict[str, Any]:
-    """What a Ray Train worker builds before its first step, built the same way in this process on ``device``: the
-    network ``model`` (seeded with ``train_config.seed``, the worker's seed at rank 0) and ``net``, what runs it
-    (``compute``'s memory format and ``torch.compile``, without DDP), its trainable ``params``, the ``optimizer``,
-    its ``scheduler`` and fp16 ``scaler`` (:func:`~datprl.platform.train.loop.build_optimizer`, 1 worker), the loss
-    (``criterion``) and the ``ema`` copy when ``optim.ema_decay`` is set (else None)."""
+    """What a Ray Train worker builds before its first step (:func:`~datprl.platform.train.loop.build_training_state`:
+    network, optimiser, scheduler, fp16 scaler, loss, EMA; without DDP), built the same way in this process on
+    ``device`` and seeded with ``train_config.seed``, the worker's seed at rank 0."""
     import torch
 
-    from datprl.models import create_model
-    from datprl.models.losses import DATPRLLoss
-    from datprl.platform.compute import prepare_module
-    from datprl.platform.train.loop import build_optimizer
+    from datprl.platform.train.loop import build_training_state
 
     torch.manual_seed(train_config.seed)  # the Ray worker seeds with seed + rank (rank 0)
-    model = create_model(train_config.model.resolve()).to(device)
-    net = prepare_module(model, train_config.compute)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler, scaler = build_optimizer(params, train_config, 1, device)
-    ema = None
-    if train_config.optim.ema_decay:  # as train_loop_per_worker builds it
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train_config.optim.ema_decay),
-            use_buffers=True)  # fmt: skip
-    return dict(model=model, net=net, params=params, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                criterion=DATPRLLoss(train_config.loss).to(device), ema=ema)  # fmt: skip
+    return build_training_state(train_config, device)
+
+
+def state_step(state: dict[str, Any], batch: dict, train_config, device) -> dict[str, float]:
+    """One :func:`~datprl.platform.train.loop.train_step` of a :func:`training_state`, then its EMA update, as the
+    worker's loop does; returns the loss terms."""
+    from datprl.platform.train.loop import train_step
+
+    terms = train_step(state["net"], state["model"], batch, state["criterion"], state["optimizer"],
+                       state["scheduler"], state["params"], train_config, device, None, state["scaler"])  # fmt: skip
+    if state["ema"] is not None:
+        state["ema"].update_parameters(state["model"])
+    return terms
 
 
 def _bare_round(
@@ -227,18 +224,12 @@ def _bare_steps(train_config, batches: list[dict], report_every: int, device) ->
     in this frame only, so its GPU memory is free once it returns."""
     import torch
 
-    from datprl.platform.train.loop import train_step
-
     state = training_state(train_config, device)
-    model, ema = state["model"], state["ema"]
     windows: list[tuple[int, float]] = []
     losses: list[float] = []
     start = time.perf_counter()
     for i, batch in enumerate(batches):
-        terms = train_step(state["net"], model, batch, state["criterion"], state["optimizer"], state["scheduler"],
-                           state["params"], train_config, device, None, state["scaler"])  # fmt: skip
-        if ema is not None:
-            ema.update_parameters(model)
+        terms = state_step(state, batch, train_config, device)
         losses.append(terms["total"])
         if (i + 1) % report_every == 0 or i + 1 == len(batches):
             if device.type == "cuda":
@@ -338,8 +329,7 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
         import ray
         import torch
 
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device=cuda was asked for, but torch {torch.__version__} sees no CUDA device")
+        resolve_device(config.device)  # device=cuda without CUDA: the error says so before Ray starts
         owned, cpus, ray_start_s = _start_ray(config.cpus, config.ray_worker_niceness)
     finally:  # torch has read it, and so has the raylet whose environment Ray's workers inherit
         if previous_policy is None:

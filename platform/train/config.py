@@ -81,6 +81,13 @@ class TrainConfig(StrictModel):
                                         "auto = <data.dataset>/priors/descriptions.parquet; null = L_align off")
     text_centering: bool = Field(True, description="subtract the table's mean text embedding before L_align (the "
                                  "descriptions' shared template otherwise rewards a constant domain prompt)")
+    domain_key_init: Literal["random", "descriptions"] = Field(
+        "descriptions",
+        description="how the domain pool's keys start: random (the published init, N(0, 0.02^2)), or descriptions = "
+        "the k-means centroids (k = pool size) of the training images' description embeddings, so the prompts the "
+        "descriptions pick follow what they describe from the first step (needs text embeddings; a resumed run "
+        "takes its keys from the checkpoint)",
+    )
     describe_if_missing: bool = Field(True, description="with text_embeddings=auto: describe the training images "
                                       "first when the table is missing (metadata describer; seconds)")
     zero_shot_tasks: list[str] = Field(default_factory=list, description="tasks held out of training, evaluated "

@@ -27,7 +27,7 @@ from datprl.platform.config import config_to_dict
 from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
 from datprl.platform.data.pipeline import StreamReport, training_batches
 from datprl.platform.train.config import OptimConfig, TrainConfig
-from datprl.platform.train.priors import load_text_embeddings, resolve_text_embeddings
+from datprl.platform.train.priors import description_prototypes, load_text_embeddings, resolve_text_embeddings
 from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
 
 
@@ -64,6 +64,26 @@ def build_optimizer(params, config: TrainConfig, world: int, device: torch.devic
                                  **adam_options(config.compute.adam_impl, device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
     return optimizer, scheduler, grad_scaler(config.compute.precision, device)
+
+
+def build_training_state(config: TrainConfig, device: torch.device, world: int = 1, wrap=None) -> dict:
+    """What a worker builds before its first step (the caller seeds torch first): the network ``model`` on
+    ``device`` and ``net``, what runs it (:func:`~datprl.platform.compute.prepare_module`: memory format, ``wrap``
+    such as Ray Train's ``prepare_model`` for DDP, ``torch.compile``), its trainable ``params``, the ``optimizer``,
+    ``scheduler`` and fp16 ``scaler`` (:func:`build_optimizer`), the loss (``criterion``) and the ``ema`` copy when
+    ``optim.ema_decay`` is set (else None). The benchmarks build the same state in their own process."""
+    model = create_model(config.model.resolve()).to(device)
+    net = prepare_module(model, config.compute, wrap=wrap)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer, scheduler, scaler = build_optimizer(params, config, world, device)
+    ema = None
+    if config.optim.ema_decay:
+        ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay)
+        # use_buffers: the pools' running query centres are averaged with the weights (without it the EMA copy would
+        # keep the centres it was created with).
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
+    return dict(model=model, net=net, params=params, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                criterion=DATPRLLoss(config.loss).to(device), ema=ema)  # fmt: skip
 
 
 def describe_setup(config: TrainConfig, tasks: int, world: int, device: torch.device) -> str:
@@ -109,21 +129,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(config.torch_threads)
     device = ray.train.torch.get_device()
 
-    model = create_model(config.model.resolve())
     # On the worker's device, DDP when world > 1 (no find_unused_parameters: every trainable parameter takes part in
     # every step), compiled when compute.compile.
-    net = prepare_module(model, config.compute, wrap=ray.train.torch.prepare_model)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler, scaler = build_optimizer(params, config, world, device)
+    state = build_training_state(config, device, world, wrap=ray.train.torch.prepare_model)
+    model, net, params, criterion = state["model"], state["net"], state["params"], state["criterion"]
+    optimizer, scheduler, scaler, ema = state["optimizer"], state["scheduler"], state["scaler"], state["ema"]
     if rank == 0:
         _worker_print(describe_setup(config, len(tasks), world, device))
-    ema = None
-    if config.optim.ema_decay:
-        ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay)
-        # use_buffers: the pools' running query centres are averaged with the weights (without it the EMA copy would
-        # keep the centres it was created with).
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
-    criterion = DATPRLLoss(config.loss)
     texts = None
     if config.loss.align and model.domain_pool is not None:
         if config.text_embeddings is None:
@@ -135,6 +147,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
             if rank == 0:
                 _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from {url}")
+            if config.domain_key_init == "descriptions":
+                # Every rank computes the same seeded centroids, so the replicas stay identical without a broadcast;
+                # a checkpoint loaded below replaces them. The EMA copy takes them at its first update.
+                prototypes = description_prototypes(loaded, model.domain_pool.size, config.seed)
+                model.domain_pool.start_keys_at(torch.from_numpy(prototypes))
+                if rank == 0:
+                    rest = model.domain_pool.size - len(prototypes)
+                    _worker_print(f"[train] domain prompt keys start at {len(prototypes)} k-means centroids of the "
+                                  "description embeddings (domain_key_init=descriptions)"
+                                  + (f"; {rest} keep their random start (fewer distinct descriptions than keys)"
+                                     if rest else ""))  # fmt: skip
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -217,17 +240,15 @@ def train_step(
         output = net(lq, return_aux=True)
     loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask, degraded=lq)
     optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if config.optim.grad_clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
     if scaler is None:
-        loss.backward()
-        if config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
         optimizer.step()
     else:
-        scaler.scale(loss).backward()
-        if config.optim.grad_clip:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skipped when the gradients hold inf/NaN
         scaler.update()
     scheduler.step()
     _clamp_temperatures(model)

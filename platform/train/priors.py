@@ -25,7 +25,9 @@ from datprl.priors.job import MANIFEST_NAME, TABLE_NAME
 AUTO = "auto"
 PRIORS_FOLDER = "priors"  # next to the dataset's manifest.json
 
-__all__ = ["AUTO", "ensure_text_embeddings", "load_text_embeddings", "resolve_text_embeddings"]
+__all__ = [
+    "AUTO", "description_prototypes", "ensure_text_embeddings", "load_text_embeddings", "resolve_text_embeddings"
+]  # fmt: skip
 
 
 def resolve_text_embeddings(text_embeddings: str | None, dataset: str) -> str | None:
@@ -100,3 +102,21 @@ def load_text_embeddings(url: str, s3: S3Settings | None, dim: int, centre: bool
     else:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return dict(zip(ids, vectors))
+
+
+def description_prototypes(embeddings: dict[str, np.ndarray], count: int, seed: int) -> np.ndarray:
+    """Up to ``count`` prototype directions of the descriptions: the k-means centroids (k-means++ start, 10 restarts,
+    seeded) of the embeddings from :func:`load_text_embeddings`, as unit vectors, (k, D) float32 with k = ``count``,
+    or the number of distinct embeddings when there are fewer.
+
+    Used to start the domain pool's keys (``TrainConfig.domain_key_init=descriptions``; ours). Why: top-k selection
+    has no gradient, so which prompts an image's description picks (L_psel's targets) is decided by where the random
+    keys happen to start, and with random keys the descriptions of different domains shared prompts in a
+    seed-dependent way (README, "Domain priors and prompt selection"). Centroids of the centred embeddings start each
+    key on one group of similar descriptions."""
+    from sklearn.cluster import KMeans
+
+    vectors = np.unique(np.stack(list(embeddings.values())).astype(np.float32), axis=0)
+    clusters = min(count, len(vectors))
+    centroids = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(vectors).cluster_centers_
+    return (centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)).astype(np.float32)
