@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -49,6 +51,13 @@ class ModelConfig(BaseModel):
         "prompt-selection collapse; the published network has none)",
     )
     query_center_momentum: float = Field(0.1, gt=0, le=1, description="update rate of that running mean")
+    domain_query_features: Literal["shallow", "encoder1"] = Field(
+        "shallow",
+        description="what the domain query is computed from: shallow = the patch embedding, as published (one linear "
+        "conv, so its 8x8 pooling sees little more than an 8x8 thumbnail's colours); encoder1 = the output of the "
+        "first encoder level (same channels and resolution, after its transformer blocks), whose pooled statistics "
+        "carry texture (ours; the parameters and their shapes are the same)",
+    )
     temperature_min: float = Field(0.1, gt=0)
     temperature_max: float = Field(2.0, gt=0)
     fusion_heads: int = Field(8, ge=1, description="heads of the domain-task cross-attention")

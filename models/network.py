@@ -122,7 +122,8 @@ class DATPRLIR(nn.Module):
             task = self.task_pool(self.task_query(deepest))
             prompt = task.representation
         if self.domain_pool is not None:
-            domain = self.domain_pool(self.domain_query(shallow))
+            source = enc1 if self.config.domain_query_features == "encoder1" else shallow
+            domain = self.domain_pool(self.domain_query(source))
             prompt = self.fusion(domain.representation, task.representation)
 
         latent = self.latent(deepest, prompt)

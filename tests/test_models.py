@@ -515,3 +515,20 @@ def test_wrong_input_shape(name, shape):
     model = _model(name)
     with pytest.raises(ValueError, match=r"expected a \(batch, 3, height, width\) tensor, got shape"):
         model(torch.rand(shape))
+
+
+def test_domain_query_from_the_first_encoder_level_keeps_the_layout():
+    """``domain_query_features=encoder1`` feeds the domain query projector the first encoder level's output instead of
+    the patch embedding: the same parameters (so the same state dict loads), a different query, and the encoder
+    level then also learns from the domain pool's losses."""
+    torch.manual_seed(0)
+    shallow = create_model("paper_tiny", domain_query_features="shallow").eval()
+    encoder1 = create_model("paper_tiny", domain_query_features="encoder1").eval()
+    encoder1.load_state_dict(shallow.state_dict())  # strict: identical keys and shapes
+    x = torch.rand(2, 3, 24, 24)
+    a, b = shallow(x, return_aux=True), encoder1(x, return_aux=True)
+    assert not torch.allclose(a.domain.query, b.domain.query)
+    torch.testing.assert_close(a.task.query, b.task.query)  # the task query is untouched
+    encoder1.train()
+    encoder1(x, return_aux=True).domain.representation.sum().backward()
+    assert all(p.grad is not None for p in encoder1.encoder_level1.parameters())
