@@ -47,7 +47,9 @@ _SMALL = dict(
 #: ``paper_centred``: ``paper`` with centred queries (``query_centering``), our fix of the prompt-selection collapse
 #: of the published network; the variant to train from scratch. ``paper`` stays exactly the published layout.
 #: ``paper_tiny``: the embedded default, a small network of the same design with centred queries; its domain pool has
-#: 9 prompts and composes 3 (the paper's ratio, 5 of 15), so three domains can each own a distinct set of prompts.
+#: 9 prompts and composes 3 (the paper's ratio, 5 of 15), so three domains can each own a distinct set of prompts, and
+#: its domain query reads the first encoder level (``domain_query_features``; README "Domain priors and prompt
+#: selection").
 #: ``paper_small``: ``paper_tiny``'s design at twice the width and about twice the depth (infra/train-quality.yaml,
 #: the longer CPU recipe).
 VARIANTS: dict[str, ModelConfig] = {
@@ -57,9 +59,11 @@ VARIANTS: dict[str, ModelConfig] = {
     "restormer": ModelConfig(task_pool=None, domain_pool=None, decoder_blocks=(4, 6, 6)),
     "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
     "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3),
-                              domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True),
+                              domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True,
+                              domain_query_features="encoder1"),
     "paper_small": ModelConfig(**_SMALL, task_pool=PromptPoolConfig(size=6, top_k=3),
-                               domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True),
+                               domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True,
+                               domain_query_features="encoder1"),
     "task_only_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=None),
     "restormer_tiny": ModelConfig(**_TINY, task_pool=None, domain_pool=None),
 }
