@@ -54,6 +54,10 @@ class PoolSelection:
     representation: torch.Tensor
 
 
+#: Standard deviation of the published random init of the prompt keys and values.
+PROMPT_INIT_STD = 0.02
+
+
 class PromptPool(nn.Module):
     """A pool of N prompts (key K_j in R^D, value V_j in R^{T x D}) composed by PCM (arXiv 2603.01725, Sec. 3).
 
@@ -88,8 +92,8 @@ class PromptPool(nn.Module):
         self.center_momentum = center_momentum
         self.noise_std = noise_std
         self.temperature_range = temperature_range
-        self.prompt_keys = nn.Parameter(torch.randn(size, dim) * 0.02)
-        self.prompt_values = nn.Parameter(torch.randn(size, value_tokens, dim) * 0.02)
+        self.prompt_keys = nn.Parameter(torch.randn(size, dim) * PROMPT_INIT_STD)
+        self.prompt_values = nn.Parameter(torch.randn(size, value_tokens, dim) * PROMPT_INIT_STD)
         self.temperature = nn.Parameter(torch.tensor(1.0))
         self.value_aggregation = nn.Sequential(nn.Linear(value_tokens * dim, dim), nn.LayerNorm(dim), nn.GELU())
         # Registered only when used, so the published layout (and its checkpoints) stays exactly as it is.
@@ -109,7 +113,7 @@ class PromptPool(nn.Module):
             raise ValueError(f"expected at most {size} key directions of length {dim}, "
                              f"got shape {tuple(directions.shape)}")  # fmt: skip
         unit = F.normalize(directions.to(self.prompt_keys), dim=-1)
-        self.prompt_keys[: len(unit)] = unit * 0.02 * dim**0.5
+        self.prompt_keys[: len(unit)] = unit * PROMPT_INIT_STD * dim**0.5
 
     def similarities(self, query: torch.Tensor) -> torch.Tensor:
         """(B, D) queries -> (B, N) cosine similarities divided by the clamped temperature."""

@@ -111,6 +111,19 @@ def _worker_print(*parts: object) -> None:
     print(*parts, file=sys.__stdout__, flush=True)
 
 
+def _start_domain_keys(pool, embeddings: dict, seed: int, rank: int) -> None:
+    """``domain_key_init=descriptions``: the domain pool's keys start at the descriptions' k-means centroids. Every
+    rank computes the same seeded centroids, so the replicas stay identical without a broadcast; a checkpoint loaded
+    afterwards replaces them, and the EMA copy takes them at its first update."""
+    prototypes = description_prototypes(embeddings, pool.size, seed)
+    pool.start_keys_at(torch.from_numpy(prototypes))
+    if rank == 0:
+        rest = pool.size - len(prototypes)
+        kept = f"; {rest} keep their random start (fewer distinct descriptions than keys)" if rest else ""
+        _worker_print(f"[train] domain prompt keys start at {len(prototypes)} k-means centroids of the description "
+                      f"embeddings (domain_key_init=descriptions){kept}")  # fmt: skip
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -148,16 +161,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from {url}")
             if config.domain_key_init == "descriptions":
-                # Every rank computes the same seeded centroids, so the replicas stay identical without a broadcast;
-                # a checkpoint loaded below replaces them. The EMA copy takes them at its first update.
-                prototypes = description_prototypes(loaded, model.domain_pool.size, config.seed)
-                model.domain_pool.start_keys_at(torch.from_numpy(prototypes))
-                if rank == 0:
-                    rest = model.domain_pool.size - len(prototypes)
-                    _worker_print(f"[train] domain prompt keys start at {len(prototypes)} k-means centroids of the "
-                                  "description embeddings (domain_key_init=descriptions)"
-                                  + (f"; {rest} keep their random start (fewer distinct descriptions than keys)"
-                                     if rest else ""))  # fmt: skip
+                _start_domain_keys(model.domain_pool, loaded, config.seed, rank)
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()
