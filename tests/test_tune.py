@@ -289,11 +289,9 @@ def _kill_session(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        left = {
-            pid
-            for pid in session_processes(process.pid)
-            if process_table().get(pid, None) is not None and process_table()[pid].state != "Z"
-        }
+        # One snapshot of the process table: a process may exit between two reads of it (a KeyError in CI).
+        table = process_table()
+        left = {pid for pid in session_processes(process.pid, table) if table[pid].state != "Z"}
         if not left:
             return
         time.sleep(1)
