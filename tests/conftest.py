@@ -20,6 +20,44 @@ OFFICIAL_CHECKPOINT = FIXTURES / "official-checkpoint"  # the published network'
 loopback_only()
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# The whole run's budget: CI allows 90 minutes for set-up and tests, and the default suite takes about 25 on 2 cores.
+# Past the budget the run stops with the failures so far (a machine that is starved of memory, disk or CPU otherwise
+# runs into CI's own limit and prints nothing). DATPRL_TEST_BUDGET_S raises it for long local runs (-m slow).
+TEST_BUDGET_S = float(os.environ.get("DATPRL_TEST_BUDGET_S", "3600"))
+_SESSION_START = time.monotonic()
+
+
+def machine_resources(path: str = "/tmp") -> str:
+    """CPUs, available memory and free disk under ``path``: printed in the test header, so a CI log shows what the
+    machine had when its tests fail for want of one of them."""
+    import shutil
+
+    memory = "?"
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        memory = f"{int(fields['MemAvailable'].split()[0]) / 2**20:.1f} GiB"
+    except (OSError, KeyError, ValueError):
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    free = shutil.disk_usage(path).free / 2**30
+    return f"machine: {cpus} CPUs, {memory} memory available, {free:.1f} GiB free disk under {path}"
+
+
+def pytest_report_header(config):
+    return [machine_resources(), f"run budget: {TEST_BUDGET_S:.0f} s (DATPRL_TEST_BUDGET_S)"]
+
+
+def pytest_runtest_setup(item):
+    elapsed = time.monotonic() - _SESSION_START
+    if elapsed > TEST_BUDGET_S:
+        pytest.exit(
+            f"the test run passed its budget of {TEST_BUDGET_S:.0f} s after {elapsed:.0f} s, before {item.nodeid}; "
+            f"{machine_resources()}. The default suite takes about 25 minutes on 2 cores: look for a starved machine "
+            "or a slow test above, or set DATPRL_TEST_BUDGET_S for a longer run",
+            returncode=1,
+        )
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
