@@ -30,11 +30,11 @@ from datprl.platform.train.loop import build_optimizer, describe_setup, scaled_l
 CPU = torch.device("cpu")
 
 
-def _batch(size: int = 24, batch: int = 2) -> dict[str, torch.Tensor]:
+def _batch(size: int = 24, batch: int = 2) -> dict:
     generator = torch.Generator().manual_seed(1)
     lq = torch.rand(batch, 3, size, size, generator=generator)
     gt = (lq + 0.2 * torch.rand(batch, 3, size, size, generator=generator)).clamp(0, 1)
-    return {"lq": lq, "gt": gt}
+    return {"lq": lq, "gt": gt, "task": ["sr_x4"] * batch}
 
 
 def _steps(compute: dict, steps: int = 2, variant: str = "paper_tiny") -> tuple[torch.nn.Module, list[dict], object]:

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from datprl.models import create_model
+from datprl.models.network import RestorationOutput
 from datprl.models.losses import (
     DATPRLLoss,
     LossWeights,
+    TaskInputError,
     alignment_loss,
     balance_loss,
     contrastive_selection_loss,
@@ -305,3 +307,63 @@ def test_diversity_without_model_raises(tiny):
         DATPRLLoss()(out, target)
     with pytest.raises(ValueError, match="nothing to train"):
         DATPRLLoss(LossWeights(pixel=0, fft=0))(_run(create_model("restormer_tiny"))[0], target)
+
+
+def _easy_and_hard_pair():
+    """Two samples of one task: a nearly clean input (L1 0.01) and a heavily degraded one (L1 0.1)."""
+    target = torch.zeros(2, 3, 8, 8)
+    degraded = target.clone()
+    degraded[0] += 0.01
+    degraded[1] += 0.1
+    return target, degraded
+
+
+@pytest.mark.parametrize("mode", ["sample", "task"])
+def test_input_relative_doing_nothing_costs_one(mode):
+    target, degraded = _easy_and_hard_pair()
+    output = RestorationOutput(degraded.clone(), None, None, None)
+    loss = DATPRLLoss(LossWeights(input_relative=mode, fft=0, align=0, prior_selection=0, diversity=0, balance=0,
+                                  contrastive=0))  # fmt: skip
+    _, logs = loss(output, target, degraded=degraded, tasks=["sr_x4", "sr_x4"])
+    floor = 1e-3  # INPUT_ERROR_FLOOR, added to every divisor
+    expected = (0.01 / (0.01 + floor) + 0.1 / (0.1 + floor)) / 2 if mode == "sample" else 0.055 / (0.055 + floor)
+    assert logs["pixel"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_per_task_division_rewards_restoring_the_degraded_crop_where_per_sample_division_does_not():
+    """Cutting the heavy error from 0.1 to 0.06 while the nearly clean crop's goes from 0.01 to 0.03: the mean squared
+    error falls from 0.00505 to 0.00225 (+3.5 dB). Divided per sample this costs more than doing nothing (the easy
+    crop's ratio triples); divided by the task's mean input error it is a gain."""
+    target, degraded = _easy_and_hard_pair()
+    output = RestorationOutput(torch.stack([target[0] + 0.03, target[1] + 0.06]), None, None, None)
+    weights = dict(fft=0, align=0, prior_selection=0, diversity=0, balance=0, contrastive=0)
+    per_sample = DATPRLLoss(LossWeights(input_relative="sample", **weights))(output, target, degraded=degraded)[1]
+    per_task = DATPRLLoss(LossWeights(input_relative="task", **weights))(output, target, degraded=degraded,
+                                                                       tasks=["sr_x4", "sr_x4"])[1]  # fmt: skip
+    assert per_sample["pixel"] > 1.5 and per_task["pixel"] < 0.85
+
+
+def test_task_input_error_keeps_one_bias_corrected_mean_per_task_and_round_trips():
+    scale = TaskInputError(momentum=0.9)
+    pixel, fft = scale.update(["a", "b", "a"], torch.tensor([0.1, 0.4, 0.3]), torch.tensor([10.0, 40.0, 30.0]))
+    # first batch: each task's divisor is its batch mean (plus the floor), whatever the momentum
+    assert pixel.tolist() == pytest.approx([0.201, 0.401, 0.201]) and fft.tolist() == pytest.approx([20.001, 40.001,
+                                                                                                      20.001])
+    pixel, _ = scale.update(["a"], torch.tensor([1.2]), torch.tensor([0.0]))
+    assert pixel.item() == pytest.approx((0.9 * 0.1 * 0.2 + 0.1 * 1.2) / (1 - 0.81) + 1e-3)
+    restored = TaskInputError()
+    restored.load_state_dict(scale.state_dict())
+    assert restored.momentum == 0.9 and restored.tasks == scale.tasks
+    with pytest.raises(ValueError, match="2 task names for a batch of 1"):
+        scale.update(["a", "b"], torch.tensor([0.1]), torch.tensor([0.1]))
+
+
+def test_per_task_division_needs_the_tasks_and_earlier_boolean_configs_still_load():
+    target, degraded = _easy_and_hard_pair()
+    output = RestorationOutput(degraded.clone(), None, None, None)
+    with pytest.raises(ValueError, match="needs each sample's task: pass tasks="):
+        DATPRLLoss(LossWeights(input_relative="task"))(output, target, degraded=degraded)
+    assert LossWeights(input_relative=True).input_relative == "sample"
+    assert LossWeights(input_relative=False).input_relative == "none"
+    with pytest.raises(ValueError, match="input_relative"):
+        LossWeights(input_relative="batch")

@@ -262,7 +262,7 @@ def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_
                         shuffle_buffer=4, eval_crop=32),
         zero_shot_tasks=["cloud"], evaluate_split="val", validate_every=6, log_every=6, checkpoint_every=12,
         compute=ComputeConfig(precision="fp16", channels_last=True, adam_impl="fused"),
-        optim=OptimConfig(lr=1e-3, lr_scaling="linear", min_lr=1e-3),
+        optim=OptimConfig(lr=1e-3, lr_scaling="linear", min_lr=1e-3), loss=LossWeights(input_relative="task"),
     )  # fmt: skip
     counts = {c.task: c.samples for c in read_manifest(str(dataset)).counts if c.split == "train"}
     assert counts["ct_low_dose"] < counts["haze"]  # the unbalanced case this test is about
@@ -271,6 +271,9 @@ def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_
     state = _state(result)
     assert result.error is None and state["step"] == 12
     assert state["scaler"]["scale"] > 0  # the fp16 loss scale is resumed with the run
+    # the per-task divisors of the default loss are checkpointed: one running mean per training task, 12 steps each
+    seen = {task: values[2] for task, values in state["input_error"]["tasks"].items()}
+    assert seen == {"haze": 12, "ct_low_dose": 12}
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-3)  # 1e-3 x 2 workers
     assert all(m["loss"] == m["loss"] for m in _metrics(config))  # no NaN loss reached a report
     validated = [m for m in _metrics(config) if "val_psnr" in m]

@@ -297,5 +297,5 @@ def test_every_training_recipe_loads_and_names_its_launch_command(repo_root, nam
     header = path.read_text().split("\n\n", 1)[0]
     assert f"python jobs/train.py infra/{name}" in header
     if name == "train-gpu.yaml":  # the paper's settings (Sec. 4.1): batch 2 per task, 128 px, lr 4e-4, 1M iterations
-        assert config.model.variant == "paper" and config.use_gpu is True and config.loss.input_relative is False
+        assert config.model.variant == "paper" and config.use_gpu is True and config.loss.input_relative == "none"
         assert (config.data.crop_size, config.optim.lr, config.steps) == (128, 4e-4, 1_000_000)

@@ -51,10 +51,11 @@ class TrainConfig(StrictModel):
     # Input-relative L_pix/L_fft in the embedded default: with the paper's plain L1 the low-PSNR tasks (haze, cloud,
     # CT) carry the gradient, and a tiny network trained for minutes then applies their global corrections to the
     # natural and remote-sensing SR and deblurring inputs it cannot tell apart: -0.5 dB on natural SR of unseen sources
-    # in the in-process runs of this recipe, -2 to -9 dB on external images. Divided by each input's own error, a
-    # task the network cannot yet restore costs the same as doing nothing, so those inputs stay within 0.04 dB of the
-    # input (measured on the cross-source test split) while CT, MRI, PET and deraining still gain.
-    loss: LossWeights = LossWeights(input_relative=True)
+    # in the in-process runs of this recipe, -2 to -9 dB on external images. Divided by its task's mean input error
+    # (TaskInputError), a task the network cannot yet restore costs the same as doing nothing, and within a task the
+    # crops weigh by their error (dividing each crop by its own error weighed nearly clean crops as much as degraded
+    # ones; README, "The main job's recipe, measured").
+    loss: LossWeights = LossWeights(input_relative="task")
     optim: OptimConfig = OptimConfig(lr=2e-3, ema_decay=0.995)
     compute: ComputeConfig = Field(ComputeConfig(), description="precision, torch.compile, channels-last, Adam "
                                    "implementation (datprl.platform.compute)")

@@ -175,6 +175,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ema.load_state_dict(state["ema"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
+        if criterion.input_error is not None and state.get("input_error") is not None:
+            criterion.input_error.load_state_dict(state["input_error"])
         step, passes = state["step"], state["passes"]
         if rank == 0:
             _worker_print(f"[train] resumed from step {step} (pass {passes})")
@@ -215,7 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window, started = [], time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
                     _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, scaler, step, passes, config,
-                                            rank, loop_config.get("manifest_sha256"))
+                                            rank, loop_config.get("manifest_sha256"), criterion)
                 else:
                     ray.train.report(metrics)
                 # No step line here: the driver shows every report (progress bar, or step lines with verbose=true).
@@ -230,7 +232,8 @@ def train_step(
     """One optimisation step on one worker's part of the batch; returns the loss terms (detached floats).
 
     ``net`` is the (possibly DDP-wrapped) module that runs forward/backward, ``model`` the bare network (pools,
-    temperatures); ``batch`` holds ``lq``/``gt`` tensors (B, 3, H, W) and, when ``texts`` is given, ``source_id``.
+    temperatures); ``batch`` holds ``lq``/``gt`` tensors (B, 3, H, W), ``task`` (B names; the per-task divisors of
+    ``loss.input_relative="task"`` need it) and, when ``texts`` is given, ``source_id``.
     The forward runs under ``config.compute``'s autocast (bf16 on GPU by default), the losses in fp32; backward (DDP
     averages the gradients across workers here), optional gradient clipping, optimiser and scheduler step,
     temperature projection. ``scaler`` (fp16 only, :func:`~datprl.platform.compute.grad_scaler`) scales the loss
@@ -242,7 +245,8 @@ def train_step(
     text, mask = _text_batch(texts, batch["source_id"], device) if texts is not None else (None, None)
     with autocast(config.compute.precision, device):
         output = net(lq, return_aux=True)
-    loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask, degraded=lq)
+    loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask, degraded=lq,
+                            tasks=batch.get("task"))
     optimizer.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()
     if config.optim.grad_clip:
@@ -325,7 +329,7 @@ def _clamp_temperatures(model: torch.nn.Module) -> None:
 
 
 def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, scaler, step, passes, config, rank,
-                            manifest_sha256: str | None = None) -> None:
+                            manifest_sha256: str | None = None, criterion=None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
@@ -335,6 +339,8 @@ def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, scaler, s
                      "scheduler": scheduler.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None,
                      "scaler": scaler.state_dict() if scaler is not None else None,
+                     "input_error": criterion.input_error.state_dict()
+                     if criterion is not None and criterion.input_error is not None else None,
                      "step": step, "passes": passes}  # fmt: skip
             torch.save(state, Path(folder) / "state.pt")
             # config.json and progress.json let the driver check a run before resuming it (datprl.platform.train.runs)
