@@ -24,6 +24,7 @@ from datprl.platform.bench.common import known_variants, save_report
 from datprl.platform.bench.train import state_step, training_state
 from datprl.platform.compute import ComputeConfig, resolve_adam_impl, resolve_precision
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
+from datprl.platform.data.degradations import TASKS
 from datprl.platform.runtime import resolve_device
 from datprl.platform.train.config import TrainConfig
 
@@ -73,7 +74,10 @@ def run_benchmark(config: ComputeBenchmarkConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(config.seed)
     shape = (config.batch, 3, config.size, config.size)
     lq = torch.rand(shape, generator=generator)
-    batch = {"lq": lq, "gt": (lq + 0.1 * torch.rand(shape, generator=generator)).clamp(0, 1)}
+    # one crop of each task in turn, named as the data pipeline names them: the default loss divides by each task's
+    # mean input error (loss.input_relative=task), so the batch carries its task names as real batches do
+    tasks = [list(TASKS)[i % len(TASKS)] for i in range(config.batch)]
+    batch = {"lq": lq, "gt": (lq + 0.1 * torch.rand(shape, generator=generator)).clamp(0, 1), "task": tasks}
     cuda = device.type == "cuda"
     arms: dict[str, dict[str, Any]] = {}
     for name, compute in config.arms.items():
