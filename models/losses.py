@@ -347,12 +347,14 @@ class DATPRLLoss(nn.Module):
             if tasks is None:
                 raise ValueError("LossWeights.input_relative='task' needs each sample's task: pass tasks=[...] (the "
                                  "batch's 'task' list)")  # fmt: skip
-            pixel_div, fft_div = self.input_error.update(tasks, pixel_errors(degraded, target),
-                                                         fft_errors(degraded, target))  # fmt: skip
+            _same_shape(output.image, target)
+            target_spectrum = _spectrum(target)  # once per step: the input's and the output's L_fft both need it
+            pixel_div, fft_div = self.input_error.update(
+                tasks, pixel_errors(degraded, target), _per_sample_l1(_spectrum(degraded), target_spectrum))
             if w.pixel:
                 terms["pixel"] = (w.pixel, (pixel_errors(output.image, target) / pixel_div).mean())
             if w.fft:
-                terms["fft"] = (w.fft, (fft_errors(output.image, target) / fft_div).mean())
+                terms["fft"] = (w.fft, (_per_sample_l1(_spectrum(output.image), target_spectrum) / fft_div).mean())
         else:
             reference = degraded if w.input_relative == "sample" else None
             if w.pixel:
