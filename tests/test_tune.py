@@ -284,22 +284,45 @@ def _launch(config_path: Path, log: Path, env: dict) -> subprocess.Popen:
 
 
 def _kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the driver, then whatever of its session (its local Ray) is still alive a few seconds later."""
+    """SIGKILL the driver, then whatever of its session (its local Ray) is still alive a few seconds later, and wait
+    until none of it is left: a Ray of the killed driver that outlived it would make the next driver's Ray Train fail
+    with "Found multiple active Ray instances" and hang on leaked trial resources."""
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    started = time.monotonic()
+    while True:
         # One snapshot of the process table: a process may exit between two reads of it (a KeyError in CI).
         table = process_table()
         left = {pid for pid in session_processes(process.pid, table) if table[pid].state != "Z"}
         if not left:
             return
+        waited = time.monotonic() - started
+        assert waited < 60, f"processes of the killed driver outlived SIGKILL: {_describe(left, table)}"
+        if waited > 15:  # 15 s for them to end on their own, then SIGKILL
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         time.sleep(1)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+
+def _describe(pids: set[int], table: dict) -> str:
+    return ", ".join(f"{pid} {table[pid].name} ({table[pid].state})" for pid in sorted(pids) if pid in table)
+
+
+def _wait_for(process: subprocess.Popen, log: Path, timeout_s: float) -> int:
+    """The driver's exit code; past ``timeout_s`` it is killed and the test fails with the end of its log and the Ray
+    instances on the machine, so that a hang says where it hung."""
+    import ray._private.services as services
+
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        gcs = sorted(services.find_gcs_addresses())
+        _kill_session(process)
+        tail = "\n".join(log.read_text().splitlines()[-80:])
+        pytest.fail(f"the driver did not finish in {timeout_s:.0f} s; Ray instances on the machine: {gcs}\n{tail}")
 
 
 def _lines(path: Path) -> list[dict]:
@@ -308,7 +331,7 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_sweep_on_s3_resumes_after_its_driver_is_killed(tmp_path, s3_server):
     """The driver runs in its own process with its own local Ray. The test session's Ray is stopped meanwhile (and
     started again after): with two Ray instances on one machine, Ray Train V2's placement-group cleaner, which asks the
@@ -402,11 +425,13 @@ def _resume_after_kill(tmp_path: Path, s3_server: str) -> None:
     assert len(finished) == 1 and running not in finished, printed
     before = {trial: _lines(out / "trials" / trial / "metrics.jsonl") for trial in (*finished, running)}
     assert max(r["step"] for r in before[running]) >= 3
+    left = sorted(services.find_gcs_addresses())
+    assert not left, f"the killed driver's Ray is still running ({left}): the resumed driver would start a second one"
 
     second_log = tmp_path / "second.log"
     second = _launch(config_path, second_log, env)
     try:
-        assert second.wait(timeout=420) == 0, second_log.read_text()
+        assert _wait_for(second, second_log, 600) == 0, second_log.read_text()
     finally:
         if second.poll() is None:
             _kill_session(second)
