@@ -65,10 +65,13 @@ def _spectrum(image: Tensor) -> Tensor:
     return torch.view_as_real(torch.fft.fft2(image.float(), dim=(-2, -1)))
 
 
-def fft_errors(pred: Tensor, target: Tensor) -> Tensor:
-    """Each sample's L_fft (see :func:`fft_loss`): (B,)."""
-    _same_shape(pred, target)
-    return _per_sample_l1(_spectrum(pred), _spectrum(target))
+def fft_errors(target: Tensor, *images: Tensor) -> tuple[Tensor, ...]:
+    """Each of ``images``' per-sample L_fft (see :func:`fft_loss`) against ``target``: one (B,) tensor per image. The
+    target's spectrum is computed once for all of them (a loss divided by the input's own L_fft needs two)."""
+    for image in images:
+        _same_shape(image, target)
+    target_spectrum = _spectrum(target)
+    return tuple(_per_sample_l1(_spectrum(image), target_spectrum) for image in images)
 
 
 def fft_loss(pred: Tensor, target: Tensor, degraded: Tensor | None = None) -> Tensor:
@@ -79,12 +82,10 @@ def fft_loss(pred: Tensor, target: Tensor, degraded: Tensor | None = None) -> Te
     unnormalised (``norm="backward"``) as in the released code, so the term's scale grows with the patch size.
     ``degraded``: per-sample division by the input's own L_fft, as in :func:`pixel_loss`.
     """
-    _same_shape(pred, target)
-    target_spectrum = _spectrum(target)
-    error = _per_sample_l1(_spectrum(pred), target_spectrum)
     if degraded is None:
-        return error.mean()
-    return _relative(error, _per_sample_l1(_spectrum(degraded), target_spectrum))
+        return fft_errors(target, pred)[0].mean()
+    error, input_error = fft_errors(target, pred, degraded)
+    return _relative(error, input_error)
 
 
 class TaskInputError:
@@ -347,14 +348,12 @@ class DATPRLLoss(nn.Module):
             if tasks is None:
                 raise ValueError("LossWeights.input_relative='task' needs each sample's task: pass tasks=[...] (the "
                                  "batch's 'task' list)")  # fmt: skip
-            _same_shape(output.image, target)
-            target_spectrum = _spectrum(target)  # once per step: the input's and the output's L_fft both need it
-            pixel_div, fft_div = self.input_error.update(
-                tasks, pixel_errors(degraded, target), _per_sample_l1(_spectrum(degraded), target_spectrum))
+            output_fft, input_fft = fft_errors(target, output.image, degraded)
+            pixel_div, fft_div = self.input_error.update(tasks, pixel_errors(degraded, target), input_fft)
             if w.pixel:
                 terms["pixel"] = (w.pixel, (pixel_errors(output.image, target) / pixel_div).mean())
             if w.fft:
-                terms["fft"] = (w.fft, (_per_sample_l1(_spectrum(output.image), target_spectrum) / fft_div).mean())
+                terms["fft"] = (w.fft, (output_fft / fft_div).mean())
         else:
             reference = degraded if w.input_relative == "sample" else None
             if w.pixel:

@@ -308,7 +308,7 @@ def _kill_session(process: subprocess.Popen) -> None:
 
 
 def _describe(pids: set[int], table: dict) -> str:
-    return ", ".join(f"{pid} {table[pid].name} ({table[pid].state})" for pid in sorted(pids) if pid in table)
+    return ", ".join(f"{pid} {table[pid].name} ({table[pid].state})" for pid in sorted(pids))
 
 
 def _wait_for(process: subprocess.Popen, log: Path, timeout_s: float) -> int:
