@@ -78,6 +78,9 @@ def _markdown_cells(markdown: str, split: str) -> dict[str, list[str]]:
     return table
 
 
+# The three Ray checks share one 4-run ablation (about 3 minutes on 2 cores): marked slow, CI runs them after the
+# default suite.
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ablation_writes_table_csv_and_plot_from_the_raw_numbers(ablation):
     config, root = ablation
@@ -112,6 +115,7 @@ def test_ablation_writes_table_csv_and_plot_from_the_raw_numbers(ablation):
     assert "paper_backbone" in markdown  # the footnote: no_pools stands for both backbones
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_second_launch_reuses_every_run(ablation, capsys):
     config, root = ablation
@@ -124,6 +128,7 @@ def test_second_launch_reuses_every_run(ablation, capsys):
     assert {p: p.stat().st_mtime_ns for p in metrics} == before  # nothing trained or evaluated again
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_results_of_another_budget_are_not_mixed_in(ablation, dataset, capsys):
     _, root = ablation

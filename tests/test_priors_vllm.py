@@ -84,6 +84,7 @@ def test_vllm_describer_end_to_end(vllm, ray_8_cpus, tmp_path):
         run(other, encoder=encoder)
 
 
+@pytest.mark.slow  # a second vLLM engine start (a minute); the end-to-end run above stays in the default suite
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_vllm_describer_reports_what_the_model_fails_on(vllm, ray_8_cpus, tmp_path):
