@@ -14,6 +14,15 @@ class PromptPoolConfig(BaseModel):
 
     size: int = Field(15, ge=1, description="number of prompts N in the pool")
     top_k: int = Field(3, ge=1, description="prompts composed per image")
+    query_centering: bool | None = Field(
+        None, description="this pool's own choice of ModelConfig.query_centering; None = that field's value"
+    )
+    fixed_keys: bool = Field(
+        False,
+        description="the keys are set from outside (training starts them at the description prototypes) and never "
+        "trained: stored as a buffer under the same name, so checkpoints load either way (ours; the published keys "
+        "are trained)",
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> "PromptPoolConfig":

@@ -48,10 +48,12 @@ _SMALL = dict(
 #: of the published network; the variant to train from scratch. ``paper`` stays exactly the published layout.
 #: ``paper_tiny``: the embedded default, a small network of the same design with centred queries; its domain pool has
 #: 9 prompts and composes 3 (the paper's ratio, 5 of 15), so three domains can each own a distinct set of prompts, and
-#: its domain query reads the first encoder level (``domain_query_features``; README "Domain priors and prompt
-#: selection").
+#: its domain query reads the first encoder level (``domain_query_features``). Its domain keys are fixed (training sets
+#: them, ``domain_key_init=domains``: each domain's mean description, three keys per domain) and its domain query is
+#: not centred, so top-k picks one domain's group (README "Domain priors and prompt selection").
 #: ``paper_small``: ``paper_tiny``'s design at twice the width and about twice the depth (infra/train-quality.yaml,
-#: the longer CPU recipe).
+#: the longer CPU recipe), with the domain pool ``paper_tiny`` had before the fixed keys (trained keys, centred query;
+#: the fixed keys are not measured at this size).
 VARIANTS: dict[str, ModelConfig] = {
     "paper": ModelConfig(),
     "paper_centred": ModelConfig(query_centering=True),
@@ -59,7 +61,8 @@ VARIANTS: dict[str, ModelConfig] = {
     "restormer": ModelConfig(task_pool=None, domain_pool=None, decoder_blocks=(4, 6, 6)),
     "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
     "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3),
-                              domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True,
+                              domain_pool=PromptPoolConfig(size=9, top_k=3, query_centering=False, fixed_keys=True),
+                              query_centering=True,
                               domain_query_features="encoder1"),
     "paper_small": ModelConfig(**_SMALL, task_pool=PromptPoolConfig(size=6, top_k=3),
                                domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True,

@@ -89,17 +89,22 @@ class DATPRLIR(nn.Module):
             value_tokens=t,
             noise_std=config.selection_noise_std,
             temperature_range=(config.temperature_min, config.temperature_max),
-            query_centering=config.query_centering,
             center_momentum=config.query_center_momentum,
         )
+
+        def pool(spec) -> PromptPool:
+            centering = config.query_centering if spec.query_centering is None else spec.query_centering
+            return PromptPool(spec.size, spec.top_k, **pool_args, query_centering=centering,
+                              fixed_keys=spec.fixed_keys)  # fmt: skip
+
         self.task_query = self.task_pool = None
         self.domain_query = self.domain_pool = self.fusion = None
         if config.task_pool is not None:
             self.task_query = QueryProjector(c * 8, d, grid=TASK_QUERY_GRID)
-            self.task_pool = PromptPool(config.task_pool.size, config.task_pool.top_k, **pool_args)
+            self.task_pool = pool(config.task_pool)
         if config.domain_pool is not None:
             self.domain_query = QueryProjector(c, d, grid=DOMAIN_QUERY_GRID)
-            self.domain_pool = PromptPool(config.domain_pool.size, config.domain_pool.top_k, **pool_args)
+            self.domain_pool = pool(config.domain_pool)
             self.fusion = DomainTaskFusion(d, config.fusion_heads)
 
     def forward(self, image: torch.Tensor, return_aux: bool = False) -> torch.Tensor | RestorationOutput:

@@ -86,13 +86,18 @@ class PromptPool(nn.Module):
         temperature_range: tuple[float, float] = (0.1, 2.0),
         query_centering: bool = False,
         center_momentum: float = 0.1,
+        fixed_keys: bool = False,
     ) -> None:
         super().__init__()
         self.top_k = top_k
         self.center_momentum = center_momentum
         self.noise_std = noise_std
         self.temperature_range = temperature_range
-        self.prompt_keys = nn.Parameter(torch.randn(size, dim) * PROMPT_INIT_STD)
+        keys = torch.randn(size, dim) * PROMPT_INIT_STD
+        if fixed_keys:  # a buffer of the same name: the state dict is the same, the optimiser never sees it
+            self.register_buffer("prompt_keys", keys)
+        else:
+            self.prompt_keys = nn.Parameter(keys)
         self.prompt_values = nn.Parameter(torch.randn(size, value_tokens, dim) * PROMPT_INIT_STD)
         self.temperature = nn.Parameter(torch.tensor(1.0))
         self.value_aggregation = nn.Sequential(nn.Linear(value_tokens * dim, dim), nn.LayerNorm(dim), nn.GELU())
@@ -102,6 +107,11 @@ class PromptPool(nn.Module):
     @property
     def size(self) -> int:
         return self.prompt_keys.shape[0]
+
+    @property
+    def fixed_keys(self) -> bool:
+        """True when the keys are a buffer, set from outside and never trained."""
+        return not isinstance(self.prompt_keys, nn.Parameter)
 
     @torch.no_grad()
     def start_keys_at(self, directions: torch.Tensor) -> None:

@@ -29,6 +29,10 @@ class PoolOverride(BaseModel):
 
     size: int | None = Field(None, ge=1, description="prompts N in the pool; None = the variant's")
     top_k: int | None = Field(None, ge=1, description="prompts composed per image; None = the variant's")
+    query_centering: bool | None = Field(None, description="centre this pool's query (PromptPoolConfig); None = the "
+                                         "variant's")  # fmt: skip
+    fixed_keys: bool | None = Field(None, description="keys set from outside, never trained (PromptPoolConfig); None "
+                                    "= the variant's")  # fmt: skip
 
 
 def _scalar_overrides() -> dict[str, Any]:
@@ -46,7 +50,7 @@ def _scalar_overrides() -> dict[str, Any]:
 def _merged_pool(base: PromptPoolConfig | None, override: PoolOverride | None) -> dict[str, int] | None:
     """A pool's fields with the override's set values on top of the variant's (or the pool defaults, when the variant
     has no such pool); None when the override removes the pool or sets nothing on a variant without it."""
-    if override is None or (base is None and override.size is None and override.top_k is None):
+    if override is None or (base is None and not override.model_dump(exclude_none=True)):
         return None
     merged = (base or PromptPoolConfig()).model_dump()
     merged.update(override.model_dump(exclude_none=True))

@@ -26,7 +26,8 @@ from datprl.models.losses import (
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return create_model("paper_tiny").train()
+    # trained domain keys (paper_tiny's are fixed), so every term's path to both pools' keys is checked
+    return create_model("paper_tiny", domain_pool={"size": 9, "top_k": 3}).train()
 
 
 def _run(model, batch=2, size=16, seed=0):

@@ -132,8 +132,10 @@ def test_backward_reaches_every_trainable_parameter(name):
         pool = getattr(model, pool_name)
         if pool is None:
             continue
-        for attr in ("prompt_keys", "temperature"):
+        for attr in ("temperature",) if pool.fixed_keys else ("prompt_keys", "temperature"):
             assert getattr(pool, attr).grad.abs().sum() > 0, f"{pool_name}.{attr}"
+        if pool.fixed_keys:  # set from outside (training starts them at the descriptions), never trained
+            assert pool.prompt_keys.grad is None
         for n, p in pool.value_aggregation.named_parameters():
             assert p.grad is not None and p.grad.any(), f"{pool_name}.value_aggregation.{n}"
         # Only the selected prompts' values receive gradient.
@@ -281,7 +283,8 @@ def test_query_centring_makes_selection_depend_on_the_image(centring):
     """The published query projector gives nearly the same query to every image (a shared component dominates), so
     top-k selects the same prompts for all; centring the query (``query_centering``) removes that component."""
     torch.manual_seed(0)
-    model = create_model("paper_tiny", query_centering=centring).train()
+    # both pools follow the model-wide switch (paper_tiny's own domain pool is never centred)
+    model = create_model("paper_tiny", query_centering=centring, domain_pool={"size": 9, "top_k": 3}).train()
     x = _three_kinds(12)
     with torch.no_grad():
         for _ in range(3):  # training batches set the running centre used in evaluation
@@ -301,7 +304,7 @@ def test_query_centre_is_a_running_mean_of_training_batches_and_fixed_in_evaluat
     torch.manual_seed(0)
     # the embedded default centres its queries; its domain query read from the patch embedding, as published, so the
     # expected queries below are computed from model.patch_embed
-    model = create_model("paper_tiny", domain_query_features="shallow")
+    model = create_model("paper_tiny", domain_query_features="shallow", domain_pool={"size": 9, "top_k": 3})
     pool = model.domain_pool
     assert model.config.query_centering and pool.query_center is not None
     assert "domain_pool.query_center" in model.state_dict()  # saved and loaded with the weights
@@ -534,3 +537,26 @@ def test_domain_query_from_the_first_encoder_level_keeps_the_layout():
     encoder1.train()
     encoder1(x, return_aux=True).domain.representation.sum().backward()
     assert all(p.grad is not None for p in encoder1.encoder_level1.parameters())
+
+
+def test_a_pool_with_fixed_keys_stores_them_as_a_buffer_and_loads_either_way():
+    """``PromptPoolConfig.fixed_keys``: the keys are set from outside and never trained, under the same state-dict
+    name, so weights move between the trained and the fixed layout."""
+    fixed = create_model("paper_tiny")  # the embedded default's domain pool: fixed keys, query not centred
+    trained = create_model("paper_tiny", domain_pool={"size": 9, "top_k": 3, "query_centering": False})
+    pool = fixed.domain_pool
+    assert not isinstance(pool.prompt_keys, torch.nn.Parameter) and "prompt_keys" in dict(pool.named_buffers())
+    assert all(p is not pool.prompt_keys for p in fixed.parameters())
+    assert fixed.state_dict().keys() == trained.state_dict().keys()
+    fixed.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(pool.prompt_keys, trained.domain_pool.prompt_keys)
+    pool.start_keys_at(torch.eye(9, pool.prompt_keys.shape[1]))  # training sets them before the first step
+    out = fixed.train()(torch.rand(2, 3, 24, 24), return_aux=True)
+    out.image.mean().backward()
+    assert pool.prompt_keys.grad is None and fixed.task_pool.prompt_keys.grad is not None
+
+
+def test_a_pool_may_override_the_model_wide_query_centring():
+    model = create_model("paper_tiny", domain_pool={"size": 9, "top_k": 3, "query_centering": False})
+    assert model.config.query_centering  # paper_tiny centres ...
+    assert model.task_pool.query_center is not None and model.domain_pool.query_center is None  # ... but not here

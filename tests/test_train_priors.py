@@ -12,6 +12,8 @@ import pytest
 
 from datprl.platform.train.priors import (
     description_prototypes,
+    domain_prototypes,
+    load_description_domains,
     ensure_text_embeddings,
     load_text_embeddings,
     resolve_text_embeddings,
@@ -131,7 +133,7 @@ def test_domain_keys_start_at_the_given_directions():
 
     from datprl.models import create_model
 
-    pool = create_model("paper_tiny").domain_pool
+    pool = create_model("paper_tiny", domain_pool={"size": 9, "top_k": 3}).domain_pool  # trained keys
     directions = torch.randn(pool.size, pool.prompt_keys.shape[1])
     pool.start_keys_at(directions)
     cosine = torch.nn.functional.cosine_similarity(pool.prompt_keys, directions, dim=-1)
@@ -143,3 +145,33 @@ def test_domain_keys_start_at_the_given_directions():
     assert torch.allclose(pool.prompt_keys[:2].norm(dim=-1), before[:2].norm(dim=-1))
     with pytest.raises(ValueError, match="at most"):
         pool.start_keys_at(torch.randn(pool.size + 1, pool.prompt_keys.shape[1]))
+
+
+def test_domain_prototypes_give_each_domain_an_equal_group_at_its_mean():
+    rng = np.random.default_rng(0)
+    axes = {"medical": 0, "natural": 1, "remote_sensing": 2}
+    table, domains = {}, {}
+    for i in range(30):
+        domain = sorted(axes)[i % 3]
+        table[f"s{i}"] = (np.eye(6, dtype=np.float32)[axes[domain]] + rng.normal(0, 0.1, 6)).astype(np.float32)
+        domains[f"s{i}"] = domain
+    table["unlabelled"] = np.ones(6, np.float32)  # a description without a domain is left out
+    prototypes = domain_prototypes(table, domains, count=10)  # 3 domains x 3 keys; the 10th key keeps its start
+    assert prototypes.shape == (9, 6) and prototypes.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(prototypes, axis=1), 1, atol=1e-5)
+    for group, domain in enumerate(sorted(axes)):  # sorted domain order, three identical keys each
+        keys = prototypes[3 * group : 3 * group + 3]
+        assert (keys == keys[0]).all() and keys[0].argmax() == axes[domain] and keys[0].max() > 0.99
+    with pytest.raises(ValueError, match="at least as many prompts"):
+        domain_prototypes(table, domains, count=2)
+    with pytest.raises(ValueError, match="no description embedding has a domain"):
+        domain_prototypes(table, {}, count=9)
+
+
+def test_description_domains_are_read_from_the_table_or_named_missing(tmp_path):
+    url = tmp_path / "descriptions.parquet"
+    pq.write_table(pa.table({"source_id": ["a", "b"], "domain": ["natural", "medical"]}), url)
+    assert load_description_domains(str(url), None) == {"a": "natural", "b": "medical"}
+    pq.write_table(pa.table({"source_id": ["a"], "embedding": [[0.0, 1.0]]}), url)
+    with pytest.raises(ValueError, match="no domain column; domain_key_init=domains needs it"):
+        load_description_domains(str(url), None)

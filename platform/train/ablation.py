@@ -17,7 +17,8 @@ The default arms (:data:`DEFAULT_ARMS`):
    (``paper_backbone``) and the plain Restormer (``restormer``) differ only in their decoder block counts, which the
    tiny config sets to (1, 1, 1) for both, so this one arm stands for both rows of the paper's table.
 2. ``task_pool_only`` (``task_only_tiny``): the degradation (task) prompt pool, no domain pool.
-3. ``both_pools_no_priors`` (``paper_tiny``, ``text_embeddings=null``): both pools, no text: L_align and L_psel off.
+3. ``both_pools_no_priors`` (``paper_tiny``, ``text_embeddings=null``): both pools, no text: L_align and L_psel off,
+   and the domain keys trained from their random start (the variant fixes them at the descriptions' domain means).
 4. ``both_pools_with_priors`` (``paper_tiny``, the recipe's ``text_embeddings``, by default the MLLM descriptions'
    embeddings, described on the fly when missing): the full method.
 
@@ -150,6 +151,15 @@ def run_dir(config: AblationConfig, arm: AblationArm, seed: int) -> Path:
     return Path(config.output_dir) / "runs" / f"{arm.name}_s{seed}"
 
 
+def _arm_model(arm: AblationArm) -> dict:
+    """The arm's network: its variant, with the domain keys trained when the arm has no priors and the variant fixes
+    them (``paper_tiny`` sets them from the descriptions; without any they would stay at their random start)."""
+    pool = VARIANTS[arm.variant].domain_pool
+    if not arm.priors and pool is not None and pool.fixed_keys:
+        return {"variant": arm.variant, "domain_pool": {"fixed_keys": False}}
+    return {"variant": arm.variant}
+
+
 def run_config(config: AblationConfig, arm: AblationArm, seed: int) -> TrainConfig:
     """The TrainConfig of one (arm, seed): the shared recipe with the arm's network and priors, the seed, its own run
     name and output folder, and ``split`` as the cross-source split (validated like a config file)."""
@@ -158,7 +168,7 @@ def run_config(config: AblationConfig, arm: AblationArm, seed: int) -> TrainConf
         name=f"{config.name}-{arm.name}-s{seed}",
         output_dir=str(run_dir(config, arm, seed)),
         seed=seed,
-        model={"variant": arm.variant},
+        model=_arm_model(arm),
         text_embeddings=config.train.text_embeddings if arm.priors else None,
         cross_source_split=config.split,
     )

@@ -82,12 +82,13 @@ class TrainConfig(StrictModel):
                                         "auto = <data.dataset>/priors/descriptions.parquet; null = L_align off")
     text_centering: bool = Field(True, description="subtract the table's mean text embedding before L_align (the "
                                  "descriptions' shared template otherwise rewards a constant domain prompt)")
-    domain_key_init: Literal["random", "descriptions"] = Field(
-        "descriptions",
+    domain_key_init: Literal["random", "descriptions", "domains"] = Field(
+        "domains",
         description="how the domain pool's keys start: random (the published init, N(0, 0.02^2)), or descriptions = "
         "the k-means centroids (k = pool size) of the training images' description embeddings, so the prompts the "
         "descriptions pick follow what they describe from the first step (needs text embeddings; a resumed run "
-        "takes its keys from the checkpoint)",
+        "takes its keys from the checkpoint); domains = each domain's mean description embedding, shared by "
+        "pool size // domains keys (the table's domain column), so top-k picks one domain's group",
     )
     describe_if_missing: bool = Field(True, description="with text_embeddings=auto: describe the training images "
                                       "first when the table is missing (metadata describer; seconds)")

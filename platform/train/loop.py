@@ -27,7 +27,9 @@ from datprl.platform.config import config_to_dict
 from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
 from datprl.platform.data.pipeline import StreamReport, training_batches
 from datprl.platform.train.config import OptimConfig, TrainConfig
-from datprl.platform.train.priors import description_prototypes, load_text_embeddings, resolve_text_embeddings
+from datprl.platform.train.priors import (
+    description_prototypes, domain_prototypes, load_description_domains, load_text_embeddings, resolve_text_embeddings,
+)
 from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
 
 
@@ -111,17 +113,23 @@ def _worker_print(*parts: object) -> None:
     print(*parts, file=sys.__stdout__, flush=True)
 
 
-def _start_domain_keys(pool, embeddings: dict, seed: int, rank: int) -> None:
-    """``domain_key_init=descriptions``: the domain pool's keys start at the descriptions' k-means centroids. Every
-    rank computes the same seeded centroids, so the replicas stay identical without a broadcast; a checkpoint loaded
-    afterwards replaces them, and the EMA copy takes them at its first update."""
-    prototypes = description_prototypes(embeddings, pool.size, seed)
+def _start_domain_keys(pool, embeddings: dict, config: TrainConfig, url: str, rank: int) -> None:
+    """``domain_key_init=descriptions``: the domain pool's keys start at the descriptions' k-means centroids;
+    ``domains``: at each domain's mean description, shared by the domain's keys. Every rank computes the same
+    (seeded) prototypes, so the replicas stay identical without a broadcast; a checkpoint loaded afterwards replaces
+    them, and the EMA copy takes them at its first update."""
+    if config.domain_key_init == "domains":
+        prototypes = domain_prototypes(embeddings, load_description_domains(url, config.data.s3), pool.size)
+        what = f"the mean description embedding of each domain ({len(prototypes)} keys in equal groups)"
+    else:
+        prototypes = description_prototypes(embeddings, pool.size, config.seed)
+        what = f"{len(prototypes)} k-means centroids of the description embeddings"
     pool.start_keys_at(torch.from_numpy(prototypes))
     if rank == 0:
         rest = pool.size - len(prototypes)
-        kept = f"; {rest} keep their random start (fewer distinct descriptions than keys)" if rest else ""
-        _worker_print(f"[train] domain prompt keys start at {len(prototypes)} k-means centroids of the description "
-                      f"embeddings (domain_key_init=descriptions){kept}")  # fmt: skip
+        kept = f"; {rest} keep their random start" if rest else ""
+        _worker_print(f"[train] domain prompt keys start at {what} (domain_key_init={config.domain_key_init})"
+                      f"{kept}")  # fmt: skip
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -160,8 +168,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
             if rank == 0:
                 _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from {url}")
-            if config.domain_key_init == "descriptions":
-                _start_domain_keys(model.domain_pool, loaded, config.seed, rank)
+            if config.domain_key_init != "random":
+                _start_domain_keys(model.domain_pool, loaded, config, url, rank)
+    pool = model.domain_pool
+    if rank == 0 and pool is not None and pool.fixed_keys and (texts is None or config.domain_key_init == "random"):
+        _worker_print("[train] warning: the domain pool's keys are fixed (model.domain_pool.fixed_keys) and stay at "
+                      "their random start: set them from the descriptions (text embeddings with domain_key_init="
+                      "domains), or train them (model.domain_pool.fixed_keys=false)")  # fmt: skip
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()

@@ -26,7 +26,8 @@ AUTO = "auto"
 PRIORS_FOLDER = "priors"  # next to the dataset's manifest.json
 
 __all__ = [
-    "AUTO", "description_prototypes", "ensure_text_embeddings", "load_text_embeddings", "resolve_text_embeddings"
+    "AUTO", "description_prototypes", "domain_prototypes", "ensure_text_embeddings", "load_description_domains",
+    "load_text_embeddings", "resolve_text_embeddings",
 ]  # fmt: skip
 
 
@@ -120,3 +121,38 @@ def description_prototypes(embeddings: dict[str, np.ndarray], count: int, seed: 
     clusters = min(count, len(vectors))
     centroids = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(vectors).cluster_centers_
     return (centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def load_description_domains(url: str, s3: S3Settings | None) -> dict[str, str]:
+    """source_id -> the domain the describe job recorded for it (the table's ``domain`` column)."""
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(url, s3)), columns=["source_id", "domain"])
+    except (KeyError, pa.ArrowInvalid):
+        raise ValueError(
+            f"text_embeddings={url} has no domain column; domain_key_init=domains needs it: remake the "
+            "table with python jobs/describe.py, or use domain_key_init=descriptions"
+        ) from None
+    return dict(zip(table.column("source_id").to_pylist(), table.column("domain").to_pylist()))
+
+
+def domain_prototypes(embeddings: dict[str, np.ndarray], domains: dict[str, str], count: int) -> np.ndarray:
+    """Key directions for ``domain_key_init=domains``: each domain's mean description embedding (unit length), repeated
+    so that every domain owns ``count // len(domains)`` keys, in sorted domain order; (k, D) float32, k <= count.
+
+    Why (ours): with keys at k-means centroids of the descriptions, an image whose domain the query is unsure of sits
+    between the groups, and top-k then mixes keys of several domains the same way for every image (natural photos
+    and remote sensing both picked two natural keys and one remote-sensing key). Keys that coincide within a domain make
+    top-k choose a whole domain's group, so the selection follows the query's best guess of the domain (README, "Domain
+    priors and prompt selection")."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for source, vector in embeddings.items():
+        if source in domains:
+            groups.setdefault(domains[source], []).append(vector)
+    if not groups:
+        raise ValueError("no description embedding has a domain: remake the table with python jobs/describe.py")
+    per_domain = count // len(groups)
+    if per_domain < 1:
+        raise ValueError(f"{len(groups)} domains need at least as many prompts in the domain pool, it has {count}")
+    means = np.stack([np.mean(groups[name], axis=0) for name in sorted(groups)]).astype(np.float32)
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    return np.repeat(means, per_domain, axis=0)
