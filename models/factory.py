@@ -46,7 +46,7 @@ _SMALL = dict(
 #: ``paper_backbone``: the paper's own backbone with both pools removed (the "no pools" ablation row).
 #: ``paper_centred``: ``paper`` with centred queries (``query_centering``), our fix of the prompt-selection collapse
 #: of the published network; the variant to train from scratch. ``paper`` stays exactly the published layout.
-#: ``paper_tiny``: the embedded default, a small network of the same design with centred queries; its domain pool has
+#: ``paper_tiny``: the embedded default, a small network of the same design, task query centred; its domain pool has
 #: 9 prompts and composes 3 (the paper's ratio, 5 of 15), so three domains can each own a distinct set of prompts, and
 #: its domain query reads the first encoder level (``domain_query_features``). Its domain keys are fixed (training sets
 #: them, ``domain_key_init=domains``: each domain's mean description, three keys per domain) and its domain query is

@@ -47,7 +47,7 @@ def _scalar_overrides() -> dict[str, Any]:
     return fields
 
 
-def _merged_pool(base: PromptPoolConfig | None, override: PoolOverride | None) -> dict[str, int] | None:
+def _merged_pool(base: PromptPoolConfig | None, override: PoolOverride | None) -> dict[str, Any] | None:
     """A pool's fields with the override's set values on top of the variant's (or the pool defaults, when the variant
     has no such pool); None when the override removes the pool or sets nothing on a variant without it."""
     if override is None or (base is None and not override.model_dump(exclude_none=True)):
