@@ -23,6 +23,7 @@ from datprl.platform.train.ablation import (
     main,
     ordering_sentence,
     run_ablation,
+    run_config,
 )
 from datprl.platform.train.config import TrainConfig
 
@@ -153,6 +154,17 @@ def test_config_checks():
         AblationConfig(train=TrainConfig(text_embeddings=None))  # the default arms include one with priors
     assert [a.name for a in AblationConfig().arms] == [
         "no_pools", "task_pool_only", "both_pools_no_priors", "both_pools_with_priors"]  # fmt: skip
+
+
+def test_the_no_priors_arm_trains_the_domain_keys_the_variant_fixes():
+    """paper_tiny fixes its domain keys at the descriptions' domain means; an arm without descriptions trains them (they
+    would otherwise stay at their random start), and the arm with priors keeps the variant as it is."""
+    config = AblationConfig()
+    networks = {arm.name: run_config(config, arm, seed=0).model.resolve() for arm in config.arms}
+    assert networks["both_pools_with_priors"].domain_pool.fixed_keys
+    assert not networks["both_pools_no_priors"].domain_pool.fixed_keys
+    assert networks["both_pools_no_priors"].domain_pool.query_centering is False  # otherwise the same pool
+    assert networks["task_pool_only"].domain_pool is None
 
 
 def _scores(arm: str, table: dict[int, dict[str, float]], input_psnr: float = 20.0) -> list[Score]:

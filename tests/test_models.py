@@ -302,8 +302,8 @@ def test_query_centring_makes_selection_depend_on_the_image(centring):
 
 def test_query_centre_is_a_running_mean_of_training_batches_and_fixed_in_evaluation():
     torch.manual_seed(0)
-    # the embedded default centres its queries; its domain query read from the patch embedding, as published, so the
-    # expected queries below are computed from model.patch_embed
+    # the embedded default's design with a centred domain pool; its domain query read from the patch embedding, as
+    # published, so the expected queries below are computed from model.patch_embed
     model = create_model("paper_tiny", domain_query_features="shallow", domain_pool={"size": 9, "top_k": 3})
     pool = model.domain_pool
     assert model.config.query_centering and pool.query_center is not None
