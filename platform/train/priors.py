@@ -61,6 +61,11 @@ def ensure_text_embeddings(url: str | None, dataset: str, s3: S3Settings | None,
     return True
 
 
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def _projection_seed(url: str, s3: S3Settings | None) -> int:
     """The projection seed recorded next to the table by the describe job (0 when there is no manifest)."""
     manifest_url = storage.join_url(posixpath.dirname(url), MANIFEST_NAME)
@@ -101,7 +106,7 @@ def load_text_embeddings(url: str, s3: S3Settings | None, dim: int, centre: bool
 
         vectors = project(vectors, dim, seed=_projection_seed(url, s3))
     else:
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        vectors = _unit(vectors)
     return dict(zip(ids, vectors))
 
 
@@ -120,7 +125,7 @@ def description_prototypes(embeddings: dict[str, np.ndarray], count: int, seed: 
     vectors = np.unique(np.stack(list(embeddings.values())).astype(np.float32), axis=0)
     clusters = min(count, len(vectors))
     centroids = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(vectors).cluster_centers_
-    return (centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return _unit(centroids).astype(np.float32)
 
 
 def load_description_domains(url: str, s3: S3Settings | None) -> dict[str, str]:
@@ -153,6 +158,5 @@ def domain_prototypes(embeddings: dict[str, np.ndarray], domains: dict[str, str]
     per_domain = count // len(groups)
     if per_domain < 1:
         raise ValueError(f"{len(groups)} domains need at least as many prompts in the domain pool, it has {count}")
-    means = np.stack([np.mean(groups[name], axis=0) for name in sorted(groups)]).astype(np.float32)
-    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    means = _unit(np.stack([np.mean(groups[name], axis=0) for name in sorted(groups)]).astype(np.float32))
     return np.repeat(means, per_domain, axis=0)
