@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import yaml
@@ -199,6 +202,41 @@ def test_main_stops_before_ray_on_a_mismatch_and_on_a_complete_run(tmp_path, mon
     assert fit_module.main(args) == 0
     assert "already complete (20/20 steps)" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before  # no output rewritten
+
+
+def test_a_new_run_keeps_an_earlier_runs_metrics_log_apart(tmp_path, monkeypatch, capsys):
+    """A new run in an output_dir that holds another run's metrics.jsonl starts its own log (the old one is renamed,
+    not appended to, not deleted); a resumed run appends to its own."""
+    from conftest import write_tiny_dataset
+
+    calls = []
+    monkeypatch.setattr(fit_module, "ray_session", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(fit_module, "fit", lambda run: calls.append(run.status.kind) or types.SimpleNamespace(
+        error="stopped by the test"))  # fmt: skip
+    dataset = write_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = '{"step": 3000, "resumed_from_step": 0}\n'
+    (out / "metrics.jsonl").write_text(earlier)
+    config = _config(tmp_path, f"data.dataset={dataset}", "build_dataset_if_missing=false", "name=another")
+    assert fit_module.train_and_evaluate(config) == 1 and calls == ["new"]
+    assert not (out / "metrics.jsonl").exists()
+    (kept,) = out.glob("metrics.*.jsonl")
+    assert kept.read_text() == earlier and kept.name in capsys.readouterr().out
+    assert fit_module.set_aside_metrics_log(out / "metrics.jsonl") is None  # nothing to set aside
+
+    # The same run launched again resumes: its log is its own and stays where it is.
+    (out / "metrics.jsonl").write_text('{"step": 10, "resumed_from_step": 0}\n')
+    _fake_checkpoint(tmp_path / "runs" / "another", config_to_dict(fit_module.prepare(config).config), step=10)
+    assert fit_module.train_and_evaluate(config) == 1 and calls == ["new", "resume"]
+    assert (out / "metrics.jsonl").exists() and sorted(out.glob("metrics.*.jsonl")) == [kept]
+
+    # Two set-aside logs with the same time stamp get distinct names.
+    (out / "metrics.jsonl").write_text("x\n")
+    stamp = kept.stat().st_mtime
+    os.utime(out / "metrics.jsonl", (stamp, stamp))
+    second = fit_module.set_aside_metrics_log(out / "metrics.jsonl")
+    assert second != kept and second.read_text() == "x\n" and kept.read_text() == earlier
 
 
 def test_resume_false_deletes_the_old_run(tmp_path):

@@ -21,6 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -74,7 +75,8 @@ def _metrics_log(path: Path):
     Ray Train V2 keeps only the metrics of the retained checkpoints (``Result.metrics_dataframe``); this file keeps the
     whole curve. The callback runs in the Train controller, which Ray places on the driver's node, so ``path`` is a
     local path there. A resumed run (same name, or a restart after a worker failure) appends, so steps between the
-    last checkpoint and a failure can appear twice; ``resumed_from_step`` tells the attempts apart.
+    last checkpoint and a failure can appear twice; ``resumed_from_step`` tells the attempts apart. A new run's log
+    starts empty (:func:`set_aside_metrics_log`).
     """
     import ray.train
 
@@ -85,6 +87,25 @@ def _metrics_log(path: Path):
                 f.write(json.dumps({**metrics[0], "checkpoint": checkpoint is not None}) + "\n")
 
     return MetricsLog()
+
+
+def set_aside_metrics_log(path: Path) -> Path | None:
+    """Start a *new* run's ``metrics.jsonl`` empty: an earlier run's log at ``path`` (the same ``output_dir`` under
+    another ``name``, or after ``resume=false``) is renamed to ``metrics.<its last write, UTC>.jsonl`` beside it.
+
+    Appending would mix two runs' curves in one file, and what reads it (the tune job's report and sweep, the
+    benchmarks) takes the last report of a step or metric; deleting would lose the earlier run's record. Returns the
+    new name, or None when there was no log.
+    """
+    if not path.exists():
+        return None
+    stamp = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target, n = path.with_name(f"metrics.{stamp}.jsonl"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"metrics.{stamp}-{n}.jsonl")
+    path.rename(target)
+    return target
 
 
 def training_tasks(config: TrainConfig, dataset: DatasetHandle | None = None) -> tuple[list[str], list[str]]:
@@ -262,6 +283,9 @@ def train_and_evaluate(config: TrainConfig) -> int:
         if run.status.previous_steps is not None:
             print(f"[train] steps changed from {run.status.previous_steps} to {config.steps}: the learning-rate "
                   f"schedule now decays over {config.steps} steps", flush=True)
+    if run.status.kind == "new" and (moved := set_aside_metrics_log(output_dir / "metrics.jsonl")) is not None:
+        print(f"[train] {output_dir / 'metrics.jsonl'} held an earlier run's reports: kept as {moved.name}, and this "
+              "run's start a new file", flush=True)  # fmt: skip
     from datprl.platform.evaluation.evaluate import evaluate
     from datprl.platform.evaluation.report import side_by_side_markdown
     from datprl.platform.train.provenance import build_provenance
