@@ -206,13 +206,31 @@ def test_main_stops_before_ray_on_a_mismatch_and_on_a_complete_run(tmp_path, mon
 
 def test_a_new_run_keeps_an_earlier_runs_metrics_log_apart(tmp_path, monkeypatch, capsys):
     """A new run in an output_dir that holds another run's metrics.jsonl starts its own log (the old one is renamed,
-    not appended to, not deleted); a resumed run appends to its own."""
+    not appended to, not deleted); a resumed run appends to its own. build_trainer, which every trainer of the
+    training, tune and benchmark jobs goes through, does it."""
     from conftest import write_tiny_dataset
 
+    import ray.train.torch
+
     calls = []
+    real_build_trainer = fit_module.build_trainer
+
+    class StoppedTrainer:  # the TorchTrainer build_trainer makes, stopped before Ray would train
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            return types.SimpleNamespace(error="stopped by the test")
+
+    # No Ray: the real fit() and build_trainer() up to the trainer's own fit().
     monkeypatch.setattr(fit_module, "ray_session", lambda *args, **kwargs: contextlib.nullcontext())
-    monkeypatch.setattr(fit_module, "fit", lambda run: calls.append(run.status.kind) or types.SimpleNamespace(
-        error="stopped by the test"))  # fmt: skip
+    monkeypatch.setattr(fit_module, "init_ray", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fit_module, "ensure_priors", lambda config: None)
+    monkeypatch.setattr(fit_module, "use_decoded_cache", lambda *args, **kwargs: False)
+    monkeypatch.setattr(fit_module, "read_split", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", StoppedTrainer)
+    monkeypatch.setattr(fit_module, "build_trainer", lambda run, callbacks=(): calls.append(run.status.kind) or
+                        real_build_trainer(run, callbacks))  # fmt: skip
     dataset = write_tiny_dataset(tmp_path / "data")
     out = tmp_path / "out"
     out.mkdir()

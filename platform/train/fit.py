@@ -200,6 +200,9 @@ def build_trainer(run: PreparedRun, callbacks: Sequence = ()):
               "store)", flush=True)  # fmt: skip
     train_split = read_split(config.data.model_copy(update={"cache_decoded": cached}), "train", dataset=dataset)
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
+    if run.status.kind == "new" and (moved := set_aside_metrics_log(metrics_path)) is not None:
+        print(f"[train] {metrics_path} held an earlier run's reports: kept as {moved.name}, and this run's start a new "
+              "file", flush=True)  # fmt: skip
     return TorchTrainer(
         train_loop_per_worker,
         # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.
@@ -283,9 +286,6 @@ def train_and_evaluate(config: TrainConfig) -> int:
         if run.status.previous_steps is not None:
             print(f"[train] steps changed from {run.status.previous_steps} to {config.steps}: the learning-rate "
                   f"schedule now decays over {config.steps} steps", flush=True)
-    if run.status.kind == "new" and (moved := set_aside_metrics_log(output_dir / "metrics.jsonl")) is not None:
-        print(f"[train] {output_dir / 'metrics.jsonl'} held an earlier run's reports: kept as {moved.name}, and this "
-              "run's start a new file", flush=True)  # fmt: skip
     from datprl.platform.evaluation.evaluate import evaluate
     from datprl.platform.evaluation.report import side_by_side_markdown
     from datprl.platform.train.provenance import build_provenance

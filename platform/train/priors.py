@@ -66,6 +66,15 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
+def _read_columns(url: str, s3: S3Settings | None, columns: list[str], problem) -> pa.Table:
+    """The describe job's table at ``url``, only ``columns``; a file that is not such a table raises ValueError with
+    ``problem(error)`` as its message."""
+    try:
+        return pq.read_table(pa.BufferReader(storage.read_bytes(url, s3)), columns=columns)
+    except (KeyError, pa.ArrowInvalid) as err:
+        raise ValueError(problem(err)) from None
+
+
 def _projection_seed(url: str, s3: S3Settings | None) -> int:
     """The projection seed recorded next to the table by the describe job (0 when there is no manifest)."""
     manifest_url = storage.join_url(posixpath.dirname(url), MANIFEST_NAME)
@@ -90,11 +99,9 @@ def load_text_embeddings(url: str, s3: S3Settings | None, dim: int, centre: bool
     64 in the tiny default) and of its published checkpoints, while the encoder is a choice of the priors job (CLIP's
     text tower gives 1024-d, all-MiniLM-L6-v2 384-d); the alignment compares directions only, so the projection loses
     nothing of what L_align uses when D >= 384 and little when D is smaller (Johnson-Lindenstrauss)."""
-    try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(url, s3)), columns=["source_id", "embedding"])
-    except (KeyError, pa.ArrowInvalid) as err:
-        raise ValueError(f"text_embeddings={url} is not a table with columns source_id and embedding ({err}); make "
-                         "it with python jobs/describe.py") from None  # fmt: skip
+    table = _read_columns(url, s3, ["source_id", "embedding"], lambda err: (
+        f"text_embeddings={url} is not a table with columns source_id and embedding ({err}); make it with python "
+        "jobs/describe.py"))  # fmt: skip
     ids = table.column("source_id").to_pylist()
     vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
     if vectors.ndim != 2 or len(ids) == 0:
@@ -130,13 +137,9 @@ def description_prototypes(embeddings: dict[str, np.ndarray], count: int, seed: 
 
 def load_description_domains(url: str, s3: S3Settings | None) -> dict[str, str]:
     """source_id -> the domain the describe job recorded for it (the table's ``domain`` column)."""
-    try:
-        table = pq.read_table(pa.BufferReader(storage.read_bytes(url, s3)), columns=["source_id", "domain"])
-    except (KeyError, pa.ArrowInvalid):
-        raise ValueError(
-            f"text_embeddings={url} has no domain column; domain_key_init=domains needs it: remake the "
-            "table with python jobs/describe.py, or use domain_key_init=descriptions"
-        ) from None
+    table = _read_columns(url, s3, ["source_id", "domain"], lambda err: (
+        f"text_embeddings={url} has no domain column; domain_key_init=domains needs it: remake the table with python "
+        "jobs/describe.py, or use domain_key_init=descriptions"))  # fmt: skip
     return dict(zip(table.column("source_id").to_pylist(), table.column("domain").to_pylist()))
 
 
