@@ -55,6 +55,14 @@ def test_bad_model_sections_name_the_field(overrides, field, words):
     assert f"{field}:" in str(err.value) and words in str(err.value)
 
 
+def test_a_task_named_twice_is_refused_with_the_knob_to_use():
+    # The batcher would take per_task_batch samples for each entry: a silent double weight.
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, ["data.tasks=[sr_x4, haze, sr_x4]"])
+    assert "data.tasks:" in str(err.value) and "['sr_x4']" in str(err.value) and "per_task_batch" in str(err.value)
+    assert load_config(TrainConfig, None, ["data.tasks=[sr_x4, haze]"]).data.tasks == ["sr_x4", "haze"]
+
+
 def test_unknown_model_key_is_named():
     with pytest.raises(ConfigError, match=r"unknown key 'model.task_pool.sizes'; valid keys at model.task_pool: size"):
         load_config(TrainConfig, None, ["model.task_pool.sizes=3"])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from datprl.platform.data.sampler import BalancedBatcher, collate
 from datprl.platform.data.transforms import (
@@ -58,6 +58,17 @@ class DataConfig(StrictModel):
     cache_decoded: bool | None = Field(None, description="training: decode the split's images once into Ray's "
                                        "object store and only crop, augment and normalise them each pass; None = "
                                        "auto (when the estimated decoded size fits in a quarter of the object store)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _each_task_once(cls, tasks: list[str] | None) -> list[str] | None:
+        # The balanced batcher takes per_task_batch samples for every entry of the list, so a repeated name would
+        # silently weigh that task twice; per_task_batch is the one knob for how many samples each task gets.
+        repeated = sorted({t for t in tasks if tasks.count(t) > 1}) if tasks else []
+        if repeated:
+            raise ValueError(f"lists {repeated} more than once; name each task once (data.per_task_batch sets how "
+                             "many samples of every task a batch holds)")  # fmt: skip
+        return tasks
 
 
 def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, Any]:
