@@ -29,7 +29,7 @@ from pydantic_core import to_jsonable_python
 
 from datprl.platform.storage import atomic_write_bytes
 
-__all__ = ["StrictModel", "NoRepeats", "ConfigError", "load_config", "parse_cli", "save_resolved_config",
+__all__ = ["StrictModel", "NoRepeats", "no_repeats", "ConfigError", "load_config", "parse_cli", "save_resolved_config",
            "config_to_dict"]
 
 T = TypeVar("T", bound=BaseModel)
@@ -42,13 +42,21 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _no_repeats(values: list) -> list:
-    if len(set(values)) != len(values):
-        raise ValueError(f"the entries must not repeat (got {values}); list each one once")
-    return values
+def no_repeats(hint: str = "") -> AfterValidator:
+    """``Annotated[list[...], no_repeats(hint)]``: a list field whose entries must all differ; the error names the
+    repeated entries and ends with ``hint`` (what to do instead), when given."""
+
+    def check(values: list) -> list:
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"the entries must not repeat ({repeated} more than once); list each one "
+                             f"once{'; ' + hint if hint else ''}")  # fmt: skip
+        return values
+
+    return AfterValidator(check)
 
 
-NoRepeats = AfterValidator(_no_repeats)
+NoRepeats = no_repeats()
 """``Annotated[list[...], NoRepeats]``: a list field whose entries must all differ (e.g. splits or variants to
 evaluate or time once each)."""
 

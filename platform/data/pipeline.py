@@ -15,10 +15,10 @@ import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from datprl.platform.data.sampler import BalancedBatcher, collate
 from datprl.platform.data.transforms import (
@@ -29,7 +29,7 @@ from datprl.platform.data.transforms import (
     to_chw3,
     to_unit_float,
 )
-from datprl.platform.config import StrictModel
+from datprl.platform.config import StrictModel, no_repeats
 from datprl.platform.data.conventions import white_level
 from datprl.platform.data.shards import CorruptionReport, CorruptSampleError, iter_samples
 from datprl.platform.data.handle import DatasetHandle
@@ -40,12 +40,18 @@ log = logging.getLogger(__name__)
 Mode = Literal["train", "eval"]
 
 
+_EACH_TASK_ONCE = no_repeats("data.per_task_batch sets how many samples of every task a batch holds")
+
+
 class DataConfig(StrictModel):
     """Where the dataset lives and how training and evaluation read it."""
 
     dataset: str = Field("data/default", description="local folder or s3://bucket/prefix holding manifest.json")
     s3: S3Settings | None = Field(None, description="S3 endpoint and credentials (endpoint_url for MinIO/moto)")
-    tasks: list[str] | None = Field(None, description="training tasks; None = every task of the training split")
+    # Each task once: the balanced batcher takes per_task_batch samples for every entry, so a repeat would silently
+    # weigh that task double.
+    tasks: Annotated[list[str], _EACH_TASK_ONCE] | None = Field(
+        None, description="training tasks; None = every task of the training split")
     crop_size: int = Field(128, ge=8, description="paired random crop for training (pixels)")
     augment: bool = Field(True, description="random flips and 90-degree rotations in training")
     per_task_batch: int = Field(2, ge=1, description="samples of every task in each batch (batch = tasks x this)")
@@ -59,16 +65,6 @@ class DataConfig(StrictModel):
                                        "object store and only crop, augment and normalise them each pass; None = "
                                        "auto (when the estimated decoded size fits in a quarter of the object store)")
 
-    @field_validator("tasks")
-    @classmethod
-    def _each_task_once(cls, tasks: list[str] | None) -> list[str] | None:
-        # The balanced batcher takes per_task_batch samples for every entry of the list, so a repeated name would
-        # silently weigh that task twice; per_task_batch is the one knob for how many samples each task gets.
-        repeated = sorted({t for t in tasks if tasks.count(t) > 1}) if tasks else []
-        if repeated:
-            raise ValueError(f"lists {repeated} more than once; name each task once (data.per_task_batch sets how "
-                             "many samples of every task a batch holds)")  # fmt: skip
-        return tasks
 
 
 def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, Any]:
