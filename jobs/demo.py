@@ -1,7 +1,7 @@
 """Model demo, a one-image smoke run without Ray: restore a real image with a randomly initialised tiny network.
 
-    python jobs/demo.py                              # embedded default: scikit-image's astronaut, paper_tiny
-    python jobs/demo.py variant=paper crop=128 output_dir=outputs/demo-paper
+python jobs/demo.py                              # embedded default: scikit-image's astronaut, paper_tiny
+python jobs/demo.py variant=paper crop=128 output_dir=outputs/demo-paper
 """
 
 import sys

@@ -17,7 +17,20 @@ from datprl.models.network import DATPRLIR, RestorationOutput, unwrap_model
 from datprl.models.prompts import PoolSelection
 
 __all__ = [
-    "DATPRLIR", "VARIANTS", "ModelConfig", "PoolSelection", "PromptPoolConfig", "RestorationOutput",
-    "config_from_published", "convert_published_state_dict", "count_parameters", "create_model", "load_model",
-    "load_published", "save_model", "unwrap_model", "variant_config", "weights_digest",
-]  # fmt: skip
+    "DATPRLIR",
+    "VARIANTS",
+    "ModelConfig",
+    "PoolSelection",
+    "PromptPoolConfig",
+    "RestorationOutput",
+    "config_from_published",
+    "convert_published_state_dict",
+    "count_parameters",
+    "create_model",
+    "load_model",
+    "load_published",
+    "save_model",
+    "unwrap_model",
+    "variant_config",
+    "weights_digest",
+]

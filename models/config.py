@@ -52,8 +52,9 @@ class ModelConfig(BaseModel):
     domain_pool: PromptPoolConfig | None = PromptPoolConfig(size=15, top_k=5)
     prompt_dim: int = Field(1024, ge=1, description="prompt dimension D")
     value_tokens: int = Field(2, ge=1, description="tokens T per prompt value")
-    selection_noise_std: float = Field(0.1, ge=0,
-                                       description="std of the noise added to similarities for top-k in training")
+    selection_noise_std: float = Field(
+        0.1, ge=0, description="std of the noise added to similarities for top-k in training"
+    )
     query_centering: bool = Field(
         False,
         description="subtract a running mean from each pool's query before the cosine with the keys (our fix of the "

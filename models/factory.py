@@ -60,13 +60,20 @@ VARIANTS: dict[str, ModelConfig] = {
     "task_only": ModelConfig(domain_pool=None),
     "restormer": ModelConfig(task_pool=None, domain_pool=None, decoder_blocks=(4, 6, 6)),
     "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
-    "paper_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3),
-                              domain_pool=PromptPoolConfig(size=9, top_k=3, query_centering=False, fixed_keys=True),
-                              query_centering=True,
-                              domain_query_features="encoder1"),
-    "paper_small": ModelConfig(**_SMALL, task_pool=PromptPoolConfig(size=6, top_k=3),
-                               domain_pool=PromptPoolConfig(size=9, top_k=3), query_centering=True,
-                               domain_query_features="encoder1"),
+    "paper_tiny": ModelConfig(
+        **_TINY,
+        task_pool=PromptPoolConfig(size=6, top_k=3),
+        domain_pool=PromptPoolConfig(size=9, top_k=3, query_centering=False, fixed_keys=True),
+        query_centering=True,
+        domain_query_features="encoder1",
+    ),
+    "paper_small": ModelConfig(
+        **_SMALL,
+        task_pool=PromptPoolConfig(size=6, top_k=3),
+        domain_pool=PromptPoolConfig(size=9, top_k=3),
+        query_centering=True,
+        domain_query_features="encoder1",
+    ),
     "task_only_tiny": ModelConfig(**_TINY, task_pool=PromptPoolConfig(size=6, top_k=3), domain_pool=None),
     "restormer_tiny": ModelConfig(**_TINY, task_pool=None, domain_pool=None),
 }
@@ -97,11 +104,26 @@ def count_parameters(model: torch.nn.Module) -> int:
 # Published checkpoints (the authors' DualPromptRestormerv3 layout)
 
 _PUBLISHED_KEYS = {
-    "img_channel", "dim", "enc_blk_nums", "middle_blk_num", "dec_blk_nums", "refine_blk_num", "heads",
-    "ffn_expansion_factor", "LayerNorm_type", "use_prompt", "domain_pool_size", "degradation_pool_size",
-    "domain_prompt_dim", "degradation_prompt_dim", "domain_top_k", "degradation_top_k", "value_num_tokens",
-    "prompt_fusion_method", "fusion_method",
-}  # fmt: skip
+    "img_channel",
+    "dim",
+    "enc_blk_nums",
+    "middle_blk_num",
+    "dec_blk_nums",
+    "refine_blk_num",
+    "heads",
+    "ffn_expansion_factor",
+    "LayerNorm_type",
+    "use_prompt",
+    "domain_pool_size",
+    "degradation_pool_size",
+    "domain_prompt_dim",
+    "degradation_prompt_dim",
+    "domain_top_k",
+    "degradation_top_k",
+    "value_num_tokens",
+    "prompt_fusion_method",
+    "fusion_method",
+}
 
 # (published prefix regex, our prefix); applied once per key, first match wins.
 _RENAMES = [
@@ -121,11 +143,15 @@ def config_from_published(published: Mapping[str, Any]) -> ModelConfig:
     """Translate the published constructor arguments (keys of ``tiny.config.json``) into our :class:`ModelConfig`."""
     unknown = set(published) - _PUBLISHED_KEYS
     if unknown:
-        raise ValueError(f"unknown published config keys {sorted(unknown)}; "
-                         f"expected a subset of {sorted(_PUBLISHED_KEYS)}")
+        raise ValueError(
+            f"unknown published config keys {sorted(unknown)}; expected a subset of {sorted(_PUBLISHED_KEYS)}"
+        )
     p = dict(published)
-    for key, expected in (("LayerNorm_type", "WithBias"), ("prompt_fusion_method", "cross_attention"),
-                          ("fusion_method", "cross_attention")):  # fmt: skip
+    for key, expected in (
+        ("LayerNorm_type", "WithBias"),
+        ("prompt_fusion_method", "cross_attention"),
+        ("fusion_method", "cross_attention"),
+    ):
         if p.get(key, expected) != expected:
             raise ValueError(f"published config {key}={p[key]!r} is not supported; only {expected!r} is implemented")
     domain_dim = p.get("domain_prompt_dim", 1024)
@@ -144,8 +170,9 @@ def config_from_published(published: Mapping[str, Any]) -> ModelConfig:
         ffn_expansion=p.get("ffn_expansion_factor", 2.66),
         prompt_dim=task_dim,
         value_tokens=p.get("value_num_tokens", 2),
-        task_pool=({"size": p.get("degradation_pool_size", 15), "top_k": p.get("degradation_top_k", 3)}
-                   if use_prompt else None),
+        task_pool=(
+            {"size": p.get("degradation_pool_size", 15), "top_k": p.get("degradation_top_k", 3)} if use_prompt else None
+        ),
         domain_pool={"size": p.get("domain_pool_size", 15), "top_k": p.get("domain_top_k", 5)} if use_prompt else None,
     )
     fields["fusion_heads"] = next(h for h in (8, 4, 2, 1) if task_dim % h == 0)
@@ -198,8 +225,9 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             details.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
         if mismatched:
             k = mismatched[0]
-            details.append(f"{len(mismatched)} with other shapes "
-                           f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            details.append(
+                f"{len(mismatched)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
         raise ValueError(
             f"{source} does not fit the network built from its config: {'; '.join(details)}. "
             "Check that the config belongs to these weights."
@@ -244,8 +272,9 @@ def save_model(model: DATPRLIR, path: str | os.PathLike, provenance: Mapping[str
 
 def _read_sidecar(config_file: Path) -> dict[str, Any]:
     if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found; exported weights are a .safetensors file with a .json "
-                                "config beside it")
+        raise FileNotFoundError(
+            f"{config_file} not found; exported weights are a .safetensors file with a .json config beside it"
+        )
     try:
         sidecar = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -258,8 +287,10 @@ def _read_sidecar(config_file: Path) -> dict[str, Any]:
 def _provenance(sidecar: dict[str, Any], config_file: Path) -> dict[str, Any] | None:
     provenance = sidecar.get("provenance")
     if provenance is not None and not isinstance(provenance, dict):
-        raise ValueError(f"{config_file}: 'provenance' must be a JSON object, not {type(provenance).__name__}; "
-                         "re-export the weights with save_model(..., provenance=build_provenance(...))")
+        raise ValueError(
+            f"{config_file}: 'provenance' must be a JSON object, not {type(provenance).__name__}; "
+            "re-export the weights with save_model(..., provenance=build_provenance(...))"
+        )
     return provenance
 
 
@@ -268,8 +299,9 @@ def load_export(path: str | os.PathLike, map_location: str | torch.device = "cpu
     only, never pickle); sidecars with or without provenance load alike."""
     weights, config_file = _export_paths(path)
     if not weights.exists():
-        raise FileNotFoundError(f"{weights} not found; exported weights are a .safetensors file with a .json "
-                                "config beside it")
+        raise FileNotFoundError(
+            f"{weights} not found; exported weights are a .safetensors file with a .json config beside it"
+        )
     sidecar = _read_sidecar(config_file)
     try:
         config = ModelConfig.model_validate(sidecar["model"])

@@ -20,9 +20,19 @@ from datprl.models.network import RestorationOutput, unwrap_model
 from datprl.models.prompts import PoolSelection
 
 __all__ = [
-    "DATPRLLoss", "LossWeights", "TaskInputError", "alignment_loss", "balance_loss", "contrastive_selection_loss",
-    "diversity_loss", "fft_errors", "fft_loss", "pixel_errors", "pixel_loss", "prior_selection_loss",
-]  # fmt: skip
+    "DATPRLLoss",
+    "LossWeights",
+    "TaskInputError",
+    "alignment_loss",
+    "balance_loss",
+    "contrastive_selection_loss",
+    "diversity_loss",
+    "fft_errors",
+    "fft_loss",
+    "pixel_errors",
+    "pixel_loss",
+    "prior_selection_loss",
+]
 
 
 def _same_shape(pred: Tensor, target: Tensor) -> None:
@@ -122,8 +132,11 @@ class TaskInputError:
         for task, rows in batch.items():
             mean_pixel, mean_fft, seen = self.tasks.get(task, [0.0, 0.0, 0])
             n = len(rows)
-            self.tasks[task] = [m * mean_pixel + (1 - m) * sum(r[0] for r in rows) / n,
-                                m * mean_fft + (1 - m) * sum(r[1] for r in rows) / n, seen + 1]  # fmt: skip
+            self.tasks[task] = [
+                m * mean_pixel + (1 - m) * sum(r[0] for r in rows) / n,
+                m * mean_fft + (1 - m) * sum(r[1] for r in rows) / n,
+                seen + 1,
+            ]
         divisors = [self._corrected(task) for task in tasks]
         pixel_div, fft_div = torch.tensor(divisors, dtype=torch.float32, device=pixel.device).unbind(1)
         return pixel_div, fft_div
@@ -138,8 +151,9 @@ class TaskInputError:
 
     def load_state_dict(self, state: dict) -> None:
         self.momentum = float(state["momentum"])
-        self.tasks = {task: [float(values[0]), float(values[1]), int(values[2])]
-                      for task, values in state["tasks"].items()}  # fmt: skip
+        self.tasks = {
+            task: [float(values[0]), float(values[1]), int(values[2])] for task, values in state["tasks"].items()
+        }
 
 
 def alignment_loss(domain_repr: Tensor, text_embedding: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -163,12 +177,14 @@ def alignment_loss(domain_repr: Tensor, text_embedding: Tensor, mask: Tensor | N
             f"prompt_dim={text_embedding.shape[1]} or project the embeddings to {domain_repr.shape[1]} dims"
         )
     if domain_repr.shape[0] != text_embedding.shape[0]:
-        raise ValueError(f"batch sizes differ: {domain_repr.shape[0]} representations, "
-                         f"{text_embedding.shape[0]} embeddings")
+        raise ValueError(
+            f"batch sizes differ: {domain_repr.shape[0]} representations, {text_embedding.shape[0]} embeddings"
+        )
     if mask is not None:
         if mask.shape != (domain_repr.shape[0],) or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor of shape ({domain_repr.shape[0]},), "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be a bool tensor of shape ({domain_repr.shape[0]},), got {mask.dtype} {tuple(mask.shape)}"
+            )
         # Index instead of multiplying by the mask: placeholder rows (zeros, NaN) then cannot poison the gradient.
         domain_repr, text_embedding = domain_repr[mask], text_embedding[mask]
     distance = 1 - F.cosine_similarity(domain_repr.float(), text_embedding.float(), dim=-1)
@@ -225,14 +241,19 @@ def contrastive_selection_loss(similarities: Tensor, indices: Tensor) -> Tensor:
         )
     n = similarities.shape[1]
     if indices.numel() and (indices.min() < 0 or indices.max() >= n):
-        raise ValueError(f"selected indices must lie in [0, {n}), "
-                         f"got range [{int(indices.min())}, {int(indices.max())}]")
+        raise ValueError(
+            f"selected indices must lie in [0, {n}), got range [{int(indices.min())}, {int(indices.max())}]"
+        )
     s = similarities.float()
     return (s.logsumexp(-1) - s.gather(1, indices.long()).logsumexp(-1)).mean()
 
 
 def prior_selection_loss(
-    similarities: Tensor, text_embedding: Tensor, keys: Tensor, temperature: Tensor | float, top_k: int,
+    similarities: Tensor,
+    text_embedding: Tensor,
+    keys: Tensor,
+    temperature: Tensor | float,
+    top_k: int,
     mask: Tensor | None = None,
 ) -> Tensor:
     """L_psel: the domain pool selects, for an image, the prompts its description selects (ours; weight 1.0).
@@ -252,11 +273,15 @@ def prior_selection_loss(
     without a description are ignored; with none left the loss is 0, still attached to the graph.
     """
     if similarities.ndim != 2 or text_embedding.ndim != 2 or keys.ndim != 2:
-        raise ValueError(f"expected similarities (batch, N), text embeddings (batch, D) and keys (N, D), got "
-                         f"{tuple(similarities.shape)}, {tuple(text_embedding.shape)}, {tuple(keys.shape)}")
+        raise ValueError(
+            f"expected similarities (batch, N), text embeddings (batch, D) and keys (N, D), got "
+            f"{tuple(similarities.shape)}, {tuple(text_embedding.shape)}, {tuple(keys.shape)}"
+        )
     if text_embedding.shape[1] != keys.shape[1] or similarities.shape[1] != keys.shape[0]:
-        raise ValueError(f"text embeddings of dim {text_embedding.shape[1]} and similarities over "
-                         f"{similarities.shape[1]} prompts do not fit keys of shape {tuple(keys.shape)}")  # fmt: skip
+        raise ValueError(
+            f"text embeddings of dim {text_embedding.shape[1]} and similarities over "
+            f"{similarities.shape[1]} prompts do not fit keys of shape {tuple(keys.shape)}"
+        )
     if mask is not None:
         similarities, text_embedding = similarities[mask], text_embedding[mask]
     if similarities.shape[0] == 0:
@@ -282,8 +307,9 @@ class LossWeights(BaseModel):
         "earlier runs)",
     )
     align: float = Field(1.0, ge=0)
-    prior_selection: float = Field(1.0, ge=0, description="L_psel (ours): the domain pool selects what the image's "
-                                   "description selects")
+    prior_selection: float = Field(
+        1.0, ge=0, description="L_psel (ours): the domain pool selects what the image's description selects"
+    )
     diversity: float = Field(1.0, ge=0)
     balance: float = Field(0.1, ge=0)
     contrastive: float = Field(0.1, ge=0)
@@ -319,8 +345,10 @@ class DATPRLLoss(nn.Module):
         need it."""
         pool = getattr(unwrap_model(model), f"{name}_pool", None) if model is not None else None
         if pool is None:
-            raise ValueError(f"the {term} loss needs the {name} pool's parameters: pass the model that produced the "
-                             f"output as model=..., or set LossWeights({term}=0)")  # fmt: skip
+            raise ValueError(
+                f"the {term} loss needs the {name} pool's parameters: pass the model that produced the "
+                f"output as model=..., or set LossWeights({term}=0)"
+            )
         return pool
 
     def __init__(self, weights: LossWeights | None = None) -> None:
@@ -342,12 +370,15 @@ class DATPRLLoss(nn.Module):
         w = self.weights
         terms: dict[str, tuple[float, Tensor]] = {}
         if w.input_relative != "none" and degraded is None:
-            raise ValueError(f"LossWeights.input_relative={w.input_relative!r} needs the network's input: pass "
-                             "degraded=...")  # fmt: skip
+            raise ValueError(
+                f"LossWeights.input_relative={w.input_relative!r} needs the network's input: pass degraded=..."
+            )
         if w.input_relative == "task":
             if tasks is None:
-                raise ValueError("LossWeights.input_relative='task' needs each sample's task: pass tasks=[...] (the "
-                                 "batch's 'task' list)")  # fmt: skip
+                raise ValueError(
+                    "LossWeights.input_relative='task' needs each sample's task: pass tasks=[...] (the "
+                    "batch's 'task' list)"
+                )
             output_fft, input_fft = fft_errors(target, output.image, degraded)
             pixel_div, fft_div = self.input_error.update(tasks, pixel_errors(degraded, target), input_fft)
             if w.pixel:
@@ -365,10 +396,15 @@ class DATPRLLoss(nn.Module):
         if w.prior_selection and output.domain is not None and text_embedding is not None:
             pool = self._pool(model, "domain", "prior_selection")
             tau = pool.temperature.clamp(*pool.temperature_range)
-            terms["prior_selection"] = (w.prior_selection, prior_selection_loss(
-                output.domain.similarities, text_embedding, pool.prompt_keys, tau, pool.top_k, text_mask))
-        pools: dict[str, PoolSelection] = {k: v for k, v in (("task", output.task), ("domain", output.domain))
-                                           if v is not None}
+            terms["prior_selection"] = (
+                w.prior_selection,
+                prior_selection_loss(
+                    output.domain.similarities, text_embedding, pool.prompt_keys, tau, pool.top_k, text_mask
+                ),
+            )
+        pools: dict[str, PoolSelection] = {
+            k: v for k, v in (("task", output.task), ("domain", output.domain)) if v is not None
+        }
         for name, sel in pools.items():
             if w.diversity:
                 pool = self._pool(model, name, "diversity")
@@ -376,8 +412,10 @@ class DATPRLLoss(nn.Module):
             if w.balance:
                 terms[f"balance_{name}"] = (w.balance, balance_loss(sel.similarities))
             if w.contrastive:
-                terms[f"contrastive_{name}"] = (w.contrastive,
-                                                contrastive_selection_loss(sel.similarities, sel.indices))
+                terms[f"contrastive_{name}"] = (
+                    w.contrastive,
+                    contrastive_selection_loss(sel.similarities, sel.indices),
+                )
         if not terms:
             raise ValueError("every applicable loss weight is 0: nothing to train")
         total = sum(weight * value for weight, value in terms.values())

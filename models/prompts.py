@@ -120,8 +120,9 @@ class PromptPool(nn.Module):
         relative size as from the published init. The other keys keep their values."""
         size, dim = self.prompt_keys.shape
         if directions.ndim != 2 or directions.shape[1] != dim or directions.shape[0] > size:
-            raise ValueError(f"expected at most {size} key directions of length {dim}, "
-                             f"got shape {tuple(directions.shape)}")  # fmt: skip
+            raise ValueError(
+                f"expected at most {size} key directions of length {dim}, got shape {tuple(directions.shape)}"
+            )
         unit = F.normalize(directions.to(self.prompt_keys), dim=-1)
         self.prompt_keys[: len(unit)] = unit * PROMPT_INIT_STD * dim**0.5
 

@@ -29,10 +29,12 @@ class PoolOverride(BaseModel):
 
     size: int | None = Field(None, ge=1, description="prompts N in the pool; None = the variant's")
     top_k: int | None = Field(None, ge=1, description="prompts composed per image; None = the variant's")
-    query_centering: bool | None = Field(None, description="centre this pool's query (PromptPoolConfig); None = the "
-                                         "variant's")  # fmt: skip
-    fixed_keys: bool | None = Field(None, description="keys set from outside, never trained (PromptPoolConfig); None "
-                                    "= the variant's")  # fmt: skip
+    query_centering: bool | None = Field(
+        None, description="centre this pool's query (PromptPoolConfig); None = the variant's"
+    )
+    fixed_keys: bool | None = Field(
+        None, description="keys set from outside, never trained (PromptPoolConfig); None = the variant's"
+    )
 
 
 def _scalar_overrides() -> dict[str, Any]:

@@ -29,8 +29,16 @@ from pydantic_core import to_jsonable_python
 
 from datprl.platform.storage import atomic_write_bytes
 
-__all__ = ["StrictModel", "NoRepeats", "no_repeats", "ConfigError", "load_config", "parse_cli", "save_resolved_config",
-           "config_to_dict"]
+__all__ = [
+    "StrictModel",
+    "NoRepeats",
+    "no_repeats",
+    "ConfigError",
+    "load_config",
+    "parse_cli",
+    "save_resolved_config",
+    "config_to_dict",
+]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -49,8 +57,10 @@ def no_repeats(hint: str = "") -> AfterValidator:
     def check(values: list) -> list:
         repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
         if repeated:
-            raise ValueError(f"the entries must not repeat ({repeated} more than once); list each one "
-                             f"once{'; ' + hint if hint else ''}")  # fmt: skip
+            raise ValueError(
+                f"the entries must not repeat ({repeated} more than once); list each one "
+                f"once{'; ' + hint if hint else ''}"
+            )
         return values
 
     return AfterValidator(check)
@@ -72,11 +82,14 @@ class ConfigError(ValueError):
 # saved configs therefore share one dialect with the YAML 1.2 float pattern; the dumper uses it too, so a string
 # that looks like a float ("1e-4") is quoted on save and round-trips as a string.
 _FLOAT_TAG = "tag:yaml.org,2002:float"
-_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
 
 
 class _Loader(yaml.SafeLoader):
@@ -89,8 +102,9 @@ class _Dumper(yaml.SafeDumper):
 
 for _cls in (_Loader, _Dumper):
     # Resolver tables are class attributes shared with SafeLoader/SafeDumper: copy them before editing.
-    _cls.yaml_implicit_resolvers = {first: [r for r in rs if r[0] != _FLOAT_TAG]
-                                    for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _cls.yaml_implicit_resolvers = {
+        first: [r for r in rs if r[0] != _FLOAT_TAG] for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
     _cls.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
 
 
@@ -122,8 +136,11 @@ def _section(annotation: Any) -> Any:
 
 def _is_text(annotation: Any) -> bool:
     """str / Path fields (optionally Optional): CLI values for them are taken verbatim, so `name=2024` is "2024"."""
-    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (
-        Union, types.UnionType) else [annotation]
+    args = (
+        [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) in (Union, types.UnionType)
+        else [annotation]
+    )
     return len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], (str, PurePath))
 
 
@@ -162,34 +179,46 @@ def _apply_override(raw: dict, schema: type[BaseModel], text: str) -> tuple[str,
 
     node, section = raw, schema
     for depth, part in enumerate(parts):
-        here, dotted = ".".join(parts[:depth]) or "the top level", ".".join(parts[:depth + 1])
+        here, dotted = ".".join(parts[:depth]) or "the top level", ".".join(parts[: depth + 1])
         field = None
         if section is not _OPEN:
             if part not in section.model_fields:
-                raise ConfigError(f"CLI override '{text}': unknown key '{dotted}'; "
-                                  f"valid keys at {here}: {', '.join(section.model_fields)}")
+                raise ConfigError(
+                    f"CLI override '{text}': unknown key '{dotted}'; "
+                    f"valid keys at {here}: {', '.join(section.model_fields)}"
+                )
             field = section.model_fields[part]
         if depth == len(parts) - 1:
-            if field is not None and _is_text(field.annotation) and (
-                    isinstance(value, (bool, int, float)) or not value_text.strip()):
+            if (
+                field is not None
+                and _is_text(field.annotation)
+                and (isinstance(value, (bool, int, float)) or not value_text.strip())
+            ):
                 value = value_text.strip()
             node[part] = value
             return parts
         section = _section(field.annotation) if field is not None else _OPEN
         if section is None:
-            raise ConfigError(f"CLI override '{text}': '{dotted}' is a value ({_type_name(field.annotation)}), "
-                              f"not a section, so it has no key '{parts[depth + 1]}'")
+            raise ConfigError(
+                f"CLI override '{text}': '{dotted}' is a value ({_type_name(field.annotation)}), "
+                f"not a section, so it has no key '{parts[depth + 1]}'"
+            )
         child = node.get(part)
         if child is None:
             # Absent (or null) in the file: start from the schema's default section, so that `pool.size=20` keeps the
             # default's other values (which may differ from the section class's own defaults).
             default = _default(field) if field is not None else None
-            child = default.model_dump() if isinstance(default, BaseModel) else (
-                dict(default) if isinstance(default, Mapping) else {})
+            child = (
+                default.model_dump()
+                if isinstance(default, BaseModel)
+                else (dict(default) if isinstance(default, Mapping) else {})
+            )
             node[part] = child
         elif not isinstance(child, dict):
-            raise ConfigError(f"CLI override '{text}': '{dotted}' is {_short(child)} in the config file, "
-                              f"not a mapping, so it has no key '{parts[depth + 1]}'")
+            raise ConfigError(
+                f"CLI override '{text}': '{dotted}' is {_short(child)} in the config file, "
+                f"not a mapping, so it has no key '{parts[depth + 1]}'"
+            )
         node = child
     raise AssertionError("unreachable")
 
@@ -216,8 +245,10 @@ def _move_old_keys(raw: dict, schema: type[BaseModel], where: str) -> None:
             if not isinstance(node, dict):
                 raise ConfigError(f"'{old}'{where} moved to '{new}', but '{part}' is not a mapping there")
         if leaf in node and node[leaf] != value:
-            raise ConfigError(f"'{old}'{where} is the old spelling of '{new}', and both are given with different "
-                              f"values ({_short(value)} and {_short(node[leaf])}); keep only '{new}'")
+            raise ConfigError(
+                f"'{old}'{where} is the old spelling of '{new}', and both are given with different "
+                f"values ({_short(value)} and {_short(node[leaf])}); keep only '{new}'"
+            )
         node[leaf] = value
         print(f"note: '{old}'{where} is now '{new}' ({why}); please rename it", file=sys.stderr)
 
@@ -259,18 +290,19 @@ def _read_yaml(path: Path) -> dict:
 
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _to_config_error(err: ValidationError, schema: type[BaseModel], path: Path | None,
-                     overrides: list[tuple[tuple[str, ...], str]]) -> ConfigError:
+def _to_config_error(
+    err: ValidationError, schema: type[BaseModel], path: Path | None, overrides: list[tuple[tuple[str, ...], str]]
+) -> ConfigError:
     file_source = f"from {path}" if path is not None else f"from the defaults of {schema.__name__}"
 
     def source(loc: tuple) -> str:
-        exact = [text for parts, text in overrides if loc[:len(parts)] == parts]  # override set this value or above
+        exact = [text for parts, text in overrides if loc[: len(parts)] == parts]  # override set this value or above
         if exact:
             return f"from CLI override '{exact[-1]}'"
-        below = [text for parts, text in overrides if parts[:len(loc)] == loc]  # e.g. a cross-field check
+        below = [text for parts, text in overrides if parts[: len(loc)] == loc]  # e.g. a cross-field check
         return file_source + (" with CLI override " + ", ".join(f"'{t}'" for t in below) if below else "")
 
     lines = []
@@ -278,8 +310,11 @@ def _to_config_error(err: ValidationError, schema: type[BaseModel], path: Path |
         loc = tuple(e["loc"])
         if e["type"] == "extra_forbidden":
             parent = _model_at(schema, loc[:-1])
-            what = "unknown key" + (f"; valid keys at {_dotted(loc[:-1]) or 'the top level'}: "
-                                    f"{', '.join(parent.model_fields)}" if parent is not None else "")
+            what = "unknown key" + (
+                f"; valid keys at {_dotted(loc[:-1]) or 'the top level'}: {', '.join(parent.model_fields)}"
+                if parent is not None
+                else ""
+            )
         else:
             what = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
             if e["type"] != "missing" and not isinstance(e.get("input"), dict):
@@ -336,8 +371,13 @@ def _help_rows(schema: type[BaseModel], instance: Any, prefix: str) -> list[tupl
             default = getattr(instance, name)
         else:
             default = _REQUIRED if field.is_required() else _default(field)
-        shown = ("<required>" if default is _REQUIRED else "<section>" if isinstance(default, BaseModel)
-                 else _inline_yaml(default))
+        shown = (
+            "<required>"
+            if default is _REQUIRED
+            else "<section>"
+            if isinstance(default, BaseModel)
+            else _inline_yaml(default)
+        )
         rows.append((dotted, f"{_type_name(field.annotation)} = {shown}", field.description or ""))
         section = _section(field.annotation)
         if isinstance(section, type):
@@ -350,8 +390,12 @@ def _help_text(schema: type[BaseModel], prog: str) -> str:
     width = max((len(r[0]) for r in rows), default=0)
     type_width = min(max((len(r[1]) for r in rows), default=0), 48)
     doc = (schema.__doc__ or "").strip().splitlines()
-    lines = [f"usage: {prog} [--dry-run] [CONFIG.yaml] [key=value ...]", "",
-             "--dry-run prints the resolved config as YAML and exits without running anything.", ""]
+    lines = [
+        f"usage: {prog} [--dry-run] [CONFIG.yaml] [key=value ...]",
+        "",
+        "--dry-run prints the resolved config as YAML and exits without running anything.",
+        "",
+    ]
     if doc:
         lines += [doc[0], ""]
     lines += [f"Fields of {schema.__name__} (override any with dotted.key=value; values are YAML):"]
@@ -375,8 +419,11 @@ def parse_cli(schema: type[T], argv: Sequence[str], prog: str | None = None) -> 
     argv = [a for a in argv if a != "--dry-run"]
     unknown = [a for a in argv if a.startswith("--")]
     if unknown:
-        print(f"{prog}: error: unknown option {unknown[0]}; options are --help and --dry-run, fields are set as "
-              "key=value", file=sys.stderr)
+        print(
+            f"{prog}: error: unknown option {unknown[0]}; options are --help and --dry-run, fields are set as "
+            "key=value",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     path = None
     if argv and "=" not in argv[0] and argv[0].lower().endswith((".yaml", ".yml")):
@@ -396,7 +443,8 @@ def dry_run_text(config: BaseModel) -> str:
     """What ``--dry-run`` prints: the resolved config as YAML (loadable with :func:`load_config`), then any extra
     documents the schema adds (``dry_run_documents()``, e.g. the network a model section resolves to)."""
     text = f"# resolved {type(config).__name__} config (--dry-run: nothing was started)\n" + _dump_yaml(
-        config_to_dict(config))
+        config_to_dict(config)
+    )
     extra = getattr(config, "dry_run_documents", None)
     for name, document in (extra() if extra is not None else {}).items():
         text += f"---\n# {name}\n" + _dump_yaml(document)

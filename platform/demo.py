@@ -92,8 +92,10 @@ def run(config: DemoConfig) -> dict[str, float]:
         "input_ssim": ssim(degraded, target).item(),
         "output_ssim": ssim(restored, target).item(),
     }
-    print(f"variant {config.variant} ({numbers['params']:,} parameters, random weights), image {config.image} "
-          f"{clean.shape[1]}x{clean.shape[0]}, forward {seconds:.2f} s")  # fmt: skip
+    print(
+        f"variant {config.variant} ({numbers['params']:,} parameters, random weights), image {config.image} "
+        f"{clean.shape[1]}x{clean.shape[0]}, forward {seconds:.2f} s"
+    )
     print(f"metric protocol: {PAPER.describe()}")
     print(f"input  PSNR {numbers['input_psnr']:.2f} dB  SSIM {numbers['input_ssim']:.4f}")
     print(f"output PSNR {numbers['output_psnr']:.2f} dB  SSIM {numbers['output_ssim']:.4f}  (untrained network)")

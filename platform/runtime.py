@@ -97,18 +97,29 @@ def init_ray(
     if ray.is_initialized():
         return RaySession(started_here=False, address=None)
     if joined:
-        ray.init(address=joined, log_to_driver=local.log_to_driver, runtime_env=runtime_env,
-                 logging_level=logging.WARNING if quiet else logging.INFO)  # fmt: skip
+        ray.init(
+            address=joined,
+            log_to_driver=local.log_to_driver,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING if quiet else logging.INFO,
+        )
         return RaySession(started_here=False, address=joined)
     cpus = local.num_cpus or max(2, os.cpu_count() or 2)
     previous = os.environ.get("RAY_worker_niceness")
     if local.worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(local.worker_niceness)  # read by the raylet that ray.init starts
     try:
-        ray.init(num_cpus=cpus, object_store_memory=local.object_store_bytes, include_dashboard=local.dashboard,
-                 dashboard_host="127.0.0.1", dashboard_port=free_loopback_port() if local.dashboard else None,
-                 log_to_driver=local.log_to_driver, configure_logging=not quiet, runtime_env=runtime_env,
-                 logging_level=logging.WARNING if quiet else logging.INFO)  # fmt: skip
+        ray.init(
+            num_cpus=cpus,
+            object_store_memory=local.object_store_bytes,
+            include_dashboard=local.dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_loopback_port() if local.dashboard else None,
+            log_to_driver=local.log_to_driver,
+            configure_logging=not quiet,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING if quiet else logging.INFO,
+        )
     finally:
         if previous is None:
             os.environ.pop("RAY_worker_niceness", None)
@@ -352,6 +363,8 @@ def resolve_device(name: str = "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was asked for, but torch {torch.__version__} sees no CUDA device; "
-                           "use device=cpu or device=auto")  # fmt: skip
+        raise RuntimeError(
+            f"device={name} was asked for, but torch {torch.__version__} sees no CUDA device; "
+            "use device=cpu or device=auto"
+        )
     return device

@@ -101,7 +101,7 @@ def _local_path(url: str | os.PathLike) -> str:
 
 def _s3_path(url: str) -> str:
     """``s3://bucket/a/b/`` -> ``bucket/a/b`` (pyarrow's and s3fs's path form)."""
-    path = url[len("s3://"):].strip("/")
+    path = url[len("s3://") :].strip("/")
     if not path:
         raise ValueError(f"S3 URL without a bucket: {url!r}")
     return path
@@ -225,9 +225,7 @@ def list_files(url: str | os.PathLike, suffix: str = "", s3: S3Settings | None =
     ``url`` (``s3://...`` stays ``s3://...``). A missing directory lists as empty."""
     fs, path = filesystem(url, s3)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    found = sorted(
-        info.path for info in infos if info.type == pafs.FileType.File and info.path.endswith(suffix)
-    )
+    found = sorted(info.path for info in infos if info.type == pafs.FileType.File and info.path.endswith(suffix))
     if is_s3(url):
         return ["s3://" + p for p in found]
     return found

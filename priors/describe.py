@@ -83,9 +83,16 @@ MAX_COLOURS = 2
 DARK, ACHROMATIC, LIGHT, BROWN_VALUE = 0.15, 0.20, 0.85, 0.60
 #: Hue bins (upper bound in degrees, name), in order; the last bin wraps round to red.
 HUE_NAMES: tuple[tuple[float, str], ...] = (
-    (15.0, "red"), (45.0, "orange"), (70.0, "yellow"), (160.0, "green"), (200.0, "cyan"), (260.0, "blue"),
-    (290.0, "purple"), (335.0, "pink"), (360.0, "red"),
-)  # fmt: skip
+    (15.0, "red"),
+    (45.0, "orange"),
+    (70.0, "yellow"),
+    (160.0, "green"),
+    (200.0, "cyan"),
+    (260.0, "blue"),
+    (290.0, "purple"),
+    (335.0, "pink"),
+    (360.0, "red"),
+)
 
 # modality (SampleRecord.modality) -> (noun, view). The view gives the paper's "viewpoint" angle.
 MODALITIES: dict[str, tuple[str, str | None]] = {
@@ -147,10 +154,12 @@ def _unit(image: np.ndarray, white: float) -> np.ndarray:
 
 def _sobel_magnitude(luma: np.ndarray) -> np.ndarray:
     padded = np.pad(luma, 1, mode="edge")
-    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[1:-1, :-2]
-                                                                       + padded[2:, :-2])  # fmt: skip
-    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (padded[:-2, :-2] + 2 * padded[:-2, 1:-1]
-                                                                       + padded[:-2, 2:])  # fmt: skip
+    gx = (padded[:-2, 2:] + 2 * padded[1:-1, 2:] + padded[2:, 2:]) - (
+        padded[:-2, :-2] + 2 * padded[1:-1, :-2] + padded[2:, :-2]
+    )
+    gy = (padded[2:, :-2] + 2 * padded[2:, 1:-1] + padded[2:, 2:]) - (
+        padded[:-2, :-2] + 2 * padded[:-2, 1:-1] + padded[:-2, 2:]
+    )
     return np.hypot(gx, gy) / 4.0  # a unit step gives magnitude 1
 
 
@@ -164,8 +173,9 @@ def _colour_names(rgb: np.ndarray) -> np.ndarray:
     hue = np.where(value == r, ((g - b) / safe) % 6.0, np.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
     hue = hue * 60.0
     bounds = np.array([bound for bound, _ in HUE_NAMES])
-    names = np.array([name for _, name in HUE_NAMES], dtype=object)[np.minimum(np.searchsorted(bounds, hue, "right"),
-                                                                               len(HUE_NAMES) - 1)]  # fmt: skip
+    names = np.array([name for _, name in HUE_NAMES], dtype=object)[
+        np.minimum(np.searchsorted(bounds, hue, "right"), len(HUE_NAMES) - 1)
+    ]
     names = np.where(np.isin(names, ["orange", "red"]) & (value < BROWN_VALUE), "brown", names)
     names = np.where(saturation < ACHROMATIC, np.where(value > LIGHT, "white", "grey"), names)
     return np.where(value < DARK, "black", names)
@@ -193,8 +203,14 @@ def image_stats(image: np.ndarray, white: float) -> ImageStats:
         colours = dominant_colours(unit)
     grey = unit.ndim == 2 or colourfulness < GREY_COLOURFULNESS
     edges = float((_sobel_magnitude(luma) > EDGE_THRESHOLD).mean())
-    return ImageStats(brightness=float(luma.mean()), contrast=float(luma.std()), colourfulness=colourfulness,
-                      edge_density=edges, colours=() if grey else colours, grey=grey)  # fmt: skip
+    return ImageStats(
+        brightness=float(luma.mean()),
+        contrast=float(luma.std()),
+        colourfulness=colourfulness,
+        edge_density=edges,
+        colours=() if grey else colours,
+        grey=grey,
+    )
 
 
 def brightness_words(stats: ImageStats) -> str:

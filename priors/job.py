@@ -64,13 +64,15 @@ log = logging.getLogger(__name__)
 
 TABLE_NAME = "descriptions.parquet"
 MANIFEST_NAME = "manifest.json"
-SCHEMA = pa.schema([
-    ("source_id", pa.string()),
-    ("sample_key", pa.string()),
-    ("domain", pa.string()),
-    ("description", pa.string()),
-    ("embedding", pa.list_(pa.float32())),
-])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("source_id", pa.string()),
+        ("sample_key", pa.string()),
+        ("domain", pa.string()),
+        ("description", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+    ]
+)
 
 
 #: Logical CPUs of a local Ray for describer=vllm (see DescribeConfig.ray_cpus); logical, not cores.
@@ -81,25 +83,38 @@ class DescribeConfig(StrictModel):
     """Describe and embed the clean images of a dataset (one row per source image)."""
 
     dataset: str = Field("data/default", description="local folder or s3://bucket/prefix holding manifest.json")
-    output: str = Field("data/default/priors", description="folder (or s3:// prefix) for descriptions.parquet and "
-                        "manifest.json")  # fmt: skip
+    output: str = Field(
+        "data/default/priors", description="folder (or s3:// prefix) for descriptions.parquet and manifest.json"
+    )
     s3: S3Settings | None = Field(None, description="S3 endpoint and credentials (dataset and output)")
     splits: list[str] = Field(["train"], min_length=1, description="splits whose clean images are described")
-    describer: Literal["metadata", "vllm"] = Field("metadata", description="how descriptions are made (metadata: "
-                                                   "from the sample record and measured image statistics, no VLM; "
-                                                   "vllm: a vision-language model on vLLM, see vllm.*)")  # fmt: skip
-    vllm: vlm.VLLMDescriberConfig = Field(default_factory=vlm.VLLMDescriberConfig,
-                                          description="the model and engine of describer=vllm")  # fmt: skip
-    encoder: encoders.EncoderConfig = Field(default_factory=encoders.EncoderConfig,
-                                            description="the frozen text encoder (minilm or clip)")  # fmt: skip
+    describer: Literal["metadata", "vllm"] = Field(
+        "metadata",
+        description="how descriptions are made (metadata: "
+        "from the sample record and measured image statistics, no VLM; "
+        "vllm: a vision-language model on vLLM, see vllm.*)",
+    )
+    vllm: vlm.VLLMDescriberConfig = Field(
+        default_factory=vlm.VLLMDescriberConfig, description="the model and engine of describer=vllm"
+    )
+    encoder: encoders.EncoderConfig = Field(
+        default_factory=encoders.EncoderConfig, description="the frozen text encoder (minilm or clip)"
+    )
     encoder_batch_size: int = Field(64, ge=1, description="descriptions per text-encoder batch")
-    projection_seed: int = Field(0, description="seed of the fixed projection to the prompt dimension (recorded "
-                                 "in the manifest, applied at training time)")  # fmt: skip
+    projection_seed: int = Field(
+        0,
+        description="seed of the fixed projection to the prompt dimension (recorded "
+        "in the manifest, applied at training time)",
+    )
     overwrite: bool = Field(False, description="replace existing output made with another describer or encoder")
     ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local Ray")
-    ray_cpus: int | None = Field(None, ge=2, description="logical CPUs of a local Ray; None = the machine's, and at "
-                                 f"least {VLLM_LOCAL_CPUS} for describer=vllm (its engine actor, placement group, "
-                                 "preprocess and read tasks each hold one; with 2 the pipeline stalls)")  # fmt: skip
+    ray_cpus: int | None = Field(
+        None,
+        ge=2,
+        description="logical CPUs of a local Ray; None = the machine's, and at "
+        f"least {VLLM_LOCAL_CPUS} for describer=vllm (its engine actor, placement group, "
+        "preprocess and read tasks each hold one; with 2 the pipeline stalls)",
+    )
 
 
 @dataclass
@@ -113,8 +128,9 @@ class DescribeResult:
     manifest_url: str = ""
 
 
-def describe_shard(item: dict[str, Any], done: frozenset[str] | set[str], s3: S3Settings | None,
-                   describe: bool = True) -> Iterator[dict]:  # fmt: skip
+def describe_shard(
+    item: dict[str, Any], done: frozenset[str] | set[str], s3: S3Settings | None, describe: bool = True
+) -> Iterator[dict]:
     """Ray Data ``flat_map`` stage: one shard -> one row per source image of it not in ``done`` (the first sample of
     each), with its metadata description (``describe``; else an empty one, for a describer that runs later);
     damaged samples become rows with ``error`` naming shard and key."""
@@ -124,12 +140,25 @@ def describe_shard(item: dict[str, Any], done: frozenset[str] | set[str], s3: S3
         if record.source_id in done or record.source_id in seen:
             continue
         seen.add(record.source_id)
-        yield {"shard": item["index"], "position": position, "source_id": record.source_id,
-               "sample_key": record.key, "domain": record.domain,
-               "description": describer.describe(record, gt) if describe else "", "error": ""}  # fmt: skip
+        yield {
+            "shard": item["index"],
+            "position": position,
+            "source_id": record.source_id,
+            "sample_key": record.key,
+            "domain": record.domain,
+            "description": describer.describe(record, gt) if describe else "",
+            "error": "",
+        }
     for url, key, reason in report.skipped:
-        yield {"shard": item["index"], "position": -1, "source_id": "", "sample_key": "", "domain": "",
-               "description": "", "error": f"{url} [{key or 'shard'}]: {reason}"}  # fmt: skip
+        yield {
+            "shard": item["index"],
+            "position": -1,
+            "source_id": "",
+            "sample_key": "",
+            "domain": "",
+            "description": "",
+            "error": f"{url} [{key or 'shard'}]: {reason}",
+        }
 
 
 def _identity(config: DescribeConfig) -> dict[str, Any]:
@@ -141,25 +170,31 @@ def _identity(config: DescribeConfig) -> dict[str, Any]:
     return {"describer": config.describer, "template_version": describer.TEMPLATE_VERSION, "encoder": encoder}
 
 
-def _read_existing(config: DescribeConfig, identity: dict[str, Any], table_url: str,
-                   manifest_url: str) -> pa.Table | None:  # fmt: skip
+def _read_existing(
+    config: DescribeConfig, identity: dict[str, Any], table_url: str, manifest_url: str
+) -> pa.Table | None:
     """The table already written by a run with the same describer and encoder; None when there is none or when
     ``overwrite``. Raises ValueError when it was made differently."""
     if config.overwrite or not storage.exists(table_url, config.s3):
         return None
     if not storage.exists(manifest_url, config.s3):
-        raise ValueError(f"{table_url} exists without {manifest_url}: cannot tell how it was made; "
-                         "pass overwrite=true to describe everything again, or choose another output=")  # fmt: skip
+        raise ValueError(
+            f"{table_url} exists without {manifest_url}: cannot tell how it was made; "
+            "pass overwrite=true to describe everything again, or choose another output="
+        )
     old = json.loads(storage.read_bytes(manifest_url, config.s3))
     mismatch = sorted(k for k, v in identity.items() if old.get(k) != v)
     if mismatch:
-        raise ValueError(f"{config.output} was made with a different {', '.join(mismatch)} "
-                         f"({ {k: old.get(k) for k in mismatch} } vs { {k: identity[k] for k in mismatch} }); "
-                         "pass overwrite=true to replace it, or choose another output=")  # fmt: skip
+        raise ValueError(
+            f"{config.output} was made with a different {', '.join(mismatch)} "
+            f"({ {k: old.get(k) for k in mismatch} } vs { {k: identity[k] for k in mismatch} }); "
+            "pass overwrite=true to replace it, or choose another output="
+        )
     table = pq.read_table(pa.BufferReader(storage.read_bytes(table_url, config.s3)))
     if table.schema.names != SCHEMA.names:
-        raise ValueError(f"{table_url} has columns {table.schema.names}, expected {SCHEMA.names}; "
-                         "pass overwrite=true to rebuild it")  # fmt: skip
+        raise ValueError(
+            f"{table_url} has columns {table.schema.names}, expected {SCHEMA.names}; pass overwrite=true to rebuild it"
+        )
     return table.cast(SCHEMA)
 
 
@@ -180,9 +215,11 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
     manifest_url = storage.join_url(config.output, MANIFEST_NAME)
     identity = _identity(config)
     if encoder is not None and encoder.dim != identity["encoder"]["dim"]:
-        raise ValueError(f"the encoder passed to run() gives {encoder.dim}-d embeddings, but encoder.name="
-                         f"{config.encoder.name} is {identity['encoder']['dim']}-d; pass the encoder config.encoder "
-                         "names, or none")  # fmt: skip
+        raise ValueError(
+            f"the encoder passed to run() gives {encoder.dim}-d embeddings, but encoder.name="
+            f"{config.encoder.name} is {identity['encoder']['dim']}-d; pass the encoder config.encoder "
+            "names, or none"
+        )
     existing = _read_existing(config, identity, table_url, manifest_url)
     done = frozenset(existing.column("source_id").to_pylist()) if existing is not None else frozenset()
 
@@ -190,8 +227,10 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
     present = dataset.splits()
     unknown = [s for s in config.splits if s not in present]
     if unknown:
-        raise ValueError(f"{config.dataset} has no samples in split(s) {unknown}; present: {present}. "
-                         "Set splits=[...] to some of those.")  # fmt: skip
+        raise ValueError(
+            f"{config.dataset} has no samples in split(s) {unknown}; present: {present}. "
+            "Set splits=[...] to some of those."
+        )
     urls = [url for split in config.splits for url in dataset.shard_urls(split)]
     items = ray.data.from_items([{"url": u, "index": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
     metadata = config.describer == describer.DESCRIBER
@@ -216,11 +255,16 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
 
     ordered = sorted(new.values(), key=lambda r: r["source_id"])
     embeddings = encoder.encode([r["description"] for r in ordered])
-    added = pa.table({
-        "source_id": [r["source_id"] for r in ordered], "sample_key": [r["sample_key"] for r in ordered],
-        "domain": [r["domain"] for r in ordered], "description": [r["description"] for r in ordered],
-        "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32())),
-    }, schema=SCHEMA)  # fmt: skip
+    added = pa.table(
+        {
+            "source_id": [r["source_id"] for r in ordered],
+            "sample_key": [r["sample_key"] for r in ordered],
+            "domain": [r["domain"] for r in ordered],
+            "description": [r["description"] for r in ordered],
+            "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32())),
+        },
+        schema=SCHEMA,
+    )
     table = pa.concat_tables([existing, added]) if existing is not None else added
     table = table.sort_by("source_id")
     data = _table_bytes(table)
@@ -233,7 +277,7 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
             "in_dim": identity["encoder"]["dim"],
             "seed": config.projection_seed,
             "note": "applied at training time: out_dim = the model's prompt dimension",
-        },  # fmt: skip
+        },
         "table": TABLE_NAME,
         "rows": table.num_rows,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -248,12 +292,20 @@ def run(config: DescribeConfig, encoder: encoders.TextEncoder | None = None) -> 
         ),
     }
     if not metadata:  # how the engine ran: not part of the identity (it does not decide the text), but recorded
-        manifest["vlm_engine"] = {"prompt_text": vlm.prompt_text(config.vllm), **vlm.engine_kwargs(config.vllm),
-                                  "concurrency": config.vllm.concurrency,
-                                  "batch_size": config.vllm.batch_size}  # fmt: skip
+        manifest["vlm_engine"] = {
+            "prompt_text": vlm.prompt_text(config.vllm),
+            **vlm.engine_kwargs(config.vllm),
+            "concurrency": config.vllm.concurrency,
+            "batch_size": config.vllm.batch_size,
+        }
     storage.atomic_write_bytes(manifest_url, (json.dumps(manifest, indent=2) + "\n").encode(), config.s3)
-    log.info("described %d new source images (%d in all) in %.1f s -> %s", len(ordered), table.num_rows,
-             time.monotonic() - started, table_url)  # fmt: skip
+    log.info(
+        "described %d new source images (%d in all) in %.1f s -> %s",
+        len(ordered),
+        table.num_rows,
+        time.monotonic() - started,
+        table_url,
+    )
     return DescribeResult(len(ordered), table.num_rows, corrupt, table_url, manifest_url)
 
 

@@ -93,8 +93,9 @@ class VLLMDescriberConfig(StrictModel):
     concurrency: int = Field(1, ge=1, description="vLLM engine replicas (each tensor_parallel_size GPUs)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica (tensor parallelism)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="weights and activations")
-    max_model_len: int | None = Field(4096, ge=16, description="context length (prompt + image tokens + output); "
-                                      "None = the model's")  # fmt: skip
+    max_model_len: int | None = Field(
+        4096, ge=16, description="context length (prompt + image tokens + output); None = the model's"
+    )
     gpu_memory_utilization: float = Field(
         0.9,
         gt=0.0,
@@ -117,16 +118,19 @@ class VLLMDescriberConfig(StrictModel):
     @classmethod
     def _has_prompt_slot(cls, value: str) -> str:
         if value.count("{prompt}") != 1:
-            raise ValueError(f"prompt_template must contain {{prompt}} exactly once (where the instruction goes), "
-                             f"got {value!r}")  # fmt: skip
+            raise ValueError(
+                f"prompt_template must contain {{prompt}} exactly once (where the instruction goes), got {value!r}"
+            )
         return value
 
     @model_validator(mode="after")
     def _no_typed_engine_keys(self) -> VLLMDescriberConfig:
         clash = sorted(set(self.engine_kwargs) & set(_TYPED_ENGINE_KEYS))
         if clash:
-            raise ValueError(f"engine_kwargs sets {clash}, which have their own fields: set "
-                             f"{', '.join('vllm.' + _TYPED_ENGINE_KEYS[k] for k in clash)} instead")  # fmt: skip
+            raise ValueError(
+                f"engine_kwargs sets {clash}, which have their own fields: set "
+                f"{', '.join('vllm.' + _TYPED_ENGINE_KEYS[k] for k in clash)} instead"
+            )
         if "limit_mm_per_prompt" in self.engine_kwargs:
             raise ValueError("engine_kwargs.limit_mm_per_prompt is fixed to one image per prompt; remove it")
         return self
@@ -229,8 +233,13 @@ def _request(row: dict[str, Any], prompt: str, sampling: dict[str, Any]) -> dict
 
 def _answer(row: dict[str, Any]) -> dict[str, Any]:
     """Processor postprocess: only the keys and the text travel on (not the image)."""
-    return {"source_id": row["source_id"], "sample_key": row["sample_key"], "domain": row["domain"],
-            "description": str(row.get("generated_text") or "").strip(), "__inference_error__": ""}  # fmt: skip
+    return {
+        "source_id": row["source_id"],
+        "sample_key": row["sample_key"],
+        "domain": row["domain"],
+        "description": str(row.get("generated_text") or "").strip(),
+        "__inference_error__": "",
+    }
 
 
 def describe_images(
@@ -242,8 +251,11 @@ def describe_images(
     import ray
     from ray.data.llm import build_processor
 
-    items = [{"url": url, "keys": list(wanted[i]), "sources": list(wanted[i].values())}
-             for i, url in enumerate(urls) if wanted.get(i)]  # fmt: skip
+    items = [
+        {"url": url, "keys": list(wanted[i]), "sources": list(wanted[i].values())}
+        for i, url in enumerate(urls)
+        if wanted.get(i)
+    ]
     if not items:
         return [], []
     gpus = ray.cluster_resources().get("GPU", 0) > 0
@@ -263,8 +275,10 @@ def describe_images(
         key, error = row.get("sample_key") or "", row.get("__inference_error__") or ""
         text = str(row.get("description") or "").strip()
         if error or not text:
-            problems.append(f"{url_of.get(key, '?')} [{key}]: " + (f"the model failed: {error}" if error else
-                            "the model returned an empty description"))  # fmt: skip
+            problems.append(
+                f"{url_of.get(key, '?')} [{key}]: "
+                + (f"the model failed: {error}" if error else "the model returned an empty description")
+            )
             continue
         described.append({k: row[k] for k in ("source_id", "sample_key", "domain")} | {"description": text})
     returned = {row.get("sample_key") for row in out}

@@ -67,26 +67,44 @@ _RESTORE_BODY = {
     "required": True,
     "content": {
         "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-                       "required": ["file"]},
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            },
         },
-        **{media: {"schema": {"type": "string", "format": "binary"}}
-           for media in ("image/png", "image/jpeg", "image/tiff", "application/dicom", "application/octet-stream")},
+        **{
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in ("image/png", "image/jpeg", "image/tiff", "application/dicom", "application/octet-stream")
+        },
     },
 }
-_ERROR_SCHEMA = {"application/json": {"schema": {"type": "object", "properties": {
-    "error": {"type": "string"}, "fix": {"type": "string"}, "status": {"type": "integer"}}}}}
+_ERROR_SCHEMA = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {"error": {"type": "string"}, "fix": {"type": "string"}, "status": {"type": "integer"}},
+        }
+    }
+}
 _RESTORE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the restored image (format/bit depth as asked), or JSON with `response=json`",
-          "content": {**{m: {} for m in MEDIA_TYPES.values()}, "application/json": {}}},
+    200: {
+        "description": "the restored image (format/bit depth as asked), or JSON with `response=json`",
+        "content": {**{m: {} for m in MEDIA_TYPES.values()}, "application/json": {}},
+    },
     400: {"description": "empty body, truncated or corrupt image, malformed upload", "content": _ERROR_SCHEMA},
-    413: {"description": "body or image larger than the configured limits (decompression bombs too), or a "
-                         "request whose estimated memory exceeds request_memory_budget_bytes (checked from the header "
-                         "before decoding; the error names the estimate, the budget and the fix)",
-          "content": _ERROR_SCHEMA},
+    413: {
+        "description": "body or image larger than the configured limits (decompression bombs too), or a "
+        "request whose estimated memory exceeds request_memory_budget_bytes (checked from the header "
+        "before decoding; the error names the estimate, the budget and the fix)",
+        "content": _ERROR_SCHEMA,
+    },
     415: {"description": "wrong Content-Type, unsupported or unrecognised format", "content": _ERROR_SCHEMA},
-    422: {"description": "invalid parameters (format, bit_depth, tiling, white_level) or unusable image "
-                         "(multi-frame, no pixel data)", "content": _ERROR_SCHEMA},
+    422: {
+        "description": "invalid parameters (format, bit_depth, tiling, white_level) or unusable image "
+        "(multi-frame, no pixel data)",
+        "content": _ERROR_SCHEMA,
+    },
     503: {"description": "(GET /healthz only) the model's self-check forward failed", "content": _ERROR_SCHEMA},
 }
 
@@ -99,21 +117,32 @@ async def _request_error(_: Request, error: RequestError) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors())
-    return JSONResponse({"error": f"invalid request parameters: {problems}",
-                         "fix": "see the parameter list in /docs", "status": 422}, status_code=422)
+    return JSONResponse(
+        {"error": f"invalid request parameters: {problems}", "fix": "see the parameter list in /docs", "status": 422},
+        status_code=422,
+    )
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(error.detail), "fix": "see /docs for the endpoints and their methods",
-                         "status": error.status_code}, status_code=error.status_code, headers=error.headers)
+    return JSONResponse(
+        {
+            "error": str(error.detail),
+            "fix": "see /docs for the endpoints and their methods",
+            "status": error.status_code,
+        },
+        status_code=error.status_code,
+        headers=error.headers,
+    )
 
 
 @api.exception_handler(Exception)
 async def _internal_error(_: Request, error: Exception) -> JSONResponse:  # a bug, never a bad input
     log.exception("internal error")
-    return JSONResponse({"error": f"internal error: {type(error).__name__}", "fix": "report it with the input",
-                         "status": 500}, status_code=500)
+    return JSONResponse(
+        {"error": f"internal error: {type(error).__name__}", "fix": "report it with the input", "status": 500},
+        status_code=500,
+    )
 
 
 async def _single(data: bytes):
@@ -123,14 +152,20 @@ async def _single(data: bytes):
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
-                           "send a smaller image or raise the server's max_body_bytes")
+        raise RequestError(
+            413,
+            f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+            "send a smaller image or raise the server's max_body_bytes",
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise RequestError(413, f"request body exceeds the limit of {limit} bytes",
-                               "send a smaller image or raise the server's max_body_bytes")
+            raise RequestError(
+                413,
+                f"request body exceeds the limit of {limit} bytes",
+                "send a smaller image or raise the server's max_body_bytes",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -146,15 +181,24 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str | None]
     try:
         form = await MultiPartParser(request.headers, _single(body), max_files=4, max_fields=16).parse()
     except MultiPartException as error:
-        raise RequestError(400, f"malformed multipart upload: {error.message}",
-                           "send the image as a multipart field 'file' (curl -F file=@image.png)") from None
+        raise RequestError(
+            400,
+            f"malformed multipart upload: {error.message}",
+            "send the image as a multipart field 'file' (curl -F file=@image.png)",
+        ) from None
     try:
         files = [(name, value) for name, value in form.multi_items() if isinstance(value, UploadFile)]
         if not files:
-            raise RequestError(400, "multipart upload without a file field",
-                               "send the image as a multipart field 'file' (curl -F file=@image.png)")
-        chosen = next((f for n, f in files if n == "file"), None) or next(
-            (f for n, f in files if n == "image"), None) or files[0][1]
+            raise RequestError(
+                400,
+                "multipart upload without a file field",
+                "send the image as a multipart field 'file' (curl -F file=@image.png)",
+            )
+        chosen = (
+            next((f for n, f in files if n == "file"), None)
+            or next((f for n, f in files if n == "image"), None)
+            or files[0][1]
+        )
         data = await chosen.read()
         return data, chosen.content_type
     finally:
@@ -185,9 +229,15 @@ class Restorer:
         self._infer.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._large_slots = asyncio.Semaphore(self.config.max_concurrent_tiled)
         info = self.engine.info
-        log.info("[serve] replica ready: %s (%s, sha256 %s) on %s, %s; activations %s bytes/pixel", info.variant,
-                 info.source, info.weights_sha256[:12], info.device, self.engine.precision,
-                 "unused" if self.activation_bytes_per_pixel is None else f"{self.activation_bytes_per_pixel:.0f}")
+        log.info(
+            "[serve] replica ready: %s (%s, sha256 %s) on %s, %s; activations %s bytes/pixel",
+            info.variant,
+            info.source,
+            info.weights_sha256[:12],
+            info.device,
+            self.engine.precision,
+            "unused" if self.activation_bytes_per_pixel is None else f"{self.activation_bytes_per_pixel:.0f}",
+        )
         if info.trained is False:
             log.warning("[serve] %s", info.note)
 
@@ -208,33 +258,65 @@ class Restorer:
         return result
 
     # -- routes ------------------------------------------------------------------------------------------------------
-    @api.get("/healthz", summary="Readiness: 200 once the model is loaded and a tiny forward works, else 503",
-             responses={503: _RESTORE_RESPONSES[503]})
+    @api.get(
+        "/healthz",
+        summary="Readiness: 200 once the model is loaded and a tiny forward works, else 503",
+        responses={503: _RESTORE_RESPONSES[503]},
+    )
     async def healthz(self) -> Response:
         try:
             await asyncio.to_thread(self.engine.self_check)
         except Exception as error:  # noqa: BLE001 - reported, not raised
-            return JSONResponse({"error": f"model self-check failed: {type(error).__name__}: {error}",
-                                 "fix": "see the replica log; Serve restarts an unhealthy replica", "status": 503},
-                                status_code=503)
-        return JSONResponse({"status": "ready", "model_loaded": True, "variant": self.engine.info.variant,
-                             "trained": self.engine.info.trained, "batch_errors": self.engine.stats["errors"]})
+            return JSONResponse(
+                {
+                    "error": f"model self-check failed: {type(error).__name__}: {error}",
+                    "fix": "see the replica log; Serve restarts an unhealthy replica",
+                    "status": 503,
+                },
+                status_code=503,
+            )
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model_loaded": True,
+                "variant": self.engine.info.variant,
+                "trained": self.engine.info.trained,
+                "batch_errors": self.engine.stats["errors"],
+            }
+        )
 
-    @api.get("/v1/model", summary="The served network: variant, config, weights hash, trained or not and, for "
-             "weights exported by training, their provenance (steps, dataset hash, evaluation, git commit, created)")
+    @api.get(
+        "/v1/model",
+        summary="The served network: variant, config, weights hash, trained or not and, for "
+        "weights exported by training, their provenance (steps, dataset hash, evaluation, git commit, created)",
+    )
     async def model(self) -> dict[str, Any]:
         cfg = self.config
-        return {**self.engine.info.as_dict(), "limits": {
-            "max_pixels": cfg.max_pixels, "max_body_bytes": cfg.max_body_bytes, "tile_size": cfg.tile_size,
-            "tile_overlap": cfg.tile_overlap, "tile_above_pixels": cfg.tile_above_pixels,
-            "max_untiled_pixels": cfg.max_untiled_pixels, "max_concurrent_tiled": cfg.max_concurrent_tiled,
-            "max_batch_size": cfg.max_batch_size, "max_batch_pixels": cfg.max_batch_pixels,
-            "request_memory_budget_bytes": cfg.request_memory_budget_bytes,
-            "activation_bytes_per_pixel": self.activation_bytes_per_pixel},
-            "batching": dict(self.engine.stats)}
+        return {
+            **self.engine.info.as_dict(),
+            "limits": {
+                "max_pixels": cfg.max_pixels,
+                "max_body_bytes": cfg.max_body_bytes,
+                "tile_size": cfg.tile_size,
+                "tile_overlap": cfg.tile_overlap,
+                "tile_above_pixels": cfg.tile_above_pixels,
+                "max_untiled_pixels": cfg.max_untiled_pixels,
+                "max_concurrent_tiled": cfg.max_concurrent_tiled,
+                "max_batch_size": cfg.max_batch_size,
+                "max_batch_pixels": cfg.max_batch_pixels,
+                "request_memory_budget_bytes": cfg.request_memory_budget_bytes,
+                "activation_bytes_per_pixel": self.activation_bytes_per_pixel,
+            },
+            "batching": dict(self.engine.stats),
+        }
 
-    @api.post("/v1/restore", summary="Restore one image", openapi_extra={"requestBody": _RESTORE_BODY},
-              responses=_RESTORE_RESPONSES, response_class=Response)
+    @api.post(
+        "/v1/restore",
+        summary="Restore one image",
+        openapi_extra={"requestBody": _RESTORE_BODY},
+        responses=_RESTORE_RESPONSES,
+        response_class=Response,
+    )
     async def restore(
         self,
         request: Request,
@@ -242,9 +324,13 @@ class Restorer:
         bit_depth: int | None = Query(None, description="8 or 16; default: the input's (8 for JPEG output)"),
         response: str = Query("image", description="image (the file) or json (base64 image + prompt selection)"),
         tiling: str = Query("auto", description="auto (tiles above tile_above_pixels), always, or never"),
-        white_level: int | None = Query(None, ge=1, le=65535,
-                                        description="16-bit PNG/TIFF input: stored value meaning full scale "
-                                                    "(default 65535; 4095 for 12-bit medical content)"),
+        white_level: int | None = Query(
+            None,
+            ge=1,
+            le=65535,
+            description="16-bit PNG/TIFF input: stored value meaning full scale "
+            "(default 65535; 4095 for 12-bit medical content)",
+        ),
     ) -> Response:
         started = time.perf_counter()
         cfg = self.config
@@ -274,17 +360,26 @@ class Restorer:
         if plan.note:
             described["notes"].append(plan.note)
         info = self.engine.info
-        headers = {"X-Tiles": str(outcome.tiles), "X-Batch-Size": str(outcome.batch),
-                   "X-Weights-SHA256": info.weights_sha256,
-                   "X-Model-Trained": {True: "true", False: "false", None: "unknown"}[info.trained]}
+        headers = {
+            "X-Tiles": str(outcome.tiles),
+            "X-Batch-Size": str(outcome.batch),
+            "X-Weights-SHA256": info.weights_sha256,
+            "X-Model-Trained": {True: "true", False: "false", None: "unknown"}[info.trained],
+        }
         wants_json = response == "json" or media_type_of(request.headers.get("accept")) == "application/json"
         if not wants_json:
             return Response(encoded, media_type=described["media_type"], headers=headers)
         body = {
             **described,
             "image": base64.b64encode(encoded).decode("ascii"),
-            "input": {"format": image.format, "width": image.width, "height": image.height,
-                      "channels": image.channels, "bit_depth": image.bit_depth, "white_level": image.white_level},
+            "input": {
+                "format": image.format,
+                "width": image.width,
+                "height": image.height,
+                "channels": image.channels,
+                "bit_depth": image.bit_depth,
+                "white_level": image.white_level,
+            },
             "prompts": outcome.prompts,
             "tiled": plan.tiled,
             "tiles": outcome.tiles,
@@ -318,7 +413,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     return Restorer.options(**deployment_options(config)).bind(config.model_dump(mode="json"))
 
 
-
 # Serve's controller kills a proxy that is not ready within 5 s and fails its health check after 10 s; on a small,
 # busy machine (2 CPUs shared with training) both happen while nothing is wrong. These apply only when this process
 # starts Serve (an existing controller keeps its settings).
@@ -331,5 +425,7 @@ _TOLERANT_CONTROLLER_ENV = {
 def start_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """``serve.start`` with the HTTP proxy on ``host:port`` (loopback unless told otherwise) and proxy timeouts that
     tolerate a busy machine."""
-    serve.start(http_options={"host": host, "port": port},
-                controller_options={"runtime_env": {"env_vars": dict(_TOLERANT_CONTROLLER_ENV)}})
+    serve.start(
+        http_options={"host": host, "port": port},
+        controller_options={"runtime_env": {"env_vars": dict(_TOLERANT_CONTROLLER_ENV)}},
+    )

@@ -60,8 +60,9 @@ def _images(config: BenchmarkConfig) -> list[np.ndarray]:
         source = sources[len(crops) % len(sources)]
         h, w = source.shape[:2]
         if h < config.size or w < config.size:
-            source = np.pad(source, ((0, max(0, config.size - h)), (0, max(0, config.size - w)), (0, 0)),
-                            mode="reflect")
+            source = np.pad(
+                source, ((0, max(0, config.size - h)), (0, max(0, config.size - w)), (0, 0)), mode="reflect"
+            )
             h, w = source.shape[:2]
         top, left = rng.integers(0, h - config.size + 1), rng.integers(0, w - config.size + 1)
         crops.append(np.ascontiguousarray(source[top : top + config.size, left : left + config.size, :3]))
@@ -70,9 +71,15 @@ def _images(config: BenchmarkConfig) -> list[np.ndarray]:
 
 def _stats(latencies: list[float], wall: float, errors: int = 0) -> dict[str, Any]:
     ms = np.asarray(latencies) * 1000
-    return {"requests": len(latencies), "errors": errors, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "throughput_per_s": len(latencies) / wall, "wall_s": wall}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "throughput_per_s": len(latencies) / wall,
+        "wall_s": wall,
+    }
 
 
 def _in_process(config: BenchmarkConfig, images: list[np.ndarray]) -> dict[str, Any]:
@@ -154,15 +161,26 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, init_ray, shutdown_ray
         from datprl.serve.app import build_app, start_serve
 
-        started_here = init_ray(local=LocalRaySettings(object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False,
-                                                       log_to_driver=False)).started_here
+        started_here = init_ray(
+            local=LocalRaySettings(object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False, log_to_driver=False)
+        ).started_here
         port = free_port()
         start_serve("127.0.0.1", port)
-        serve.run(build_app({"weights": config.weights, "variant": config.variant, "num_replicas": 1,
-                             "num_cpus": config.replica_cpus, "torch_threads": config.torch_threads,
-                             "max_batch_size": config.max_batch_size,
-                             "batch_wait_timeout_s": config.batch_wait_timeout_s}),
-                  name="datprl-benchmark", route_prefix="/")
+        serve.run(
+            build_app(
+                {
+                    "weights": config.weights,
+                    "variant": config.variant,
+                    "num_replicas": 1,
+                    "num_cpus": config.replica_cpus,
+                    "torch_threads": config.torch_threads,
+                    "max_batch_size": config.max_batch_size,
+                    "batch_wait_timeout_s": config.batch_wait_timeout_s,
+                }
+            ),
+            name="datprl-benchmark",
+            route_prefix="/",
+        )
         url = f"http://127.0.0.1:{port}"
     try:
         in_process = _in_process(config, images)
@@ -175,8 +193,10 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
 
             serve.shutdown()
     if in_process["weights_sha256"] != endpoint["weights_sha256"]:
-        raise RuntimeError("the endpoint serves other weights than the in-process baseline loaded; pass the same "
-                           "weights= the app was started with")
+        raise RuntimeError(
+            "the endpoint serves other weights than the in-process baseline loaded; pass the same "
+            "weights= the app was started with"
+        )
     return {
         "image": f"{config.size}x{config.size} RGB PNG (real photo crops)",
         "in_process": in_process,
@@ -187,17 +207,25 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
 
 
 def _table(result: dict[str, Any]) -> str:
-    rows = [("in-process model call", result["in_process"]),
-            (f"HTTP endpoint ({result['endpoint']['clients']} clients)", result["endpoint"])]
-    lines = [f"image: {result['image']}",
-             "| path | requests | p50 ms | p99 ms | throughput /s | errors |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        ("in-process model call", result["in_process"]),
+        (f"HTTP endpoint ({result['endpoint']['clients']} clients)", result["endpoint"]),
+    ]
+    lines = [
+        f"image: {result['image']}",
+        "| path | requests | p50 ms | p99 ms | throughput /s | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, r in rows:
-        lines.append(f"| {name} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['throughput_per_s']:.1f} | {r['errors']} |")
+        lines.append(
+            f"| {name} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['throughput_per_s']:.1f} | {r['errors']} |"
+        )
     lines.append(f"overhead ratio (in-process throughput / endpoint throughput): {result['overhead_ratio']:.2f}")
-    lines.append(f"latency ratio (endpoint p50 / in-process p50): {result['latency_ratio']:.2f}; "
-                 f"largest batch seen: {result['endpoint']['largest_batch']}")
+    lines.append(
+        f"latency ratio (endpoint p50 / in-process p50): {result['latency_ratio']:.2f}; "
+        f"largest batch seen: {result['endpoint']['largest_batch']}"
+    )
     return "\n".join(lines)
 
 

@@ -160,8 +160,7 @@ class DecodedImage:
         channels = stored.shape[2]
         unit = np.empty((3, height, width), np.float32)  # written channel by channel: no full-size temporaries
         for c in range(3):
-            np.divide(stored[..., c if channels == 3 else 0], float(self.white_level), out=unit[c],
-                      casting="unsafe")
+            np.divide(stored[..., c if channels == 3 else 0], float(self.white_level), out=unit[c], casting="unsafe")
         return np.clip(unit, 0.0, 1.0, out=unit)
 
     def release_pixels(self) -> None:
@@ -230,34 +229,50 @@ def check_content_type(data: bytes, content_type: str | None) -> str:
     """
     declared = media_type_of(content_type)
     if not data:
-        raise RequestError(400, "empty request body: no image was sent",
-                           f"send the image bytes ({_SUPPORTED_TEXT}) as the body or as a multipart field 'file'")
+        raise RequestError(
+            400,
+            "empty request body: no image was sent",
+            f"send the image bytes ({_SUPPORTED_TEXT}) as the body or as a multipart field 'file'",
+        )
     actual = sniff(data)
     if declared in _SNIFF_ANY:
         pass
     elif declared in _DECLARED:
         if actual is not None and actual != _DECLARED[declared]:
-            raise RequestError(415, f"Content-Type {declared} does not match the body, which is {actual.upper()}",
-                               f"send Content-Type {MEDIA_TYPES[actual]} (or application/octet-stream to let the "
-                               "server detect the format)")
+            raise RequestError(
+                415,
+                f"Content-Type {declared} does not match the body, which is {actual.upper()}",
+                f"send Content-Type {MEDIA_TYPES[actual]} (or application/octet-stream to let the "
+                "server detect the format)",
+            )
     elif declared.startswith("image/"):
-        raise RequestError(415, f"unsupported image type {declared}",
-                           f"send {_SUPPORTED_TEXT}; convert other formats to PNG first")
+        raise RequestError(
+            415, f"unsupported image type {declared}", f"send {_SUPPORTED_TEXT}; convert other formats to PNG first"
+        )
     else:
-        hint = (" (curl --data-binary sends application/x-www-form-urlencoded unless told otherwise)"
-                if declared == "application/x-www-form-urlencoded" else "")
-        raise RequestError(415, f"wrong Content-Type {declared}: expected an image{hint}",
-                           "send -H 'Content-Type: image/png' (or image/jpeg, image/tiff, application/dicom, "
-                           "application/octet-stream) with the raw bytes, or a multipart upload with "
-                           "-F file=@image.png")
+        hint = (
+            " (curl --data-binary sends application/x-www-form-urlencoded unless told otherwise)"
+            if declared == "application/x-www-form-urlencoded"
+            else ""
+        )
+        raise RequestError(
+            415,
+            f"wrong Content-Type {declared}: expected an image{hint}",
+            "send -H 'Content-Type: image/png' (or image/jpeg, image/tiff, application/dicom, "
+            "application/octet-stream) with the raw bytes, or a multipart upload with "
+            "-F file=@image.png",
+        )
     if actual is None:
         other = _unsupported_name(data)
         if other:
-            raise RequestError(415, f"unsupported image format {other}",
-                               f"send {_SUPPORTED_TEXT}; convert {other} to PNG first")
-        raise RequestError(415, "the body is not an image in a supported format "
-                           "(no PNG, JPEG, TIFF or DICOM signature)",
-                           f"send the file's bytes unchanged ({_SUPPORTED_TEXT}); do not base64- or form-encode them")
+            raise RequestError(
+                415, f"unsupported image format {other}", f"send {_SUPPORTED_TEXT}; convert {other} to PNG first"
+            )
+        raise RequestError(
+            415,
+            "the body is not an image in a supported format (no PNG, JPEG, TIFF or DICOM signature)",
+            f"send the file's bytes unchanged ({_SUPPORTED_TEXT}); do not base64- or form-encode them",
+        )
     return actual
 
 
@@ -268,14 +283,20 @@ def _too_many(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise RequestError(400, f"the image header gives an empty size {width}x{height}", "send a valid image")
     if width * height > max_pixels:
-        raise RequestError(413, f"image of {width}x{height} = {width * height} pixels exceeds the limit of "
-                           f"{max_pixels} pixels", "downscale or crop the image, or raise the server's max_pixels")
+        raise RequestError(
+            413,
+            f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} pixels",
+            "downscale or crop the image, or raise the server's max_pixels",
+        )
 
 
 def _corrupt(fmt: str, error: BaseException) -> RequestError:
     detail = str(error).strip() or type(error).__name__
-    return RequestError(400, f"could not decode the {fmt.upper()} image (truncated or corrupt): {detail[:200]}",
-                        "send the complete, unmodified file")
+    return RequestError(
+        400,
+        f"could not decode the {fmt.upper()} image (truncated or corrupt): {detail[:200]}",
+        "send the complete, unmodified file",
+    )
 
 
 def decode(data: bytes, fmt: str, max_pixels: int, white_level: int | None = None) -> DecodedImage:
@@ -293,12 +314,18 @@ def decode(data: bytes, fmt: str, max_pixels: int, white_level: int | None = Non
         raise RequestError(415, f"unsupported format {fmt}", f"send {_SUPPORTED_TEXT}")
     if white_level is not None:
         if image.format == "dicom":
-            raise RequestError(422, "white_level does not apply to DICOM input (its own rescale is used)",
-                               "leave out white_level for DICOM")
+            raise RequestError(
+                422,
+                "white_level does not apply to DICOM input (its own rescale is used)",
+                "leave out white_level for DICOM",
+            )
         full_range = conventions.white_level(bit_depth=image.bit_depth)
         if not 1 <= white_level <= full_range:
-            raise RequestError(422, f"white_level={white_level} is outside 1..{full_range} for a "
-                               f"{image.bit_depth}-bit image", "give the stored value that means full scale")
+            raise RequestError(
+                422,
+                f"white_level={white_level} is outside 1..{full_range} for a {image.bit_depth}-bit image",
+                "give the stored value that means full scale",
+            )
         image.white_level = white_level
     return image
 
@@ -335,8 +362,11 @@ def _exif_bytes(exif: Any) -> bytes | None:
 def _png_header(data: bytes) -> tuple[int, int, int, int]:
     """(width, height, bit depth, colour type) from the IHDR chunk, without decoding."""
     if len(data) < 33 or data[12:16] != b"IHDR":
-        raise RequestError(400, "could not decode the PNG image (truncated or corrupt): no IHDR header",
-                           "send the complete, unmodified file")
+        raise RequestError(
+            400,
+            "could not decode the PNG image (truncated or corrupt): no IHDR header",
+            "send the complete, unmodified file",
+        )
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
     return width, height, depth, colour
 
@@ -357,8 +387,11 @@ def read_header(data: bytes, fmt: str, max_pixels: int) -> ImageHeader:
                 width, height = image.size
                 channels, bits = len(image.getbands()), 8
         except Image.DecompressionBombError as error:
-            raise RequestError(413, f"image rejected as a decompression bomb: {error}",
-                               "downscale or crop the image, or raise the server's max_pixels") from None
+            raise RequestError(
+                413,
+                f"image rejected as a decompression bomb: {error}",
+                "downscale or crop the image, or raise the server's max_pixels",
+            ) from None
         except Exception as error:  # noqa: BLE001
             raise _corrupt("jpeg", error) from None
     elif fmt == "tiff":
@@ -415,9 +448,16 @@ def _decode_png(data: bytes, max_pixels: int) -> DecodedImage:
                 icc, exif = meta.info.get("icc_profile"), meta.info.get("exif")
         except Exception:  # noqa: BLE001 - pypng decoded it; metadata is optional
             icc, exif = None, None
-        return DecodedImage("png", pixels, alpha, 16, conventions.white_level(bit_depth=16), notes=notes,
-                            icc_profile=icc or None,
-                            exif=_exif_bytes(exif))
+        return DecodedImage(
+            "png",
+            pixels,
+            alpha,
+            16,
+            conventions.white_level(bit_depth=16),
+            notes=notes,
+            icc_profile=icc or None,
+            exif=_exif_bytes(exif),
+        )
     return _decode_pillow(data, "png", max_pixels)
 
 
@@ -429,8 +469,11 @@ def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> DecodedImage:
     except RequestError:
         raise
     except Image.DecompressionBombError as error:
-        raise RequestError(413, f"image rejected as a decompression bomb: {error}",
-                           "downscale or crop the image, or raise the server's max_pixels") from None
+        raise RequestError(
+            413,
+            f"image rejected as a decompression bomb: {error}",
+            "downscale or crop the image, or raise the server's max_pixels",
+        ) from None
     except Exception as error:  # noqa: BLE001 - truncated, corrupt, unsupported variant
         raise _corrupt(fmt, error) from None
     return _from_pillow(image, fmt)
@@ -480,21 +523,25 @@ def _from_pillow(image: Image.Image, fmt: str) -> DecodedImage:
             alpha = _key_alpha(pixels, key, 255)
             if alpha is not None:
                 notes.append("the PNG tRNS colour key is returned as an alpha channel")
-        return DecodedImage(fmt, pixels, alpha, 8, conventions.white_level(bit_depth=8), notes=notes,
-                            icc_profile=icc, exif=exif)
+        return DecodedImage(
+            fmt, pixels, alpha, 8, conventions.white_level(bit_depth=8), notes=notes, icc_profile=icc, exif=exif
+        )
     if mode.startswith("I;16") or mode == "I":
         array = _pillow_array(image)
         if array.size and (array.min() < 0 or array.max() > 65535):
-            raise RequestError(415, f"{fmt.upper()} with 32-bit integer samples is not supported",
-                               "send 8- or 16-bit unsigned samples")
+            raise RequestError(
+                415, f"{fmt.upper()} with 32-bit integer samples is not supported", "send 8- or 16-bit unsigned samples"
+            )
         pixels = array.astype(np.uint16)[..., None]
         alpha = None if key is None else _key_alpha(pixels, key, 65535)
         if alpha is not None:
             notes.append("the PNG tRNS colour key is returned as an alpha channel")
-        return DecodedImage(fmt, pixels, alpha, 16, conventions.white_level(bit_depth=16), notes=notes,
-                            icc_profile=icc, exif=exif)
-    raise RequestError(415, f"{fmt.upper()} images of mode {mode} are not supported",
-                       "send 8- or 16-bit grayscale, RGB or RGBA")
+        return DecodedImage(
+            fmt, pixels, alpha, 16, conventions.white_level(bit_depth=16), notes=notes, icc_profile=icc, exif=exif
+        )
+    raise RequestError(
+        415, f"{fmt.upper()} images of mode {mode} are not supported", "send 8- or 16-bit grayscale, RGB or RGBA"
+    )
 
 
 def _orientation_exif(orientation: Any) -> bytes | None:
@@ -536,13 +583,17 @@ def _decode_tiff_page(tif: Any, data: bytes, max_pixels: int) -> DecodedImage:
         raise _corrupt("tiff", error) from None
     _too_many(width, height, max_pixels)
     if many:
-        raise RequestError(422, f"multi-page TIFF ({len(pages)} pages): one image per request",
-                           "send each page as its own request")
+        raise RequestError(
+            422, f"multi-page TIFF ({len(pages)} pages): one image per request", "send each page as its own request"
+        )
     # Checked before anything is decoded: samples and depth multiply the pixel count (a 64x64 deflate TIFF with 1000
     # samples per pixel would decode to 470x its size).
     if not 1 <= samples <= 4 or depth != 1:
-        raise RequestError(415, f"TIFF with {samples} samples per pixel and image depth {depth} is not supported",
-                           "send a 2-D gray, gray+alpha, RGB or RGBA image (1-4 samples per pixel, image depth 1)")
+        raise RequestError(
+            415,
+            f"TIFF with {samples} samples per pixel and image depth {depth} is not supported",
+            "send a 2-D gray, gray+alpha, RGB or RGBA image (1-4 samples per pixel, image depth 1)",
+        )
     if photometric in _TIFF_VIA_PILLOW:
         name = _TIFF_VIA_PILLOW[photometric]
         try:
@@ -550,20 +601,29 @@ def _decode_tiff_page(tif: Any, data: bytes, max_pixels: int) -> DecodedImage:
         except RequestError as error:
             if error.status == 413:
                 raise
-            raise RequestError(415, f"TIFF with photometric interpretation {name} could not be converted to RGB "
-                               f"({error.error})", "send a gray or RGB TIFF, or a PNG") from None
+            raise RequestError(
+                415,
+                f"TIFF with photometric interpretation {name} could not be converted to RGB ({error.error})",
+                "send a gray or RGB TIFF, or a PNG",
+            ) from None
         return image  # Pillow's conversion note says what it became
     if photometric not in _TIFF_DIRECT:
         try:
             name = tifffile_name(photometric)
         except Exception:  # noqa: BLE001
             name = str(photometric)
-        raise RequestError(415, f"TIFF with photometric interpretation {name} is not supported",
-                           "send a MINISBLACK (gray), RGB, palette or CMYK TIFF, or a PNG")
+        raise RequestError(
+            415,
+            f"TIFF with photometric interpretation {name} is not supported",
+            "send a MINISBLACK (gray), RGB, palette or CMYK TIFF, or a PNG",
+        )
     colour = 3 if photometric == 2 else 1
     if samples not in (colour, colour + 1):
-        raise RequestError(415, f"TIFF {_TIFF_DIRECT[photometric]} with {samples} samples per pixel is not supported",
-                           "send gray (1 sample), gray+alpha (2), RGB (3) or RGBA (4)")
+        raise RequestError(
+            415,
+            f"TIFF {_TIFF_DIRECT[photometric]} with {samples} samples per pixel is not supported",
+            "send gray (1 sample), gray+alpha (2), RGB (3) or RGBA (4)",
+        )
     try:
         dtype = np.dtype(page.dtype)
         nbytes = int(page.nbytes)
@@ -572,16 +632,22 @@ def _decode_tiff_page(tif: Any, data: bytes, max_pixels: int) -> DecodedImage:
     if dtype not in (np.uint8, np.uint16):
         raise RequestError(415, f"TIFF with {dtype} samples is not supported", "send 8- or 16-bit unsigned samples")
     if nbytes > max_pixels * _TIFF_MAX_BYTES_PER_PIXEL:
-        raise RequestError(413, f"TIFF would decode to {nbytes} bytes, above the limit of "
-                           f"{max_pixels * _TIFF_MAX_BYTES_PER_PIXEL} bytes", "send a smaller image")
+        raise RequestError(
+            413,
+            f"TIFF would decode to {nbytes} bytes, above the limit of {max_pixels * _TIFF_MAX_BYTES_PER_PIXEL} bytes",
+            "send a smaller image",
+        )
     try:
         array = page.asarray()
     except KeyError as error:  # a compression tifffile cannot decode without imagecodecs: try Pillow
         try:
             image = _decode_pillow(data, "tiff", max_pixels)
         except RequestError:
-            raise RequestError(415, f"TIFF compression not supported: {error}",
-                               "send an uncompressed, deflate- or LZW-compressed TIFF, or a PNG") from None
+            raise RequestError(
+                415,
+                f"TIFF compression not supported: {error}",
+                "send an uncompressed, deflate- or LZW-compressed TIFF, or a PNG",
+            ) from None
         if photometric == 0:  # Pillow reads MINISWHITE as stored as well
             image.pixels = np.iinfo(image.pixels.dtype).max - image.pixels
             image.notes.append("MINISWHITE input is returned as MINISBLACK (inverted: it displays the same)")
@@ -593,8 +659,11 @@ def _decode_tiff_page(tif: Any, data: bytes, max_pixels: int) -> DecodedImage:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if array.shape[:2] != (height, width) or array.ndim not in (2, 3):
-        raise RequestError(415, f"TIFF of shape {page.shape} ({page.axes}) is not supported",
-                           "send a gray, gray+alpha, RGB or RGBA image")
+        raise RequestError(
+            415,
+            f"TIFF of shape {page.shape} ({page.axes}) is not supported",
+            "send a gray, gray+alpha, RGB or RGBA image",
+        )
     pixels, alpha = _split_alpha(np.ascontiguousarray(array))
     bits = 8 if dtype == np.uint8 else 16
     notes = []
@@ -603,9 +672,16 @@ def _decode_tiff_page(tif: Any, data: bytes, max_pixels: int) -> DecodedImage:
         notes.append("MINISWHITE input is returned as MINISBLACK (inverted: it displays the same)")
     icc = page.tags.get(34675)
     orientation = page.tags.get(274)
-    return DecodedImage("tiff", pixels, alpha, bits, conventions.white_level(bit_depth=bits), notes=notes,
-                        icc_profile=bytes(icc.value) if icc is not None else None,
-                        exif=_orientation_exif(orientation.value if orientation is not None else None))
+    return DecodedImage(
+        "tiff",
+        pixels,
+        alpha,
+        bits,
+        conventions.white_level(bit_depth=bits),
+        notes=notes,
+        icc_profile=bytes(icc.value) if icc is not None else None,
+        exif=_orientation_exif(orientation.value if orientation is not None else None),
+    )
 
 
 def tifffile_name(photometric: int) -> str:
@@ -629,8 +705,11 @@ def _read_dicom(data: bytes, stop_before_pixels: bool = False) -> Any:
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     ds = _read_dicom(data)
     if "PixelData" not in ds:
-        raise RequestError(422, "the DICOM file has no pixel data (not an image object)",
-                           "send an image object (CT, MR, CR, DX, NM, US, SC, ...)")
+        raise RequestError(
+            422,
+            "the DICOM file has no pixel data (not an image object)",
+            "send an image object (CT, MR, CR, DX, NM, US, SC, ...)",
+        )
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -640,19 +719,26 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         raise _corrupt("dicom", error) from None
     _too_many(cols, rows, max_pixels)
     if frames > 1:
-        raise RequestError(422, f"multi-frame DICOM ({frames} frames): one frame per request",
-                           "send a single-frame object (split the series into frames)")
+        raise RequestError(
+            422,
+            f"multi-frame DICOM ({frames} frames): one frame per request",
+            "send a single-frame object (split the series into frames)",
+        )
     if samples not in (1, 3) or bits not in (8, 16):
-        raise RequestError(415, f"DICOM with {samples} samples of {bits} bits is not supported",
-                           "send 8- or 16-bit grayscale or RGB")
+        raise RequestError(
+            415, f"DICOM with {samples} samples of {bits} bits is not supported", "send 8- or 16-bit grayscale or RGB"
+        )
     try:
         raw = ds.pixel_array
     except Exception as error:  # noqa: BLE001 - truncated pixel data, missing codec
         text = str(error)
         if "plugin" in text.lower() or "decoder" in text.lower() or "handler" in text.lower():
-            raise RequestError(415, f"cannot decode this DICOM transfer syntax "
-                               f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {text[:200]}",
-                               "send an uncompressed DICOM (Explicit VR Little Endian)") from None
+            raise RequestError(
+                415,
+                f"cannot decode this DICOM transfer syntax "
+                f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {text[:200]}",
+                "send an uncompressed DICOM (Explicit VR Little Endian)",
+            ) from None
         raise _corrupt("dicom", error) from None
     if raw.shape[:2] != (rows, cols):
         raise _corrupt("dicom", ValueError(f"pixel array {raw.shape} does not match Rows x Columns {rows}x{cols}"))
@@ -680,8 +766,11 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         white = hi - lo
         mapping.update(kind="range", lo=lo)
     pixels = stored[..., None] if stored.ndim == 2 else stored
-    notes = ([f"CT values are returned as HU + {conventions.CT_OFFSET} in [0, {conventions.MEDICAL_WHITE}]"]
-             if mapping["kind"] == "ct" else [])
+    notes = (
+        [f"CT values are returned as HU + {conventions.CT_OFFSET} in [0, {conventions.MEDICAL_WHITE}]"]
+        if mapping["kind"] == "ct"
+        else []
+    )
     return DecodedImage("dicom", pixels, None, bits, white, dicom=ds, dicom_map=mapping, notes=notes)
 
 
@@ -733,8 +822,11 @@ def output_format(fmt: str, bit_depth: int | None) -> str:
     if bit_depth is not None and bit_depth not in (8, 16):
         raise RequestError(422, f"bit_depth={bit_depth} is not supported", "choose bit_depth 8 or 16")
     if name == "jpeg" and bit_depth == 16:
-        raise RequestError(422, "JPEG holds 8 bits per sample, bit_depth=16 was asked",
-                           "ask format=png or format=tiff for 16 bits, or bit_depth=8")
+        raise RequestError(
+            422,
+            "JPEG holds 8 bits per sample, bit_depth=16 was asked",
+            "ask format=png or format=tiff for 16 bits, or bit_depth=8",
+        )
     return name
 
 
@@ -743,8 +835,9 @@ def check_output(fmt: str, bit_depth: int | None, source_format: str, source_bit
     depth (known after decoding): DICOM output only for DICOM input, at the input's bit depth."""
     name = output_format(fmt, bit_depth)
     if name == "dicom" and source_format != "dicom":
-        raise RequestError(422, "format=dicom needs DICOM input (the header is taken from it)",
-                           "ask format=png or format=tiff")
+        raise RequestError(
+            422, "format=dicom needs DICOM input (the header is taken from it)", "ask format=png or format=tiff"
+        )
     if name == "dicom" and None not in (bit_depth, source_bit_depth) and bit_depth != source_bit_depth:
         raise RequestError(422, "format=dicom keeps the input's bit depth", "leave out bit_depth for DICOM output")
     return name
@@ -778,8 +871,9 @@ class OutputWriter:
         else:
             self.bits = bit_depth
         # the source's own white level at its own depth; at another depth the full range of that depth
-        self.scale = (source.white_level if self.bits == source.bit_depth
-                      else conventions.white_level(bit_depth=self.bits))
+        self.scale = (
+            source.white_level if self.bits == source.bit_depth else conventions.white_level(bit_depth=self.bits)
+        )
         self.alpha = source.alpha
         if self.format == "jpeg" and self.alpha is not None:
             self.notes.append("JPEG has no alpha channel: the input's alpha is dropped")
@@ -840,20 +934,29 @@ class OutputWriter:
             if self.format == "jpeg":
                 buffer = io.BytesIO()
                 extra = {k: v for k, v in (("icc_profile", self.icc), ("exif", self.source.exif)) if v}
-                Image.fromarray(values[..., 0] if self.channels == 1 else values).save(buffer, format="JPEG",
-                                                                                       quality=95, **extra)
+                Image.fromarray(values[..., 0] if self.channels == 1 else values).save(
+                    buffer, format="JPEG", quality=95, **extra
+                )
                 data = buffer.getvalue()
             elif self.format == "tiff":
                 data = _encode_tiff(values, self.icc, self.source.exif)
             else:
                 data = _encode_dicom(values, self.source)
-        described = {"media_type": MEDIA_TYPES[self.format], "format": self.format, "width": self.width,
-                     "height": self.height, "channels": self.channels, "bit_depth": self.bits, "notes": self.notes}
+        described = {
+            "media_type": MEDIA_TYPES[self.format],
+            "format": self.format,
+            "width": self.width,
+            "height": self.height,
+            "channels": self.channels,
+            "bit_depth": self.bits,
+            "notes": self.notes,
+        }
         return data, described
 
 
-def encode(restored: np.ndarray, source: DecodedImage, fmt: str = "png",
-           bit_depth: int | None = None) -> tuple[bytes, dict[str, Any]]:
+def encode(
+    restored: np.ndarray, source: DecodedImage, fmt: str = "png", bit_depth: int | None = None
+) -> tuple[bytes, dict[str, Any]]:
     """Write the restoration ``restored`` ((3, H, W) float in [0, 1]) like ``source`` in one piece (see
     :class:`OutputWriter`, which also takes it a strip of rows at a time). ``restored`` is not modified.
 
@@ -899,8 +1002,9 @@ class _PngWriter:
 
     _COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> gray, gray+alpha, RGB, RGBA
 
-    def __init__(self, width: int, height: int, channels: int, bits: int, icc: bytes | None = None,
-                 exif: bytes | None = None) -> None:
+    def __init__(
+        self, width: int, height: int, channels: int, bits: int, icc: bytes | None = None, exif: bytes | None = None
+    ) -> None:
         self.width, self.height, self.channels, self.bits = width, height, channels, bits
         self.bpp = channels * (bits // 8)
         ihdr = struct.pack(">IIBBBBB", width, height, bits, self._COLOUR_TYPES[channels], 0, 0, 0)
@@ -960,8 +1064,9 @@ def _encode_tiff(values: np.ndarray, icc: bytes | None = None, exif: bytes | Non
     if channels == 1:
         tifffile.imwrite(buffer, values[..., 0], photometric="minisblack", **extra)
     elif channels == 2:
-        tifffile.imwrite(buffer, values, photometric="minisblack", planarconfig="contig", extrasamples=["unassalpha"],
-                         **extra)
+        tifffile.imwrite(
+            buffer, values, photometric="minisblack", planarconfig="contig", extrasamples=["unassalpha"], **extra
+        )
     elif channels == 3:
         tifffile.imwrite(buffer, values, photometric="rgb", **extra)
     else:
@@ -1010,8 +1115,9 @@ def _encode_dicom(values: np.ndarray, source: DecodedImage) -> bytes:
     photometric = "RGB" if raw.ndim == 3 else str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB"):
         photometric = "MONOCHROME2"
-    ds.set_pixel_data(raw, photometric_interpretation=photometric,
-                      bits_stored=int(ds.get("BitsStored", raw.itemsize * 8)))
+    ds.set_pixel_data(
+        raw, photometric_interpretation=photometric, bits_stored=int(ds.get("BitsStored", raw.itemsize * 8))
+    )
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)

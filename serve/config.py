@@ -12,8 +12,15 @@ from pydantic import Field, model_validator
 
 from datprl.platform.config import ConfigError, StrictModel, load_config
 
-__all__ = ["AutoscalingSettings", "ServeConfig", "TRAINED_WEIGHTS", "LISTEN_FIELDS", "config_from_args",
-           "replica_config", "resolve_num_gpus"]
+__all__ = [
+    "AutoscalingSettings",
+    "ServeConfig",
+    "TRAINED_WEIGHTS",
+    "LISTEN_FIELDS",
+    "config_from_args",
+    "replica_config",
+    "resolve_num_gpus",
+]
 
 #: Where ``jobs/train.py`` exports its final weights by default (``output_dir=outputs/train``); ``weights: auto``
 #: serves them when they exist and a freshly initialised ``variant`` otherwise.
@@ -43,8 +50,10 @@ class AutoscalingSettings(StrictModel):
         30.0, gt=0, description="window (seconds) over which ongoing requests are averaged for a decision (Ray's 30)"
     )
     metrics_interval_s: float = Field(
-        10.0, gt=0, description="how often handles and replicas report ongoing requests to the controller (Ray's 10; "
-        "Ray marks the field deprecated and warns when it is changed, but still reads it)"
+        10.0,
+        gt=0,
+        description="how often handles and replicas report ongoing requests to the controller (Ray's 10; "
+        "Ray marks the field deprecated and warns when it is changed, but still reads it)",
     )
 
     @model_validator(mode="after")
@@ -52,8 +61,9 @@ class AutoscalingSettings(StrictModel):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
         if self.look_back_period_s <= self.metrics_interval_s:  # Ray warns now and will refuse it
-            raise ValueError(f"look_back_period_s={self.look_back_period_s} must exceed "
-                             f"metrics_interval_s={self.metrics_interval_s}")
+            raise ValueError(
+                f"look_back_period_s={self.look_back_period_s} must exceed metrics_interval_s={self.metrics_interval_s}"
+            )
         return self
 
     def to_ray(self) -> dict[str, Any]:
@@ -90,36 +100,48 @@ class ServeConfig(StrictModel):
         2048 * 2048, ge=1, description="largest image restored in one piece when a request asks for tiling=never"
     )
     max_concurrent_tiled: int = Field(
-        2, ge=1, description="large images (above tile_above_pixels, tiled or not) decoded and restored at once per "
+        2,
+        ge=1,
+        description="large images (above tile_above_pixels, tiled or not) decoded and restored at once per "
         "replica; the slot is taken before decoding, so a replica's image memory is about this many large requests' "
-        "buffers (README 'Large images') plus the bodies of the requests waiting and one forward's activations"
+        "buffers (README 'Large images') plus the bodies of the requests waiting and one forward's activations",
     )
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests (or tiles) in one forward")
     max_batch_pixels: int = Field(
-        512 * 512, ge=1, description="most pixels (padded, summed over the batch) in one forward: a batch above it is "
+        512 * 512,
+        ge=1,
+        description="most pixels (padded, summed over the batch) in one forward: a batch above it is "
         "split into several forwards, and a tiled image sends this many pixels of tiles at a time; one image or tile "
         "always goes through. Bounds the network's activation memory (paper_tiny fp32 on CPU: ~2.2 KB per pixel, "
-        "0.56 GB for one 512x512 tile); on CPU larger batches are not faster (README 'Large images'), on a GPU raise it"
+        "0.56 GB for one 512x512 tile); on CPU larger batches are not faster (README 'Large images'), on a GPU "
+        "raise it",
     )
     request_memory_budget_bytes: int | None = Field(
-        4 * 2**30, ge=1, description="a request whose estimated memory (image buffers from the header's size, "
+        4 * 2**30,
+        ge=1,
+        description="a request whose estimated memory (image buffers from the header's size, "
         "channels and bit depth, plus the activations of its largest forward) exceeds this is refused up front with a "
-        "413; tiling=auto restores an image in tiles instead when that fits; null = no budget"
+        "413; tiling=auto restores an image in tiles instead when that fits; null = no budget",
     )
     activation_bytes_per_pixel: float | None = Field(
-        None, gt=0, description="activation memory of a forward per input pixel, for the memory estimate; null = "
+        None,
+        gt=0,
+        description="activation memory of a forward per input pixel, for the memory estimate; null = "
         "measured at replica start-up by one forward of a 256x256 input (tile_size when smaller, at least 128; "
-        "peak RSS on CPU, peak allocated memory on CUDA)"
+        "peak RSS on CPU, peak allocated memory on CUDA)",
     )
     malloc_mmap_threshold_bytes: int | None = Field(
-        2**20, ge=0, description="glibc: allocations of at least this many bytes get their own mapping, returned to "
+        2**20,
+        ge=0,
+        description="glibc: allocations of at least this many bytes get their own mapping, returned to "
         "the system when freed, so a replica's memory falls back after each forward (glibc's dynamic threshold "
         "otherwise rises to 32 MB and freed activations stay in per-thread heaps: +0.3 GB at the peak of a "
-        "1024x1024 image, README 'Large images'); null = glibc's default"
+        "1024x1024 image, README 'Large images'); null = glibc's default",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="forward precision: bf16 runs the network under torch.autocast (bfloat16); auto = bf16 on "
-        "CUDA (when the GPU supports it), fp32 on CPU"
+        "auto",
+        description="forward precision: bf16 runs the network under torch.autocast (bfloat16); auto = bf16 on "
+        "CUDA (when the GPU supports it), fp32 on CPU",
     )
     channels_last: bool = Field(
         False, description="run the network in channels_last memory format (can be faster on GPUs; same results)"
@@ -183,8 +205,10 @@ def replica_config(args: Mapping[str, Any] | None) -> ServeConfig:
     with another working directory loads the same file."""
     given = sorted(k for k in (args or {}) if str(k).split(".", 1)[0] in LISTEN_FIELDS)
     if given:
-        raise ConfigError(f"invalid serve application args: {', '.join(given)} cannot be set through the application "
-                          f"builder. {_LISTEN_HELP}")
+        raise ConfigError(
+            f"invalid serve application args: {', '.join(given)} cannot be set through the application "
+            f"builder. {_LISTEN_HELP}"
+        )
     config = config_from_args(args)
     return config.model_copy(update={"weights": config.absolute_weights()})
 

@@ -34,8 +34,18 @@ from datprl.serve import memory
 from datprl.serve.config import ServeConfig
 from datprl.serve.tiling import tiled_apply, tiles_per_forward
 
-__all__ = ["ModelInfo", "BatchOutput", "PromptTally", "Engine", "Restored", "load_engine", "pad_to_multiple",
-           "padded_shape", "served_provenance", "trained_state"]
+__all__ = [
+    "ModelInfo",
+    "BatchOutput",
+    "PromptTally",
+    "Engine",
+    "Restored",
+    "load_engine",
+    "pad_to_multiple",
+    "padded_shape",
+    "served_provenance",
+    "trained_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +108,10 @@ def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, dict[str, A
                 try:
                     data = storage.read_bytes(url, s3)
                 except (FileNotFoundError, OSError) as error:
-                    raise FileNotFoundError(f"{url} could not be read ({error}); exported weights are a .safetensors "
-                                            "file with a .json config beside it") from None
+                    raise FileNotFoundError(
+                        f"{url} could not be read ({error}); exported weights are a .safetensors "
+                        "file with a .json config beside it"
+                    ) from None
                 Path(tmp, "model" + suffix).write_bytes(data)
             local = os.path.join(tmp, "model" + WEIGHTS_SUFFIX)
             return (*load_export(local), weights_digest(local))
@@ -109,8 +121,16 @@ def _load_weights(path: str, config: ServeConfig) -> tuple[DATPRLIR, dict[str, A
 
 #: Provenance fields ``GET /v1/model`` reports. The training config stays in the sidecar: it names internal storage
 #: locations (dataset and run folders, S3 endpoints) that an HTTP client has no need to see.
-SERVED_PROVENANCE_FIELDS = ("model", "steps", "dataset_manifest_sha256", "evaluation", "git_commit", "git_dirty",
-                            "created", "datprl_version")
+SERVED_PROVENANCE_FIELDS = (
+    "model",
+    "steps",
+    "dataset_manifest_sha256",
+    "evaluation",
+    "git_commit",
+    "git_dirty",
+    "created",
+    "datprl_version",
+)
 
 
 def served_provenance(provenance: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -126,15 +146,19 @@ def trained_state(provenance: dict[str, Any] | None, identity: bool) -> tuple[bo
     if identity:
         return False, "the weights file holds the untrained identity initialisation (final conv all zero)"
     if provenance is None or not isinstance(provenance.get("trained"), bool):
-        return None, ("weights loaded from an exported file whose sidecar records no provenance: trained or not is "
-                      "unknown (jobs/train.py records it)")
+        return None, (
+            "weights loaded from an exported file whose sidecar records no provenance: trained or not is "
+            "unknown (jobs/train.py records it)"
+        )
     if not provenance["trained"]:
         return False, "the weights' provenance records them as untrained"
     steps = provenance.get("steps")
     commit = provenance.get("git_commit")
-    return True, (f"trained weights ({provenance.get('model') or 'model'}, {steps} steps"
-                  + (f", commit {commit[:12]}" if isinstance(commit, str) else "")
-                  + f", exported {provenance.get('created')})")
+    return True, (
+        f"trained weights ({provenance.get('model') or 'model'}, {steps} steps"
+        + (f", commit {commit[:12]}" if isinstance(commit, str) else "")
+        + f", exported {provenance.get('created')})"
+    )
 
 
 def pad_to_multiple(batch: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
@@ -190,8 +214,15 @@ class Engine:
     input in channels_last memory format; the model must have been converted too, as :func:`load_engine` does) and
     ``max_batch_pixels`` (a batch above it is split into several forwards; None = no bound) come from the config."""
 
-    def __init__(self, model: DATPRLIR, info: ModelInfo, device: torch.device, precision: str = "fp32",
-                 channels_last: bool = False, max_batch_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        model: DATPRLIR,
+        info: ModelInfo,
+        device: torch.device,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        max_batch_pixels: int | None = None,
+    ) -> None:
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={precision!r}: the engine runs fp32 or bf16 (resolve 'auto' first)")
         self.model = model.eval()
@@ -221,8 +252,14 @@ class Engine:
         return BatchOutput(images, selections)
 
     # -- whole images, in-process (tests, benchmark baseline, and the reference the endpoint must equal) -----------
-    def restore(self, unit: torch.Tensor | np.ndarray, tiling: bool = False, tile_size: int = 512,
-                tile_overlap: int = 64, batch_size: int = 4) -> tuple[torch.Tensor, dict[str, Any]]:
+    def restore(
+        self,
+        unit: torch.Tensor | np.ndarray,
+        tiling: bool = False,
+        tile_size: int = 512,
+        tile_overlap: int = 64,
+        batch_size: int = 4,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """(3, H, W) in [0, 1] -> (restored (3, H, W), prompts summary); ``tiling`` restores it tile by tile."""
         image = torch.as_tensor(unit, dtype=torch.float32)
         tally = PromptTally(self.pools)
@@ -257,8 +294,9 @@ class Engine:
                 self._forward_members(units, group[start : start + per_forward], results)
         return results  # type: ignore[return-value]
 
-    def _forward_members(self, units: list[torch.Tensor], members: list[int],
-                         results: list[Restored | Exception | None]) -> None:
+    def _forward_members(
+        self, units: list[torch.Tensor], members: list[int], results: list[Restored | Exception | None]
+    ) -> None:
         try:
             out = self.forward(torch.stack([pad_to_multiple(units[i][None])[0] for i in members]))
         except Exception as error:  # noqa: BLE001 - reported to this group's requests only
@@ -337,14 +375,26 @@ def load_engine(config: ServeConfig, device: str | torch.device | None = None) -
         model, provenance, digest = _load_weights(weights, config)
         variant = _variant_name(model)
         trained, note = trained_state(provenance, identity=not bool(model.output.weight.detach().any()))
-        info_args = dict(variant=variant, source="weights", trained=trained, weights=weights, weights_sha256=digest,
-                         note=note, provenance=served_provenance(provenance))
+        info_args = dict(
+            variant=variant,
+            source="weights",
+            trained=trained,
+            weights=weights,
+            weights_sha256=digest,
+            note=note,
+            provenance=served_provenance(provenance),
+        )
     else:
         torch.manual_seed(config.seed)
         model = create_model(config.variant)
-        info_args = dict(variant=config.variant, source="fresh", trained=False, weights=None,
-                         weights_sha256=_state_digest(model),
-                         note=UNTRAINED_NOTE.format(variant=config.variant, seed=config.seed))
+        info_args = dict(
+            variant=config.variant,
+            source="fresh",
+            trained=False,
+            weights=None,
+            weights_sha256=_state_digest(model),
+            note=UNTRAINED_NOTE.format(variant=config.variant, seed=config.seed),
+        )
         log.warning("[serve] %s", info_args["note"])
     model = model.to(device).eval()
     if config.channels_last:
@@ -354,9 +404,19 @@ def load_engine(config: ServeConfig, device: str | torch.device | None = None) -
         pools["task"] = {"size": model.config.task_pool.size, "top_k": model.config.task_pool.top_k}
     if model.config.domain_pool is not None:
         pools["domain"] = {"size": model.config.domain_pool.size, "top_k": model.config.domain_pool.top_k}
-    info = ModelInfo(parameters=count_parameters(model), config=model.config.model_dump(mode="json"),
-                     device=str(device), pools=pools, extra={"torch_threads": torch.get_num_threads(),
-                                                             "precision": precision,
-                                                             "channels_last": config.channels_last}, **info_args)
-    return Engine(model, info, device, precision=precision, channels_last=config.channels_last,
-                  max_batch_pixels=config.max_batch_pixels)
+    info = ModelInfo(
+        parameters=count_parameters(model),
+        config=model.config.model_dump(mode="json"),
+        device=str(device),
+        pools=pools,
+        extra={"torch_threads": torch.get_num_threads(), "precision": precision, "channels_last": config.channels_last},
+        **info_args,
+    )
+    return Engine(
+        model,
+        info,
+        device,
+        precision=precision,
+        channels_last=config.channels_last,
+        max_batch_pixels=config.max_batch_pixels,
+    )

@@ -23,7 +23,6 @@ from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, 
 from datprl.serve.config import LISTEN_FIELDS, ServeConfig
 
 
-
 class ServeJobConfig(ServeConfig):
     """Serve DATPRL-IR restoration over HTTP on Ray Serve (a running cluster, or a local Ray started here)."""
 
@@ -42,8 +41,9 @@ class ServeJobConfig(ServeConfig):
 def local_ray_settings(config: ServeJobConfig) -> LocalRaySettings:
     """The local Ray started when no cluster is given: ``local_num_cpus`` CPUs, a 256 MiB object store, no dashboard
     (Serve does not need it), the replicas' output in this console."""
-    return LocalRaySettings(num_cpus=config.local_num_cpus, object_store_bytes=SMALL_OBJECT_STORE_BYTES,
-                            dashboard=False, log_to_driver=True)
+    return LocalRaySettings(
+        num_cpus=config.local_num_cpus, object_store_bytes=SMALL_OBJECT_STORE_BYTES, dashboard=False, log_to_driver=True
+    )
 
 
 def _smoke(url: str) -> None:
@@ -57,14 +57,19 @@ def _smoke(url: str) -> None:
     model = requests.get(f"{url}/v1/model", timeout=30).json()
     buffer = io.BytesIO()
     Image.fromarray(skimage.data.astronaut()[96:224, 160:288]).save(buffer, format="PNG")
-    reply = requests.post(f"{url}/v1/restore?response=json", data=buffer.getvalue(),
-                          headers={"Content-Type": "image/png"}, timeout=120)
+    reply = requests.post(
+        f"{url}/v1/restore?response=json", data=buffer.getvalue(), headers={"Content-Type": "image/png"}, timeout=120
+    )
     reply.raise_for_status()
     body = reply.json()
-    print(f"[serve] smoke: healthz={health['status']} variant={model['variant']} source={model['source']} "
-          f"trained={model['trained']} sha256={model['weights_sha256'][:16]}")
-    print(f"[serve] smoke: restored {body['width']}x{body['height']} {body['channels']}ch {body['bit_depth']}-bit "
-          f"{body['format']} in {body['seconds']} s; prompts {body['prompts']}")
+    print(
+        f"[serve] smoke: healthz={health['status']} variant={model['variant']} source={model['source']} "
+        f"trained={model['trained']} sha256={model['weights_sha256'][:16]}"
+    )
+    print(
+        f"[serve] smoke: restored {body['width']}x{body['height']} {body['channels']}ch {body['bit_depth']}-bit "
+        f"{body['format']} in {body['seconds']} s; prompts {body['prompts']}"
+    )
     restored = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image"]))))
     assert restored.shape == (128, 128, 3), restored.shape
 
@@ -98,17 +103,24 @@ def _serve(config: ServeJobConfig, serve_config: ServeConfig, weights: str | Non
     args: dict[str, Any] = {k: v for k, v in config_to_dict(serve_config).items() if k not in LISTEN_FIELDS}
     serve.run(build_app(args), name=config.app_name, route_prefix=config.route_prefix)
     url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
-    print(f"[serve] ready: {url}/v1/restore  (docs: {url}/docs, health: {url}/healthz, model: {url}/v1/model)",
-          flush=True)
+    print(
+        f"[serve] ready: {url}/v1/restore  (docs: {url}/docs, health: {url}/healthz, model: {url}/v1/model)", flush=True
+    )
     if weights is None:
-        print(f"[serve] NOTE: serving an UNTRAINED, freshly initialised {config.variant}: it returns its input "
-              "nearly unchanged. Pass weights=<exported .safetensors> to serve a trained network.", flush=True)
+        print(
+            f"[serve] NOTE: serving an UNTRAINED, freshly initialised {config.variant}: it returns its input "
+            "nearly unchanged. Pass weights=<exported .safetensors> to serve a trained network.",
+            flush=True,
+        )
     if config.smoke:
         _smoke(url)
         return 0
     if not started_here:
-        print(f"[serve] deployed application {config.app_name!r} to the cluster; it keeps running "
-              f"(remove it with `serve shutdown` or `serve delete {config.app_name}`)", flush=True)
+        print(
+            f"[serve] deployed application {config.app_name!r} to the cluster; it keeps running "
+            f"(remove it with `serve shutdown` or `serve delete {config.app_name}`)",
+            flush=True,
+        )
         return 0
     print("[serve] serving until Ctrl-C or SIGTERM", flush=True)
     while True:  # the signal handlers of ray_session end this wait with an exception

@@ -138,9 +138,20 @@ def write_tiny_dataset(root: Path) -> Path:
                 shape, dtype, high = ((40, 40), np.uint16, 4096) if grey else ((40, 40, 3), np.uint8, 256)
                 gt, lq = (rng.integers(0, high, shape).astype(dtype) for _ in range(2))
                 record = SampleRecord(
-                    key=f"{task}-{i}", domain=domain, task=task, split="train", source_id=f"src{i}",
-                    source_package="test", degradation={"seed": i}, seed=i, bit_depth=16 if grey else 8,
-                    channels=1 if grey else 3, height=40, width=40, white_level=4095 if grey else None)  # fmt: skip
+                    key=f"{task}-{i}",
+                    domain=domain,
+                    task=task,
+                    split="train",
+                    source_id=f"src{i}",
+                    source_package="test",
+                    degradation={"seed": i},
+                    seed=i,
+                    bit_depth=16 if grey else 8,
+                    channels=1 if grey else 3,
+                    height=40,
+                    width=40,
+                    white_level=4095 if grey else None,
+                )
                 writer.write(record, lq, gt)
     return root
 

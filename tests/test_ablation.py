@@ -29,8 +29,10 @@ from datprl.platform.train.config import TrainConfig
 
 TASKS = ["haze", "sr_x4"]
 # The two cheapest arms (no text encoder to load; the priors path is the training job's, tested in test_train.py).
-ARMS = [AblationArm(name="no_pools", variant="restormer_tiny"),
-        AblationArm(name="task_pool_only", variant="task_only_tiny")]  # fmt: skip
+ARMS = [
+    AblationArm(name="no_pools", variant="restormer_tiny"),
+    AblationArm(name="task_pool_only", variant="task_only_tiny"),
+]
 SEEDS = [0, 1]
 
 
@@ -47,11 +49,17 @@ def _config(dataset: Path, root: Path, steps: int = 3) -> AblationConfig:
     job evaluates every task of the split, not only those trained); every path under ``root``."""
     train = TrainConfig(
         storage=str(root / "storage"),
-        data=DataConfig(dataset=str(dataset), crop_size=32, tasks=TASKS, per_task_batch=1, shuffle_buffer=4,
-                        eval_crop=32),
-        build_dataset_if_missing=False, steps=steps, cpus_per_worker=0.5, validate_every=None, checkpoint_every=3,
-        log_every=3, evaluate_split=None,
-    )  # fmt: skip
+        data=DataConfig(
+            dataset=str(dataset), crop_size=32, tasks=TASKS, per_task_batch=1, shuffle_buffer=4, eval_crop=32
+        ),
+        build_dataset_if_missing=False,
+        steps=steps,
+        cpus_per_worker=0.5,
+        validate_every=None,
+        checkpoint_every=3,
+        log_every=3,
+        evaluate_split=None,
+    )
     return AblationConfig(train=train, arms=ARMS, seeds=SEEDS, output_dir=str(root / "out"))
 
 
@@ -98,7 +106,8 @@ def test_ablation_writes_table_csv_and_plot_from_the_raw_numbers(ablation):
     tasks = DatasetHandle.open(str(config.train.data.dataset)).tasks("test")
     assert len(raw) == len(ARMS) * len(SEEDS) * len(tasks)
     assert {(r["arm"], int(r["seed"]), r["task"]) for r in raw} == {
-        (a.name, s, t) for a in ARMS for s in SEEDS for t in tasks}  # fmt: skip
+        (a.name, s, t) for a in ARMS for s in SEEDS for t in tasks
+    }
 
     markdown = (out / "ablation.md").read_text()
     cells = _markdown_cells(markdown, "test")
@@ -153,7 +162,11 @@ def test_config_checks():
     with pytest.raises(ValueError, match="text_embeddings is null"):
         AblationConfig(train=TrainConfig(text_embeddings=None))  # the default arms include one with priors
     assert [a.name for a in AblationConfig().arms] == [
-        "no_pools", "task_pool_only", "both_pools_no_priors", "both_pools_with_priors"]  # fmt: skip
+        "no_pools",
+        "task_pool_only",
+        "both_pools_no_priors",
+        "both_pools_with_priors",
+    ]
 
 
 def test_the_no_priors_arm_trains_the_domain_keys_the_variant_fixes():
@@ -169,8 +182,11 @@ def test_the_no_priors_arm_trains_the_domain_keys_the_variant_fixes():
 
 def _scores(arm: str, table: dict[int, dict[str, float]], input_psnr: float = 20.0) -> list[Score]:
     """Scores of ``arm``: seed -> task -> delta PSNR, every input at ``input_psnr``."""
-    return [Score("test", arm, seed, "d", task, 1, input_psnr, input_psnr + delta)
-            for seed, tasks in table.items() for task, delta in tasks.items()]  # fmt: skip
+    return [
+        Score("test", arm, seed, "d", task, 1, input_psnr, input_psnr + delta)
+        for seed, tasks in table.items()
+        for task, delta in tasks.items()
+    ]
 
 
 def test_aggregate_on_hand_made_numbers():

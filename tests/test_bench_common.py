@@ -68,12 +68,15 @@ def test_save_report_writes_readable_json_atomically(tmp_path, capsys):
     assert capsys.readouterr().out == "" and os.listdir(path.parent) == ["report.json"]
 
 
-@pytest.mark.parametrize("schema,override,message", [
-    (DataBenchmarkConfig, "consumers=[iterate_rows,iterate_rows]", "must not repeat"),
-    (BenchmarkConfig, "dtypes=[fp32,fp32]", "must not repeat"),
-    (BenchmarkConfig, "variants=[restormer,restormer]", "must not repeat"),
-    (DataBenchmarkConfig, "dataset=s3://bucket/ds", "local dataset folder"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "schema,override,message",
+    [
+        (DataBenchmarkConfig, "consumers=[iterate_rows,iterate_rows]", "must not repeat"),
+        (BenchmarkConfig, "dtypes=[fp32,fp32]", "must not repeat"),
+        (BenchmarkConfig, "variants=[restormer,restormer]", "must not repeat"),
+        (DataBenchmarkConfig, "dataset=s3://bucket/ds", "local dataset folder"),
+    ],
+)
 def test_shared_option_checks_name_the_problem(schema, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(schema, overrides=[override])

@@ -49,8 +49,17 @@ def test_compute_benchmark_times_every_arm_against_the_first(tmp_path, capsys) -
     from datprl.platform.bench.compute import main as compute_main
 
     out = tmp_path / "compute.json"
-    argv = ["size=16", "batch=2", "warmup=1", "rounds=2", "steps=1", "threads=1", "device=cpu",
-            "arms.fp16.precision=fp16", f"json_out={out}"]  # fmt: skip
+    argv = [
+        "size=16",
+        "batch=2",
+        "warmup=1",
+        "rounds=2",
+        "steps=1",
+        "threads=1",
+        "device=cpu",
+        "arms.fp16.precision=fp16",
+        f"json_out={out}",
+    ]
     assert compute_main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["arm"] for r in rows] == ["default", "adam fused", "adam for_loop", "channels_last", "bf16", "fp16"]

@@ -112,18 +112,32 @@ class LocalHead:
         self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
         self.ray_bin = str(venv_bin / "ray")
         self.args = [
-            "--head", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_loopback_port()}", f"--ray-client-server-port={free_loopback_port()}",
-            f"--object-store-memory={object_store_mib * MiB}", f"--temp-dir={self.temp}", "--disable-usage-stats",
-        ]  # fmt: skip
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={free_loopback_port()}",
+            f"--ray-client-server-port={free_loopback_port()}",
+            f"--object-store-memory={object_store_mib * MiB}",
+            f"--temp-dir={self.temp}",
+            "--disable-usage-stats",
+        ]
         self.session: int | None = None
 
     def start(self) -> None:
         # start_new_session: `ray start` becomes a session leader; the daemons it spawns (GCS, raylet, dashboard, ...)
         # and the workers the raylet forks keep that session id, which is how stop() finds exactly them.
-        proc = subprocess.Popen([self.ray_bin, "start", *self.args], env=self.start_env, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [self.ray_bin, "start", *self.args],
+            env=self.start_env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.session = proc.pid
         assert self.session != os.getsid(0)
         try:
@@ -134,16 +148,18 @@ class LocalHead:
         assert proc.returncode == 0, f"ray start failed:\n{out[-4000:]}"
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([self.ray_bin, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                              cwd=REPO_ROOT)  # fmt: skip
+        return subprocess.run(
+            [self.ray_bin, *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+        )
 
     def submit(self, job_id: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
         """`ray job submit` (blocks until the job ends; non-zero exit unless it succeeded). Right after `ray start` the
         head's dashboard agent may not have registered yet ("No available agent to submit job, please try again
         later" after the job server's 10 s wait, seen on a loaded machine): retry that, nothing else."""
         for attempt in range(4):
-            done = self.ray("job", "submit", "--address", self.dashboard, "--submission-id", job_id, *args,
-                            timeout=timeout)  # fmt: skip
+            done = self.ray(
+                "job", "submit", "--address", self.dashboard, "--submission-id", job_id, *args, timeout=timeout
+            )
             if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr:
                 break
             time.sleep(5)
@@ -182,8 +198,9 @@ def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
     from datprl.platform.data.build import BuildConfig, build
 
     dataset, runs, out = tmp_path / "data", tmp_path / "runs", tmp_path / "out"
-    build(BuildConfig(output=str(dataset), tile=64, max_tiles_per_source=1, max_sources_per_group=2,
-                      contact_sheet=False))
+    build(
+        BuildConfig(output=str(dataset), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False)
+    )
     local = load_config(TrainConfig, INFRA / "train-local.yaml")
 
     with LocalHead() as head:
@@ -195,9 +212,18 @@ def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
         job = f"datprl-train-{uuid.uuid4().hex[:8]}"
         # As documented (`ray job submit --working-dir . -- python jobs/train.py CONFIG`), plus this test's paths.
         submit = head.submit(
-            job, "--working-dir", str(REPO_ROOT), "--", "python", "jobs/train.py", "infra/train-local.yaml",
-            f"data.dataset={dataset}", f"storage={runs}", "name=submitted", f"output_dir={out}",
-        )  # fmt: skip
+            job,
+            "--working-dir",
+            str(REPO_ROOT),
+            "--",
+            "python",
+            "jobs/train.py",
+            "infra/train-local.yaml",
+            f"data.dataset={dataset}",
+            f"storage={runs}",
+            "name=submitted",
+            f"output_dir={out}",
+        )
         log = submit.stdout + submit.stderr
         (tmp_path / "job.log").write_text(log)  # the client's copy of the job's output, kept with pytest's tmp dirs
         assert submit.returncode == 0, f"ray job submit failed:\n{_tail(log)}"
@@ -207,8 +233,11 @@ def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
 
         # What was uploaded: the unpacked working dir on the head. Ray honours .gitignore (.venv, data, runs, outputs)
         # and leaves out .git, .venv, venv and __pycache__ by default.
-        uploaded = [p for p in (head.temp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
-                    if p.is_dir()]
+        uploaded = [
+            p
+            for p in (head.temp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
+            if p.is_dir()
+        ]
         assert len(uploaded) == 1, uploaded
         files = [p for p in uploaded[0].rglob("*") if p.is_file()]
         size = sum(p.stat().st_size for p in files)

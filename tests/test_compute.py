@@ -39,16 +39,22 @@ def _batch(size: int = 24, batch: int = 2) -> dict:
 
 def _steps(compute: dict, steps: int = 2, variant: str = "paper_tiny") -> tuple[torch.nn.Module, list[dict], object]:
     """``steps`` training steps of a fresh, noise-free ``variant`` under ``compute``; (network, loss terms, scaler)."""
-    config = TrainConfig(compute=ComputeConfig(**compute), loss=LossWeights(balance=0.0), optim=OptimConfig(lr=1e-3),
-                         text_embeddings=None)  # fmt: skip
+    config = TrainConfig(
+        compute=ComputeConfig(**compute),
+        loss=LossWeights(balance=0.0),
+        optim=OptimConfig(lr=1e-3),
+        text_embeddings=None,
+    )
     torch.manual_seed(0)
     model = create_model(variant, selection_noise_std=0.0, query_centering=False)
     net = prepare_module(model, config.compute)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer, scheduler, scaler = build_optimizer(params, config, 1, CPU)
     criterion = DATPRLLoss(config.loss)
-    terms = [train_step(net, model, _batch(), criterion, optimizer, scheduler, params, config, CPU, None, scaler)
-             for _ in range(steps)]  # fmt: skip
+    terms = [
+        train_step(net, model, _batch(), criterion, optimizer, scheduler, params, config, CPU, None, scaler)
+        for _ in range(steps)
+    ]
     return model, terms, scaler
 
 
@@ -112,8 +118,12 @@ def test_reduced_precision_trains_with_fp32_weights(precision, fp32_run):
 def test_fp16_scaler_skips_a_step_with_non_finite_gradients():
     """A GradScaler step whose gradients are not finite (here from a NaN pixel) leaves the weights unchanged and
     halves the scale; the schedule still advances. Gradient clipping runs on the unscaled gradients."""
-    config = TrainConfig(compute=ComputeConfig(precision="fp16"), optim=OptimConfig(lr=1e-3, grad_clip=1.0),
-                         loss=LossWeights(balance=0.0), text_embeddings=None)  # fmt: skip
+    config = TrainConfig(
+        compute=ComputeConfig(precision="fp16"),
+        optim=OptimConfig(lr=1e-3, grad_clip=1.0),
+        loss=LossWeights(balance=0.0),
+        text_embeddings=None,
+    )
     torch.manual_seed(0)
     model = create_model("paper_tiny")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,8 +138,7 @@ def test_fp16_scaler_skips_a_step_with_non_finite_gradients():
     train_step(model, model, batch, DATPRLLoss(config.loss), optimizer, scheduler, params, config, CPU, None, scaler)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
     assert scaler.get_scale() == scale / 2 and scheduler.last_epoch == 1
-    train_step(model, model, _batch(), DATPRLLoss(config.loss), optimizer, scheduler, params, config, CPU, None,
-               scaler)  # fmt: skip
+    train_step(model, model, _batch(), DATPRLLoss(config.loss), optimizer, scheduler, params, config, CPU, None, scaler)
     assert any(not torch.equal(before[name], p) for name, p in model.named_parameters())  # a finite step moves
 
 
@@ -162,8 +171,11 @@ def test_compile_wraps_and_unwraps_the_network():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DATPRL_COMPILE_TESTS"), reason="4 minutes of compilation on 2 CPUs, beyond "
-                    "the suite's budget: set DATPRL_COMPILE_TESTS=1 (the GPU check compiles the full networks)")
+@pytest.mark.skipif(
+    not os.environ.get("DATPRL_COMPILE_TESTS"),
+    reason="4 minutes of compilation on 2 CPUs, beyond "
+    "the suite's budget: set DATPRL_COMPILE_TESTS=1 (the GPU check compiles the full networks)",
+)
 def test_compiled_network_trains_like_eager(fp32_run):
     """paper_tiny's training step under torch.compile (239 s of compilation on 2 busy CPUs)."""
     reference, reference_terms, _ = fp32_run

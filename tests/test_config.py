@@ -64,9 +64,20 @@ def test_defaults_file_and_round_trip(tmp_path):
 
 
 def test_overrides():
-    job = load_config(Job, None, [
-        "train.optimizer.lr=1e-4", "train.sizes=[1, 2]", "train.amp=true", "train.warmup=2e-3",
-        "train.name=2024", "tags={a: b}", "seed=3", "pool={size: 20, top_k: 3}"])
+    job = load_config(
+        Job,
+        None,
+        [
+            "train.optimizer.lr=1e-4",
+            "train.sizes=[1, 2]",
+            "train.amp=true",
+            "train.warmup=2e-3",
+            "train.name=2024",
+            "tags={a: b}",
+            "seed=3",
+            "pool={size: 20, top_k: 3}",
+        ],
+    )
     assert job.train.optimizer.lr == 1e-4 and job.train.sizes == [1, 2] and job.train.amp is True
     assert job.train.warmup == 2e-3 and isinstance(job.train.warmup, float)
     assert job.train.name == "2024"  # str field: the text as typed, not YAML's int
@@ -85,15 +96,18 @@ def test_overrides_on_top_of_file(tmp_path):
     assert job.train.steps == 5 and job.train.optimizer == Optim(lr=0.5, betas=(0.1, 0.2))
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.optimizer.lrr=1", ["'train.optimizer.lrr'", "valid keys at train.optimizer: lr, betas"]),
-    ("trian.steps=1", ["'trian'", "valid keys at the top level: train, pool, tags, seed"]),
-    ("pool.sise=3", ["'pool.sise'", "valid keys at pool: size, top_k"]),  # through an Optional section
-    ("seed.x=1", ["'seed' is a value (int), not a section"]),
-    ("train.optimizer.lr", ["not of the form key=value"]),
-    ("=3", ["not of the form key=value"]),
-    ("train.sizes=[1, 2", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.optimizer.lrr=1", ["'train.optimizer.lrr'", "valid keys at train.optimizer: lr, betas"]),
+        ("trian.steps=1", ["'trian'", "valid keys at the top level: train, pool, tags, seed"]),
+        ("pool.sise=3", ["'pool.sise'", "valid keys at pool: size, top_k"]),  # through an Optional section
+        ("seed.x=1", ["'seed' is a value (int), not a section"]),
+        ("train.optimizer.lr", ["not of the form key=value"]),
+        ("=3", ["not of the form key=value"]),
+        ("train.sizes=[1, 2", ["not valid YAML"]),
+    ],
+)
 def test_bad_override_keys(override, expected):
     with pytest.raises(ConfigError) as info:
         load_config(Job, None, [override])

@@ -44,8 +44,9 @@ def test_captured_console_gets_whole_lines_of_the_new_reports_and_the_final_stat
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(_report(3, val_psnr=99.99, val_input_psnr=1.0))  # an earlier attempt's report: not shown
     stream = io.StringIO()  # not a terminal
-    with TrainingProgress(metrics, total_steps=6, start_step=3, file=stream, poll_s=POLL_S,
-                          line_interval_s=3600) as progress:  # fmt: skip
+    with TrainingProgress(
+        metrics, total_steps=6, start_step=3, file=stream, poll_s=POLL_S, line_interval_s=3600
+    ) as progress:
         line = _report(4)
         _append(metrics, line[:10])  # a report half written: wait for the rest of its line
         time.sleep(10 * POLL_S)
@@ -77,8 +78,9 @@ def test_verbose_prints_one_plain_line_per_report_and_notes_a_restart(tmp_path, 
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "[train] step 2/6 loss 0.5000 lr 1.00e-03 3.0 samples/s"
     assert lines[1].startswith("[train] step 4/6 loss 0.2500 lr 1.00e-03 3.0 samples/s ETA ")  # rate of steps 2-4
-    assert lines[2].startswith("[train] training restarted from the checkpoint of step 3 (the previous attempt "
-                               "reached step 4")  # fmt: skip
+    assert lines[2].startswith(
+        "[train] training restarted from the checkpoint of step 3 (the previous attempt reached step 4"
+    )
     assert lines[3] == "[train] step 4/6 loss 0.2500 lr 1.00e-03 3.0 samples/s"  # a new attempt: no rate yet
     assert lines[4] == "[train] step 6/6 loss 0.1667 lr 1.00e-03 3.0 samples/s"
     assert len(lines) == 5
@@ -112,10 +114,13 @@ def test_malformed_lines_are_skipped(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == ["[train] step 2/2 loss 0.5000 lr 1.00e-03 3.0 samples/s"]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(total_steps=0), "total_steps=0"),
-    (dict(total_steps=5, start_step=6), "start_step=6 is outside 0..total_steps=5"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(total_steps=0), "total_steps=0"),
+        (dict(total_steps=5, start_step=6), "start_step=6 is outside 0..total_steps=5"),
+    ],
+)
 def test_bad_arguments_name_the_problem(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainingProgress(tmp_path / "metrics.jsonl", **kwargs)
@@ -147,8 +152,9 @@ def test_quiet_ray_logging_keeps_info_off_the_console_and_warnings_on(repo_root,
     Ray Train report line (logged outside the ``ray.train`` loggers) is quietened."""
     drop = ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_ADDRESS")
     env = {**{k: v for k, v in os.environ.items() if k not in drop}, "TMPDIR": str(tmp_path)}
-    job = subprocess.run([sys.executable, "-c", QUIET_PROBE, where], cwd=repo_root, env=env, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    job = subprocess.run(
+        [sys.executable, "-c", QUIET_PROBE, where], cwd=repo_root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert job.returncode == 0, job.stderr
     console = job.stderr
     assert "a Ray Data warning" in console and "a Ray Train warning" in console
@@ -163,9 +169,16 @@ def test_quiet_ray_logging_keeps_info_off_the_console_and_warnings_on(repo_root,
     assert config["handlers"]["console"]["level"] == "WARNING" and config["loggers"]["ray.data"]["level"] == "DEBUG"
 
 
-RAY_CHATTER = ("Execution plan", "Starting execution", "execution finished", "TrainingReport(",
-               "Reporting training result", "DeprecationWarning", "PreemptionWatcher",
-               "Progress bars disabled")  # fmt: skip
+RAY_CHATTER = (
+    "Execution plan",
+    "Starting execution",
+    "execution finished",
+    "TrainingReport(",
+    "Reporting training result",
+    "DeprecationWarning",
+    "PreemptionWatcher",
+    "Progress bars disabled",
+)
 
 
 @pytest.mark.ray
@@ -176,12 +189,24 @@ def test_train_job_console_has_the_bar_and_the_table_but_no_ray_chatter(repo_roo
     from conftest import write_tiny_dataset
 
     dataset = write_tiny_dataset(tmp_path / "tiny")
-    args = ["name=console", f"storage={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}", f"data.dataset={dataset}",
-            "data.crop_size=32", "steps=6", "log_every=2", "checkpoint_every=3", "validate_every=3",
-            "evaluate_split=train", "cpus_per_worker=0.5", "build_dataset_if_missing=false"]  # fmt: skip
+    args = [
+        "name=console",
+        f"storage={tmp_path / 'runs'}",
+        f"output_dir={tmp_path / 'out'}",
+        f"data.dataset={dataset}",
+        "data.crop_size=32",
+        "steps=6",
+        "log_every=2",
+        "checkpoint_every=3",
+        "validate_every=3",
+        "evaluate_split=train",
+        "cpus_per_worker=0.5",
+        "build_dataset_if_missing=false",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONWARNINGS", "RAY_DATA_LOGGING_CONFIG")}
-    job = subprocess.run([sys.executable, "jobs/train.py", *args], cwd=repo_root, env=env, capture_output=True,
-                         text=True, timeout=540)  # fmt: skip
+    job = subprocess.run(
+        [sys.executable, "jobs/train.py", *args], cwd=repo_root, env=env, capture_output=True, text=True, timeout=540
+    )
     console = job.stdout + job.stderr
     assert job.returncode == 0, console[-4000:]
     chatter = [line for line in console.splitlines() if any(marker in line for marker in RAY_CHATTER)]

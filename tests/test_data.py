@@ -29,8 +29,16 @@ pytestmark = pytest.mark.ray
 def dataset(tmp_path_factory):
     """The embedded default corpus at a small size (64-pixel tiles, one per source), 2 samples per shard."""
     out = tmp_path_factory.mktemp("corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False,
-                      max_samples_per_shard=16))
+    build(
+        BuildConfig(
+            output=str(out),
+            tile=64,
+            max_tiles_per_source=1,
+            max_sources_per_group=2,
+            contact_sheet=False,
+            max_samples_per_shard=16,
+        )
+    )
     return out
 
 
@@ -96,8 +104,10 @@ def test_decoded_cache_auto_follows_the_object_store(ray_local, dataset, monkeyp
     config = DataConfig(dataset=str(dataset))
     shard_bytes = sum(s.bytes for s in read_manifest(str(dataset)).shards if s.split == "train")
     estimate = DECODED_BYTES_PER_SHARD_BYTE * shard_bytes
-    for store, expected in ((1.1 * estimate / CACHE_OBJECT_STORE_FRACTION, True),
-                            (0.9 * estimate / CACHE_OBJECT_STORE_FRACTION, False)):
+    for store, expected in (
+        (1.1 * estimate / CACHE_OBJECT_STORE_FRACTION, True),
+        (0.9 * estimate / CACHE_OBJECT_STORE_FRACTION, False),
+    ):
         monkeypatch.setattr(ray, "cluster_resources", lambda store=store: {"CPU": 2.0, "object_store_memory": store})
         assert use_decoded_cache(config, "train") is expected
     assert use_decoded_cache(config.model_copy(update={"cache_decoded": True}), "train") is True
@@ -111,8 +121,9 @@ def test_in_process_evaluation_rows_equal_the_ray_rows(ray_local, dataset):
     config = DataConfig(dataset=str(dataset), eval_crop=24)
     ray_rows, local_rows = list(evaluation_rows(config, "val")), list(local_evaluation_rows(config, "val"))
     assert [r["key"] for r in ray_rows] == [r["key"] for r in local_rows]
-    assert all(np.array_equal(a["lq"], b["lq"]) and np.array_equal(a["gt"], b["gt"])
-               for a, b in zip(ray_rows, local_rows))
+    assert all(
+        np.array_equal(a["lq"], b["lq"]) and np.array_equal(a["gt"], b["gt"]) for a, b in zip(ray_rows, local_rows)
+    )
 
 
 def test_grayscale_scans_are_replicated_and_keep_their_bit_depth(ray_local, dataset):
@@ -143,8 +154,15 @@ def test_damaged_shard_costs_only_its_samples(ray_local, dataset, tmp_path, cach
     open(shard, "wb").write(data[: len(data) // 2])
     config = DataConfig(dataset=str(damaged), crop_size=32, cache_decoded=cache)
     report = StreamReport()
-    rows = [r for r in (r for batch in read_split(config, "train").iter_batches(batch_format="numpy")
-                        for r in [dict(zip(batch, v)) for v in zip(*batch.values())]) if report.note(r)]  # fmt: skip
+    rows = [
+        r
+        for r in (
+            r
+            for batch in read_split(config, "train").iter_batches(batch_format="numpy")
+            for r in [dict(zip(batch, v)) for v in zip(*batch.values())]
+        )
+        if report.note(r)
+    ]
     total = _count(read_manifest(str(damaged)), "train")
     assert len(report.corrupt) >= 1 and "shard-00000.tar" in report.corrupt[0]
     assert total - 16 < len(rows) < total  # the first half of the cut shard survives; other shards are intact

@@ -10,12 +10,18 @@ from datprl.platform.config import ConfigError, load_config
 from datprl.platform.bench.data import DataBenchmarkConfig, format_report, main
 
 
-
 @pytest.mark.ray
 def test_tiny_run_compares_equal_work(ray_local, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = [f"dataset={tiny_dataset}", "passes=1", "warmup=0", "crop_size=32", "batch_size=6", "shuffle_buffer=4",
-            f"json_out={out}"]  # fmt: skip
+    argv = [
+        f"dataset={tiny_dataset}",
+        "passes=1",
+        "warmup=0",
+        "crop_size=32",
+        "batch_size=6",
+        "shuffle_buffer=4",
+        f"json_out={out}",
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     rows = report["results"]
@@ -32,10 +38,12 @@ def test_tiny_run_compares_equal_work(ray_local, tiny_dataset, tmp_path, capsys)
     ratio = report["ratios"]["ray_pipeline/baseline"]
     assert ratio == pytest.approx(rows[1]["samples_per_s"] / rows[0]["samples_per_s"])
     amortised = (rows[1]["samples_per_pass"] / (report["cache_build_s"] + rows[1]["pass_s"][0])) / (
-        rows[0]["samples_per_pass"] / rows[0]["pass_s"][0])
+        rows[0]["samples_per_pass"] / rows[0]["pass_s"][0]
+    )
     assert report["ratios"]["ray_pipeline/baseline incl. cache build"] == pytest.approx(amortised)
     assert report["ratios"]["ray_pipeline/baseline[decoded once]"] == pytest.approx(
-        rows[1]["samples_per_s"] / rows[4]["samples_per_s"])
+        rows[1]["samples_per_s"] / rows[4]["samples_per_s"]
+    )
     assert not any("[baseline" in name for name in report["ratios"])  # per-consumer ratios are Ray's sides only
     printed = capsys.readouterr().out
     assert f"ray_pipeline/baseline throughput ratio: {ratio:.2f}" in printed
@@ -46,8 +54,16 @@ def test_tiny_run_compares_equal_work(ray_local, tiny_dataset, tmp_path, capsys)
 @pytest.mark.ray
 def test_without_the_cache_every_ray_side_decodes_every_pass(ray_local, tiny_dataset, tmp_path):
     out = tmp_path / "bench.json"
-    argv = [f"dataset={tiny_dataset}", "passes=1", "warmup=0", "crop_size=32", "batch_size=6", "cache_decoded=false",
-            "consumers=[training_batches]", f"json_out={out}"]  # fmt: skip
+    argv = [
+        f"dataset={tiny_dataset}",
+        "passes=1",
+        "warmup=0",
+        "crop_size=32",
+        "batch_size=6",
+        "cache_decoded=false",
+        "consumers=[training_batches]",
+        f"json_out={out}",
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert [r["consumer"] for r in report["results"]] == ["baseline", "training_batches"]
@@ -55,8 +71,9 @@ def test_without_the_cache_every_ray_side_decodes_every_pass(ray_local, tiny_dat
     assert "ray_pipeline/baseline incl. cache build" not in report["ratios"]
 
 
-@pytest.mark.parametrize("override", ["dataset=s3://bucket/ds", "consumers=[iterate_rows,iterate_rows]",
-                                      "consumers=[nope]", "passes=0"])
+@pytest.mark.parametrize(
+    "override", ["dataset=s3://bucket/ds", "consumers=[iterate_rows,iterate_rows]", "consumers=[nope]", "passes=0"]
+)
 def test_bad_options_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError):
         load_config(DataBenchmarkConfig, overrides=[override])

@@ -23,11 +23,25 @@ def shard(tmp_path_factory) -> str:
     with DatasetWriter(str(root), "cache", max_samples_per_shard=16, command=["test"], package_versions={}) as writer:
         for name, (shape, dtype, high, depth, white) in SHAPES.items():
             gt, lq = (rng.integers(0, high, shape).astype(dtype) for _ in range(2))
-            writer.write(SampleRecord(
-                key=name, domain="medical" if name == "scan" else "natural", task="t", split="train",
-                source_id=name, source_package="test", degradation={}, seed=0, bit_depth=depth,
-                channels=1 if len(shape) == 2 else 3, height=shape[0], width=shape[1],
-                white_level=white), lq, gt)  # fmt: skip
+            writer.write(
+                SampleRecord(
+                    key=name,
+                    domain="medical" if name == "scan" else "natural",
+                    task="t",
+                    split="train",
+                    source_id=name,
+                    source_package="test",
+                    degradation={},
+                    seed=0,
+                    bit_depth=depth,
+                    channels=1 if len(shape) == 2 else 3,
+                    height=shape[0],
+                    width=shape[1],
+                    white_level=white,
+                ),
+                lq,
+                gt,
+            )
     return manifest_shard_urls(str(root), "train")[0]
 
 

@@ -116,8 +116,11 @@ def test_default_records_carry_provenance_and_cover_the_nine_paper_tasks(default
         assert record.degradation["seed"] == record.seed >= 0
         assert len(record.degradation) > 4, record.degradation  # task/domain/seed/version plus the task's parameters
         assert record.tile is not None and record.white_level is not None
-        assert lq.shape == gt.shape == ((record.height, record.width) if record.channels == 1
-                                        else (record.height, record.width, 3))
+        assert (
+            lq.shape
+            == gt.shape
+            == ((record.height, record.width) if record.channels == 1 else (record.height, record.width, 3))
+        )
         assert not np.array_equal(lq, gt) or record.task in ("rs_sr_x4", "sr_x4"), record.key
     tasks = {r.task for r, _, _ in samples}
     assert set(degradations.PAPER_TASKS_9) <= tasks
@@ -202,8 +205,14 @@ def test_default_manifest_records_command_and_package_versions(default_build):
     groups = {r.source_group for r, _, _ in default_build[2]}
     catalogue_groups = {s.group for s in sources.catalogue() if s.modality != "ct_perfusion"}
     assert groups == catalogue_groups
-    assert max(Counter(r.source_group for r, _, _ in default_build[2] if r.task in ("derain", "cloud",
-                                                                                    "ct_low_dose")).values()) <= 2
+    assert (
+        max(
+            Counter(
+                r.source_group for r, _, _ in default_build[2] if r.task in ("derain", "cloud", "ct_low_dose")
+            ).values()
+        )
+        <= 2
+    )
 
 
 def test_default_build_is_deterministic_and_prints_the_count_table(default_build, tmp_path, capsys):
@@ -380,13 +389,15 @@ def test_paired_folders_missing_folder_is_a_clear_error(paired_dirs, tmp_path):
 def test_clean_folder_with_tasks(tmp_path):
     images = _clean_images(tmp_path / "photos")
     out = tmp_path / "clean"
-    config = BuildConfig(output=str(out), clean=CleanFolder(dir=tmp_path / "photos", domain="natural",
-                                                            tasks=["denoise_25", "jpeg"]))
+    config = BuildConfig(
+        output=str(out), clean=CleanFolder(dir=tmp_path / "photos", domain="natural", tasks=["denoise_25", "jpeg"])
+    )
     summary = build(config)
     assert summary["samples"] == 6 and verify_manifest(str(out)) == []
     samples = _read_all(str(out))
     assert Counter((r.source_id, r.task) for r, _, _ in samples) == {
-        (f"photos/{name}", task): 1 for name in images for task in ("denoise_25", "jpeg")}
+        (f"photos/{name}", task): 1 for name in images for task in ("denoise_25", "jpeg")
+    }
     split_of = {}
     for record, lq, gt in samples:
         name = record.source_id.split("/", 1)[1]
@@ -492,8 +503,9 @@ def test_cli_builds_the_default_corpus(repo_root, default_build, tmp_path):
     target = tmp_path / "cli"
     args = [f"output={target}", "tile=64", "max_tiles_per_source=1", "max_sources_per_group=2"]
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "jobs/build_dataset.py", *args], cwd=repo_root, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "jobs/build_dataset.py", *args], cwd=repo_root, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert time.monotonic() - start < 120
     assert "| domain | task | train | val | test |" in result.stdout

@@ -60,7 +60,15 @@ def _high_freq_energy(img: np.ndarray, cutoff: float = 0.2) -> float:
 
 def test_registry_names_and_settings():
     assert D.PAPER_TASKS_9 == (
-        "sr_x4", "derain", "motion_deblur", "mri_sr_x4", "ct_low_dose", "pet_low_count", "rs_sr_x4", "cloud", "haze",
+        "sr_x4",
+        "derain",
+        "motion_deblur",
+        "mri_sr_x4",
+        "ct_low_dose",
+        "pet_low_count",
+        "rs_sr_x4",
+        "cloud",
+        "haze",
     )
     assert D.PAPER_TASKS_6 == ("sr_x4", "derain", "mri_sr_x4", "ct_low_dose", "rs_sr_x4", "cloud")
     assert set(D.EXTRA_TASKS) == {"denoise_15", "denoise_25", "denoise_50", "low_light", "jpeg"}

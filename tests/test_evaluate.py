@@ -165,8 +165,14 @@ def test_prompt_usage_adds_up(tiny_run, tiny):
 
 
 def test_task_filter_and_zero_shot_marking(ray_local, data, tiny, tmp_path):
-    result = evaluate(create_model("restormer_tiny"), data, split=SPLIT, tasks=["haze", "cloud"],
-                      zero_shot_tasks=["haze"], out_dir=tmp_path)
+    result = evaluate(
+        create_model("restormer_tiny"),
+        data,
+        split=SPLIT,
+        tasks=["haze", "cloud"],
+        zero_shot_tasks=["haze"],
+        out_dir=tmp_path,
+    )
     assert {r["task"] for r in result.rows} == {"haze", "cloud"} and result.mean["n_tasks"] == 2
     assert {im["task"] for im in result.images} == {"haze", "cloud"}
     assert [r["zero_shot"] for r in result.rows if r["task"] == "haze"] == [True]
@@ -183,8 +189,9 @@ def test_task_filter_and_zero_shot_marking(ray_local, data, tiny, tmp_path):
 def test_cli_in_process(ray_local, dataset, tmp_path, capsys):
     out = tmp_path / "cli"
     # `split=val` is the spelling from before `splits` existed: it still evaluates that one split
-    code = main(["variant=paper_tiny", f"data.dataset={dataset}", f"out_dir={out}", "split=val", "tasks=[derain]",
-                 "device=cpu"])
+    code = main(
+        ["variant=paper_tiny", f"data.dataset={dataset}", f"out_dir={out}", "split=val", "tasks=[derain]", "device=cpu"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "derain" in printed and "Metric protocol" in printed and "| val n |" in printed and "test n" not in printed
@@ -204,8 +211,10 @@ def test_cli_in_process(ray_local, dataset, tmp_path, capsys):
 
 
 # --- `python jobs/evaluate.py` with no arguments ------------------------------------------------------------------
-SPLIT_TASKS = {"val": [("natural", "sr_x4"), ("remote_sensing", "haze")],
-               "test": [("natural", "sr_x4"), ("remote_sensing", "haze"), ("medical", "ct_low_dose")]}
+SPLIT_TASKS = {
+    "val": [("natural", "sr_x4"), ("remote_sensing", "haze")],
+    "test": [("natural", "sr_x4"), ("remote_sensing", "haze"), ("medical", "ct_low_dose")],
+}
 
 
 def write_val_test_dataset(root) -> None:
@@ -221,9 +230,20 @@ def write_val_test_dataset(root) -> None:
                     gt = rng.integers(0, high, shape).astype(dtype)
                     lq = np.clip(gt.astype(np.int64) + rng.integers(-high // 16, high // 16, shape), 0, high - 1)
                     record = SampleRecord(
-                        key=f"{split}-{task}-{i}", domain=domain, task=task, split=split, source_id=f"{split}{i}",
-                        source_package="test", degradation={"seed": i}, seed=i, bit_depth=16 if grey else 8,
-                        channels=1 if grey else 3, height=24, width=24, white_level=4095 if grey else None)  # fmt: skip
+                        key=f"{split}-{task}-{i}",
+                        domain=domain,
+                        task=task,
+                        split=split,
+                        source_id=f"{split}{i}",
+                        source_package="test",
+                        degradation={"seed": i},
+                        seed=i,
+                        bit_depth=16 if grey else 8,
+                        channels=1 if grey else 3,
+                        height=24,
+                        width=24,
+                        white_level=4095 if grey else None,
+                    )
                     w.write(record, lq.astype(dtype), gt)
 
 
@@ -258,22 +278,35 @@ def test_no_arguments_evaluates_trained_weights_on_val_and_test(ray_local, tmp_p
     haze = cells("| remote_sensing | haze |")
     for offset, split in ((2, "val"), (6, "test")):
         row = next(r for r in results[split]["rows"] if r["task"] == "haze")
-        assert haze[offset:offset + 4] == [str(row["n"]), f"{row['input_psnr']:.2f}", f"{row['output_psnr']:.2f}",
-                                           f"{row['delta_psnr']:+.2f}"]
+        assert haze[offset : offset + 4] == [
+            str(row["n"]),
+            f"{row['input_psnr']:.2f}",
+            f"{row['output_psnr']:.2f}",
+            f"{row['delta_psnr']:+.2f}",
+        ]
     ct = cells("| medical | ct_low_dose |")
     assert ct[2:6] == ["-"] * 4 and ct[6] == "2"  # not in val: dashes there, its numbers under test
     mean = cells("| **Mean** | all tasks |")
     for offset, split in ((2, "val"), (6, "test")):
         m = results[split]["mean"]
-        assert mean[offset:offset + 4] == [str(m["n_images"]), f"{m['input_psnr']:.2f}", f"{m['output_psnr']:.2f}",
-                                           f"{m['delta_psnr']:+.2f}"]
+        assert mean[offset : offset + 4] == [
+            str(m["n_images"]),
+            f"{m['input_psnr']:.2f}",
+            f"{m['output_psnr']:.2f}",
+            f"{m['delta_psnr']:+.2f}",
+        ]
     assert "different tasks (val 2, test 3)" in summary
     assert (out / "config.yaml").is_file()
 
 
 def test_no_arguments_without_weights_says_to_train_first(repo_root, tmp_path):
-    job = subprocess.run([sys.executable, str(repo_root / "jobs" / "evaluate.py")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    job = subprocess.run(
+        [sys.executable, str(repo_root / "jobs" / "evaluate.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert job.returncode == 2, job.stderr
     assert "Traceback" not in job.stderr and "python jobs/train.py" in job.stderr
     assert f"no trained weights at {TRAINED_WEIGHTS}" in job.stderr and not (tmp_path / "outputs").exists()

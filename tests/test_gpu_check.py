@@ -37,8 +37,9 @@ def _without_gpu() -> dict[str, str]:
 def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path):
     out = tmp_path / "out"
     start = time.monotonic()
-    done = subprocess.run(["bash", str(SCRIPT), str(out)], env=_without_gpu(), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(out)], env=_without_gpu(), capture_output=True, text=True, timeout=120
+    )
     elapsed = time.monotonic() - start
     assert done.returncode == NO_CUDA_EXIT, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -47,11 +48,14 @@ def test_without_a_gpu_it_stops_at_once_with_one_line(tmp_path):
     assert "Traceback" not in done.stdout + done.stderr and not out.exists()
     assert elapsed < 30, f"took {elapsed:.1f} s"
     # nothing of Ray or of the dataset builder was imported before the check
-    probe = ("import sys; from datprl.platform.bench.gpu_check import main; code = main(['out_dir=unused']); "
-             "print(code, sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', "
-             "'datprl.platform.data.build'))))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", probe], env=_without_gpu(), capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)  # fmt: skip
+    probe = (
+        "import sys; from datprl.platform.bench.gpu_check import main; code = main(['out_dir=unused']); "
+        "print(code, sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', "
+        "'datprl.platform.data.build'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=_without_gpu(), capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert done.stdout.split() == [str(NO_CUDA_EXIT), "[]"], done.stdout + done.stderr
 
 
@@ -93,8 +97,9 @@ def test_out_dir_is_required():
 def test_config_passes_dataset_and_device_on_and_round_trips(tmp_path):
     from datprl.platform.config import save_resolved_config
 
-    config = load_config(GpuCheckConfig, overrides=["out_dir=x", "device=cpu", f"dataset.path={tmp_path}",
-                                                    "training.benchmark.steps=20"])  # fmt: skip
+    config = load_config(
+        GpuCheckConfig, overrides=["out_dir=x", "device=cpu", f"dataset.path={tmp_path}", "training.benchmark.steps=20"]
+    )
     bench = config.training.benchmark
     assert (bench.dataset, bench.device, bench.steps) == (str(tmp_path), "cpu", 20)
     assert (bench.variant, bench.crop_size, bench.per_task_batch) == ("paper", 128, 2)  # the GPU recipe stays
@@ -132,8 +137,10 @@ def test_peak_table_by_device_name():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.5  # not the SXM figure
     assert peak_tflops("NVIDIA H200", "bf16") == (989.4, "H200 dense bf16 989.4 TFLOP/s")
-    assert peak_tflops("NVIDIA H200", "fp32")[0] == PEAK_TFLOPS["H200"]["tf32" if torch.backends.cudnn.allow_tf32
-                                                                        else "fp32"]  # fmt: skip
+    assert (
+        peak_tflops("NVIDIA H200", "fp32")[0]
+        == PEAK_TFLOPS["H200"]["tf32" if torch.backends.cudnn.allow_tf32 else "fp32"]
+    )
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312.0
     assert peak_tflops("cpu", "bf16")[0] is None
     assert peak_tflops("cpu", "bf16", override=2.5) == (2.5, "2.5 TFLOP/s set in the config")
@@ -166,43 +173,144 @@ def test_multi_gpu_command_is_a_valid_training_config(tmp_path):
 
 
 def _report() -> dict:
-    bench_row = dict(side="bare", batch_size=18, timed_steps=40, steps_per_s=5.0, samples_per_s=90.0,
-                     round_steps_per_s=[5.0], window_steps_per_s=[4.9, 5.1], warmup_s=[3.0])  # fmt: skip
+    bench_row = dict(
+        side="bare",
+        batch_size=18,
+        timed_steps=40,
+        steps_per_s=5.0,
+        samples_per_s=90.0,
+        round_steps_per_s=[5.0],
+        window_steps_per_s=[4.9, 5.1],
+        warmup_s=[3.0],
+    )
     ray_row = {**bench_row, "side": "ray_train", "steps_per_s": 4.5, "samples_per_s": 81.0, "e2e_s": [30.0]}
     model_rows = [
-        dict(variant="paper", mode="train", dtype="bf16", channels_last=False, compiled=True, status="ok",
-             img_per_s=250.0, ms_per_step=72.0, peak_mem_mib=20480.0, tflops=358.2, mfu=0.362, compile_s=61.5),
-        dict(variant="restormer", mode="train", dtype="fp32", channels_last=False, compiled=False, status="failed",
-             error="OutOfMemoryError: CUDA out of memory."),
-    ]  # fmt: skip
+        dict(
+            variant="paper",
+            mode="train",
+            dtype="bf16",
+            channels_last=False,
+            compiled=True,
+            status="ok",
+            img_per_s=250.0,
+            ms_per_step=72.0,
+            peak_mem_mib=20480.0,
+            tflops=358.2,
+            mfu=0.362,
+            compile_s=61.5,
+        ),
+        dict(
+            variant="restormer",
+            mode="train",
+            dtype="fp32",
+            channels_last=False,
+            compiled=False,
+            status="failed",
+            error="OutOfMemoryError: CUDA out of memory.",
+        ),
+    ]
     return {
-        "created": "2026-01-01T00:00:00+00:00", "total_s": 401.5, "total_budget_s": 460,
-        "environment": {"device": "cuda", "gpus": [{"name": "NVIDIA H200"}], "torch": "2.9.0+cu128", "cuda": "12.8",
-                        "ray": "2.60.0", "cpus": 16, "git_commit": "0123456789abcdef", "git_dirty": False},
-        "steps": {
-            "model": {"title": "Model", "status": "ok", "seconds": 120.0, "budget_s": 130, "reason": None,
-                      "error": None, "data": {"batch": 18, "size": 128, "device_name": "NVIDIA H200", "iters": 10,
-                                              "warmup": 3, "rows": model_rows,
-                                              "gflop_per_image": {"paper": {"train": 253.4}},
-                                              "peaks": {"bf16": "H200 dense bf16 989.4 TFLOP/s"}}},
-            "serving": {"title": "Serving", "status": "ok", "seconds": 30.0, "budget_s": 50, "reason": None,
-                        "error": None, "data": {"variant": "paper", "device_name": "NVIDIA H200", "sizes": [
-                            {"size": 1024, "latency": {"p50_ms": 80.0, "p99_ms": 95.5, "img_per_s": 12.1},
-                             "largest_batch": 16, "first_failed_batch": 64, "best_img_per_s": 20.4,
-                             "batches": [{"batch": 16, "status": "ok", "ms_per_batch": 784.3, "img_per_s": 20.4,
-                                          "peak_mem_mib": 90000.0}, {"batch": 64, "status": "out of memory"}]}]}},
-            "training": {"title": "Training: Ray Train vs a bare loop", "status": "ok", "seconds": 80.0,
-                         "budget_s": 100, "reason": None, "error": None,
-                         "data": {"device": "cuda", "variant": "paper", "crop_size": 128, "cpus": 16,
-                                  "results": [bench_row, ray_row], "ratio": 0.9}},
-            "starvation": {"title": "Training: data-loader starvation", "status": "failed", "seconds": 50.0,
-                           "budget_s": 50, "reason": None, "data": {},
-                           "error": ["timed out after 50 s (budget); results measured until then are kept",
-                                     "RuntimeError: the pipeline | stalled"]},
-            "multi_gpu": {"title": "Multi-GPU", "status": "skipped", "seconds": 0.0, "data": {}, "error": None,
-                          "reason": "torch sees 1 CUDA device(s) (NVIDIA H200); the multi-GPU check needs 2"},
+        "created": "2026-01-01T00:00:00+00:00",
+        "total_s": 401.5,
+        "total_budget_s": 460,
+        "environment": {
+            "device": "cuda",
+            "gpus": [{"name": "NVIDIA H200"}],
+            "torch": "2.9.0+cu128",
+            "cuda": "12.8",
+            "ray": "2.60.0",
+            "cpus": 16,
+            "git_commit": "0123456789abcdef",
+            "git_dirty": False,
         },
-    }  # fmt: skip
+        "steps": {
+            "model": {
+                "title": "Model",
+                "status": "ok",
+                "seconds": 120.0,
+                "budget_s": 130,
+                "reason": None,
+                "error": None,
+                "data": {
+                    "batch": 18,
+                    "size": 128,
+                    "device_name": "NVIDIA H200",
+                    "iters": 10,
+                    "warmup": 3,
+                    "rows": model_rows,
+                    "gflop_per_image": {"paper": {"train": 253.4}},
+                    "peaks": {"bf16": "H200 dense bf16 989.4 TFLOP/s"},
+                },
+            },
+            "serving": {
+                "title": "Serving",
+                "status": "ok",
+                "seconds": 30.0,
+                "budget_s": 50,
+                "reason": None,
+                "error": None,
+                "data": {
+                    "variant": "paper",
+                    "device_name": "NVIDIA H200",
+                    "sizes": [
+                        {
+                            "size": 1024,
+                            "latency": {"p50_ms": 80.0, "p99_ms": 95.5, "img_per_s": 12.1},
+                            "largest_batch": 16,
+                            "first_failed_batch": 64,
+                            "best_img_per_s": 20.4,
+                            "batches": [
+                                {
+                                    "batch": 16,
+                                    "status": "ok",
+                                    "ms_per_batch": 784.3,
+                                    "img_per_s": 20.4,
+                                    "peak_mem_mib": 90000.0,
+                                },
+                                {"batch": 64, "status": "out of memory"},
+                            ],
+                        }
+                    ],
+                },
+            },
+            "training": {
+                "title": "Training: Ray Train vs a bare loop",
+                "status": "ok",
+                "seconds": 80.0,
+                "budget_s": 100,
+                "reason": None,
+                "error": None,
+                "data": {
+                    "device": "cuda",
+                    "variant": "paper",
+                    "crop_size": 128,
+                    "cpus": 16,
+                    "results": [bench_row, ray_row],
+                    "ratio": 0.9,
+                },
+            },
+            "starvation": {
+                "title": "Training: data-loader starvation",
+                "status": "failed",
+                "seconds": 50.0,
+                "budget_s": 50,
+                "reason": None,
+                "data": {},
+                "error": [
+                    "timed out after 50 s (budget); results measured until then are kept",
+                    "RuntimeError: the pipeline | stalled",
+                ],
+            },
+            "multi_gpu": {
+                "title": "Multi-GPU",
+                "status": "skipped",
+                "seconds": 0.0,
+                "data": {},
+                "error": None,
+                "reason": "torch sees 1 CUDA device(s) (NVIDIA H200); the multi-GPU check needs 2",
+            },
+        },
+    }
 
 
 def test_markdown_summary_of_a_json_report():
@@ -212,10 +320,13 @@ def test_markdown_summary_of_a_json_report():
     assert lines[0] == "# GPU check"
     assert lines[2].startswith("NVIDIA H200; torch 2.9.0+cu128 (CUDA 12.8), Ray 2.60.0, 16 CPUs; commit 0123456789ab;")
     assert "| Model | ok | 120.0 s | 130 s |  |" in lines
-    assert "| Training: data-loader starvation | failed | 50.0 s | 50 s | timed out after 50 s (budget); results " \
-           "measured until then are kept |" in lines  # fmt: skip
-    assert ("| Multi-GPU | skipped | 0.0 s | - | torch sees 1 CUDA device(s) (NVIDIA H200); the multi-GPU check "
-            "needs 2 |") in lines  # fmt: skip
+    assert (
+        "| Training: data-loader starvation | failed | 50.0 s | 50 s | timed out after 50 s (budget); results "
+        "measured until then are kept |" in lines
+    )
+    assert (
+        "| Multi-GPU | skipped | 0.0 s | - | torch sees 1 CUDA device(s) (NVIDIA H200); the multi-GPU check needs 2 |"
+    ) in lines
     assert "| paper | train | bf16 | contiguous | yes | 250.0 | 72.00 | 20,480 | 358 | 36.2 % | 61.5 | ok |" in lines
     failed = "| restormer | train | fp32 | contiguous | no | - | - | - | - | - | - | failed: OutOfMemoryError: CUDA"
     assert failed + " out of memory. |" in lines
@@ -224,27 +335,50 @@ def test_markdown_summary_of_a_json_report():
     assert "| 1024 | 64 | - | - | - | out of memory |" in lines
     assert "ray_train/bare steps/s ratio: 0.90" in lines
     block = lines.index("```")
-    assert lines[block + 1 : block + 4] == ["timed out after 50 s (budget); results measured until then are kept",
-                                           "RuntimeError: the pipeline | stalled", "```"]  # fmt: skip
-    assert "## Multi-GPU" in lines and "Skipped: torch sees 1 CUDA device(s) (NVIDIA H200); the multi-GPU check " \
-           "needs 2" in lines  # fmt: skip
+    assert lines[block + 1 : block + 4] == [
+        "timed out after 50 s (budget); results measured until then are kept",
+        "RuntimeError: the pipeline | stalled",
+        "```",
+    ]
+    assert (
+        "## Multi-GPU" in lines
+        and "Skipped: torch sees 1 CUDA device(s) (NVIDIA H200); the multi-GPU check needs 2" in lines
+    )
 
 
 def test_markdown_of_a_multi_gpu_run_states_the_setup_and_the_equivalence_test():
     report = _report()
-    report["steps"]["multi_gpu"].update(status="ok", reason=None, data={
-        "command": ["python", "jobs/train.py", "num_workers=2"], "returncode": 0, "workers": 2, "gpus": 2,
-        "reports": [{"step": 20, "samples_per_s": 300.0, "loss": 0.05}],
-        "setup_line": "[train] global batch 36 (2/task x 9 tasks per worker x 2 workers); lr 0.0004",
-        "ddp_equivalence_returncode": 1})  # fmt: skip
+    report["steps"]["multi_gpu"].update(
+        status="ok",
+        reason=None,
+        data={
+            "command": ["python", "jobs/train.py", "num_workers=2"],
+            "returncode": 0,
+            "workers": 2,
+            "gpus": 2,
+            "reports": [{"step": 20, "samples_per_s": 300.0, "loss": 0.05}],
+            "setup_line": "[train] global batch 36 (2/task x 9 tasks per worker x 2 workers); lr 0.0004",
+            "ddp_equivalence_returncode": 1,
+        },
+    )
     lines = format_markdown(json.loads(json.dumps(report))).splitlines()
     assert "Stated at start: `[train] global batch 36 (2/task x 9 tasks per worker x 2 workers); lr 0.0004`." in lines
     assert "1-vs-2-worker DDP equivalence test on the GPUs: FAILED." in lines
 
 
-TINY = ["model.variants=[paper_tiny]", "model.size=16", "model.batch=1", "model.dtypes=[fp32]",
-        "model.channels_last=[false,true]", "model.compile_dtypes=[fp32]", "model.compile_backend=eager",
-        "serving.sizes=[16,24]", "serving.batches=[1,2]", "serving.requests=2", "serving.batch_iters=1"]  # fmt: skip
+TINY = [
+    "model.variants=[paper_tiny]",
+    "model.size=16",
+    "model.batch=1",
+    "model.dtypes=[fp32]",
+    "model.channels_last=[false,true]",
+    "model.compile_dtypes=[fp32]",
+    "model.compile_backend=eager",
+    "serving.sizes=[16,24]",
+    "serving.batches=[1,2]",
+    "serving.requests=2",
+    "serving.batch_iters=1",
+]
 
 
 def test_cpu_mode_runs_model_and_serving_and_reports_a_failing_step(tmp_path, capsys):
@@ -256,13 +390,22 @@ def test_cpu_mode_runs_model_and_serving_and_reports_a_failing_step(tmp_path, ca
     assert (out / REPORT_MD).read_text() == format_markdown(report)
     assert load_config(GpuCheckConfig, out / "config.yaml").model.variants == ["paper_tiny"]
     steps = report["steps"]
-    assert [(name, s["status"]) for name, s in steps.items()] == [("model", "ok"), ("serving", "ok"),
-                                                                   ("training", "failed")]  # fmt: skip
+    assert [(name, s["status"]) for name, s in steps.items()] == [
+        ("model", "ok"),
+        ("serving", "ok"),
+        ("training", "failed"),
+    ]
 
     model = steps["model"]["data"]
     runs = {(r["mode"], r["channels_last"], r["compiled"]): r for r in model["rows"]}
-    assert set(runs) == {("train", False, False), ("train", True, False), ("inference", False, False),
-                         ("inference", True, False), ("train", False, True), ("inference", False, True)}  # fmt: skip
+    assert set(runs) == {
+        ("train", False, False),
+        ("train", True, False),
+        ("inference", False, False),
+        ("inference", True, False),
+        ("train", False, True),
+        ("inference", False, True),
+    }
     flops = model["gflop_per_image"]["paper_tiny"]
     assert 2.9 < flops["train"] / flops["inference"] <= 3.0
     for (mode, _, compiled), r in runs.items():
@@ -291,8 +434,16 @@ def test_cpu_mode_runs_model_and_serving_and_reports_a_failing_step(tmp_path, ca
 def test_a_step_past_its_budget_is_stopped_and_reported(tmp_path):
     out = tmp_path / "out"
     start = time.monotonic()
-    code = main([str(CPU_YAML), f"out_dir={out}", "steps=[serving]", "serving.budget_s=1", "serving.sizes=[256]",
-                 "serving.requests=1000"])  # fmt: skip
+    code = main(
+        [
+            str(CPU_YAML),
+            f"out_dir={out}",
+            "steps=[serving]",
+            "serving.budget_s=1",
+            "serving.sizes=[256]",
+            "serving.requests=1000",
+        ]
+    )
     assert code == 1 and time.monotonic() - start < 30
     serving = json.loads((out / REPORT_JSON).read_text())["steps"]["serving"]
     assert serving["status"] == "failed" and serving["error"][0].startswith("timed out after 1 s (budget)")
@@ -305,8 +456,16 @@ def test_cpu_mode_training_and_starvation(tmp_path, tiny_dataset):
     """The Ray steps of the CPU test mode on the tiny dataset: the training benchmark, the starvation measurement
     and the multi-GPU step's skip (about 2 minutes on 2 CPUs)."""
     out = tmp_path / "out"
-    code = main([str(CPU_YAML), f"out_dir={out}", "steps=[dataset,training,starvation,multi_gpu]",
-                 f"dataset.path={tiny_dataset}", "training.benchmark.crop_size=32", "starvation.steps=6"])  # fmt: skip
+    code = main(
+        [
+            str(CPU_YAML),
+            f"out_dir={out}",
+            "steps=[dataset,training,starvation,multi_gpu]",
+            f"dataset.path={tiny_dataset}",
+            "training.benchmark.crop_size=32",
+            "starvation.steps=6",
+        ]
+    )
     report = json.loads((out / REPORT_JSON).read_text())
     steps = report["steps"]
     assert code == 0, {name: s["error"] for name, s in steps.items()}

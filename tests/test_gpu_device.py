@@ -51,9 +51,18 @@ for name in sys.argv[1:]:
         print(name, "absent")
 """
 
-TINY = ["model.variants=[paper_tiny]", "model.size=16", "model.batch=1", "model.dtypes=[fp32]", "model.compile=false",
-        "model.channels_last=[false]", "serving.sizes=[16]", "serving.batches=[1]", "serving.requests=2",
-        "serving.batch_iters=1"]  # fmt: skip
+TINY = [
+    "model.variants=[paper_tiny]",
+    "model.size=16",
+    "model.batch=1",
+    "model.dtypes=[fp32]",
+    "model.compile=false",
+    "model.channels_last=[false]",
+    "serving.sizes=[16]",
+    "serving.batches=[1]",
+    "serving.requests=2",
+    "serving.batch_iters=1",
+]
 
 
 def _blocked_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
@@ -73,9 +82,21 @@ def test_model_and_serving_steps_run_without_ray_webdataset_and_s3fs(tmp_path):
     log.unlink()
 
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "gpu_check.py"), str(CPU_YAML), f"out_dir={out}",
-                           "steps=[model,serving]", *TINY], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=REPO)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "gpu_check.py"),
+            str(CPU_YAML),
+            f"out_dir={out}",
+            "steps=[model,serving]",
+            *TINY,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     steps = json.loads((out / "gpu-check.json").read_text())["steps"]
     assert done.returncode == 0, {name: s["error"] for name, s in steps.items()}
     assert {name: s["status"] for name, s in steps.items()} == {"model": "ok", "serving": "ok"}
@@ -101,8 +122,9 @@ def test_recipe_scripts_parse(script):
 
 
 def test_device_wrapper_usage_and_the_carried_folder_is_ignored():
-    done = subprocess.run(["bash", str(REPO / "infra" / "gpu-check-device.sh")], capture_output=True, text=True,
-                          timeout=30)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(REPO / "infra" / "gpu-check-device.sh")], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode == 2 and done.stderr.startswith("usage: bash infra/gpu-check-device.sh OUT")
     if (REPO / ".git").exists():
         ignored = subprocess.run(["git", "check-ignore", "-q", ".gpu/whl/ray.whl"], cwd=REPO, timeout=30)

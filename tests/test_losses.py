@@ -137,8 +137,10 @@ def test_gradients_reach_pool_parameters(tiny):
 
     for term in (
         lambda out: balance_loss(out.task.similarities) + balance_loss(out.domain.similarities),
-        lambda out: contrastive_selection_loss(out.task.similarities, out.task.indices)
-        + contrastive_selection_loss(out.domain.similarities, out.domain.indices),
+        lambda out: (
+            contrastive_selection_loss(out.task.similarities, out.task.indices)
+            + contrastive_selection_loss(out.domain.similarities, out.domain.indices)
+        ),
     ):
         g = grads(term)
         for name in pools:
@@ -166,7 +168,8 @@ def test_prior_selection_teaches_the_query_the_descriptions_picks():
     u = sims(text)
     picked = u.topk(3).indices
     assert value.item() == pytest.approx(
-        (contrastive_selection_loss(u, picked) + contrastive_selection_loss(sims(query), picked)).item(), rel=1e-6)
+        (contrastive_selection_loss(u, picked) + contrastive_selection_loss(sims(query), picked)).item(), rel=1e-6
+    )
 
     def overlap() -> int:  # how many of the description's picks the query selects, over the batch
         chosen = sims(query).topk(3).indices
@@ -186,8 +189,9 @@ def test_prior_selection_teaches_the_query_the_descriptions_picks():
     keys = torch.nn.Parameter(torch.randn(9, 16) * 0.02)
     a = torch.nn.functional.normalize(torch.randn(16), dim=0)
     b = torch.nn.functional.normalize(a + 0.8 * torch.nn.functional.normalize(torch.randn(16), dim=0), dim=0)
-    groups = torch.nn.functional.normalize(torch.cat([a + 0.1 * torch.randn(8, 16), b + 0.1 * torch.randn(8, 16)]),
-                                           dim=-1)  # fmt: skip
+    groups = torch.nn.functional.normalize(
+        torch.cat([a + 0.1 * torch.randn(8, 16), b + 0.1 * torch.randn(8, 16)]), dim=-1
+    )
 
     def spread() -> list[int]:
         return [len(set((groups[i : i + 8] @ keys.detach().t()).topk(3).indices.flatten().tolist())) for i in (0, 8)]
@@ -212,8 +216,9 @@ def test_prior_selection_teaches_the_query_the_descriptions_picks():
 
 
 def test_combined_equals_weighted_sum(tiny):
-    weights = LossWeights(pixel=1.0, fft=0.1, align=0.5, prior_selection=0.4, diversity=2.0, balance=0.3,
-                          contrastive=0.7)
+    weights = LossWeights(
+        pixel=1.0, fft=0.1, align=0.5, prior_selection=0.4, diversity=2.0, balance=0.3, contrastive=0.7
+    )
     out, target = _run(tiny)
     text = torch.randn(2, tiny.config.prompt_dim)
     total, logs = DATPRLLoss(weights)(out, target, model=tiny, text_embedding=text)
@@ -323,8 +328,9 @@ def _easy_and_hard_pair():
 def test_input_relative_doing_nothing_costs_one(mode):
     target, degraded = _easy_and_hard_pair()
     output = RestorationOutput(degraded.clone(), None, None, None)
-    loss = DATPRLLoss(LossWeights(input_relative=mode, fft=0, align=0, prior_selection=0, diversity=0, balance=0,
-                                  contrastive=0))  # fmt: skip
+    loss = DATPRLLoss(
+        LossWeights(input_relative=mode, fft=0, align=0, prior_selection=0, diversity=0, balance=0, contrastive=0)
+    )
     _, logs = loss(output, target, degraded=degraded, tasks=["sr_x4", "sr_x4"])
     floor = 1e-3  # INPUT_ERROR_FLOOR, added to every divisor
     expected = (0.01 / (0.01 + floor) + 0.1 / (0.1 + floor)) / 2 if mode == "sample" else 0.055 / (0.055 + floor)
@@ -339,8 +345,9 @@ def test_per_task_division_rewards_restoring_the_degraded_crop_where_per_sample_
     output = RestorationOutput(torch.stack([target[0] + 0.03, target[1] + 0.06]), None, None, None)
     weights = dict(fft=0, align=0, prior_selection=0, diversity=0, balance=0, contrastive=0)
     per_sample = DATPRLLoss(LossWeights(input_relative="sample", **weights))(output, target, degraded=degraded)[1]
-    per_task = DATPRLLoss(LossWeights(input_relative="task", **weights))(output, target, degraded=degraded,
-                                                                       tasks=["sr_x4", "sr_x4"])[1]  # fmt: skip
+    per_task = DATPRLLoss(LossWeights(input_relative="task", **weights))(
+        output, target, degraded=degraded, tasks=["sr_x4", "sr_x4"]
+    )[1]
     assert per_sample["pixel"] > 1.5 and per_task["pixel"] < 0.85
 
 
@@ -348,8 +355,9 @@ def test_task_input_error_keeps_one_bias_corrected_mean_per_task_and_round_trips
     scale = TaskInputError(momentum=0.9)
     pixel, fft = scale.update(["a", "b", "a"], torch.tensor([0.1, 0.4, 0.3]), torch.tensor([10.0, 40.0, 30.0]))
     # first batch: each task's divisor is its batch mean (plus the floor), whatever the momentum
-    assert pixel.tolist() == pytest.approx([0.201, 0.401, 0.201]) and fft.tolist() == pytest.approx([20.001, 40.001,
-                                                                                                      20.001])
+    assert pixel.tolist() == pytest.approx([0.201, 0.401, 0.201]) and fft.tolist() == pytest.approx(
+        [20.001, 40.001, 20.001]
+    )
     pixel, _ = scale.update(["a"], torch.tensor([1.2]), torch.tensor([0.0]))
     assert pixel.item() == pytest.approx((0.9 * 0.1 * 0.2 + 0.1 * 1.2) / (1 - 0.81) + 1e-3)
     restored = TaskInputError()

@@ -21,8 +21,15 @@ PSNR_TOL, SSIM_TOL = 1e-4, 1e-5
 
 def sk_ssim(a: np.ndarray, b: np.ndarray) -> float:
     """skimage SSIM with the flags that reproduce Wang et al. / basicsr (see ssim's docstring)."""
-    return sk_ssim_raw(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
-                       channel_axis=-1 if a.ndim == 3 else None)
+    return sk_ssim_raw(
+        a,
+        b,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+        channel_axis=-1 if a.ndim == 3 else None,
+    )
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -117,7 +124,7 @@ def test_batch_equals_per_image_and_float32_input():
     for fn in (psnr, ssim):
         batch = fn(pred, target)
         assert batch.shape == (2,)
-        single = torch.cat([fn(pred[i:i + 1], target[i:i + 1]) for i in range(2)])
+        single = torch.cat([fn(pred[i : i + 1], target[i : i + 1]) for i in range(2)])
         torch.testing.assert_close(batch, single, rtol=0, atol=1e-12)
         # float32 inputs (the model's dtype) are upcast internally; only the .5-level rounding ties could differ.
         torch.testing.assert_close(fn(pred.float(), target.float()), batch, rtol=0, atol=1e-3)

@@ -119,16 +119,23 @@ def _drive(spec_path: Path) -> int:
     cluster = Cluster(
         initialize_head=True,
         head_node_args=dict(
-            num_cpus=HEAD_CPUS, num_gpus=0, node_ip_address="127.0.0.1", gcs_server_port=spec["gcs_port"],
-            include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=spec["dashboard_port"],
-            dashboard_agent_listen_port=spec["agent_port"], object_store_memory=256 * MiB,
+            num_cpus=HEAD_CPUS,
+            num_gpus=0,
+            node_ip_address="127.0.0.1",
+            gcs_server_port=spec["gcs_port"],
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=spec["dashboard_port"],
+            dashboard_agent_listen_port=spec["agent_port"],
+            object_store_memory=256 * MiB,
             # A SIGKILLed raylet is declared dead after 5 failed health checks: 5 s instead of 15 s.
             _system_config={"health_check_period_ms": 1000},
         ),
-    )  # fmt: skip
+    )
     try:
-        worker = cluster.add_node(num_cpus=WORKER_NODE_CPUS, num_gpus=0, node_ip_address="127.0.0.1",
-                                  object_store_memory=150 * MiB)  # fmt: skip
+        worker = cluster.add_node(
+            num_cpus=WORKER_NODE_CPUS, num_gpus=0, node_ip_address="127.0.0.1", object_store_memory=150 * MiB
+        )
         cluster.wait_for_nodes()
         init_ray(cluster.address)
         head_id, worker_id = cluster.head_node.node_id, worker.node_id
@@ -152,8 +159,13 @@ def _drive(spec_path: Path) -> int:
                     time.sleep(0.1)
                 else:
                     return
-                record(before_loss={"checkpoint_step": max(saved), "reports": len(reports),
-                                    "worker_nodes": _train_worker_nodes()})  # fmt: skip
+                record(
+                    before_loss={
+                        "checkpoint_step": max(saved),
+                        "reports": len(reports),
+                        "worker_nodes": _train_worker_nodes(),
+                    }
+                )
                 cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: a lost machine, no goodbye
                 record(lost=time.time())
                 dead = restarted = None
@@ -161,8 +173,9 @@ def _drive(spec_path: Path) -> int:
                     if dead is None and not any(n["NodeID"] == worker_id and n["Alive"] for n in ray.nodes()):
                         dead = time.time()
                         record(declared_dead=dead)
-                    if restarted is None and any(r.get("resumed_from_step", 0) > 0
-                                                 for r in read_metrics_log(metrics_path)):  # fmt: skip
+                    if restarted is None and any(
+                        r.get("resumed_from_step", 0) > 0 for r in read_metrics_log(metrics_path)
+                    ):
                         restarted = time.time()
                         record(restarted=restarted)
                     if dead is not None and restarted is not None:
@@ -177,8 +190,11 @@ def _drive(spec_path: Path) -> int:
         watcher.start()
         record(start=time.time())
         result = fit(run)
-        record(finished=time.time(), error=None if result.error is None else repr(result.error),
-               checkpoint=None if result.checkpoint is None else result.checkpoint.path)  # fmt: skip
+        record(
+            finished=time.time(),
+            error=None if result.error is None else repr(result.error),
+            checkpoint=None if result.checkpoint is None else result.checkpoint.path,
+        )
         stop.set()
         watcher.join(timeout=30)
     finally:
@@ -236,8 +252,13 @@ def test_training_survives_losing_a_node(tmp_path, s3_server, tiny_dataset):
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
     gcs_port, dashboard_port = free_loopback_port(), free_loopback_port()
-    spec = {"gcs_port": gcs_port, "dashboard_port": dashboard_port, "agent_port": free_loopback_port(),
-            "events": str(tmp_path / "events.json"), "config": _train_config(str(tiny_dataset), str(out))}  # fmt: skip
+    spec = {
+        "gcs_port": gcs_port,
+        "dashboard_port": dashboard_port,
+        "agent_port": free_loopback_port(),
+        "events": str(tmp_path / "events.json"),
+        "config": _train_config(str(tiny_dataset), str(out)),
+    }
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
 
@@ -257,8 +278,14 @@ def test_training_survives_losing_a_node(tmp_path, s3_server, tiny_dataset):
     seen: dict[int, int] = {}
     began = time.monotonic()
     with log_path.open("w") as log:
-        driver = subprocess.Popen([sys.executable, __file__, str(spec_path)], cwd=REPO_ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        driver = subprocess.Popen(
+            [sys.executable, __file__, str(spec_path)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         while driver.poll() is None and time.monotonic() - began < DRIVER_TIMEOUT_S:
             _tracked(driver.pid, seen)
@@ -332,8 +359,11 @@ def _alive(seen: dict[int, int]) -> bool:
     from conftest import process_table
 
     table = process_table()
-    return any((info := table.get(pid)) is not None and info.started == started and info.state != "Z"
-               for pid, started in seen.items() if pid != os.getpid())  # fmt: skip
+    return any(
+        (info := table.get(pid)) is not None and info.started == started and info.state != "Z"
+        for pid, started in seen.items()
+        if pid != os.getpid()
+    )
 
 
 def _tail(path: Path, chars: int = 6000) -> str:

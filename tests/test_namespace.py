@@ -69,8 +69,9 @@ def test_stdlib_platform_in_ray_task_with_repo_working_dir(repo_root):
     # the session's Ray back afterwards.
     was_running = ray.is_initialized()
     ray.shutdown()
-    start_local_ray(runtime_env={"working_dir": str(repo_root),
-                                 "excludes": [".venv", ".git", "outputs", "runs", "data"]})
+    start_local_ray(
+        runtime_env={"working_dir": str(repo_root), "excludes": [".venv", ".git", "outputs", "runs", "data"]}
+    )
     try:
 
         @ray.remote

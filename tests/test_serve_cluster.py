@@ -48,8 +48,15 @@ APP, DEPLOYMENT = "datprl", "Restorer"
 # Autoscaling for the test copy: target 2 ongoing requests per replica, so the single client of the redeploy phase
 # (at most 1 in flight) never asks for a second replica and the 6 clients of the load phase always do. Ray's defaults
 # (30 s window, reports every 10 s) would add about a minute each way.
-AUTOSCALING = dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1, downscale_delay_s=3,
-                   look_back_period_s=4, metrics_interval_s=1)  # fmt: skip
+AUTOSCALING = dict(
+    min_replicas=1,
+    max_replicas=2,
+    target_ongoing_requests=2,
+    upscale_delay_s=1,
+    downscale_delay_s=3,
+    look_back_period_s=4,
+    metrics_interval_s=1,
+)
 LOAD_CLIENTS = 6
 PHASE_TIMEOUT_S = 180
 
@@ -96,19 +103,34 @@ class ServeHead:
         # datprl.serve.app.start_serve gives a controller it starts; `serve deploy` starts it from the dashboard).
         self.start_env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", **_TOLERANT_CONTROLLER_ENV}
         self.args = [
-            "--head", f"--num-cpus={num_cpus}", "--num-gpus=0", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            f"--dashboard-agent-listen-port={free_loopback_port()}", f"--ray-client-server-port={free_loopback_port()}",
-            f"--object-store-memory={object_store_mib * MiB}", f"--temp-dir={self.temp}", "--disable-usage-stats",
-        ]  # fmt: skip
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_loopback_port()}",
+            f"--ray-client-server-port={free_loopback_port()}",
+            f"--object-store-memory={object_store_mib * MiB}",
+            f"--temp-dir={self.temp}",
+            "--disable-usage-stats",
+        ]
         self.session: int | None = None
         self.outlived_sigterm: list[str] = []  # names of the processes that stop() had to SIGKILL
 
     def start(self) -> None:
         # start_new_session: `ray start` leads a session of its own; the daemons and the workers the raylet forks keep
         # that session id, which is how stop() finds exactly them.
-        proc = subprocess.Popen([*_cli("ray"), "start", *self.args], env=self.start_env, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [*_cli("ray"), "start", *self.args],
+            env=self.start_env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.session = proc.pid
         assert self.session != os.getsid(0)
         try:
@@ -119,8 +141,14 @@ class ServeHead:
         assert proc.returncode == 0, f"ray start failed:\n{out[-4000:]}"
 
     def serve(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*_cli("serve"), *args, "--address", self.dashboard], env=self.env, capture_output=True,
-                              text=True, timeout=timeout, cwd=self.temp)  # fmt: skip
+        return subprocess.run(
+            [*_cli("serve"), *args, "--address", self.dashboard],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.temp,
+        )
 
     def deploy(self, config: Path) -> None:
         """`serve deploy CONFIG`; right after `ray start` the dashboard's Serve API may not answer yet: retried."""
@@ -139,8 +167,9 @@ class ServeHead:
 
     def details(self) -> dict:
         """The Serve REST API's view of the instance (applications, deployments, replicas and their states)."""
-        reply = requests.get(f"{self.dashboard}/api/serve/applications/", timeout=30,
-                             headers={"Authorization": f"Bearer {self.token}"})  # fmt: skip
+        reply = requests.get(
+            f"{self.dashboard}/api/serve/applications/", timeout=30, headers={"Authorization": f"Bearer {self.token}"}
+        )
         reply.raise_for_status()
         return reply.json()
 
@@ -207,8 +236,13 @@ class Clients:
                 started = time.monotonic()
                 try:
                     reply = session.post(self.url, data=self.body, headers={"Content-Type": "image/png"}, timeout=150)
-                    record = (started, time.monotonic(), reply.status_code, reply.headers.get("x-weights-sha256"),
-                              "" if reply.status_code == 200 else reply.text[:300])  # fmt: skip
+                    record = (
+                        started,
+                        time.monotonic(),
+                        reply.status_code,
+                        reply.headers.get("x-weights-sha256"),
+                        "" if reply.status_code == 200 else reply.text[:300],
+                    )
                 except requests.RequestException as error:
                     record = (started, time.monotonic(), None, None, repr(error)[:300])
                 with self._lock:
@@ -284,8 +318,11 @@ def test_serve_deploy_redeploy_and_autoscale_on_a_local_head(tmp_path):
     with head:
         mark("head started (token auth on)")
         # Token auth is on: the Serve REST API refuses a request without the token.
-        _wait("the dashboard to refuse a request without the token",
-              lambda: _get(f"{head.dashboard}/api/serve/applications/", 401, 403), timeout=60)  # fmt: skip
+        _wait(
+            "the dashboard to refuse a request without the token",
+            lambda: _get(f"{head.dashboard}/api/serve/applications/", 401, 403),
+            timeout=60,
+        )
 
         # -- deploy: serve status reaches RUNNING, the endpoint answers ---------------------------------------------
         deploy_started = mark("serve deploy (weights seed 1)")
@@ -322,13 +359,18 @@ def test_serve_deploy_redeploy_and_autoscale_on_a_local_head(tmp_path):
             _wait("the responses to switch to the new weights", switched)
         records, errors = loop.snapshot(), loop.errors()
         first_new = min(r[1] for r in records if r[3] == new_hash)  # when the first new-weights reply arrived
-        switched_at = mark(f"redeploy: first reply with the new hash ({first_new - t0 - redeploy_started:.1f} s "
-                           f"after serve deploy)", at=first_new)  # fmt: skip
+        switched_at = mark(
+            f"redeploy: first reply with the new hash ({first_new - t0 - redeploy_started:.1f} s after serve deploy)",
+            at=first_new,
+        )
         hashes = [r[3] for r in records]
         old_after_new = sum(1 for r in records if r[3] == old_hash and r[1] > first_new)
-        print(f"[serve-cluster] redeploy loop: {len(records)} requests, {len(errors)} errors, "
-              f"{hashes.count(old_hash)} old / {hashes.count(new_hash)} new, {old_after_new} old after the first new, "
-              f"longest {max(r[1] - r[0] for r in records):.1f} s", flush=True)  # fmt: skip
+        print(
+            f"[serve-cluster] redeploy loop: {len(records)} requests, {len(errors)} errors, "
+            f"{hashes.count(old_hash)} old / {hashes.count(new_hash)} new, {old_after_new} old after the first new, "
+            f"longest {max(r[1] - r[0] for r in records):.1f} s",
+            flush=True,
+        )
         assert not errors, errors[:3]
         assert Counter(hashes).keys() == {old_hash, new_hash}, Counter(hashes)
         # The loop spanned the redeploy: requests before it, and requests sent while it was under way.
@@ -381,7 +423,15 @@ def test_serve_deploy_redeploy_and_autoscale_on_a_local_head(tmp_path):
         "[serve-cluster] timeline: deployed at {:.1f} s ({:.1f} s after serve deploy), redeploy switched at {:.1f} s "
         "({:.1f} s after serve deploy), scaled to 2 at {:.1f} s ({:.1f} s after the load began), back to 1 at {:.1f} s "
         "({:.1f} s after the load stopped), total {:.1f} s".format(
-            deployed, deployed - deploy_started, switched_at, switched_at - redeploy_started, up, up - load_started,
-            down, down - load_stopped, total),
+            deployed,
+            deployed - deploy_started,
+            switched_at,
+            switched_at - redeploy_started,
+            up,
+            up - load_started,
+            down,
+            down - load_stopped,
+            total,
+        ),
         flush=True,
-    )  # fmt: skip
+    )

@@ -58,8 +58,10 @@ def _canvas_blend(outputs: dict, height: int, width: int, tile: int, overlap: in
     return (total / weight).float()
 
 
-@pytest.mark.parametrize("height,width,tile,overlap", [(200, 130, 64, 16), (40, 50, 64, 16), (100, 300, 32, 0),
-                                                       (129, 257, 64, 31), (64, 64, 64, 16)])  # fmt: skip
+@pytest.mark.parametrize(
+    "height,width,tile,overlap",
+    [(200, 130, 64, 16), (40, 50, 64, 16), (100, 300, 32, 0), (129, 257, 64, 31), (64, 64, 64, 16)],
+)
 def test_strip_blender_equals_the_full_canvas_blend(height, width, tile, overlap):
     tiles = tile_grid(height, width, tile, overlap)
     generator = torch.Generator().manual_seed(height * width)
@@ -126,11 +128,23 @@ def _source(channels: int, bits: int, fmt: str = "png", height: int = 37, width:
     return DecodedImage(fmt, colour, alpha, bits, 2**bits - 1)
 
 
-@pytest.mark.parametrize("channels,bits,fmt,out_bits", [
-    (1, 8, "png", None), (2, 8, "png", None), (3, 8, "png", None), (4, 8, "png", None), (1, 16, "png", None),
-    (3, 16, "png", None), (4, 16, "png", 8), (3, 8, "png", 16), (3, 8, "tiff", None), (4, 16, "tiff", None),
-    (3, 8, "jpeg", None), (4, 8, "jpeg", None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "channels,bits,fmt,out_bits",
+    [
+        (1, 8, "png", None),
+        (2, 8, "png", None),
+        (3, 8, "png", None),
+        (4, 8, "png", None),
+        (1, 16, "png", None),
+        (3, 16, "png", None),
+        (4, 16, "png", 8),
+        (3, 8, "png", 16),
+        (3, 8, "tiff", None),
+        (4, 16, "tiff", None),
+        (3, 8, "jpeg", None),
+        (4, 8, "jpeg", None),
+    ],
+)
 def test_output_writer_in_strips_equals_one_piece(channels, bits, fmt, out_bits):
     source = _source(channels, bits)
     restored = np.random.default_rng(1).random((3, 37, 53)).astype(np.float32) * 1.2 - 0.1  # some out of [0, 1]

@@ -50,8 +50,12 @@ def test_sniff_and_content_type_rules():
     assert check_content_type(png, "image/png") == "png"
     assert check_content_type(png, "application/octet-stream") == "png"
     assert check_content_type(png, None) == "png"
-    for content_type, status in [("text/plain", 415), ("application/x-www-form-urlencoded", 415),
-                                 ("image/jpeg", 415), ("image/gif", 415)]:
+    for content_type, status in [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("image/jpeg", 415),
+        ("image/gif", 415),
+    ]:
         with pytest.raises(RequestError) as info:
             check_content_type(png, content_type)
         assert info.value.status == status and content_type.split("/")[1] in info.value.error
@@ -71,17 +75,29 @@ def test_dicom_preamble_holding_a_tiff_header_is_dicom():
     assert sniff(data) == "dicom"
 
 
-@pytest.mark.parametrize("shape,dtype,fmt", [
-    ((20, 30, 3), np.uint8, "png"), ((20, 30), np.uint8, "png"), ((20, 30, 4), np.uint8, "png"),
-    ((20, 30), np.uint16, "png"), ((20, 30, 3), np.uint16, "png"), ((20, 30, 4), np.uint16, "png"),
-    ((20, 30, 3), np.uint8, "tiff"), ((20, 30), np.uint16, "tiff"), ((20, 30, 3), np.uint16, "tiff"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape,dtype,fmt",
+    [
+        ((20, 30, 3), np.uint8, "png"),
+        ((20, 30), np.uint8, "png"),
+        ((20, 30, 4), np.uint8, "png"),
+        ((20, 30), np.uint16, "png"),
+        ((20, 30, 3), np.uint16, "png"),
+        ((20, 30, 4), np.uint16, "png"),
+        ((20, 30, 3), np.uint8, "tiff"),
+        ((20, 30), np.uint16, "tiff"),
+        ((20, 30, 3), np.uint16, "tiff"),
+    ],
+)
 def test_encode_decode_round_trip_is_exact(shape, dtype, fmt):
     rng = np.random.default_rng(0)
     values = (rng.random(shape) * np.iinfo(dtype).max).astype(dtype)
     bits = np.iinfo(dtype).bits
-    colour, alpha = (values[..., None], None) if values.ndim == 2 else (
-        (values[..., :-1], values[..., -1]) if values.shape[2] == 4 else (values, None))
+    colour, alpha = (
+        (values[..., None], None)
+        if values.ndim == 2
+        else ((values[..., :-1], values[..., -1]) if values.shape[2] == 4 else (values, None))
+    )
     source = DecodedImage(fmt, colour, alpha, bits, 2**bits - 1)
     data, described = encode(source.to_unit(), source, fmt)
     back = decode(data, check_content_type(data, None), 10**6)
@@ -150,8 +166,9 @@ def test_tiff_samples_and_depth_are_checked_before_decoding(monkeypatch):
         raise AssertionError("asarray must not run for a rejected TIFF")
 
     # 64x64 pixels pass max_pixels, but 1000 samples per pixel would decode to ~470x the file's size.
-    bomb = _tiff(np.zeros((64, 64, 1000), np.uint8), photometric="minisblack", planarconfig="contig",
-                 compression="zlib")
+    bomb = _tiff(
+        np.zeros((64, 64, 1000), np.uint8), photometric="minisblack", planarconfig="contig", compression="zlib"
+    )
     volume = _tiff(np.zeros((4, 16, 16), np.uint8), photometric="minisblack", volumetric=True)
     monkeypatch.setattr(tifffile.TiffPage, "asarray", never)
     for data, word in ((bomb, "1000 samples"), (volume, "image depth 4")):
@@ -181,8 +198,13 @@ def test_tiff_photometric_modes():
     assert converted.alpha is None and converted.pixels.shape == (8, 8, 3)
     np.testing.assert_array_equal(converted.pixels[0, 0], [0, 255, 255])
 
-    gray_extra = decode(_tiff(np.zeros((8, 8, 2), np.uint8), photometric="minisblack", planarconfig="contig",
-                              extrasamples=["unassalpha"]), "tiff", 10**6)
+    gray_extra = decode(
+        _tiff(
+            np.zeros((8, 8, 2), np.uint8), photometric="minisblack", planarconfig="contig", extrasamples=["unassalpha"]
+        ),
+        "tiff",
+        10**6,
+    )
     assert (gray_extra.colour_channels, gray_extra.alpha is not None) == (1, True)
     with pytest.raises(RequestError) as info:
         decode(_tiff(np.zeros((8, 8, 3), np.uint8), photometric="cielab"), "tiff", 10**6)
@@ -248,8 +270,10 @@ def test_decompression_bomb_warning_filter_is_installed_once_at_import():
     from datprl.serve import codec
 
     assert "with warnings.catch_warnings()" not in Path(codec.__file__).read_text()
-    check = ("import warnings; from PIL import Image; import datprl.serve.codec; "
-             "assert any(f[0] == 'ignore' and f[2] is Image.DecompressionBombWarning for f in warnings.filters)")
+    check = (
+        "import warnings; from PIL import Image; import datprl.serve.codec; "
+        "assert any(f[0] == 'ignore' and f[2] is Image.DecompressionBombWarning for f in warnings.filters)"
+    )
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -343,8 +367,13 @@ def test_fresh_engine_says_untrained_and_weights_engine_reports_hash(tmp_path):
 def _provenance(steps: int = 7) -> dict:
     from datprl.platform.train.provenance import build_provenance
 
-    return build_provenance({"steps": steps, "data": {"dataset": "s3://private/corpus"}}, model_spec="paper_tiny",
-                            steps=steps, manifest_sha256="ab" * 32, evaluation=None)  # fmt: skip
+    return build_provenance(
+        {"steps": steps, "data": {"dataset": "s3://private/corpus"}},
+        model_spec="paper_tiny",
+        steps=steps,
+        manifest_sha256="ab" * 32,
+        evaluation=None,
+    )
 
 
 def test_trained_is_what_the_weights_provenance_says(tmp_path):
@@ -431,8 +460,14 @@ def test_autoscaling_timing_fields_match_ray():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AutoscalingConfig(**ours.to_ray())
-    short = config_from_args({"autoscaling.look_back_period_s": "4", "autoscaling.metrics_interval_s": "1",
-                              "autoscaling.upscale_delay_s": "1", "autoscaling.downscale_delay_s": "3"}).autoscaling
+    short = config_from_args(
+        {
+            "autoscaling.look_back_period_s": "4",
+            "autoscaling.metrics_interval_s": "1",
+            "autoscaling.upscale_delay_s": "1",
+            "autoscaling.downscale_delay_s": "3",
+        }
+    ).autoscaling
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Ray's note on a changed metrics_interval_s
         ray_short = AutoscalingConfig(**short.to_ray())
@@ -446,8 +481,11 @@ def test_serve_deploy_config_is_valid(repo_root):
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load((repo_root / "infra/serve.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else (
-        ServeDeploySchema.parse_obj(raw))
+    schema = (
+        ServeDeploySchema.model_validate(raw)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else (ServeDeploySchema.parse_obj(raw))
+    )
     assert schema.http_options.host == "127.0.0.1"
     app = schema.applications[0]
     assert app.import_path == "datprl.serve.app:build_app"
@@ -457,13 +495,15 @@ def test_serve_deploy_config_is_valid(repo_root):
 
 
 def test_job_help_lists_the_fields(repo_root):
-    out = subprocess.run([sys.executable, "jobs/serve.py", "--help"], cwd=repo_root, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "jobs/serve.py", "--help"], cwd=repo_root, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     for field in ("weights", "max_pixels", "tile_size", "autoscaling.max_replicas", "host", "ray_address"):
         assert field in out.stdout
-    bad = subprocess.run([sys.executable, "jobs/serve.py", "tile_size=100"], cwd=repo_root, capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "jobs/serve.py", "tile_size=100"], cwd=repo_root, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "tile_size" in bad.stderr
 
 
@@ -497,8 +537,9 @@ def replica(monkeypatch):
     from datprl.serve.app import Restorer
 
     # The only part of the batch queue that needs a running replica is a warning about max_ongoing_requests.
-    monkeypatch.setattr(ray.serve.batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
-                        lambda self: None)
+    monkeypatch.setattr(
+        ray.serve.batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None
+    )
     cls = Restorer.func_or_class.__wrapped__
     # Serve keeps one batch queue per decorated method (a replica is one process), bound to the event loop of its
     # first call: each test (one asyncio.run) starts with a fresh one.
@@ -506,8 +547,17 @@ def replica(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the replica sets it: undone afterwards
 
     def make(**settings):
-        base = dict(weights=None, tile_size=16, tile_overlap=4, tile_above_pixels=24 * 24, max_untiled_pixels=40 * 40,
-                    max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_tiled=1, max_pixels=400 * 400)
+        base = dict(
+            weights=None,
+            tile_size=16,
+            tile_overlap=4,
+            tile_above_pixels=24 * 24,
+            max_untiled_pixels=40 * 40,
+            max_batch_size=4,
+            batch_wait_timeout_s=0.05,
+            max_concurrent_tiled=1,
+            max_pixels=400 * 400,
+        )
         return cls(ServeConfig(**{**base, **settings}).model_dump(mode="json"))
 
     return make
@@ -527,8 +577,13 @@ def _request(body: bytes, content_type: str = "image/png", reads: list | None = 
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/restore", "query_string": b"",
-             "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/restore",
+        "query_string": b"",
+        "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+    }
     return Request(scope, receive)
 
 
@@ -625,8 +680,9 @@ def test_replica_batch_with_a_failing_group_fails_only_that_request(replica):
     r.engine.forward = flaky
 
     async def both():
-        return await asyncio.gather(r._forward(torch.rand(3, 16, 16)), r._forward(torch.rand(3, 16, 24)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            r._forward(torch.rand(3, 16, 16)), r._forward(torch.rand(3, 16, 24)), return_exceptions=True
+        )
 
     good, bad = asyncio.run(both())
     assert r.engine.stats["batches"] == 1  # both went through one @serve.batch call

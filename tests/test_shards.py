@@ -53,8 +53,9 @@ def _samples() -> list[tuple[SampleRecord, np.ndarray, np.ndarray]]:
     out = []
     astro = np.ascontiguousarray(data.astronaut()[100:164, 180:228])  # 64x48 RGB uint8
     noisy = np.clip(astro.astype(np.int16) + rng.integers(-20, 21, astro.shape), 0, 255).astype(np.uint8)
-    out.append((_record("astronaut_crop", noisy, astro, source_id="astronaut", source_package="scikit-image"),
-                noisy, astro))
+    out.append(
+        (_record("astronaut_crop", noisy, astro, source_id="astronaut", source_package="scikit-image"), noisy, astro)
+    )
     for i in range(3):
         gt = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
         lq = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
@@ -65,8 +66,16 @@ def _samples() -> list[tuple[SampleRecord, np.ndarray, np.ndarray]]:
         gt = rng.integers(0, 4096, (10, 14), dtype=np.uint16)
         gt[0, 0], gt[0, 1] = 4095, 256
         lq = np.clip(gt.astype(np.int32) + rng.integers(-50, 51, gt.shape), 0, 4095).astype(np.uint16)
-        rec = _record(f"ct16_{i}", lq, gt, task="ldct", split=("train", "train", "val")[i], units="HU",
-                      to_physical={"slope": 1.0, "intercept": -1024.0}, simulated=i == 2)
+        rec = _record(
+            f"ct16_{i}",
+            lq,
+            gt,
+            task="ldct",
+            split=("train", "train", "val")[i],
+            units="HU",
+            to_physical={"slope": 1.0, "intercept": -1024.0},
+            simulated=i == 2,
+        )
         out.append((rec, lq, gt))
     rs = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
     out.append((_record("sat_0", rs, domain="remote_sensing", task="dehaze", split="test"), rs, rs.copy()))
@@ -215,8 +224,14 @@ def test_writer_validates_samples(tmp_path):
 
 def _build(root: str, s3=None):
     samples = _samples()
-    with DatasetWriter(root, "unit", max_samples_per_shard=2, s3=s3, command=["build", "--x"],
-                       package_versions={"numpy": np.__version__}) as writer:
+    with DatasetWriter(
+        root,
+        "unit",
+        max_samples_per_shard=2,
+        s3=s3,
+        command=["build", "--x"],
+        package_versions={"numpy": np.__version__},
+    ) as writer:
         for rec, lq, gt in samples:
             writer.write(rec, lq, gt)
     return writer.manifest, samples
@@ -257,8 +272,14 @@ def test_dataset_round_trip_local(tmp_path):
     assert medical[0].units == "HU" and medical[0].to_physical == {"slope": 1.0, "intercept": -1024.0}
     # members follow the WebDataset convention, adjacent per sample
     names = [n for n, _ in _members(root / read.shards[0].path)]
-    assert names == ["astronaut_crop.json", "astronaut_crop.lq.png", "astronaut_crop.gt.png",
-                     "rgb8_0.json", "rgb8_0.lq.png", "rgb8_0.gt.png"]
+    assert names == [
+        "astronaut_crop.json",
+        "astronaut_crop.lq.png",
+        "astronaut_crop.gt.png",
+        "rgb8_0.json",
+        "rgb8_0.lq.png",
+        "rgb8_0.gt.png",
+    ]
 
 
 def test_shards_are_deterministic(tmp_path):
@@ -426,20 +447,38 @@ def _corrupt(five_shard, mutate):
 @pytest.mark.parametrize(
     ("case", "mutate", "reason"),
     [
-        ("undecodable image", lambda m: [(n, b"\x89PNG garbage" if n == "s2.gt.png" else d) for n, d in m],
-         "undecodable gt.png"),
-        ("truncated image", lambda m: [(n, d[: len(d) // 2] if n == "s2.lq.png" else d) for n, d in m],
-         "undecodable lq.png"),
+        (
+            "undecodable image",
+            lambda m: [(n, b"\x89PNG garbage" if n == "s2.gt.png" else d) for n, d in m],
+            "undecodable gt.png",
+        ),
+        (
+            "truncated image",
+            lambda m: [(n, d[: len(d) // 2] if n == "s2.lq.png" else d) for n, d in m],
+            "undecodable lq.png",
+        ),
         ("bad json", lambda m: [(n, b'{"key": "s2", ' if n == "s2.json" else d) for n, d in m], "bad JSON"),
-        ("schema", lambda m: [(n, d.replace(b'"natural"', b'"astro"') if n == "s2.json" else d) for n, d in m],
-         "schema"),
-        ("extra field", lambda m: [(n, d.replace(b"{", b'{"colour": 1, ', 1) if n == "s2.json" else d)
-                                   for n, d in m], "schema"),
-        ("record mismatch", lambda m: [(n, d.replace(b'"height":16', b'"height":17') if n == "s2.json" else d)
-                                       for n, d in m], "do not match the record"),
+        (
+            "schema",
+            lambda m: [(n, d.replace(b'"natural"', b'"astro"') if n == "s2.json" else d) for n, d in m],
+            "schema",
+        ),
+        (
+            "extra field",
+            lambda m: [(n, d.replace(b"{", b'{"colour": 1, ', 1) if n == "s2.json" else d) for n, d in m],
+            "schema",
+        ),
+        (
+            "record mismatch",
+            lambda m: [(n, d.replace(b'"height":16', b'"height":17') if n == "s2.json" else d) for n, d in m],
+            "do not match the record",
+        ),
         ("missing member", lambda m: [(n, d) for n, d in m if n != "s2.lq.png"], "missing member(s): lq.png"),
-        ("key mismatch", lambda m: [(n, d.replace(b'"key":"s2"', b'"key":"s9"') if n == "s2.json" else d)
-                                    for n, d in m], "does not match member key"),
+        (
+            "key mismatch",
+            lambda m: [(n, d.replace(b'"key":"s2"', b'"key":"s9"') if n == "s2.json" else d) for n, d in m],
+            "does not match member key",
+        ),
     ],
 )
 def test_corrupt_sample_is_skipped_and_reported(five_shard, case, mutate, reason):
@@ -506,7 +545,7 @@ def test_not_a_tar_and_damaged_header(tmp_path, five_shard):
     with tarfile.open(path) as tar:
         offset = tar.getmember("s3.json").offset
     data = bytearray(path.read_bytes())
-    data[offset + 148: offset + 156] = b"garbage!"  # header checksum field
+    data[offset + 148 : offset + 156] = b"garbage!"  # header checksum field
     path.write_bytes(bytes(data))
     report = CorruptionReport()
     _assert_same(list(iter_samples(str(path), report=report)), samples[:3])
@@ -595,8 +634,10 @@ def test_ray_reads_shards(tmp_path, ray_local):
     # decoder=None keeps raw bytes; decode_sample applies the same checks as iter_samples
     raw = ray.data.read_webdataset(urls, filesystem=fs, decoder=None).take_all()
     assert all(isinstance(r["lq.png"], bytes) and isinstance(r["json"], bytes) for r in raw)
-    _assert_same(sorted((sh.decode_sample(r) for r in raw), key=lambda s: s[0].key),
-                 sorted(expected.values(), key=lambda s: s[0].key))
+    _assert_same(
+        sorted((sh.decode_sample(r) for r in raw), key=lambda s: s[0].key),
+        sorted(expected.values(), key=lambda s: s[0].key),
+    )
     bad = dict(raw[0], **{"gt.png": b"junk"})
     with pytest.raises(CorruptSampleError, match=raw[0]["__key__"]):
         sh.decode_sample(bad)
@@ -612,5 +653,7 @@ def test_ray_reads_shards_from_s3(ray_local, s3_bucket):
     fs, _ = storage.filesystem(url, s3_bucket)
     paths = [u.removeprefix("s3://") for u in fmt.manifest_shard_urls(url, "val", s3_bucket)]
     rows = ray.data.read_webdataset(paths, filesystem=fs, decoder=None).take_all()
-    _assert_same(sorted((sh.decode_sample(r) for r in rows), key=lambda s: s[0].key),
-                 sorted(_by_split(samples, "val"), key=lambda s: s[0].key))
+    _assert_same(
+        sorted((sh.decode_sample(r) for r in rows), key=lambda s: s[0].key),
+        sorted(_by_split(samples, "val"), key=lambda s: s[0].key),
+    )

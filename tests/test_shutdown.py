@@ -31,15 +31,19 @@ def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     local Ray of its own (no RAY_ADDRESS)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _alive(processes: dict[int, ProcessInfo]) -> dict[int, ProcessInfo]:
     """Those of ``processes`` still running (same pid and start time; zombies are exited processes)."""
     table = process_table()
-    return {pid: table[pid] for pid, info in processes.items()
-            if pid in table and table[pid].started == info.started and table[pid].state != "Z"}  # fmt: skip
+    return {
+        pid: table[pid]
+        for pid, info in processes.items()
+        if pid in table and table[pid].started == info.started and table[pid].state != "Z"
+    }
 
 
 def _left_over(job: subprocess.Popen, seen: dict[int, ProcessInfo]) -> dict[int, ProcessInfo]:
@@ -67,8 +71,10 @@ def _stop_and_check(job: subprocess.Popen, signum: int, seen: dict[int, ProcessI
     try:
         job.wait(STOP_WITHIN_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the job did not exit within {STOP_WITHIN_S:.0f} s of {signal.Signals(signum).name}:\n"
-                    f"{log.read_text()[-3000:]}")  # fmt: skip
+        pytest.fail(
+            f"the job did not exit within {STOP_WITHIN_S:.0f} s of {signal.Signals(signum).name}:\n"
+            f"{log.read_text()[-3000:]}"
+        )
     left = _left_over(job, seen)
     while left and time.monotonic() - sent < STOP_WITHIN_S:
         time.sleep(0.5)
@@ -179,9 +185,20 @@ def test_train_job_stops_the_ray_it_started(repo_root, tmp_path):
 
     dataset = write_tiny_dataset(tmp_path / "data")
     log = tmp_path / "train.log"
-    args = [f"data.dataset={dataset}", "build_dataset_if_missing=false", f"storage={tmp_path / 'runs'}",
-            f"output_dir={tmp_path / 'out'}", "name=stopped", "steps=100000", "data.crop_size=32", "num_workers=1",
-            "cpus_per_worker=0.5", "use_gpu=false", "evaluate_split=null", "checkpoint_every=100000"]  # fmt: skip
+    args = [
+        f"data.dataset={dataset}",
+        "build_dataset_if_missing=false",
+        f"storage={tmp_path / 'runs'}",
+        f"output_dir={tmp_path / 'out'}",
+        "name=stopped",
+        "steps=100000",
+        "data.crop_size=32",
+        "num_workers=1",
+        "cpus_per_worker=0.5",
+        "use_gpu=false",
+        "evaluate_split=null",
+        "checkpoint_every=100000",
+    ]
     job = _start([str(repo_root / "jobs/train.py"), *args], tmp_path, log)
     seen: dict[int, ProcessInfo] = {}
     try:

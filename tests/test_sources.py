@@ -12,12 +12,30 @@ import pytest
 from datprl.platform.data import sources as S
 
 EXPECTED_IDS = {
-    *(f"skimage/{n}" for n in ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "stereo_motorcycle",
-                                "retina", "immunohistochemistry")),
-    "sklearn/china", "sklearn/flower", "matplotlib/grace_hopper", "glymur/nemo",
-    "pydicom/CT/693_UNCI", "pydicom/CT/explicit_VR-UN", "pydicom/CT/CT_small",
-    "pydicom/CT/eCT_Supplemental/f0", "pydicom/CT/eCT_Supplemental/f1",
-    "pydicom/MR/MR2_UNCI", "pydicom/MR/MR-SIEMENS-DICOM-WithOverlays",
+    *(
+        f"skimage/{n}"
+        for n in (
+            "astronaut",
+            "coffee",
+            "rocket",
+            "chelsea",
+            "hubble_deep_field",
+            "stereo_motorcycle",
+            "retina",
+            "immunohistochemistry",
+        )
+    ),
+    "sklearn/china",
+    "sklearn/flower",
+    "matplotlib/grace_hopper",
+    "glymur/nemo",
+    "pydicom/CT/693_UNCI",
+    "pydicom/CT/explicit_VR-UN",
+    "pydicom/CT/CT_small",
+    "pydicom/CT/eCT_Supplemental/f0",
+    "pydicom/CT/eCT_Supplemental/f1",
+    "pydicom/MR/MR2_UNCI",
+    "pydicom/MR/MR-SIEMENS-DICOM-WithOverlays",
     *(f"pydicom/MR/emri_small/f{f}" for f in (0, 3, 6, 9)),
     "pydicom/NM/JPEG2000",
     *(f"nilearn/mni152_t1/z{z:03d}" for z in range(20, 150, 10)),
@@ -114,9 +132,11 @@ def test_mr_and_nm_map_back_to_the_dicom_values(loaded):
     import pydicom
     from pydicom.data import get_testdata_file
 
-    for sid, filename, frame in (("pydicom/MR/MR2_UNCI", "MR2_UNCI.dcm", None),
-                                 ("pydicom/MR/emri_small/f6", "emri_small.dcm", 6),
-                                 ("pydicom/NM/JPEG2000", "JPEG2000.dcm", None)):
+    for sid, filename, frame in (
+        ("pydicom/MR/MR2_UNCI", "MR2_UNCI.dcm", None),
+        ("pydicom/MR/emri_small/f6", "emri_small.dcm", 6),
+        ("pydicom/NM/JPEG2000", "JPEG2000.dcm", None),
+    ):
         source, image = loaded[sid]
         ds = pydicom.dcmread(get_testdata_file(filename, download=False))
         raw = ds.pixel_array if frame is None else ds.pixel_array[frame]

@@ -107,8 +107,11 @@ def test_ct_storage_is_exact_against_the_file(loaded):
 def test_reorientation_puts_anterior_up():
     # brain1's NRRD runs its second axis towards anterior (space direction -y in LPS), so its rows are flipped;
     # Colin27's NIfTI is RAS, so both in-plane axes are flipped; TotalSegmentator's NIfTI is already LPS.
-    flips = {"pyradiomics/brain1": (False, True), "mricron-data/colin27_t1": (True, True),
-             "totalsegmentator/chest_cta": (False, False)}  # fmt: skip
+    flips = {
+        "pyradiomics/brain1": (False, True),
+        "mricron-data/colin27_t1": (True, True),
+        "totalsegmentator/chest_cta": (False, False),
+    }
     for volume in M.VOLUMES:
         if volume.group not in flips:
             continue
@@ -117,8 +120,9 @@ def test_reorientation_puts_anterior_up():
         raw = raw[::-1] if flip_x else raw
         raw = raw[:, ::-1] if flip_y else raw
         z = volume.slices[len(volume.slices) // 2]
-        np.testing.assert_array_equal(M._axial(volume, str(P.package_root(volume.package) / volume.path), z)[0],
-                                      raw[:, :, z].T)  # fmt: skip
+        np.testing.assert_array_equal(
+            M._axial(volume, str(P.package_root(volume.package) / volume.path), z)[0], raw[:, :, z].T
+        )
 
 
 def test_mr_maps_back_to_the_file_values(loaded):

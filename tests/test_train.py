@@ -168,8 +168,19 @@ def test_same_name_resumes_from_its_checkpoint(first_run, ray_local, dataset):
     assert restored.shape == (1, 3, 24, 24) and torch.isfinite(restored).all()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="the GPU flavour needs 2 GPUs (infra/gpu-check.sh runs it when lent)"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                torch.cuda.device_count() < 2,
+                reason="the GPU flavour needs 2 GPUs (infra/gpu-check.sh runs it when lent)",
+            ),
+        ),
+    ],
+)
 def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_path, device):
     """The same 3 Adam steps on a fixed global batch of 4: two DDP workers (Ray Train, 2 x 0.5 CPU, or one GPU each
     over NCCL) on 2 images each vs one plain process (this one, no DDP) on all 4, both through ``train_step``, in
@@ -184,8 +195,9 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    config = TrainConfig(loss=LossWeights(balance=0.0), optim=OptimConfig(lr=1e-3),
-                         compute=ComputeConfig(precision="fp32"))  # fmt: skip
+    config = TrainConfig(
+        loss=LossWeights(balance=0.0), optim=OptimConfig(lr=1e-3), compute=ComputeConfig(precision="fp32")
+    )
     global_batch, steps = 4, 3
 
     def train(config: TrainConfig, rank: int, world: int, wrap, device: torch.device) -> tuple[dict, dict]:
@@ -211,8 +223,18 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
         for _ in range(steps):
             lq = torch.rand(global_batch, 3, 32, 32, generator=data)
             gt = (lq + 0.2 * torch.rand(global_batch, 3, 32, 32, generator=data)).clamp(0, 1)
-            train_step(net, model, {"lq": lq[part], "gt": gt[part]}, criterion, optimizer, scheduler, params, config,
-                       device, None)  # fmt: skip
+            train_step(
+                net,
+                model,
+                {"lq": lq[part], "gt": gt[part]},
+                criterion,
+                optimizer,
+                scheduler,
+                params,
+                config,
+                device,
+                None,
+            )
         return initial, {k: v.cpu() for k, v in model.state_dict().items()}
 
     def loop(loop_config):
@@ -222,16 +244,22 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         config = TrainConfig.model_validate(loop_config["config"])
-        _, final = train(config, rank, world, ray.train.torch.prepare_model,  # DDP for world > 1
-                         ray.train.torch.get_device())
+        _, final = train(
+            config,
+            rank,
+            world,
+            ray.train.torch.prepare_model,  # DDP for world > 1
+            ray.train.torch.get_device(),
+        )
         torch.save(final, Path(loop_config["out"]) / f"rank{rank}.pt")
         ray.train.report({"done": 1})
 
     trainer = TorchTrainer(
         loop,
         train_loop_config={"config": config_to_dict(config), "out": str(tmp_path)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5},
-                                               use_gpu=device == "cuda"),  # fmt: skip
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=2, resources_per_worker={"CPU": 0.5}, use_gpu=device == "cuda"
+        ),
         run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path / "storage")),
     )
     assert trainer.fit().error is None
@@ -257,13 +285,29 @@ def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_
     from datprl.platform.train.fit import training_tasks
 
     config = _config(
-        dataset, tmp_path, name="two-workers", steps=12, num_workers=2, cpus_per_worker=0.5,
-        data=DataConfig(dataset=str(dataset), crop_size=16, tasks=["haze", "ct_low_dose", "cloud"], per_task_batch=2,
-                        shuffle_buffer=4, eval_crop=32),
-        zero_shot_tasks=["cloud"], evaluate_split="val", validate_every=6, log_every=6, checkpoint_every=12,
+        dataset,
+        tmp_path,
+        name="two-workers",
+        steps=12,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        data=DataConfig(
+            dataset=str(dataset),
+            crop_size=16,
+            tasks=["haze", "ct_low_dose", "cloud"],
+            per_task_batch=2,
+            shuffle_buffer=4,
+            eval_crop=32,
+        ),
+        zero_shot_tasks=["cloud"],
+        evaluate_split="val",
+        validate_every=6,
+        log_every=6,
+        checkpoint_every=12,
         compute=ComputeConfig(precision="fp16", channels_last=True, adam_impl="fused"),
-        optim=OptimConfig(lr=1e-3, lr_scaling="linear", min_lr=1e-3), loss=LossWeights(input_relative="task"),
-    )  # fmt: skip
+        optim=OptimConfig(lr=1e-3, lr_scaling="linear", min_lr=1e-3),
+        loss=LossWeights(input_relative="task"),
+    )
     counts = {c.task: c.samples for c in read_manifest(str(dataset)).counts if c.split == "train"}
     assert counts["ct_low_dose"] < counts["haze"]  # the unbalanced case this test is about
     assert training_tasks(config) == (["haze", "ct_low_dose"], ["cloud"])
@@ -299,8 +343,12 @@ def test_relative_local_paths_are_resolved_for_the_workers(tmp_path, monkeypatch
     from datprl.platform.train.fit import _absolute_local_paths
 
     monkeypatch.chdir(tmp_path)
-    config = TrainConfig(data=DataConfig(dataset="data/default"), text_embeddings="s3://bucket/emb.parquet",
-                         storage="runs", output_dir="outputs/train")  # fmt: skip
+    config = TrainConfig(
+        data=DataConfig(dataset="data/default"),
+        text_embeddings="s3://bucket/emb.parquet",
+        storage="runs",
+        output_dir="outputs/train",
+    )
     resolved = _absolute_local_paths(config)
     assert resolved.data.dataset == str(tmp_path / "data/default")
     assert resolved.storage == str(tmp_path / "runs") and resolved.output_dir == str(tmp_path / "outputs/train")

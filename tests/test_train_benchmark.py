@@ -16,8 +16,19 @@ from conftest import TINY_TASKS as TASKS
 @pytest.mark.ray
 def test_tiny_run_times_equal_work(ray_local, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = [f"dataset={tiny_dataset}", "variant=paper_tiny", "crop_size=32", "per_task_batch=2", "steps=4",
-            "warmup_steps=1", "report_every=1", "rounds=1", "threads=1", "shuffle_buffer=4", f"json_out={out}"]
+    argv = [
+        f"dataset={tiny_dataset}",
+        "variant=paper_tiny",
+        "crop_size=32",
+        "per_task_batch=2",
+        "steps=4",
+        "warmup_steps=1",
+        "report_every=1",
+        "rounds=1",
+        "threads=1",
+        "shuffle_buffer=4",
+        f"json_out={out}",
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     bare, ray_train = report["results"]
@@ -36,9 +47,21 @@ def test_tiny_run_times_equal_work(ray_local, tiny_dataset, tmp_path, capsys):
     assert format_report(report) in printed
 
 
-@pytest.mark.parametrize("override", ["dataset=s3://bucket/ds", "steps=0", "steps=15", "warmup_steps=5",
-                                      "warmup_steps=0", "cpus_per_worker=2", "rounds=0", "threads=0",
-                                      "omp_wait_policy=spin", "nope=1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "dataset=s3://bucket/ds",
+        "steps=0",
+        "steps=15",
+        "warmup_steps=5",
+        "warmup_steps=0",
+        "cpus_per_worker=2",
+        "rounds=0",
+        "threads=0",
+        "omp_wait_policy=spin",
+        "nope=1",
+    ],
+)
 def test_bad_options_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError):
         load_config(TrainBenchmarkConfig, overrides=[override])

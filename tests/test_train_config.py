@@ -43,12 +43,19 @@ def test_overrides_of_scalars_and_pool_removal():
     assert _resolved("model.task_pool.top_k=2", "model.variant=paper").task_pool.size == 15
 
 
-@pytest.mark.parametrize("overrides, field, words", [
-    (["model.variant=paper_tiny", "model.task_pool.top_k=9"], "model.task_pool", "top_k=9 exceeds task_pool.size=6"),
-    (["model.variant=nope"], "model.variant", "paper_tiny"),
-    (["model.variant=paper", "model.task_pool=null"], "model", "a domain pool needs a task pool"),
-    (["model.prompt_dim=0"], "model", "prompt_dim"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, field, words",
+    [
+        (
+            ["model.variant=paper_tiny", "model.task_pool.top_k=9"],
+            "model.task_pool",
+            "top_k=9 exceeds task_pool.size=6",
+        ),
+        (["model.variant=nope"], "model.variant", "paper_tiny"),
+        (["model.variant=paper", "model.task_pool=null"], "model", "a domain pool needs a task pool"),
+        (["model.prompt_dim=0"], "model", "prompt_dim"),
+    ],
+)
 def test_bad_model_sections_name_the_field(overrides, field, words):
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, None, overrides)
@@ -139,8 +146,11 @@ def _fake_checkpoint(run_dir, saved: dict, step: int | None, name: str = "checkp
 
 
 def _config(tmp_path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, None, [f"storage={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}",
-                                           "name=r", "steps=20", *overrides])  # fmt: skip
+    return load_config(
+        TrainConfig,
+        None,
+        [f"storage={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}", "name=r", "steps=20", *overrides],
+    )
 
 
 def test_a_mismatched_run_is_refused_naming_fields_and_fix(tmp_path):
@@ -196,8 +206,14 @@ def test_main_stops_before_ray_on_a_mismatch_and_on_a_complete_run(tmp_path, mon
     from conftest import write_tiny_dataset
 
     dataset = write_tiny_dataset(tmp_path / "data")
-    args = [f"storage={tmp_path / 'runs'}", f"output_dir={tmp_path / 'out'}", "name=r", "steps=20",
-            f"data.dataset={dataset}", "build_dataset_if_missing=false"]  # fmt: skip
+    args = [
+        f"storage={tmp_path / 'runs'}",
+        f"output_dir={tmp_path / 'out'}",
+        "name=r",
+        "steps=20",
+        f"data.dataset={dataset}",
+        "build_dataset_if_missing=false",
+    ]
     trained = load_config(TrainConfig, None, args)
     _fake_checkpoint(tmp_path / "runs" / "r", config_to_dict(fit_module.prepare(trained).config), step=20)
     save_model(create_model("paper_tiny"), tmp_path / "out" / "model")
@@ -237,8 +253,11 @@ def test_a_new_run_keeps_an_earlier_runs_metrics_log_apart(tmp_path, monkeypatch
     monkeypatch.setattr(fit_module, "use_decoded_cache", lambda *args, **kwargs: False)
     monkeypatch.setattr(fit_module, "read_split", lambda *args, **kwargs: None)
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", StoppedTrainer)
-    monkeypatch.setattr(fit_module, "build_trainer", lambda run, callbacks=(): calls.append(run.status.kind) or
-                        real_build_trainer(run, callbacks))  # fmt: skip
+    monkeypatch.setattr(
+        fit_module,
+        "build_trainer",
+        lambda run, callbacks=(): calls.append(run.status.kind) or real_build_trainer(run, callbacks),
+    )
     dataset = write_tiny_dataset(tmp_path / "data")
     out = tmp_path / "out"
     out.mkdir()
@@ -312,8 +331,15 @@ def test_placement_strategy_reaches_ray_trains_scaling_config(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="placement_strategy"):
         _config(tmp_path, "placement_strategy=EVERYWHERE")
     dataset = write_tiny_dataset(tmp_path / "data")
-    config = _config(tmp_path, f"data.dataset={dataset}", "data.cache_decoded=false", "placement_strategy=SPREAD",
-                     "num_workers=[1,2]", "cpus_per_worker=0.5", "text_embeddings=null")  # fmt: skip
+    config = _config(
+        tmp_path,
+        f"data.dataset={dataset}",
+        "data.cache_decoded=false",
+        "placement_strategy=SPREAD",
+        "num_workers=[1,2]",
+        "cpus_per_worker=0.5",
+        "text_embeddings=null",
+    )
     monkeypatch.setattr(fit_module, "read_split", lambda *args, **kwargs: "train split")
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda loop, **kwargs: kwargs)
     kwargs = fit_module.build_trainer(fit_module.prepare(config))

@@ -24,8 +24,9 @@ from datprl.priors.encoders import project
 def _table(folder, vectors: np.ndarray, seed: int | None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     ids = [f"src{i}" for i in range(len(vectors))]
-    pq.write_table(pa.table({"source_id": ids, "embedding": list(vectors.astype(np.float32))}),
-                   folder / "descriptions.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"source_id": ids, "embedding": list(vectors.astype(np.float32))}), folder / "descriptions.parquet"
+    )
     if seed is not None:
         (folder / "manifest.json").write_text(json.dumps({"projection": {"seed": seed}}))
     return str(folder / "descriptions.parquet")
@@ -59,8 +60,10 @@ def test_centring_removes_the_shared_template_component(tmp_path):
     apart, and the table's mean direction no longer matches every row."""
     rng = np.random.default_rng(1)
     shared, a, b = rng.standard_normal((3, 384))
-    raw = np.stack([3 * shared + a + 0.1 * rng.standard_normal(384) for _ in range(4)]
-                   + [3 * shared + b + 0.1 * rng.standard_normal(384) for _ in range(4)])  # fmt: skip
+    raw = np.stack(
+        [3 * shared + a + 0.1 * rng.standard_normal(384) for _ in range(4)]
+        + [3 * shared + b + 0.1 * rng.standard_normal(384) for _ in range(4)]
+    )
     url = _table(tmp_path, raw, seed=0)
     plain = np.stack(list(load_text_embeddings(url, None, dim=384, centre=False).values()))
     centred = np.stack(list(load_text_embeddings(url, None, dim=384).values()))
@@ -122,8 +125,11 @@ def test_prototypes_are_unit_centroids_of_the_description_groups():
 
 
 def test_fewer_descriptions_than_keys_give_one_prototype_each():
-    table = {"a": np.array([1, 0, 0], np.float32), "b": np.array([0, 1, 0], np.float32),
-             "c": np.array([0, 1, 0], np.float32)}  # fmt: skip
+    table = {
+        "a": np.array([1, 0, 0], np.float32),
+        "b": np.array([0, 1, 0], np.float32),
+        "c": np.array([0, 1, 0], np.float32),
+    }
     prototypes = description_prototypes(table, count=9, seed=0)
     assert sorted(map(tuple, prototypes.round(5).tolist())) == [(0, 1, 0), (1, 0, 0)]
 

@@ -59,19 +59,38 @@ def build_tiny_blip2(path: Path, *, image_size: int = 56, query_tokens: int = 8,
     tokenizer = _bpe_tokenizer(vocab_size=400)
     vocab = len(tokenizer)
     text = OPTConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=1,
-        max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=1,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     config = Blip2Config(
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 1,
-                       "image_size": image_size, "patch_size": 14},
-        qformer_config={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 128,
-                        "encoder_hidden_size": 64, "vocab_size": 64},
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "image_size": image_size,
+            "patch_size": 14,
+        },
+        qformer_config={
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "intermediate_size": 128,
+            "encoder_hidden_size": 64,
+            "vocab_size": 64,
+        },
         text_config=text.to_dict(),
         num_query_tokens=query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():  # unit-variance layers (the default std 0.02 lets no image through: every text the same)
@@ -96,10 +115,17 @@ def build_tiny_clip_text(path: Path, *, projection_dim: int = 48) -> Path:
     tokenizer = _bpe_tokenizer(vocab_size=400, wrap=True)
     tokenizer.model_max_length = 77
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=projection_dim, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     model = CLIPTextModelWithProjection(config).eval()
     path.mkdir(parents=True, exist_ok=True)

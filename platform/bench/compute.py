@@ -114,25 +114,40 @@ def run_benchmark(config: ComputeBenchmarkConfig) -> dict[str, Any]:
     for name, arm in arms.items():
         median = statistics.median(arm["times"])
         compute: ComputeConfig = arm["compute"]
-        rows.append({"arm": name, "precision": resolve_precision(compute.precision, device),
-                     "adam": resolve_adam_impl(compute.adam_impl, device), "channels_last": compute.channels_last,
-                     "compile": compute.compile, "median_ms": 1000 * median, "min_ms": 1000 * min(arm["times"]),
-                     "max_ms": 1000 * max(arm["times"]), "warmup_s": arm["warmup_s"],
-                     "speedup_vs_baseline": baseline / median, "last_loss": arm["loss"]})  # fmt: skip
-    return {"config": config_to_dict(config), "device": str(device), "threads": torch.get_num_threads(),
-            "rows": rows}  # fmt: skip
+        rows.append(
+            {
+                "arm": name,
+                "precision": resolve_precision(compute.precision, device),
+                "adam": resolve_adam_impl(compute.adam_impl, device),
+                "channels_last": compute.channels_last,
+                "compile": compute.compile,
+                "median_ms": 1000 * median,
+                "min_ms": 1000 * min(arm["times"]),
+                "max_ms": 1000 * max(arm["times"]),
+                "warmup_s": arm["warmup_s"],
+                "speedup_vs_baseline": baseline / median,
+                "last_loss": arm["loss"],
+            }
+        )
+    return {"config": config_to_dict(config), "device": str(device), "threads": torch.get_num_threads(), "rows": rows}
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The results as a markdown table, baseline first."""
-    lines = [f"{report['config']['variant']}, batch {report['config']['batch']} x {report['config']['size']} px, "
-             f"{report['device']}, {report['threads']} threads; {report['config']['rounds']} interleaved rounds",
-             "", "| arm | precision | Adam | channels_last | compile | median ms/step | min-max | warm-up s | "
-             "speed-up vs first |", "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"{report['config']['variant']}, batch {report['config']['batch']} x {report['config']['size']} px, "
+        f"{report['device']}, {report['threads']} threads; {report['config']['rounds']} interleaved rounds",
+        "",
+        "| arm | precision | Adam | channels_last | compile | median ms/step | min-max | warm-up s | "
+        "speed-up vs first |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for row in report["rows"]:
-        lines.append(f"| {row['arm']} | {row['precision']} | {row['adam']} | {row['channels_last']} | "
-                     f"{row['compile']} | {row['median_ms']:.1f} | {row['min_ms']:.0f}-{row['max_ms']:.0f} | "
-                     f"{row['warmup_s']:.1f} | {row['speedup_vs_baseline']:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {row['arm']} | {row['precision']} | {row['adam']} | {row['channels_last']} | "
+            f"{row['compile']} | {row['median_ms']:.1f} | {row['min_ms']:.0f}-{row['max_ms']:.0f} | "
+            f"{row['warmup_s']:.1f} | {row['speedup_vs_baseline']:.2f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -80,33 +80,58 @@ UNCACHED = "training_batches[decode every pass]"
 class DataBenchmarkConfig(StrictModel):
     """Samples/s of 128x128 paired training crops: Ray Data pipeline vs WebDataset + DataLoader, same CPUs."""
 
-    dataset: LocalDataset = Field("data/bench", description="local dataset folder with manifest.json; if the "
-                                  "manifest is missing, the default corpus is built there first (about 30 s)")
+    dataset: LocalDataset = Field(
+        "data/bench",
+        description="local dataset folder with manifest.json; if the "
+        "manifest is missing, the default corpus is built there first (about 30 s)",
+    )
     passes: int = Field(5, ge=1, description="timed passes (epochs over the train split) per side, interleaved")
     warmup: int = Field(1, ge=0, description="untimed passes per side before the timed ones")
     cpus: int = Field(2, ge=1, description="CPUs given to Ray (ray.init(num_cpus=...)) = DataLoader num_workers")
     crop_size: int = Field(128, ge=8, description="paired random crop (pixels)")
-    batch_size: int = Field(18, ge=1, description="DataLoader batch; Ray's balanced batches take batch_size // tasks "
-                            "samples per task (18 = 9 tasks x 2)")
-    shuffle_buffer: int = Field(64, ge=0, description="local shuffle buffer of both training_batches and the "
-                                "baseline's wds .shuffle() (iterate_rows never shuffles)")
+    batch_size: int = Field(
+        18,
+        ge=1,
+        description="DataLoader batch; Ray's balanced batches take batch_size // tasks "
+        "samples per task (18 = 9 tasks x 2)",
+    )
+    shuffle_buffer: int = Field(
+        64,
+        ge=0,
+        description="local shuffle buffer of both training_batches and the "
+        "baseline's wds .shuffle() (iterate_rows never shuffles)",
+    )
     consumers: Annotated[list[Consumer], NoRepeats] = Field(
-        ["training_batches", "iterate_rows"], min_length=1,
-        description="Ray consumer paths to time; the first gives the headline ratio")
-    cache_decoded: bool | None = Field(None, description="the pipeline's DataConfig.cache_decoded: decode once into "
-                                       "the object store (true), every pass (false), or auto (null)")
-    compare_uncached: bool = Field(True, description="when the cache is on, also time training_batches decoding "
-                                   "every pass")
-    compare_cached_baseline: bool = Field(True, description="when the cache is on, also time a DataLoader over "
-                                          "samples decoded once (the equal-work baseline)")
+        ["training_batches", "iterate_rows"],
+        min_length=1,
+        description="Ray consumer paths to time; the first gives the headline ratio",
+    )
+    cache_decoded: bool | None = Field(
+        None,
+        description="the pipeline's DataConfig.cache_decoded: decode once into "
+        "the object store (true), every pass (false), or auto (null)",
+    )
+    compare_uncached: bool = Field(
+        True, description="when the cache is on, also time training_batches decoding every pass"
+    )
+    compare_cached_baseline: bool = Field(
+        True,
+        description="when the cache is on, also time a DataLoader over samples decoded once (the equal-work baseline)",
+    )
     object_store_mib: int = Field(1024, ge=64, description="object store of the Ray the benchmark starts")
-    ray_worker_niceness: int | None = Field(0, ge=0, le=19, description="OS niceness of Ray's workers "
-                                            "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the priority "
-                                            "of the DataLoader workers; null = Ray's default (15)")
+    ray_worker_niceness: int | None = Field(
+        0,
+        ge=0,
+        le=19,
+        description="OS niceness of Ray's workers "
+        "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the priority "
+        "of the DataLoader workers; null = Ray's default (15)",
+    )
     json_out: Path | None = Field(None, description="also write the results as JSON here")
 
 
 # --- the baseline: plain webdataset + DataLoader --------------------------------------------------------------------
+
 
 def _decode_png(data: bytes) -> np.ndarray:
     """PNG -> array at its stored bit depth (uint8 RGB/grey, uint16 grey), as the pipeline decodes it."""
@@ -123,8 +148,12 @@ def _baseline_sample(sample: dict[str, Any], crop_size: int) -> dict[str, Any]:
     rng = process_rng()
     lq, gt = paired_random_crop(sample["lq.png"], sample["gt.png"], crop_size, rng)
     lq, gt = paired_augment(lq, gt, rng)
-    return {"lq": to_chw3(to_unit_float(lq, white)), "gt": to_chw3(to_unit_float(gt, white)),
-            "task": meta["task"], "key": sample["__key__"]}  # fmt: skip
+    return {
+        "lq": to_chw3(to_unit_float(lq, white)),
+        "gt": to_chw3(to_unit_float(gt, white)),
+        "task": meta["task"],
+        "key": sample["__key__"],
+    }
 
 
 def baseline_loader(urls: Sequence[str], crop_size: int, batch_size: int, workers: int, shuffle_buffer: int):
@@ -137,9 +166,11 @@ def baseline_loader(urls: Sequence[str], crop_size: int, batch_size: int, worker
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer)
     dataset = dataset.decode(wds.handle_extension("png", _decode_png)).map(
-        functools.partial(_baseline_sample, crop_size=crop_size))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=False)
+        functools.partial(_baseline_sample, crop_size=crop_size)
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, pin_memory=False
+    )
 
 
 class _DecodedSamples:
@@ -162,10 +193,17 @@ def decoded_once_loader(urls: Sequence[str], crop_size: int, batch_size: int, wo
     import webdataset as wds
 
     dataset = wds.WebDataset(list(urls), shardshuffle=False, empty_check=False).decode(
-        wds.handle_extension("png", _decode_png))
+        wds.handle_extension("png", _decode_png)
+    )
     samples = [{k: sample[k] for k in ("lq.png", "gt.png", "json", "__key__")} for sample in dataset]
-    return torch.utils.data.DataLoader(_DecodedSamples(samples, crop_size), batch_size=batch_size, shuffle=True,
-                                       num_workers=workers, persistent_workers=workers > 0, pin_memory=False)
+    return torch.utils.data.DataLoader(
+        _DecodedSamples(samples, crop_size),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=False,
+    )
 
 
 # --- CPU time of this process tree (Linux) --------------------------------------------------------------------------
@@ -189,7 +227,7 @@ def _cpu_snapshot() -> dict[int, tuple[str, float]] | None:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid ... utime stime at 11, 12
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime stime at 11, 12
         parent[int(entry.name)] = int(fields[1])
         seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
     children: dict[int, list[int]] = {}
@@ -289,13 +327,18 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     dataset = DatasetHandle.open(config.dataset)  # the manifest, read once for every side
     expected = sum(dataset.samples_per_task("train").values())
     urls = dataset.shard_urls("train")
-    data_config = DataConfig(dataset=config.dataset, crop_size=config.crop_size, shuffle_buffer=config.shuffle_buffer,
-                             cache_decoded=config.cache_decoded)
+    data_config = DataConfig(
+        dataset=config.dataset,
+        crop_size=config.crop_size,
+        shuffle_buffer=config.shuffle_buffer,
+        cache_decoded=config.cache_decoded,
+    )
     tasks = split_tasks(data_config, "train", dataset)
     per_task = max(1, config.batch_size // len(tasks))
 
-    owned, cpus, ray_start_s = start_ray(config.cpus, config.ray_worker_niceness,
-                                         object_store_bytes=config.object_store_mib * 2**20)
+    owned, cpus, ray_start_s = start_ray(
+        config.cpus, config.ray_worker_niceness, object_store_bytes=config.object_store_mib * 2**20
+    )
     context = ray.data.DataContext.get_current()
     progress, context.enable_progress_bars = context.enable_progress_bars, False
     data_log = logging.getLogger("ray.data")  # otherwise an INFO block per pass ("Starting execution of ...")
@@ -333,13 +376,20 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
             start = time.perf_counter()
             result = runs[side]()
             seconds = time.perf_counter() - start
-            cpu = _cpu_spent(cpu_before, _cpu_snapshot() if owned else None,
-                             ("driver", "dataloader") if side.startswith(BASELINE) else ("driver", "ray"))  # fmt: skip
+            cpu = _cpu_spent(
+                cpu_before,
+                _cpu_snapshot() if owned else None,
+                ("driver", "dataloader") if side.startswith(BASELINE) else ("driver", "ray"),
+            )
             if result["samples"] + result["corrupt"] != expected or result["samples"] == 0:
-                raise RuntimeError(f"{side} pass {round_} yielded {result['samples']} samples "
-                                   f"(+{result['corrupt']} damaged); the train split has {expected}")
+                raise RuntimeError(
+                    f"{side} pass {round_} yielded {result['samples']} samples "
+                    f"(+{result['corrupt']} damaged); the train split has {expected}"
+                )
             if side in first and (result["samples"], result["lq_shape"]) != (
-                    first[side]["samples"], first[side]["lq_shape"]):  # fmt: skip
+                first[side]["samples"],
+                first[side]["lq_shape"],
+            ):
                 raise RuntimeError(f"{side}: pass {round_} differs from its first: {result} vs {first[side]}")
             first.setdefault(side, result)
             record = timing.setdefault(side, {"warmup": [], "timed": [], "cpu": []})
@@ -379,19 +429,33 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
     results = []
     for side in sides:
         timed, samples, cpu = timing[side]["timed"], first[side]["samples"], timing[side]["cpu"]
-        results.append(dict(
-            side="webdataset+DataLoader" if side.startswith(BASELINE) else "ray_data", consumer=side,
-            decoded_cache=side == BASELINE_CACHED or (cached and side not in (BASELINE, UNCACHED)),
-            samples_per_pass=samples, batches_per_pass=first[side]["batches"],
-            emitted_per_pass=first[side]["emitted"], corrupt_per_pass=first[side]["corrupt"],
-            samples_per_s=statistics.median(samples / t for t in timed), s_per_pass=statistics.median(timed),
-            pass_s=timed, warmup_s=timing[side]["warmup"],
-            cpu_ms_per_sample=None if None in cpu else statistics.median(1e3 * c / samples for c in cpu),
-            lq_shape=first[side]["lq_shape"], lq_dtype=first[side]["lq_dtype"]))  # fmt: skip
+        results.append(
+            dict(
+                side="webdataset+DataLoader" if side.startswith(BASELINE) else "ray_data",
+                consumer=side,
+                decoded_cache=side == BASELINE_CACHED or (cached and side not in (BASELINE, UNCACHED)),
+                samples_per_pass=samples,
+                batches_per_pass=first[side]["batches"],
+                emitted_per_pass=first[side]["emitted"],
+                corrupt_per_pass=first[side]["corrupt"],
+                samples_per_s=statistics.median(samples / t for t in timed),
+                s_per_pass=statistics.median(timed),
+                pass_s=timed,
+                warmup_s=timing[side]["warmup"],
+                cpu_ms_per_sample=None if None in cpu else statistics.median(1e3 * c / samples for c in cpu),
+                lq_shape=first[side]["lq_shape"],
+                lq_dtype=first[side]["lq_dtype"],
+            )
+        )
     base = results[0]["samples_per_s"]
     ratios = {"ray_pipeline/baseline": results[1]["samples_per_s"] / base}
-    ratios.update({f"ray_pipeline[{r['consumer']}]/baseline": r["samples_per_s"] / base for r in results[1:]
-                   if r["side"] == "ray_data"})
+    ratios.update(
+        {
+            f"ray_pipeline[{r['consumer']}]/baseline": r["samples_per_s"] / base
+            for r in results[1:]
+            if r["side"] == "ray_data"
+        }
+    )
     if cached:  # the one-time decode charged to the timed passes (sums, not medians: every second counts)
         baseline_rate = config.passes * results[0]["samples_per_pass"] / sum(results[0]["pass_s"])
         ray_rate = config.passes * results[1]["samples_per_pass"] / (cache_build_s + sum(results[1]["pass_s"]))
@@ -401,28 +465,61 @@ def run_benchmark(config: DataBenchmarkConfig) -> dict[str, Any]:
         equal = by_side[BASELINE_CACHED]["samples_per_s"]
         ratios[f"ray_pipeline/{BASELINE_CACHED}"] = results[1]["samples_per_s"] / equal
     return dict(
-        config=config_to_dict(config), cpus=cpus, ray_started_here=owned, ray_start_s=ray_start_s,
-        decoded_cache=cached, cache_build_s=cache_build_s, baseline_cache_build_s=baseline_cache_build_s,
-        train_shards=len(urls), train_samples=expected, tasks=tasks, per_task=per_task, niceness=niceness,
+        config=config_to_dict(config),
+        cpus=cpus,
+        ray_started_here=owned,
+        ray_start_s=ray_start_s,
+        decoded_cache=cached,
+        cache_build_s=cache_build_s,
+        baseline_cache_build_s=baseline_cache_build_s,
+        train_shards=len(urls),
+        train_samples=expected,
+        tasks=tasks,
+        per_task=per_task,
+        niceness=niceness,
         loadavg={"before": list(load_before), "after": list(os.getloadavg())},
-        versions={"ray": ray.__version__, "webdataset": getattr(webdataset, "__version__", "?"),
-                  "torch": torch.__version__, "numpy": np.__version__},
-        results=results, ratios=ratios)  # fmt: skip
+        versions={
+            "ray": ray.__version__,
+            "webdataset": getattr(webdataset, "__version__", "?"),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        results=results,
+        ratios=ratios,
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The Markdown table of :func:`run_benchmark` and its ratio lines; the first is
     ``ray_pipeline/baseline throughput ratio: X.XX`` (the first Ray consumer against the baseline)."""
-    head = ["pipeline", "consumer", "decoded cache", "samples/pass", "batches/pass", "samples/s median",
-            "s/pass median", "samples/s min-max", "CPU ms/sample", "warm-up pass s"]  # fmt: skip
+    head = [
+        "pipeline",
+        "consumer",
+        "decoded cache",
+        "samples/pass",
+        "batches/pass",
+        "samples/s median",
+        "s/pass median",
+        "samples/s min-max",
+        "CPU ms/sample",
+        "warm-up pass s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         rates = [r["samples_per_pass"] / t for t in r["pass_s"]]
         cpu = "-" if r["cpu_ms_per_sample"] is None else f"{r['cpu_ms_per_sample']:.1f}"
-        cells = [r["side"], r["consumer"], "yes" if r["decoded_cache"] else "no", r["samples_per_pass"],
-                 r["batches_per_pass"] or "-",
-                 f"{r['samples_per_s']:.1f}", f"{r['s_per_pass']:.2f}", f"{min(rates):.1f}-{max(rates):.1f}", cpu,
-                 ", ".join(f"{t:.2f}" for t in r["warmup_s"]) or "-"]  # fmt: skip
+        cells = [
+            r["side"],
+            r["consumer"],
+            "yes" if r["decoded_cache"] else "no",
+            r["samples_per_pass"],
+            r["batches_per_pass"] or "-",
+            f"{r['samples_per_s']:.1f}",
+            f"{r['s_per_pass']:.2f}",
+            f"{min(rates):.1f}-{max(rates):.1f}",
+            cpu,
+            ", ".join(f"{t:.2f}" for t in r["warmup_s"]) or "-",
+        ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines.append("")
     lines += [f"{name} throughput ratio: {ratio:.2f}" for name, ratio in report["ratios"].items()]
@@ -435,13 +532,15 @@ def main(argv: Sequence[str]) -> int:
     start = time.perf_counter()
     report = run_benchmark(config)
     v, nice, load = report["versions"], report["niceness"], report["loadavg"]
-    print(f"ray {v['ray']}, webdataset {v['webdataset']}, torch {v['torch']}; {report['cpus']} CPUs (Ray num_cpus = "
-          f"DataLoader num_workers); {config.dataset}: {report['train_samples']} train samples in "
-          f"{report['train_shards']} shard(s), {len(report['tasks'])} tasks; crop {config.crop_size}, batch "
-          f"{config.batch_size} (balanced: {report['per_task']} per task), shuffle buffer {config.shuffle_buffer}; "
-          f"{config.warmup} warm-up + {config.passes} interleaved timed passes per side; niceness: Ray workers "
-          f"{nice['ray_workers']}, DataLoader workers {nice['dataloader_workers']}; load average "
-          f"{load['before'][0]:.1f} -> {load['after'][0]:.1f}")
+    print(
+        f"ray {v['ray']}, webdataset {v['webdataset']}, torch {v['torch']}; {report['cpus']} CPUs (Ray num_cpus = "
+        f"DataLoader num_workers); {config.dataset}: {report['train_samples']} train samples in "
+        f"{report['train_shards']} shard(s), {len(report['tasks'])} tasks; crop {config.crop_size}, batch "
+        f"{config.batch_size} (balanced: {report['per_task']} per task), shuffle buffer {config.shuffle_buffer}; "
+        f"{config.warmup} warm-up + {config.passes} interleaved timed passes per side; niceness: Ray workers "
+        f"{nice['ray_workers']}, DataLoader workers {nice['dataloader_workers']}; load average "
+        f"{load['before'][0]:.1f} -> {load['after'][0]:.1f}"
+    )
     print(format_report(report))
     build = f", decoded cache build {report['cache_build_s']:.1f} s" if report["decoded_cache"] else ""
     if report["baseline_cache_build_s"]:

@@ -317,8 +317,10 @@ def cuda_problem() -> str | None:
         why = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU" + (
             f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "; is the driver loaded (nvidia-smi)?"
         )
-    return (f"no CUDA device found ({why}): run it on a machine with an NVIDIA GPU after `bash infra/setup.sh` "
-            "(it installs torch's CUDA build there), or pass device=cpu for the CPU test mode")  # fmt: skip
+    return (
+        f"no CUDA device found ({why}): run it on a machine with an NVIDIA GPU after `bash infra/setup.sh` "
+        "(it installs torch's CUDA build there), or pass device=cpu for the CPU test mode"
+    )
 
 
 def _gpus() -> list[dict[str, Any]]:
@@ -327,10 +329,15 @@ def _gpus() -> list[dict[str, Any]]:
     try:
         listed = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
         rows = [[part.strip() for part in line.split(",")] for line in listed.strip().splitlines()]
-        return [{"name": name, "memory_gib": round(float(mib) / 1024, 1), "driver": driver}
-                for name, mib, driver in rows]  # fmt: skip
+        return [
+            {"name": name, "memory_gib": round(float(mib) / 1024, 1), "driver": driver} for name, mib, driver in rows
+        ]
     except (OSError, subprocess.SubprocessError, ValueError):
         import torch
 
@@ -350,10 +357,18 @@ def _environment(device: str) -> dict[str, Any]:
             return None
 
     commit, dirty = git_state()
-    return dict(device=device, gpus=_gpus() if device == "cuda" else [], torch=torch.__version__,
-                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
-                ray=version("ray"), python=_platform.python_version(), cpus=os.cpu_count(),
-                git_commit=commit, git_dirty=dirty)  # fmt: skip
+    return dict(
+        device=device,
+        gpus=_gpus() if device == "cuda" else [],
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
+        ray=version("ray"),
+        python=_platform.python_version(),
+        cpus=os.cpu_count(),
+        git_commit=commit,
+        git_dirty=dirty,
+    )
 
 
 # --- one step in a process of its own --------------------------------------------------------------------------------
@@ -484,8 +499,12 @@ def _run_step(name: str, config: GpuCheckConfig, seconds: float, config_path: Pa
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", _CHILD, name, str(config_path), str(result_path), str(seconds)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=_step_environment(name, config))  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=_step_environment(name, config),
+        )
         try:
             process.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
@@ -502,13 +521,16 @@ def _run_step(name: str, config: GpuCheckConfig, seconds: float, config_path: Pa
         _mark_stopped(section["data"])
     if timed_out:
         section["status"] = "failed"
-        section["error"] = [f"timed out after {seconds:.0f} s (budget); results measured until then are kept",
-                            *tail_lines(log_path, ERROR_LINES - 1)]  # fmt: skip
+        section["error"] = [
+            f"timed out after {seconds:.0f} s (budget); results measured until then are kept",
+            *tail_lines(log_path, ERROR_LINES - 1),
+        ]
     elif section["status"] == "running":  # died without recording an outcome (a crash, the kernel's OOM killer)
         section["status"] = "failed"
         section["error"] = [f"the step's process exited with status {code}", *tail_lines(log_path, ERROR_LINES - 1)]
-    section.update(title=TITLES[name], seconds=round(time.monotonic() - start, 1), budget_s=round(seconds, 1),
-                   log=str(log_path))  # fmt: skip
+    section.update(
+        title=TITLES[name], seconds=round(time.monotonic() - start, 1), budget_s=round(seconds, 1), log=str(log_path)
+    )
     return section
 
 
@@ -602,13 +624,36 @@ def _model_md(data: dict[str, Any]) -> list[str]:
     rows = []
     for r in data.get("rows", []):
         note = r.get("error") or r.get("reason") or ""
-        rows.append([r["variant"], r["mode"], r["dtype"], "channels_last" if r["channels_last"] else "contiguous",
-                     "yes" if r["compiled"] else "no", _num(r.get("img_per_s")), _num(r.get("ms_per_step"), 2),
-                     _num(r.get("peak_mem_mib"), 0), _sig(r.get("tflops")),
-                     _sig(100 * r["mfu"], " %") if r.get("mfu") is not None else "-",
-                     _num(r.get("compile_s")), f"{r['status']}{': ' + note if note else ''}"])  # fmt: skip
-    head = ["variant", "mode", "dtype", "layout", "compiled", "img/s", "ms/step", "peak MiB", "TFLOP/s", "MFU",
-            "compile s", "status"]  # fmt: skip
+        rows.append(
+            [
+                r["variant"],
+                r["mode"],
+                r["dtype"],
+                "channels_last" if r["channels_last"] else "contiguous",
+                "yes" if r["compiled"] else "no",
+                _num(r.get("img_per_s")),
+                _num(r.get("ms_per_step"), 2),
+                _num(r.get("peak_mem_mib"), 0),
+                _sig(r.get("tflops")),
+                _sig(100 * r["mfu"], " %") if r.get("mfu") is not None else "-",
+                _num(r.get("compile_s")),
+                f"{r['status']}{': ' + note if note else ''}",
+            ]
+        )
+    head = [
+        "variant",
+        "mode",
+        "dtype",
+        "layout",
+        "compiled",
+        "img/s",
+        "ms/step",
+        "peak MiB",
+        "TFLOP/s",
+        "MFU",
+        "compile s",
+        "status",
+    ]
     lines = [
         f"Batch {data.get('batch')} x {data.get('size')} px on {data.get('device_name')}; median of "
         f"{data.get('iters')} timed steps after {data.get('warmup')} warm-up ones; peak memory: "
@@ -638,14 +683,41 @@ def _serving_md(data: dict[str, Any]) -> list[str]:
     rows = []
     for s in data.get("sizes", []):
         lat = s.get("latency") or {}
-        rows.append([s["size"], _num(lat.get("p50_ms")), _num(lat.get("p99_ms")), _num(lat.get("img_per_s"), 2),
-                     _num(s.get("best_img_per_s"), 2), _num(s.get("largest_batch"), 0),
-                     s.get("first_failed_batch") or "-"])  # fmt: skip
-    lines += _table(["size px", "batch-1 p50 ms", "p99 ms", "batch-1 img/s", "best img/s", "largest batch run",
-                     "first batch that did not fit"], rows)  # fmt: skip
-    batch_rows = [[s["size"], b["batch"], _num(b.get("ms_per_batch")), _num(b.get("img_per_s"), 2),
-                   _num(b.get("peak_mem_mib"), 0), b["status"] + (f": {b['error']}" if b.get("error") else "")]
-                  for s in data.get("sizes", []) for b in s.get("batches", [])]  # fmt: skip
+        rows.append(
+            [
+                s["size"],
+                _num(lat.get("p50_ms")),
+                _num(lat.get("p99_ms")),
+                _num(lat.get("img_per_s"), 2),
+                _num(s.get("best_img_per_s"), 2),
+                _num(s.get("largest_batch"), 0),
+                s.get("first_failed_batch") or "-",
+            ]
+        )
+    lines += _table(
+        [
+            "size px",
+            "batch-1 p50 ms",
+            "p99 ms",
+            "batch-1 img/s",
+            "best img/s",
+            "largest batch run",
+            "first batch that did not fit",
+        ],
+        rows,
+    )
+    batch_rows = [
+        [
+            s["size"],
+            b["batch"],
+            _num(b.get("ms_per_batch")),
+            _num(b.get("img_per_s"), 2),
+            _num(b.get("peak_mem_mib"), 0),
+            b["status"] + (f": {b['error']}" if b.get("error") else ""),
+        ]
+        for s in data.get("sizes", [])
+        for b in s.get("batches", [])
+    ]
     if batch_rows:
         lines += ["", *_table(["size px", "batch", "ms/batch", "img/s", "peak MiB", "status"], batch_rows)]
     return lines
@@ -675,12 +747,32 @@ def _training_md(data: dict[str, Any]) -> list[str]:
 def _starvation_md(data: dict[str, Any]) -> list[str]:
     if "wait_fraction" not in data:
         return []
-    head = ["steps", "batch", "wait s", "step s", "GPU waits for data", "median wait ms", "median step ms",
-            "pass starts", "waits at pass starts s", "data CPUs", "decoded cache"]  # fmt: skip
-    row = [data["steps"], data["batch"], _num(data["wait_s"], 2), _num(data["step_s"], 2),
-           _num(100 * data["wait_fraction"], 1, " %"), _num(data["median_wait_ms"], 2),
-           _num(data["median_step_ms"], 1), data["pass_starts"], _num(data["pass_start_wait_s"], 2),
-           data["data_cpus"], "yes" if data["cached"] else "no"]  # fmt: skip
+    head = [
+        "steps",
+        "batch",
+        "wait s",
+        "step s",
+        "GPU waits for data",
+        "median wait ms",
+        "median step ms",
+        "pass starts",
+        "waits at pass starts s",
+        "data CPUs",
+        "decoded cache",
+    ]
+    row = [
+        data["steps"],
+        data["batch"],
+        _num(data["wait_s"], 2),
+        _num(data["step_s"], 2),
+        _num(100 * data["wait_fraction"], 1, " %"),
+        _num(data["median_wait_ms"], 2),
+        _num(data["median_step_ms"], 1),
+        data["pass_starts"],
+        _num(data["pass_start_wait_s"], 2),
+        data["data_cpus"],
+        "yes" if data["cached"] else "no",
+    ]
     return [
         f"{data.get('variant')}, crop {data.get('crop_size')}: the time blocked in the batch iterator over the "
         "time of each step (iterator + train_step, the device synchronised after it).",
@@ -724,17 +816,27 @@ def format_markdown(report: dict[str, Any]) -> str:
     gpus = env.get("gpus") or []
     device = ", ".join(g["name"] for g in gpus) if gpus else env.get("device", "?")
     commit = env.get("git_commit")
-    lines = ["# GPU check", "",
-             f"{device}; torch {env.get('torch')} (CUDA {env.get('cuda')}), Ray {env.get('ray')}, {env.get('cpus')} "
-             f"CPUs; commit {commit[:12] if commit else 'unknown'}{' (modified)' if env.get('git_dirty') else ''}; "
-             f"{report.get('created')}; {_num(report.get('total_s'))} s of {_num(report.get('total_budget_s'))} s.",
-             ""]  # fmt: skip
+    lines = [
+        "# GPU check",
+        "",
+        f"{device}; torch {env.get('torch')} (CUDA {env.get('cuda')}), Ray {env.get('ray')}, {env.get('cpus')} "
+        f"CPUs; commit {commit[:12] if commit else 'unknown'}{' (modified)' if env.get('git_dirty') else ''}; "
+        f"{report.get('created')}; {_num(report.get('total_s'))} s of {_num(report.get('total_budget_s'))} s.",
+        "",
+    ]
     steps = report.get("steps", {})
     rows = []
     for name, s in steps.items():
         note = s.get("reason") or (s.get("error") or [""])[0]
-        rows.append([s.get("title", name), s["status"], _num(s.get("seconds"), 1, " s"),
-                     _num(s.get("budget_s"), 0, " s"), note.replace("|", "/")])  # fmt: skip
+        rows.append(
+            [
+                s.get("title", name),
+                s["status"],
+                _num(s.get("seconds"), 1, " s"),
+                _num(s.get("budget_s"), 0, " s"),
+                note.replace("|", "/"),
+            ]
+        )
     lines += _table(["step", "status", "time", "budget", "note"], rows)
     for name, s in steps.items():
         lines += ["", f"## {s.get('title', name)}", ""]
@@ -761,8 +863,10 @@ def main(argv: Sequence[str]) -> int:
         with stop_on_signals():
             report = run_check(config)
     except KeyboardInterrupt:  # the running step's processes are stopped; the report holds the steps before it
-        print(f"gpu-check: stopped; the report of the steps that finished: {config.out_dir / REPORT_JSON}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"gpu-check: stopped; the report of the steps that finished: {config.out_dir / REPORT_JSON}",
+            file=sys.stderr,
+        )
         return 130
     print(format_markdown(report))
     print(f"[gpu-check] report: {config.out_dir / REPORT_JSON}, summary: {config.out_dir / REPORT_MD}")

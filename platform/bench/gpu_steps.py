@@ -87,24 +87,48 @@ def model_step(config: GpuCheckConfig, record: Recorder) -> None:
     flops: dict[tuple[str, str], int | None] = {}
     step_s: dict[tuple[str, str], float] = {}  # the latest median per variant and mode: what a run costs
     compile_s: dict[str, float] = {}  # the longest compile per mode so far: what the next one may cost
-    record.update(device_name=name, batch=m.batch, size=m.size, warmup=m.warmup, iters=m.iters, rows=rows,
-                  threads=torch.get_num_threads(),
-                  peaks={d: basis for d, (_, basis) in peaks.items()}, gflop_per_image={}, params={})  # fmt: skip
+    record.update(
+        device_name=name,
+        batch=m.batch,
+        size=m.size,
+        warmup=m.warmup,
+        iters=m.iters,
+        rows=rows,
+        threads=torch.get_num_threads(),
+        peaks={d: basis for d, (_, basis) in peaks.items()},
+        gflop_per_image={},
+        params={},
+    )
 
-    plan = [(v, mode, dtype, cl, False) for v in m.variants for mode in m.modes for dtype in m.dtypes
-            for cl in m.channels_last]  # fmt: skip
+    plan = [
+        (v, mode, dtype, cl, False)
+        for v in m.variants
+        for mode in m.modes
+        for dtype in m.dtypes
+        for cl in m.channels_last
+    ]
     if m.compile:
         plan += [(v, mode, dtype, False, True) for v in m.variants for mode in m.modes for dtype in m.compile_dtypes]
     model, model_name = None, None
     for variant, mode, dtype, channels_last, compiled in plan:
-        row = dict(variant=variant, mode=mode, dtype=dtype, channels_last=channels_last, compiled=compiled,
-                   batch=m.batch, size=m.size, status="running")  # fmt: skip
+        row = dict(
+            variant=variant,
+            mode=mode,
+            dtype=dtype,
+            channels_last=channels_last,
+            compiled=compiled,
+            batch=m.batch,
+            size=m.size,
+            status="running",
+        )
         rows.append(row)
-        expected = (m.warmup + m.iters) * step_s.get((variant, mode), 0.0) + (compile_s.get(mode, 0.0) if compiled
-                                                                              else 0.0)  # fmt: skip
+        expected = (m.warmup + m.iters) * step_s.get((variant, mode), 0.0) + (
+            compile_s.get(mode, 0.0) if compiled else 0.0
+        )
         if record.left() < expected:
-            row.update(status="skipped", reason=f"about {expected:.0f} s needed, {record.left():.0f} s of the budget "
-                       "left")  # fmt: skip
+            row.update(
+                status="skipped", reason=f"about {expected:.0f} s needed, {record.left():.0f} s of the budget left"
+            )
             record.update(rows=rows)
             continue
         record.update(rows=rows)  # a run stopped at the budget shows as "running"
@@ -163,8 +187,12 @@ def _time_run(model, image, target, dtype: str, mode: str, channels_last: bool, 
     _free(device)  # the peak of the timed steps: the steady state
     times = [timed_step(net, image, target, dtype, mode) for _ in range(m.iters)]
     median = statistics.median(times)
-    out.update(ms_per_step=median * 1e3, img_per_s=m.batch / median, step_ms=[t * 1e3 for t in times],
-               peak_mem_mib=_peak_mib(device))  # fmt: skip
+    out.update(
+        ms_per_step=median * 1e3,
+        img_per_s=m.batch / median,
+        step_ms=[t * 1e3 for t in times],
+        peak_mem_mib=_peak_mib(device),
+    )
     if compiled:
         torch._dynamo.reset()
     model.to(memory_format=torch.contiguous_format)
@@ -200,16 +228,26 @@ def serving_step(config: GpuCheckConfig, record: Recorder) -> None:
         return time.perf_counter() - start
 
     for size in s.sizes:
-        entry: dict[str, Any] = {"size": size, "latency": None, "batches": [], "largest_batch": None,
-                                 "first_failed_batch": None, "best_img_per_s": None}  # fmt: skip
+        entry: dict[str, Any] = {
+            "size": size,
+            "latency": None,
+            "batches": [],
+            "largest_batch": None,
+            "first_failed_batch": None,
+            "best_img_per_s": None,
+        }
         sizes.append(entry)
         one = torch.rand((1, 3, size, size), generator=generator)
         try:
             for _ in range(s.warmup):
                 timed(one)
             ms = np.array([timed(one) for _ in range(s.requests)]) * 1e3
-            entry["latency"] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-                                "mean_ms": float(ms.mean()), "img_per_s": float(1e3 / ms.mean())}  # fmt: skip
+            entry["latency"] = {
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "mean_ms": float(ms.mean()),
+                "img_per_s": float(1e3 / ms.mean()),
+            }
         except Exception as error:  # noqa: BLE001 - recorded; the next size may still fit
             entry["error"] = _error_line(error)
             _free(device)
@@ -237,8 +275,12 @@ def serving_step(config: GpuCheckConfig, record: Recorder) -> None:
                 _free(device)
                 times = [timed(batch) for _ in range(s.batch_iters)]
                 median = statistics.median(times)
-                row.update(status="ok", ms_per_batch=median * 1e3, img_per_s=batch_size / median,
-                           peak_mem_mib=_peak_mib(device))  # fmt: skip
+                row.update(
+                    status="ok",
+                    ms_per_batch=median * 1e3,
+                    img_per_s=batch_size / median,
+                    peak_mem_mib=_peak_mib(device),
+                )
                 per_image = median / batch_size
                 entry["largest_batch"] = batch_size
                 entry["best_img_per_s"] = max(entry["best_img_per_s"] or 0.0, row["img_per_s"])
@@ -330,8 +372,9 @@ def starvation_step(config: GpuCheckConfig, record: Recorder) -> None:
     data = train_config.data
     data_cpus = max(1, bench.cpus - math.ceil(bench.cpus_per_worker))
     loopback_only()
-    owned, cpus, ray_start_s = start_ray(data_cpus, bench.ray_worker_niceness, dashboard=False,
-                                         object_store_bytes=LOCAL_OBJECT_STORE_BYTES)  # fmt: skip
+    owned, cpus, ray_start_s = start_ray(
+        data_cpus, bench.ray_worker_niceness, dashboard=False, object_store_bytes=LOCAL_OBJECT_STORE_BYTES
+    )
     try:
         dataset = DatasetHandle.open(data.dataset, data.s3)
         tasks, _ = training_tasks(train_config, dataset)
@@ -345,16 +388,31 @@ def starvation_step(config: GpuCheckConfig, record: Recorder) -> None:
 
         def stream():
             while True:  # pass after pass, each a new execution of the dataset, as the worker iterates its shard
-                yield from training_batches(split, tasks, data.per_task_batch, data.shuffle_buffer, report,
-                                            num_batches=per_pass, batcher=batcher)  # fmt: skip
+                yield from training_batches(
+                    split,
+                    tasks,
+                    data.per_task_batch,
+                    data.shuffle_buffer,
+                    report,
+                    num_batches=per_pass,
+                    batcher=batcher,
+                )
 
         torch.set_num_threads(bench.threads)
         state = bench_train.training_state(train_config, device)
         batches = stream()
         waits, steps = [], []
-        record.update(variant=bench.variant, crop_size=data.crop_size, device=config.device, cached=cached,
-                      data_cpus=cpus, ray_start_s=ray_start_s, read_split_s=read_split_s, steps_per_pass=per_pass,
-                      omp_wait_policy=omp)  # fmt: skip
+        record.update(
+            variant=bench.variant,
+            crop_size=data.crop_size,
+            device=config.device,
+            cached=cached,
+            data_cpus=cpus,
+            ray_start_s=ray_start_s,
+            read_split_s=read_split_s,
+            steps_per_pass=per_pass,
+            omp_wait_policy=omp,
+        )
         for i in range(s.warmup_steps + s.steps):
             start = time.perf_counter()
             batch = next(batches)
@@ -372,12 +430,20 @@ def starvation_step(config: GpuCheckConfig, record: Recorder) -> None:
     timed = range(s.warmup_steps, s.warmup_steps + s.steps)
     wait_s, step_s = sum(waits[i] for i in timed), sum(steps[i] for i in timed)
     record.update(
-        steps=s.steps, warmup_steps=s.warmup_steps, batch=batch["lq"].shape[0], wait_s=wait_s, step_s=step_s,
-        wait_fraction=wait_s / (wait_s + step_s), pass_starts=sum(1 for i in timed if i % per_pass == 0),
+        steps=s.steps,
+        warmup_steps=s.warmup_steps,
+        batch=batch["lq"].shape[0],
+        wait_s=wait_s,
+        step_s=step_s,
+        wait_fraction=wait_s / (wait_s + step_s),
+        pass_starts=sum(1 for i in timed if i % per_pass == 0),
         pass_start_wait_s=sum((waits[i] for i in timed if i % per_pass == 0), 0.0),
         median_wait_ms=statistics.median(waits[i] for i in timed) * 1e3,
-        median_step_ms=statistics.median(steps[i] for i in timed) * 1e3, corrupt=len(report.corrupt),
-        wait_ms=[w * 1e3 for w in waits], step_ms=[t * 1e3 for t in steps])  # fmt: skip
+        median_step_ms=statistics.median(steps[i] for i in timed) * 1e3,
+        corrupt=len(report.corrupt),
+        wait_ms=[w * 1e3 for w in waits],
+        step_ms=[t * 1e3 for t in steps],
+    )
 
 
 # --- multi-GPU ------------------------------------------------------------------------------------------------------
@@ -389,11 +455,26 @@ def train_command(config: GpuCheckConfig, out: Path) -> list[str]:
     validation, evaluation or text embeddings (the describer is not what this checks), a fresh run under ``out``,
     then ``multi_gpu.overrides``."""
     m = config.multi_gpu
-    return [sys.executable, str(REPO / "jobs" / "train.py"), m.recipe, f"num_workers={m.workers}", "use_gpu=true",
-            f"steps={m.steps}", f"log_every={max(1, m.steps // 2)}", f"checkpoint_every={m.steps}",
-            "validate_every=null", "evaluate_split=null", "cross_source_split=null", "text_embeddings=null",
-            f"data.dataset={config.dataset.path}", f"storage={out / 'runs'}", f"output_dir={out}",
-            "name=gpu-check-multi", "resume=false", *m.overrides]  # fmt: skip
+    return [
+        sys.executable,
+        str(REPO / "jobs" / "train.py"),
+        m.recipe,
+        f"num_workers={m.workers}",
+        "use_gpu=true",
+        f"steps={m.steps}",
+        f"log_every={max(1, m.steps // 2)}",
+        f"checkpoint_every={m.steps}",
+        "validate_every=null",
+        "evaluate_split=null",
+        "cross_source_split=null",
+        "text_embeddings=null",
+        f"data.dataset={config.dataset.path}",
+        f"storage={out / 'runs'}",
+        f"output_dir={out}",
+        "name=gpu-check-multi",
+        "resume=false",
+        *m.overrides,
+    ]
 
 
 def _run_logged(command: list[str], log: Path, record: Recorder, cwd: Path | None = None) -> int | None:
@@ -402,8 +483,9 @@ def _run_logged(command: list[str], log: Path, record: Recorder, cwd: Path | Non
     this step's session)."""
     with log.open("w") as stream:
         try:
-            return subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=cwd,
-                                  timeout=max(1.0, record.left()), check=False).returncode  # fmt: skip
+            return subprocess.run(
+                command, stdout=stream, stderr=subprocess.STDOUT, cwd=cwd, timeout=max(1.0, record.left()), check=False
+            ).returncode
         except subprocess.TimeoutExpired:
             return None
 
@@ -447,8 +529,17 @@ def multi_gpu_step(config: GpuCheckConfig, record: Recorder) -> None:
     # Gradients are synchronised: the GPU flavour of the test that two DDP workers on halves of a batch take the
     # steps one process takes on the whole batch.
     test_log = out / "ddp_equivalence.log"
-    test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_train.py"),
-            "-k", "two_ddp_workers_match_one_process and cuda"]  # fmt: skip
+    test = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(REPO / "tests" / "test_train.py"),
+        "-k",
+        "two_ddp_workers_match_one_process and cuda",
+    ]
     test_code = _run_logged(test, test_log, record, cwd=REPO)
     record.update(ddp_equivalence_returncode=test_code, ddp_equivalence_log=str(test_log))
     if test_code != 0:

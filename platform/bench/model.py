@@ -27,8 +27,18 @@ from datprl.platform.compute import autocast
 from datprl.platform.runtime import resolve_device
 from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli
 
-__all__ = ["BenchmarkConfig", "Mode", "PEAK_TFLOPS", "run_step", "timed_step", "count_flops", "peak_tflops",
-           "run_benchmark", "format_report", "main"]
+__all__ = [
+    "BenchmarkConfig",
+    "Mode",
+    "PEAK_TFLOPS",
+    "run_step",
+    "timed_step",
+    "count_flops",
+    "peak_tflops",
+    "run_benchmark",
+    "format_report",
+    "main",
+]
 
 Mode = Literal["train", "inference"]
 
@@ -37,15 +47,18 @@ class BenchmarkConfig(StrictModel):
     """Forward+backward throughput of model variants (images/s), interleaved rounds, median per variant."""
 
     variants: Annotated[list[str], NoRepeats] = Field(
-        ["paper", "restormer"], min_length=1, description="variants to time; ratios are of the first against each "
-        "other one")
+        ["paper", "restormer"],
+        min_length=1,
+        description="variants to time; ratios are of the first against each other one",
+    )
     batch: int = Field(2, ge=1, description="images per step")
     size: int = Field(64, ge=1, description="input height and width")
     warmup: int = Field(2, ge=0, description="untimed steps per variant and dtype")
     rounds: int = Field(5, ge=1, description="timed steps per variant and dtype, interleaved across variants")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu")
     dtypes: Annotated[list[Literal["fp32", "bf16"]], NoRepeats] = Field(
-        ["fp32"], min_length=1, description="bf16: torch.autocast around forward and loss")
+        ["fp32"], min_length=1, description="bf16: torch.autocast around forward and loss"
+    )
     threads: int | None = Field(None, ge=1, description="torch.set_num_threads; unset keeps torch's default")
     json_out: Path | None = Field(None, description="also write the results as JSON here")
     seed: int = Field(0, description="seed for the weights and the input")
@@ -56,8 +69,9 @@ class BenchmarkConfig(StrictModel):
         return known_variants(value)
 
 
-def run_step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str,
-             mode: Mode = "train") -> None:
+def run_step(
+    model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str, mode: Mode = "train"
+) -> None:
     """One untimed step: ``train``: forward + L1 loss + backward, gradients dropped afterwards (no optimizer);
     ``inference``: a forward under ``torch.inference_mode``. ``dtype``: the autocast precision of
     :func:`datprl.platform.compute.autocast` (fp32: none). The model's train/eval mode is the caller's."""
@@ -71,8 +85,9 @@ def run_step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, 
     model.zero_grad(set_to_none=True)
 
 
-def timed_step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str,
-               mode: Mode = "train") -> float:
+def timed_step(
+    model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, dtype: str, mode: Mode = "train"
+) -> float:
     """:func:`run_step`, timed: the wall time in seconds, with the device synchronised before and after on CUDA
     (kernels are asynchronous: without it the time would be the launch time)."""
     cuda = image.device.type == "cuda"
@@ -85,8 +100,21 @@ def timed_step(model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor
     return time.perf_counter() - start
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
     # torch.utils.flop_counter (up to torch 2.13 at least) drops the group count from the backward of a grouped
     # convolution: it counts a depthwise 16-channel 3x3 conv's backward as 17x its forward instead of 2x, and this
     # network's depthwise convolutions then make its counted backward 18x its forward. Each gradient (input, weight)
@@ -183,9 +211,16 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         for name, model in models.items():
             median = statistics.median(times[name])
             rows[name] = row = dict(
-                variant=name, params=count_parameters(model), batch=config.batch, size=config.size,
-                device=device.type, dtype=dtype, img_per_s=config.batch / median, ms_per_iter=median * 1e3,
-                step_ms=[t * 1e3 for t in times[name]])
+                variant=name,
+                params=count_parameters(model),
+                batch=config.batch,
+                size=config.size,
+                device=device.type,
+                dtype=dtype,
+                img_per_s=config.batch / median,
+                ms_per_iter=median * 1e3,
+                step_ms=[t * 1e3 for t in times[name]],
+            )
             if cuda:
                 own = sum(p.numel() * p.element_size() for p in model.parameters())
                 row["peak_mem_mib"] = (own + peaks[name]) / 2**20
@@ -194,8 +229,14 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
         if others:
             ratios[dtype] = {f"{first}/{o}": rows[first]["img_per_s"] / rows[o]["img_per_s"] for o in others}
 
-    return dict(config=config_to_dict(config), torch=torch.__version__, threads=torch.get_num_threads(),
-                device_name=torch.cuda.get_device_name(device) if cuda else "cpu", results=results, ratios=ratios)
+    return dict(
+        config=config_to_dict(config),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
+        results=results,
+        ratios=ratios,
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -203,11 +244,20 @@ def format_report(report: dict[str, Any]) -> str:
     (``paper/restormer throughput ratio: X.XX``; with several dtypes the dtype is appended in parentheses)."""
     cuda = any("peak_mem_mib" in r for r in report["results"])
     head = ["model", "params", "batch", "size", "device", "dtype", "img/s median", "ms/iter"] + (
-        ["peak MiB"] if cuda else [])
+        ["peak MiB"] if cuda else []
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
-        cells = [r["variant"], f"{r['params']:,}", r["batch"], r["size"], r["device"], r["dtype"],
-                 f"{r['img_per_s']:.2f}", f"{r['ms_per_iter']:.1f}"] + ([f"{r['peak_mem_mib']:.0f}"] if cuda else [])
+        cells = [
+            r["variant"],
+            f"{r['params']:,}",
+            r["batch"],
+            r["size"],
+            r["device"],
+            r["dtype"],
+            f"{r['img_per_s']:.2f}",
+            f"{r['ms_per_iter']:.1f}",
+        ] + ([f"{r['peak_mem_mib']:.0f}"] if cuda else [])
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines.append("")
     several = len(report["ratios"]) > 1
@@ -226,8 +276,10 @@ def main(argv: Sequence[str]) -> int:
         print(f"benchmark_model.py: error: {err}", file=sys.stderr)
         return 2
     report = run_benchmark(config)
-    print(f"torch {report['torch']}, {report['threads']} threads, device {report['device_name']}, "
-          f"warmup {config.warmup}, {config.rounds} interleaved rounds, train mode, L1 forward+backward")
+    print(
+        f"torch {report['torch']}, {report['threads']} threads, device {report['device_name']}, "
+        f"warmup {config.warmup}, {config.rounds} interleaved rounds, train mode, L1 forward+backward"
+    )
     print(format_report(report))
     save_report(report, config.json_out)
     return 0

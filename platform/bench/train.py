@@ -87,41 +87,62 @@ BARE, RAY = "bare", "ray_train"
 class TrainBenchmarkConfig(StrictModel):
     """Steps/s of the Ray Train loop (1 worker) vs a bare PyTorch loop on the same model, batches and threads."""
 
-    dataset: LocalDataset = Field("data/default", description="local dataset folder with manifest.json; if the "
-                                  "manifest is missing, the default corpus is built there first")
+    dataset: LocalDataset = Field(
+        "data/default",
+        description="local dataset folder with manifest.json; if the "
+        "manifest is missing, the default corpus is built there first",
+    )
     variant: str = Field("paper_tiny", description="model variant (datprl.models.VARIANTS)")
     crop_size: int = Field(64, ge=8, description="paired random training crop (pixels)")
     per_task_batch: int = Field(1, ge=1, description="samples of every task per batch (batch = tasks x this)")
     shuffle_buffer: int = Field(64, ge=0, description="the Ray side's local shuffle buffer (DataConfig)")
-    threads: int = Field(2, ge=1, description="torch threads of both sides (bare: torch.set_num_threads; Ray: "
-                         "TrainConfig.torch_threads)")
+    threads: int = Field(
+        2, ge=1, description="torch threads of both sides (bare: torch.set_num_threads; Ray: TrainConfig.torch_threads)"
+    )
     steps: int = Field(40, ge=1, description="timed steps per side and round (a multiple of report_every)")
-    warmup_steps: int = Field(10, ge=1, description="untimed steps per side and round before the timed ones "
-                              "(a multiple of report_every; on the Ray side they hold the start-up)")
+    warmup_steps: int = Field(
+        10,
+        ge=1,
+        description="untimed steps per side and round before the timed ones "
+        "(a multiple of report_every; on the Ray side they hold the start-up)",
+    )
     report_every: int = Field(10, ge=1, description="Ray side: a report (one timing window) every this many steps")
     rounds: int = Field(2, ge=1, description="interleaved rounds; each runs both sides once")
     cpus: int = Field(2, ge=1, description="CPUs of the local Ray the benchmark starts (ray.init(num_cpus=...))")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs of the Ray Train worker; the rest run Ray Data's "
-                                   "reads")
-    ray_worker_niceness: int | None = Field(0, ge=0, le=19, description="OS niceness of Ray's workers "
-                                            "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the bare "
-                                            "loop's priority; null = Ray's default (15)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs of the Ray Train worker; the rest run Ray Data's reads")
+    ray_worker_niceness: int | None = Field(
+        0,
+        ge=0,
+        le=19,
+        description="OS niceness of Ray's workers "
+        "(RAY_worker_niceness) when the benchmark starts Ray; 0 = the bare "
+        "loop's priority; null = Ray's default (15)",
+    )
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] | None = Field(
-        "PASSIVE", description="OMP_WAIT_POLICY of both sides (set before torch is first imported here, and in the "
-        "environment of the Ray the benchmark starts); null = libgomp's default (see the module docstring)")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="where both sides train: cuda = the bare loop on this "
-                                           "process's first GPU, the Ray worker with use_gpu (one GPU)")
+        "PASSIVE",
+        description="OMP_WAIT_POLICY of both sides (set before torch is first imported here, and in the "
+        "environment of the Ray the benchmark starts); null = libgomp's default (see the module docstring)",
+    )
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="where both sides train: cuda = the bare loop on this "
+        "process's first GPU, the Ray worker with use_gpu (one GPU)",
+    )
     seed: int = 0
     json_out: Path | None = Field(None, description="also write the results as JSON here")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainBenchmarkConfig:
         if self.steps % self.report_every or self.warmup_steps % self.report_every:
-            raise ValueError(f"steps ({self.steps}) and warmup_steps ({self.warmup_steps}) must be multiples of "
-                             f"report_every ({self.report_every}), so that the timing windows start after warm-up")
+            raise ValueError(
+                f"steps ({self.steps}) and warmup_steps ({self.warmup_steps}) must be multiples of "
+                f"report_every ({self.report_every}), so that the timing windows start after warm-up"
+            )
         if self.cpus_per_worker >= self.cpus:
-            raise ValueError(f"cpus_per_worker ({self.cpus_per_worker}) must leave Ray Data some of the {self.cpus} "
-                             "CPUs: a worker holding every CPU starves the read tasks and the run hangs")
+            raise ValueError(
+                f"cpus_per_worker ({self.cpus_per_worker}) must leave Ray Data some of the {self.cpus} "
+                "CPUs: a worker holding every CPU starves the read tasks and the run hangs"
+            )
         return self
 
 
@@ -132,13 +153,28 @@ def _train_config(config: TrainBenchmarkConfig, root: Path | None = None, name: 
 
     root = root or Path(tempfile.gettempdir())
     return TrainConfig(
-        name=name, storage=str(root / "storage"), output_dir=str(root / "out"),
-        data=DataConfig(dataset=config.dataset, crop_size=config.crop_size, per_task_batch=config.per_task_batch,
-                        shuffle_buffer=config.shuffle_buffer),
-        build_dataset_if_missing=False, model={"variant": config.variant}, steps=config.warmup_steps + config.steps,
-        num_workers=1, cpus_per_worker=config.cpus_per_worker, use_gpu=config.device == "cuda", max_failures=0,
-        checkpoint_every=10**9, log_every=config.report_every, torch_threads=config.threads, evaluate_split=None,
-        seed=config.seed)  # fmt: skip
+        name=name,
+        storage=str(root / "storage"),
+        output_dir=str(root / "out"),
+        data=DataConfig(
+            dataset=config.dataset,
+            crop_size=config.crop_size,
+            per_task_batch=config.per_task_batch,
+            shuffle_buffer=config.shuffle_buffer,
+        ),
+        build_dataset_if_missing=False,
+        model={"variant": config.variant},
+        steps=config.warmup_steps + config.steps,
+        num_workers=1,
+        cpus_per_worker=config.cpus_per_worker,
+        use_gpu=config.device == "cuda",
+        max_failures=0,
+        checkpoint_every=10**9,
+        log_every=config.report_every,
+        torch_threads=config.threads,
+        evaluate_split=None,
+        seed=config.seed,
+    )
 
 
 # --- the bare side --------------------------------------------------------------------------------------------------
@@ -163,15 +199,31 @@ def bare_batches(train_config, count: int) -> tuple[list[dict], dict[str, Any]]:
     shuffle = random.Random(train_config.seed)
     report, batches, passes = StreamReport(), [], 0
     while len(batches) < count:
-        rows = [row for url in urls
-                for row in decode_shard({"url": url}, mode="train", crop_size=data.crop_size, augment=data.augment,
-                                        eval_crop=None, s3=data.s3, on_corrupt=data.on_corrupt)
-                if report.note(row)]  # fmt: skip
+        rows = [
+            row
+            for url in urls
+            for row in decode_shard(
+                {"url": url},
+                mode="train",
+                crop_size=data.crop_size,
+                augment=data.augment,
+                eval_crop=None,
+                s3=data.s3,
+                on_corrupt=data.on_corrupt,
+            )
+            if report.note(row)
+        ]
         shuffle.shuffle(rows)
         batches += [collate(b) for b in batcher.fixed_batches(rows, per_pass)]
         passes += 1
-    info = dict(tasks=tasks, steps_per_pass=per_pass, passes=passes, rows_per_pass=report.rows // passes,
-                corrupt=len(report.corrupt), shards=len(urls))  # fmt: skip
+    info = dict(
+        tasks=tasks,
+        steps_per_pass=per_pass,
+        passes=passes,
+        rows_per_pass=report.rows // passes,
+        corrupt=len(report.corrupt),
+        shards=len(urls),
+    )
     return batches[:count], info
 
 
@@ -192,8 +244,19 @@ def state_step(state: dict[str, Any], batch: dict, train_config, device) -> dict
     worker's loop does; returns the loss terms."""
     from datprl.platform.train.loop import train_step
 
-    terms = train_step(state["net"], state["model"], batch, state["criterion"], state["optimizer"],
-                       state["scheduler"], state["params"], train_config, device, None, state["scaler"])  # fmt: skip
+    terms = train_step(
+        state["net"],
+        state["model"],
+        batch,
+        state["criterion"],
+        state["optimizer"],
+        state["scheduler"],
+        state["params"],
+        train_config,
+        device,
+        None,
+        state["scaler"],
+    )
     if state["ema"] is not None:
         state["ema"].update_parameters(state["model"])
     return terms
@@ -259,8 +322,10 @@ def _ray_round(train_config, warmup: int) -> dict[str, Any]:
     total = train_config.steps
     expected = list(range(train_config.log_every, total, train_config.log_every)) + [total]
     if [r["step"] for r in reports] != expected or any(r["resumed_from_step"] for r in reports):
-        raise RuntimeError(f"unexpected reports in {path}: steps {[r['step'] for r in reports]} "
-                           f"(resumed from {[r['resumed_from_step'] for r in reports]}); expected {expected}")
+        raise RuntimeError(
+            f"unexpected reports in {path}: steps {[r['step'] for r in reports]} "
+            f"(resumed from {[r['resumed_from_step'] for r in reports]}); expected {expected}"
+        )
     if [r["checkpoint"] for r in reports] != [False] * (len(reports) - 1) + [True]:
         raise RuntimeError(f"checkpoints at unexpected steps in {path}: {[r['checkpoint'] for r in reports]}")
     with result.checkpoint.as_directory() as folder:
@@ -285,9 +350,16 @@ def _rates(windows: list[tuple[int, float]], warmup: int, batch: int, last_loss:
         (timed if previous >= warmup else untimed).append((step - previous, seconds))
         previous = step
     steps, seconds = sum(n for n, _ in timed), sum(s for _, s in timed)
-    return dict(timed_steps=steps, timed_s=seconds, steps_per_s=steps / seconds, batch_size=batch,
-                warmup_steps=sum(n for n, _ in untimed), warmup_s=sum(s for _, s in untimed),
-                window_steps_per_s=[n / s for n, s in timed], last_loss=last_loss)  # fmt: skip
+    return dict(
+        timed_steps=steps,
+        timed_s=seconds,
+        steps_per_s=steps / seconds,
+        batch_size=batch,
+        warmup_steps=sum(n for n, _ in untimed),
+        warmup_s=sum(s for _, s in untimed),
+        window_steps_per_s=[n / s for n, s in timed],
+        last_loss=last_loss,
+    )
 
 
 # --- the benchmark --------------------------------------------------------------------------------------------------
@@ -339,8 +411,10 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
     rounds: dict[str, list[dict]] = {BARE: [], RAY: []}
     try:
         if config.cpus_per_worker >= cpus:
-            raise RuntimeError(f"the running Ray has {cpus} CPUs: cpus_per_worker={config.cpus_per_worker} would "
-                               "leave none to Ray Data's read tasks (the run would hang)")
+            raise RuntimeError(
+                f"the running Ray has {cpus} CPUs: cpus_per_worker={config.cpus_per_worker} would "
+                "leave none to Ray Data's read tasks (the run would hang)"
+            )
         ensure_dataset(config.dataset, "jobs/benchmark_train.py")
         load_before = os.getloadavg()
         start = time.perf_counter()
@@ -353,14 +427,21 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
             for round_ in range(config.rounds):
                 for side in (BARE, RAY) if round_ % 2 == 0 else (RAY, BARE):
                     if side == BARE:
-                        out = _bare_round(_train_config(config), batches, config.warmup_steps, config.report_every,
-                                          config.threads, config.device)  # fmt: skip
+                        out = _bare_round(
+                            _train_config(config),
+                            batches,
+                            config.warmup_steps,
+                            config.report_every,
+                            config.threads,
+                            config.device,
+                        )
                     else:
                         root = Path(tmp) / f"round{round_}"
                         out = _ray_round(_train_config(config, root, name=f"round{round_}"), config.warmup_steps)
                     if out["timed_steps"] != config.steps:
-                        raise RuntimeError(f"{side} round {round_}: {out['timed_steps']} steps timed, "
-                                           f"not {config.steps}")
+                        raise RuntimeError(
+                            f"{side} round {round_}: {out['timed_steps']} steps timed, not {config.steps}"
+                        )
                     rounds[side].append(out)
                     print(f"round {round_ + 1}/{config.rounds} {side}: {out['steps_per_s']:.3f} steps/s", flush=True)
     finally:
@@ -371,35 +452,68 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
     for side in (BARE, RAY):
         runs = rounds[side]
         steps_per_s = statistics.median(r["steps_per_s"] for r in runs)
-        row = dict(side=side, batch_size=runs[0]["batch_size"], timed_steps=runs[0]["timed_steps"],
-                   steps_per_s=steps_per_s, samples_per_s=steps_per_s * runs[0]["batch_size"],
-                   round_steps_per_s=[r["steps_per_s"] for r in runs],
-                   window_steps_per_s=[w for r in runs for w in r["window_steps_per_s"]],
-                   warmup_s=[r["warmup_s"] for r in runs], last_loss=[r["last_loss"] for r in runs])  # fmt: skip
+        row = dict(
+            side=side,
+            batch_size=runs[0]["batch_size"],
+            timed_steps=runs[0]["timed_steps"],
+            steps_per_s=steps_per_s,
+            samples_per_s=steps_per_s * runs[0]["batch_size"],
+            round_steps_per_s=[r["steps_per_s"] for r in runs],
+            window_steps_per_s=[w for r in runs for w in r["window_steps_per_s"]],
+            warmup_s=[r["warmup_s"] for r in runs],
+            last_loss=[r["last_loss"] for r in runs],
+        )
         if side == RAY:
-            row.update(e2e_s=[r["e2e_s"] for r in runs], outside_windows_s=[r["outside_windows_s"] for r in runs],
-                       corrupt=[r["corrupt"] for r in runs])  # fmt: skip
+            row.update(
+                e2e_s=[r["e2e_s"] for r in runs],
+                outside_windows_s=[r["outside_windows_s"] for r in runs],
+                corrupt=[r["corrupt"] for r in runs],
+            )
         results.append(row)
     return dict(
-        config=config_to_dict(config), ema_decay=_train_config(config).optim.ema_decay, cpus=cpus,
-        ray_started_here=owned, ray_start_s=ray_start_s,
-        bare_read_s=bare_read_s, data=data_info, niceness=niceness, omp_wait_policy=omp_wait_policy,
+        config=config_to_dict(config),
+        ema_decay=_train_config(config).optim.ema_decay,
+        cpus=cpus,
+        ray_started_here=owned,
+        ray_start_s=ray_start_s,
+        bare_read_s=bare_read_s,
+        data=data_info,
+        niceness=niceness,
+        omp_wait_policy=omp_wait_policy,
         loadavg={"before": list(load_before), "after": list(os.getloadavg())},
         versions={"ray": ray.__version__, "torch": torch.__version__},
-        results=results, ratio=results[1]["steps_per_s"] / results[0]["steps_per_s"])  # fmt: skip
+        results=results,
+        ratio=results[1]["steps_per_s"] / results[0]["steps_per_s"],
+    )
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The Markdown table of :func:`run_benchmark` and its ratio line ``ray_train/bare steps/s ratio: X.XX``."""
-    head = ["loop", "batch", "timed steps/round", "steps/s median", "samples/s median", "steps/s per round",
-            "window steps/s min-max", "warm-up s", "fit() end-to-end s"]  # fmt: skip
+    head = [
+        "loop",
+        "batch",
+        "timed steps/round",
+        "steps/s median",
+        "samples/s median",
+        "steps/s per round",
+        "window steps/s min-max",
+        "warm-up s",
+        "fit() end-to-end s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         windows = r["window_steps_per_s"]
-        cells = [r["side"], r["batch_size"], r["timed_steps"], f"{r['steps_per_s']:.3f}", f"{r['samples_per_s']:.2f}",
-                 ", ".join(f"{x:.3f}" for x in r["round_steps_per_s"]), f"{min(windows):.3f}-{max(windows):.3f}",
-                 ", ".join(f"{x:.1f}" for x in r["warmup_s"]),
-                 ", ".join(f"{x:.1f}" for x in r.get("e2e_s", [])) or "-"]  # fmt: skip
+        cells = [
+            r["side"],
+            r["batch_size"],
+            r["timed_steps"],
+            f"{r['steps_per_s']:.3f}",
+            f"{r['samples_per_s']:.2f}",
+            ", ".join(f"{x:.3f}" for x in r["round_steps_per_s"]),
+            f"{min(windows):.3f}-{max(windows):.3f}",
+            ", ".join(f"{x:.1f}" for x in r["warmup_s"]),
+            ", ".join(f"{x:.1f}" for x in r.get("e2e_s", [])) or "-",
+        ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", f"ray_train/bare steps/s ratio: {report['ratio']:.2f}"]
     return "\n".join(lines)
@@ -413,24 +527,32 @@ def main(argv: Sequence[str]) -> int:
     v, nice, load, data = report["versions"], report["niceness"], report["loadavg"], report["data"]
     omp = report["omp_wait_policy"]
     ray_row = report["results"][1]
-    print(f"ray {v['ray']}, torch {v['torch']}; {config.variant}, crop {config.crop_size}, batch "
-          f"{len(data['tasks'])} tasks x {config.per_task_batch}, EMA {report['ema_decay'] or 'off'}, "
-          f"{config.threads} torch threads per side; Ray: {report['cpus']} CPUs, 1 worker with "
-          f"{config.cpus_per_worker} CPU(s), a report every {config.report_every} steps; {config.warmup_steps} "
-          f"warm-up + {config.steps} timed steps per side, "
-          f"{config.rounds} interleaved round(s); {config.dataset}: {data['rows_per_pass']} train samples in "
-          f"{data['shards']} shard(s), {data['steps_per_pass']} steps per pass; niceness: Ray workers "
-          f"{nice['ray_workers']}, bare {nice['bare']}; OMP_WAIT_POLICY: Ray workers {omp['ray_workers']}, bare "
-          f"{omp['bare']}; load average {load['before'][0]:.1f} -> {load['after'][0]:.1f}")
+    print(
+        f"ray {v['ray']}, torch {v['torch']}; {config.variant}, crop {config.crop_size}, batch "
+        f"{len(data['tasks'])} tasks x {config.per_task_batch}, EMA {report['ema_decay'] or 'off'}, "
+        f"{config.threads} torch threads per side; Ray: {report['cpus']} CPUs, 1 worker with "
+        f"{config.cpus_per_worker} CPU(s), a report every {config.report_every} steps; {config.warmup_steps} "
+        f"warm-up + {config.steps} timed steps per side, "
+        f"{config.rounds} interleaved round(s); {config.dataset}: {data['rows_per_pass']} train samples in "
+        f"{data['shards']} shard(s), {data['steps_per_pass']} steps per pass; niceness: Ray workers "
+        f"{nice['ray_workers']}, bare {nice['bare']}; OMP_WAIT_POLICY: Ray workers {omp['ray_workers']}, bare "
+        f"{omp['bare']}; load average {load['before'][0]:.1f} -> {load['after'][0]:.1f}"
+    )
     busy = max(load["before"][0], load["after"][0])
     if busy > (os.cpu_count() or 1):
-        print(f"warning: load average {busy:.1f} on {os.cpu_count()} CPUs: other work competes with both sides and "
-              "the timings (and the ratio) are unreliable")
+        print(
+            f"warning: load average {busy:.1f} on {os.cpu_count()} CPUs: other work competes with both sides and "
+            "the timings (and the ratio) are unreliable"
+        )
     print(format_report(report))
-    print(f"Ray fit() outside the report windows (start-up, final checkpoint, shutdown): "
-          f"{', '.join(f'{x:.1f}' for x in ray_row['outside_windows_s'])} s; not in the ratio")
-    print(f"total {time.perf_counter() - start:.1f} s (bare read {report['bare_read_s']:.1f} s, Ray start "
-          f"{report['ray_start_s']:.1f} s)")
+    print(
+        f"Ray fit() outside the report windows (start-up, final checkpoint, shutdown): "
+        f"{', '.join(f'{x:.1f}' for x in ray_row['outside_windows_s'])} s; not in the ratio"
+    )
+    print(
+        f"total {time.perf_counter() - start:.1f} s (bare read {report['bare_read_s']:.1f} s, Ray start "
+        f"{report['ray_start_s']:.1f} s)"
+    )
     save_report(report, config.json_out)
     sys.stdout.flush()
     return 0

@@ -45,8 +45,13 @@ NATURAL_TASKS = ("sr_x4", "derain", "motion_deblur")
 #: Packages and source groups held out whole as the cross-source test split of the default corpus: the model never
 #: trains on any image they ship, so the test split measures restoration of unseen sources (one set per domain).
 CROSS_SOURCE_TEST: tuple[str, ...] = (
-    "tuxpaint-data", "palapeli-data", "scribus-template", "glymur",  # natural: 28 photos from 4 packages
-    "localtileserver", "r-cran-rgdal", "PyWavelets",  # remote sensing: Landsat 7, greyscale satellite, aerial
+    "tuxpaint-data",
+    "palapeli-data",
+    "scribus-template",
+    "glymur",  # natural: 28 photos from 4 packages
+    "localtileserver",
+    "r-cran-rgdal",
+    "PyWavelets",  # remote sensing: Landsat 7, greyscale satellite, aerial
     "totalsegmentator",  # CT: a chest CT angiography (another scanner, site and protocol than the training CTs)
     "mricron-data",  # MR (and PET simulated from it): the Colin27 single-subject T1
 )
@@ -92,20 +97,37 @@ class BuildConfig(StrictModel):
     s3: S3Settings | None = None
     paired: PairedFolders | None = None
     clean: CleanFolder | None = None
-    extra_tasks: list[str] = Field(default_factory=list,
-                                   description="classic natural tasks to add, e.g. [denoise_25, jpeg]")
+    extra_tasks: list[str] = Field(
+        default_factory=list, description="classic natural tasks to add, e.g. [denoise_25, jpeg]"
+    )
     tile: int = Field(256, ge=32, description="clean images are cut into tiles of this size (pixels)")
     max_tiles_per_source: int = Field(2, ge=1, description="tiles per natural or remote-sensing source image")
-    max_tiles_per_eval_source: int = Field(1, ge=1, description="tiles per source in val and test: every model "
-                                           "evaluation pays for each one, and another tile of the same image adds "
-                                           "little")
-    max_tiles_per_scan: int = Field(1, ge=1, description="tiles per medical slice: a volume's many slices already vary "
-                                    "its anatomy, and low-dose CT costs about a second per tile to simulate")
+    max_tiles_per_eval_source: int = Field(
+        1,
+        ge=1,
+        description="tiles per source in val and test: every model "
+        "evaluation pays for each one, and another tile of the same image adds "
+        "little",
+    )
+    max_tiles_per_scan: int = Field(
+        1,
+        ge=1,
+        description="tiles per medical slice: a volume's many slices already vary "
+        "its anatomy, and low-dose CT costs about a second per tile to simulate",
+    )
     samples_per_tile: int = Field(1, ge=1, description="degraded versions per (tile, task), each with its own seed")
-    val_sources: int = Field(8, ge=0, description="sources per modality held out for validation, taken as whole "
-                             "groups (scene, volume, photo set) of the training packages")
-    test_sources: int = Field(1, ge=0, description="sources per modality held out for testing when no package is held "
-                              "out (users' clean folders); the default corpus uses cross_source_test instead")
+    val_sources: int = Field(
+        8,
+        ge=0,
+        description="sources per modality held out for validation, taken as whole "
+        "groups (scene, volume, photo set) of the training packages",
+    )
+    test_sources: int = Field(
+        1,
+        ge=0,
+        description="sources per modality held out for testing when no package is held "
+        "out (users' clean folders); the default corpus uses cross_source_test instead",
+    )
     cross_source_test: list[str] = Field(
         default_factory=lambda: list(CROSS_SOURCE_TEST),
         description="packages (or source groups) held out whole as the test split: it measures restoration of "
@@ -113,11 +135,17 @@ class BuildConfig(StrictModel):
     )
     max_samples_per_shard: int = Field(256, ge=1)
     max_sources_per_group: int | None = Field(
-        None, ge=1, description="a smaller corpus for quick runs and tests: at most this many sources of each group "
-        "(scene, volume, photo set), evenly spaced; every group, package and modality stays in"
+        None,
+        ge=1,
+        description="a smaller corpus for quick runs and tests: at most this many sources of each group "
+        "(scene, volume, photo set), evenly spaced; every group, package and modality stays in",
     )
-    workers: int | None = Field(None, ge=1, description="processes synthesising the degradations (None = one per "
-                                "CPU); the dataset's bytes do not depend on it")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="processes synthesising the degradations (None = one per "
+        "CPU); the dataset's bytes do not depend on it",
+    )
     seed: int = 0
     contact_sheet: bool = True
 
@@ -130,8 +158,9 @@ class BuildConfig(StrictModel):
                 raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         rgb_only = [t for t in self.extra_tasks if t in GRAYSCALE_ONLY_TASKS]
         if rgb_only:  # extra tasks run on the RGB natural images, which these tasks reject
-            raise ValueError(f"extra_tasks {rgb_only} need single-channel scans; extra_tasks apply to the natural "
-                             "(RGB) images only")
+            raise ValueError(
+                f"extra_tasks {rgb_only} need single-channel scans; extra_tasks apply to the natural (RGB) images only"
+            )
         return self
 
 
@@ -158,8 +187,9 @@ class SplitUnit:
     package: str
 
 
-def assign_splits(units: Iterable[SplitUnit], val: int, test: int, seed: int,
-                  held_out: Collection[str] = ()) -> dict[str, Split]:  # fmt: skip
+def assign_splits(
+    units: Iterable[SplitUnit], val: int, test: int, seed: int, held_out: Collection[str] = ()
+) -> dict[str, Split]:
     """Split sources by group, never by tile or slice. Returns ``{source_id: split}``.
 
     * ``test``: every source whose package or group is in ``held_out`` (the cross-source test: whole packages or
@@ -367,16 +397,28 @@ def _default_jobs(config: BuildConfig) -> tuple[list[Job], dict[str, str], dict[
     usable = [s for s in catalogue if DEFAULT_TASKS_BY_MODALITY.get(s.modality, ()) or s.domain == "natural"]
     if config.max_sources_per_group is not None:
         usable = _thin_groups(usable, config.max_sources_per_group)
-    splits = assign_splits([SplitUnit(s.id, s.modality, s.group, s.package) for s in usable], config.val_sources,
-                           config.test_sources, config.seed, held_out=config.cross_source_test)
+    splits = assign_splits(
+        [SplitUnit(s.id, s.modality, s.group, s.package) for s in usable],
+        config.val_sources,
+        config.test_sources,
+        config.seed,
+        held_out=config.cross_source_test,
+    )
     jobs = []
     for src in usable:
         tasks = DEFAULT_TASKS_BY_MODALITY.get(src.modality, NATURAL_TASKS if src.domain == "natural" else ())
         if src.domain == "natural":
             tasks = tuple(dict.fromkeys((*tasks, *config.extra_tasks)))  # a repeated task would repeat keys
-        meta = dict(domain=src.domain, split=splits[src.id], source_package=f"{src.package}=={src.package_version}",
-                    source_group=src.group, units=src.units, to_physical=src.to_physical, modality=src.modality,
-                    white_level=src.white_level)
+        meta = dict(
+            domain=src.domain,
+            split=splits[src.id],
+            source_package=f"{src.package}=={src.package_version}",
+            source_group=src.group,
+            units=src.units,
+            to_physical=src.to_physical,
+            modality=src.modality,
+            white_level=src.white_level,
+        )
         jobs.append(Job(src.id, functools.partial(_load_catalogued, src.id), tasks, meta))
     # Interleave domains and tasks in the shards (a seeded order, not the catalogue's domain-by-domain one): a stream
     # read shard by shard then meets every task early, instead of only natural images for its first minutes.
@@ -412,8 +454,12 @@ def _clean_folder_jobs(clean: CleanFolder, config: BuildConfig) -> list[Job]:
     units = [SplitUnit(name, "user", name, "user-folder") for name in files]
     splits = assign_splits(units, config.val_sources, config.test_sources, config.seed)
     return [
-        Job(f"{clean.dir.name}/{name}", functools.partial(_read_file, path), tuple(dict.fromkeys(clean.tasks)),
-            dict(domain=clean.domain, split=splits[name], source_package="user-folder"))  # fmt: skip
+        Job(
+            f"{clean.dir.name}/{name}",
+            functools.partial(_read_file, path),
+            tuple(dict.fromkeys(clean.tasks)),
+            dict(domain=clean.domain, split=splits[name], source_package="user-folder"),
+        )
         for name, path in files.items()
     ]
 
@@ -429,14 +475,25 @@ def _paired_samples(paired: PairedFolders) -> Iterator[PendingSample]:
     for name in sorted(gt_files):
         lq, gt = _read_file(lq_files[name]), _read_file(gt_files[name])
         if lq.ndim != gt.ndim or lq.dtype != gt.dtype:
-            raise ValueError(f"{name}: input and target differ in channels or bit depth "
-                             f"({lq.shape}/{lq.dtype} vs {gt.shape}/{gt.dtype})")
+            raise ValueError(
+                f"{name}: input and target differ in channels or bit depth "
+                f"({lq.shape}/{lq.dtype} vs {gt.shape}/{gt.dtype})"
+            )
         key = hashlib.sha1(f"{paired.gt_dir}/{name}".encode()).hexdigest()[:20]
-        record = dict(key=key, domain=paired.domain, task=paired.task, split=paired.split,
-                      source_id=f"{paired.gt_dir.name}/{name}", source_package="user-folder",
-                      degradation={"given": "paired folders", "lq_file": lq_files[name].name}, seed=0,
-                      bit_depth=8 if gt.dtype == np.uint8 else 16, channels=1 if gt.ndim == 2 else 3,
-                      height=int(gt.shape[0]), width=int(gt.shape[1]))  # fmt: skip
+        record = dict(
+            key=key,
+            domain=paired.domain,
+            task=paired.task,
+            split=paired.split,
+            source_id=f"{paired.gt_dir.name}/{name}",
+            source_package="user-folder",
+            degradation={"given": "paired folders", "lq_file": lq_files[name].name},
+            seed=0,
+            bit_depth=8 if gt.dtype == np.uint8 else 16,
+            channels=1 if gt.ndim == 2 else 3,
+            height=int(gt.shape[0]),
+            width=int(gt.shape[1]),
+        )
         yield PendingSample(key, record, lq, gt)
 
 
@@ -457,10 +514,15 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
     counts: Counter = Counter()
     examples: dict[tuple[str, str], PendingSample] = {}
     name = Path(config.output.rstrip("/")).name or "dataset"
-    with DatasetWriter(config.output, name, config.max_samples_per_shard, config.s3, command=command,
-                       package_versions={**default_package_versions(), **versions},
-                       metadata={"config": config.model_dump(mode="json"),
-                                 "source_licences": licences}) as writer:  # fmt: skip
+    with DatasetWriter(
+        config.output,
+        name,
+        config.max_samples_per_shard,
+        config.s3,
+        command=command,
+        package_versions={**default_package_versions(), **versions},
+        metadata={"config": config.model_dump(mode="json"), "source_licences": licences},
+    ) as writer:
         for sample in tqdm(samples, total=total, desc="samples", unit="pair", disable=None):
             record = SampleRecord.model_validate(sample.record)
             writer.write(record, sample.lq, sample.gt)
@@ -468,8 +530,11 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
             best = examples.get((record.domain, record.task))
             if best is None or sample.gt.std() / _white(sample) > best.gt.std() / _white(best):
                 examples[(record.domain, record.task)] = sample  # the most textured example shows the degradation best
-    summary = {"manifest": join_url(config.output, "manifest.json"), "samples": sum(counts.values()),
-               "table": count_table(counts)}  # fmt: skip
+    summary = {
+        "manifest": join_url(config.output, "manifest.json"),
+        "samples": sum(counts.values()),
+        "table": count_table(counts),
+    }
     if config.contact_sheet and examples:
         if "://" not in config.output:
             summary["contact_sheet"] = str(contact_sheet(examples, Path(config.output) / "contact_sheet.png"))
@@ -486,8 +551,13 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
     return summary
 
 
-def ensure_dataset(url: str, s3: S3Settings | None = None, command: Sequence[str] | None = None,
-                   build_if_missing: bool = True, recipe: BuildConfig | None = None) -> bool:
+def ensure_dataset(
+    url: str,
+    s3: S3Settings | None = None,
+    command: Sequence[str] | None = None,
+    build_if_missing: bool = True,
+    recipe: BuildConfig | None = None,
+) -> bool:
     """Make sure a dataset exists at ``url`` (local folder or ``s3://bucket/prefix``): when its ``manifest.json`` is
     missing, build the embedded default corpus there (``recipe``, else :class:`BuildConfig` defaults; its ``output``
     and ``s3`` are replaced by ``url`` and ``s3``), recording ``command`` (the command line of the job that asked for
@@ -498,8 +568,9 @@ def ensure_dataset(url: str, s3: S3Settings | None = None, command: Sequence[str
     if exists(manifest_url(url), s3):
         return False
     if not build_if_missing:
-        raise FileNotFoundError(f"no dataset at {url} ({MANIFEST_NAME} not found); build it with "
-                                f"jobs/build_dataset.py output={url}")
+        raise FileNotFoundError(
+            f"no dataset at {url} ({MANIFEST_NAME} not found); build it with jobs/build_dataset.py output={url}"
+        )
     what = "the embedded default corpus" if recipe is None else "the configured corpus"
     print(f"no dataset at {url} ({MANIFEST_NAME} not found): building {what} there", flush=True)
     recipe = (recipe or BuildConfig()).model_copy(update={"output": url, "s3": s3})

@@ -83,8 +83,7 @@ def _validate(clean: Any, task: str, *, grayscale_only: bool = False) -> np.ndar
     if not np.issubdtype(clean.dtype, np.floating):
         hint = " / 255" if clean.dtype == np.uint8 else (" / 65535" if clean.dtype == np.uint16 else "")
         raise ValueError(
-            f"{task}: image dtype is {clean.dtype}, expected float in [0, 1]; convert with "
-            f"img.astype(np.float32){hint}"
+            f"{task}: image dtype is {clean.dtype}, expected float in [0, 1]; convert with img.astype(np.float32){hint}"
         )
     if clean.ndim == 3 and clean.shape[-1] == 1:
         raise ValueError(f"{task}: got shape {clean.shape}; pass a grayscale image as 2-D (H, W), e.g. img[..., 0]")
@@ -771,9 +770,7 @@ def haze(
 # --- extras (natural) ----------------------------------------------------------------------------------------------
 
 
-def gaussian_noise(
-    clean: np.ndarray, rng: np.random.Generator, *, sigma_255: float = 25.0
-) -> tuple[np.ndarray, dict]:
+def gaussian_noise(clean: np.ndarray, rng: np.random.Generator, *, sigma_255: float = 25.0) -> tuple[np.ndarray, dict]:
     """Additive white Gaussian noise of standard deviation ``sigma_255 / 255`` (independent per pixel and channel),
     clipped to [0, 1] (clipping lowers the measured std near black and white)."""
     x = _validate(clean, "gaussian_noise")
@@ -875,74 +872,120 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         TaskSpec(
-            "sr_x4", "natural", sr_x4, "4x super-resolution: bicubic x4 down and back up (Pillow bicubic)",
+            "sr_x4",
+            "natural",
+            sr_x4,
+            "4x super-resolution: bicubic x4 down and back up (Pillow bicubic)",
             "Synthetic like the paper's (DIV2K LR is MATLAB bicubic); Pillow's bicubic is close to, not bit-equal to, "
             "MATLAB imresize.",
         ),
         TaskSpec(
-            "derain", "natural", derain, "deraining: additive light synthetic rain streaks (Rain100L-like)",
+            "derain",
+            "natural",
+            derain,
+            "deraining: additive light synthetic rain streaks (Rain100L-like)",
             "Simulated streaks, not the Rain100L images; numbers on it are not Rain100L numbers.",
         ),
         TaskSpec(
-            "motion_deblur", "natural", motion_deblur,
+            "motion_deblur",
+            "natural",
+            motion_deblur,
             "motion deblurring: random camera-shake trajectory kernel (Boracchi-Foi), 15-31 px",
             "Simulated spatially invariant blur; GoPro pairs average real high-speed frames (spatially varying blur, "
             "object motion).",
         ),
         TaskSpec(
-            "mri_sr_x4", "medical", mri_sr_x4, "MRI 4x super-resolution by k-space truncation (grayscale)",
+            "mri_sr_x4",
+            "medical",
+            mri_sr_x4,
+            "MRI 4x super-resolution by k-space truncation (grayscale)",
             "Simulated from magnitude images, not raw multi-coil k-space (IXI pairs are made by truncation too).",
         ),
         TaskSpec(
-            "ct_low_dose", "medical", ct_low_dose,
+            "ct_low_dose",
+            "medical",
+            ct_low_dose,
             "low-dose CT: Poisson projection noise (I0 1e4-5e4 photons/ray) and FBP reconstruction (grayscale)",
             "Simulated parallel-beam low dose on an image read as an attenuation map; not AAPM-Mayo scanner data "
             "(fan/helical geometry, real quarter-dose projections, calibrated HU).",
         ),
         TaskSpec(
-            "pet_low_count", "medical", pet_low_count,
+            "pet_low_count",
+            "medical",
+            pet_low_count,
             "low-count PET: Poisson/Binomial count thinning to 5-25% in image space (grayscale)",
             "Simulated, not real PET: image-space Poisson thinning of an activity-like image, no sinogram, "
             "attenuation, scatter or iterative reconstruction (the paper uses PolarStar m660 scans).",
         ),
         TaskSpec(
-            "rs_sr_x4", "remote_sensing", sr_x4, "remote-sensing 4x super-resolution (as sr_x4)",
+            "rs_sr_x4",
+            "remote_sensing",
+            sr_x4,
+            "remote-sensing 4x super-resolution (as sr_x4)",
             "Synthetic like the paper's (UCMerced LR is bicubic); Pillow bicubic, not MATLAB's.",
         ),
         TaskSpec(
-            "cloud", "remote_sensing", cloud, "cloud removal: fractal cloud opacity with cast shadows",
+            "cloud",
+            "remote_sensing",
+            cloud,
+            "cloud removal: fractal cloud opacity with cast shadows",
             "Simulated procedural clouds; CUHK-CR1 pairs are real cloudy/clear acquisitions.",
         ),
         TaskSpec(
-            "haze", "remote_sensing", haze, "dehazing: atmospheric scattering with a smooth random depth field",
+            "haze",
+            "remote_sensing",
+            haze,
+            "dehazing: atmospheric scattering with a smooth random depth field",
             "Simulated scattering model; RICE1 pairs are real hazy/clear acquisitions.",
         ),
         TaskSpec(
-            "denoise_15", "natural", _denoise(15), "Gaussian denoising, sigma 15/255",
+            "denoise_15",
+            "natural",
+            _denoise(15),
+            "Gaussian denoising, sigma 15/255",
             "Standard synthetic protocol (not one of the paper's 9 tasks).",
         ),
         TaskSpec(
-            "denoise_25", "natural", _denoise(25), "Gaussian denoising, sigma 25/255",
+            "denoise_25",
+            "natural",
+            _denoise(25),
+            "Gaussian denoising, sigma 25/255",
             "Standard synthetic protocol (not one of the paper's 9 tasks).",
         ),
         TaskSpec(
-            "denoise_50", "natural", _denoise(50), "Gaussian denoising, sigma 50/255",
+            "denoise_50",
+            "natural",
+            _denoise(50),
+            "Gaussian denoising, sigma 50/255",
             "Standard synthetic protocol (not one of the paper's 9 tasks).",
         ),
         TaskSpec(
-            "low_light", "natural", low_light,
+            "low_light",
+            "natural",
+            low_light,
             "low-light enhancement: gamma darkening, reduced exposure, Poisson-Gaussian noise",
             "Simulated; LOL-style datasets have real low/normal-light pairs (not one of the paper's 9 tasks).",
         ),
         TaskSpec(
-            "jpeg", "natural", jpeg, "JPEG artifact removal: Pillow JPEG round trip, quality 10-40",
+            "jpeg",
+            "natural",
+            jpeg,
+            "JPEG artifact removal: Pillow JPEG round trip, quality 10-40",
             "Standard synthetic protocol (not one of the paper's 9 tasks).",
         ),
     )
 }
 
 PAPER_TASKS_9: tuple[str, ...] = (
-    "sr_x4", "derain", "motion_deblur", "mri_sr_x4", "ct_low_dose", "pet_low_count", "rs_sr_x4", "cloud", "haze",
+    "sr_x4",
+    "derain",
+    "motion_deblur",
+    "mri_sr_x4",
+    "ct_low_dose",
+    "pet_low_count",
+    "rs_sr_x4",
+    "cloud",
+    "haze",
 )
 PAPER_TASKS_6: tuple[str, ...] = tuple(
     name for domain in _DOMAINS for name in [t for t in PAPER_TASKS_9 if TASKS[t].domain == domain][:2]
@@ -953,10 +996,7 @@ DETERMINISTIC_TASKS: frozenset[str] = frozenset({"sr_x4", "rs_sr_x4", "mri_sr_x4
 
 
 def _accepted_overrides(fn: Callable[..., Any]) -> list[str]:
-    names = [
-        p.name for p in inspect.signature(fn).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
+    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     if fn is motion_deblur:
         names += [p for p in inspect.signature(motion_kernel).parameters if p != "rng"]
     return names

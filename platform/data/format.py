@@ -91,8 +91,9 @@ class SampleRecord(BaseModel):
     split: Split
     source_id: str = Field(description="identifier of the clean image within its source package")
     source_package: str = Field(description="where the clean image came from, e.g. 'scikit-image==0.24.0'")
-    source_group: str | None = Field(None, description="the scene, volume or photo set the clean image was cut from "
-                                     "(splits keep a group together)")
+    source_group: str | None = Field(
+        None, description="the scene, volume or photo set the clean image was cut from (splits keep a group together)"
+    )
     degradation: dict[str, Any] = Field(description="degradation parameters, including its seed")
     seed: int
     bit_depth: Literal[8, 16]
@@ -102,8 +103,12 @@ class SampleRecord(BaseModel):
     simulated: bool = Field(False, description="clean image itself simulated (e.g. a phantom), not measured")
     height: int = Field(gt=0)
     width: int = Field(gt=0)
-    white_level: int | None = Field(None, gt=0, description="stored value that maps to 1.0 at the model input "
-                                    "(default: 2**bit_depth - 1; 4095 for 12-bit scans stored as 16-bit)")
+    white_level: int | None = Field(
+        None,
+        gt=0,
+        description="stored value that maps to 1.0 at the model input "
+        "(default: 2**bit_depth - 1; 4095 for 12-bit scans stored as 16-bit)",
+    )
     modality: str | None = Field(None, description="acquisition kind of the clean image, e.g. 'ct', 'mr', 'photo'")
     tile: tuple[int, int] | None = Field(None, description="top-left (row, col) of the tile within the source image")
 
@@ -330,13 +335,12 @@ def verify_manifest(url: str, s3: S3Settings | None = None) -> list[str]:
             while chunk := stream.read(8 * 2**20):
                 digest.update(chunk)
         if digest.hexdigest() != entry.sha256:
-            problems.append(f"checksum mismatch for {entry.path}: sha256 {digest.hexdigest()}, manifest says "
-                            f"{entry.sha256}")
+            problems.append(
+                f"checksum mismatch for {entry.path}: sha256 {digest.hexdigest()}, manifest says {entry.sha256}"
+            )
     for split in SPLITS:
         listed = manifest.samples(split)
         counted = sum(c.samples for c in manifest.counts if c.split == split)
         if listed != counted:
             problems.append(f"split {split}: shards hold {listed} samples but counts sum to {counted}")
     return problems
-
-

@@ -51,7 +51,8 @@ class DataConfig(StrictModel):
     # Each task once: the balanced batcher takes per_task_batch samples for every entry, so a repeat would silently
     # weigh that task double.
     tasks: Annotated[list[str], _EACH_TASK_ONCE] | None = Field(
-        None, description="training tasks; None = every task of the training split")
+        None, description="training tasks; None = every task of the training split"
+    )
     crop_size: int = Field(128, ge=8, description="paired random crop for training (pixels)")
     augment: bool = Field(True, description="random flips and 90-degree rotations in training")
     per_task_batch: int = Field(2, ge=1, description="samples of every task in each batch (batch = tasks x this)")
@@ -59,12 +60,18 @@ class DataConfig(StrictModel):
     eval_crop: int | None = Field(None, ge=8, description="central crop for evaluation; None = full images")
     on_corrupt: Literal["skip", "raise"] = Field("skip", description="skip and report damaged samples, or fail")
     progress_bars: bool = Field(False, description="Ray Data's per-pass progress bars (noisy in training logs)")
-    decode_parts_per_shard: int | None = Field(1, ge=1, description="read tasks per shard, each decoding every "
-                                               "n-th sample; None = auto (enough to use every CPU with few shards)")
-    cache_decoded: bool | None = Field(None, description="training: decode the split's images once into Ray's "
-                                       "object store and only crop, augment and normalise them each pass; None = "
-                                       "auto (when the estimated decoded size fits in a quarter of the object store)")
-
+    decode_parts_per_shard: int | None = Field(
+        1,
+        ge=1,
+        description="read tasks per shard, each decoding every "
+        "n-th sample; None = auto (enough to use every CPU with few shards)",
+    )
+    cache_decoded: bool | None = Field(
+        None,
+        description="training: decode the split's images once into Ray's "
+        "object store and only crop, augment and normalise them each pass; None = "
+        "auto (when the estimated decoded size fits in a quarter of the object store)",
+    )
 
 
 def _row(record, lq: np.ndarray, gt: np.ndarray, error: str = "") -> dict[str, Any]:
@@ -87,8 +94,9 @@ def _part(item: dict[str, Any]) -> tuple[int, int] | None:
     return (int(item["part"]), int(item["parts"])) if item.get("parts", 1) > 1 else None
 
 
-def _training_pair(lq: np.ndarray, gt: np.ndarray, white: float, crop_size: int, augment: bool,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _training_pair(
+    lq: np.ndarray, gt: np.ndarray, white: float, crop_size: int, augment: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Stored-depth images -> one training pair: paired random crop, optional flip/rotation, normalised float32
     3 x crop x crop (grey replicated to 3 channels)."""
     lq, gt = paired_random_crop(lq, gt, crop_size, rng)
@@ -120,8 +128,11 @@ def decode_shard(
         if eval_crop is not None:
             lq, gt = center_crop(lq, eval_crop), center_crop(gt, eval_crop)
         # Evaluation rows also say how to read values back in physical units (CT in HU).
-        yield {**_row(record, to_chw3(to_unit_float(lq, white)), to_chw3(to_unit_float(gt, white))),
-               "white": float(white), "units": record.units or ""}  # fmt: skip
+        yield {
+            **_row(record, to_chw3(to_unit_float(lq, white)), to_chw3(to_unit_float(gt, white))),
+            "white": float(white),
+            "units": record.units or "",
+        }
     for url, key, reason in report.skipped:
         row = _row(None, _EMPTY, _EMPTY, error=f"{url} [{key or 'shard'}]: {reason}")
         yield row if mode == "train" else {**row, "white": 0.0, "units": ""}
@@ -139,6 +150,7 @@ DECODED_BYTES_PER_SHARD_BYTE = 3.0
 # The cache may take at most this fraction of the object store (training batches and checkpoints need the rest).
 CACHE_OBJECT_STORE_FRACTION = 0.25
 
+
 def _shape3(image: np.ndarray) -> list[int]:
     return [image.shape[0], image.shape[1], image.shape[2] if image.ndim == 3 else 0]
 
@@ -149,14 +161,33 @@ def decode_shard_images(item: dict[str, Any], s3: S3Settings | None, on_corrupt:
     Damaged samples become error rows, as in :func:`decode_shard`."""
     report = CorruptionReport()
     for record, lq, gt in iter_samples(item["url"], s3=s3, on_error=on_corrupt, report=report, part=_part(item)):
-        yield {"key": record.key, "task": record.task, "domain": record.domain, "source_id": record.source_id,
-               "white": float(white_level(record.white_level, bit_depth=record.bit_depth)), "dtype": lq.dtype.str,
-               "lq": np.ascontiguousarray(lq).tobytes(), "lq_shape": _shape3(lq),
-               "gt": np.ascontiguousarray(gt).tobytes(), "gt_shape": _shape3(gt), "error": ""}  # fmt: skip
+        yield {
+            "key": record.key,
+            "task": record.task,
+            "domain": record.domain,
+            "source_id": record.source_id,
+            "white": float(white_level(record.white_level, bit_depth=record.bit_depth)),
+            "dtype": lq.dtype.str,
+            "lq": np.ascontiguousarray(lq).tobytes(),
+            "lq_shape": _shape3(lq),
+            "gt": np.ascontiguousarray(gt).tobytes(),
+            "gt_shape": _shape3(gt),
+            "error": "",
+        }
     for url, key, reason in report.skipped:
-        yield {"key": "", "task": "", "domain": "", "source_id": "", "white": 0.0, "dtype": "|u1", "lq": b"",
-               "lq_shape": [0, 0, 0], "gt": b"", "gt_shape": [0, 0, 0],
-               "error": f"{url} [{key or 'shard'}]: {reason}"}  # fmt: skip
+        yield {
+            "key": "",
+            "task": "",
+            "domain": "",
+            "source_id": "",
+            "white": 0.0,
+            "dtype": "|u1",
+            "lq": b"",
+            "lq_shape": [0, 0, 0],
+            "gt": b"",
+            "gt_shape": [0, 0, 0],
+            "error": f"{url} [{key or 'shard'}]: {reason}",
+        }
 
 
 def _cached_image(data: bytes, shape, dtype: str) -> np.ndarray:
@@ -168,13 +199,19 @@ def crop_cached_row(row: dict[str, Any], crop_size: int, augment: bool) -> dict[
     """Ray Data ``map`` stage over the decoded cache: one cached sample -> the row :func:`decode_shard` yields in
     training (a fresh random crop and transform each pass); error rows pass through."""
     if row["error"]:
-        return {"key": "", "task": "", "domain": "", "source_id": "", "lq": _EMPTY, "gt": _EMPTY,
-                "error": row["error"]}  # fmt: skip
+        return {"key": "", "task": "", "domain": "", "source_id": "", "lq": _EMPTY, "gt": _EMPTY, "error": row["error"]}
     lq = _cached_image(row["lq"], row["lq_shape"], row["dtype"])
     gt = _cached_image(row["gt"], row["gt_shape"], row["dtype"])
     lq, gt = _training_pair(lq, gt, row["white"], crop_size, augment, process_rng())
-    return {"key": row["key"], "task": row["task"], "domain": row["domain"], "source_id": row["source_id"],
-            "lq": lq, "gt": gt, "error": ""}  # fmt: skip
+    return {
+        "key": row["key"],
+        "task": row["task"],
+        "domain": row["domain"],
+        "source_id": row["source_id"],
+        "lq": lq,
+        "gt": gt,
+        "error": "",
+    }
 
 
 def _cache_budget() -> float:
@@ -259,23 +296,40 @@ def read_split(config: DataConfig, split: str, mode: Mode = "train", dataset: Da
     items = [{"url": u, "part": i, "parts": parts} for u in urls for i in range(parts)]
     items = ray.data.from_items(items, override_num_blocks=len(items))
     if cached:
-        decoded = _limit_blocks(items.flat_map(decode_shard_images, fn_kwargs=dict(
-            s3=config.s3, on_corrupt=config.on_corrupt)), config.progress_bars)  # fmt: skip
+        decoded = _limit_blocks(
+            items.flat_map(decode_shard_images, fn_kwargs=dict(s3=config.s3, on_corrupt=config.on_corrupt)),
+            config.progress_bars,
+        )
         cache = decoded.materialize()
         size, budget = cache.size_bytes(), _cache_budget()
         log.info("decoded the %s split into the object store once: %.1f MiB", split, size / 2**20)
         if budget and size > budget:
-            log.warning("the decoded cache of the %s split takes %.0f MiB, more than %.0f%% of the object store "
-                        "(%.0f MiB): Ray may spill it to disk. Set data.cache_decoded=false to decode every pass, or "
-                        "give Ray a larger object store.", split, size / 2**20, 100 * CACHE_OBJECT_STORE_FRACTION,
-                        budget / CACHE_OBJECT_STORE_FRACTION / 2**20)  # fmt: skip
+            log.warning(
+                "the decoded cache of the %s split takes %.0f MiB, more than %.0f%% of the object store "
+                "(%.0f MiB): Ray may spill it to disk. Set data.cache_decoded=false to decode every pass, or "
+                "give Ray a larger object store.",
+                split,
+                size / 2**20,
+                100 * CACHE_OBJECT_STORE_FRACTION,
+                budget / CACHE_OBJECT_STORE_FRACTION / 2**20,
+            )
         # randomize_block_order without a seed draws a new order at every execution, i.e. every pass.
-        return _limit_blocks(cache.randomize_block_order().map(crop_cached_row, fn_kwargs=dict(
-            crop_size=config.crop_size, augment=config.augment)), config.progress_bars)  # fmt: skip
+        return _limit_blocks(
+            cache.randomize_block_order().map(
+                crop_cached_row, fn_kwargs=dict(crop_size=config.crop_size, augment=config.augment)
+            ),
+            config.progress_bars,
+        )
     rows = items.flat_map(
         decode_shard,
-        fn_kwargs=dict(mode=mode, crop_size=config.crop_size, augment=config.augment, eval_crop=config.eval_crop,
-                       s3=config.s3, on_corrupt=config.on_corrupt),  # fmt: skip
+        fn_kwargs=dict(
+            mode=mode,
+            crop_size=config.crop_size,
+            augment=config.augment,
+            eval_crop=config.eval_crop,
+            s3=config.s3,
+            on_corrupt=config.on_corrupt,
+        ),
     )
     return _limit_blocks(rows, config.progress_bars)
 
@@ -341,8 +395,14 @@ def iterate_rows(source, shuffle_buffer: int = 0) -> Iterator[dict[str, Any]]:
 
 
 def training_batches(
-    source, tasks: list[str], per_task: int, shuffle_buffer: int = 64, report: StreamReport | None = None,
-    seed: int = 0, num_batches: int | None = None, batcher: BalancedBatcher | None = None,
+    source,
+    tasks: list[str],
+    per_task: int,
+    shuffle_buffer: int = 64,
+    report: StreamReport | None = None,
+    seed: int = 0,
+    num_batches: int | None = None,
+    batcher: BalancedBatcher | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One pass over ``source`` as task-balanced batches (``per_task`` samples of every task): dicts with
     ``lq``/``gt`` tensors (B, 3, H, W) and per-sample ``task``/``domain``/``key``/``source_id`` lists.
@@ -358,20 +418,29 @@ def training_batches(
         yield collate(batch)
 
 
-def local_evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None,
-                          dataset: DatasetHandle | None = None) -> Iterator[dict]:
+def local_evaluation_rows(
+    config: DataConfig, split: str = "val", report: StreamReport | None = None, dataset: DatasetHandle | None = None
+) -> Iterator[dict]:
     """The rows of :func:`evaluation_rows`, in the same order, read in this process without Ray Data (for small
     splits read inside a Ray Train worker, where a Ray Data read would compete with the training read for CPUs)."""
     report = report if report is not None else StreamReport()
     for url in _open(config, dataset).shard_urls(split):
-        for row in decode_shard({"url": url}, mode="eval", crop_size=config.crop_size, augment=False,
-                                eval_crop=config.eval_crop, s3=config.s3, on_corrupt=config.on_corrupt):  # fmt: skip
+        for row in decode_shard(
+            {"url": url},
+            mode="eval",
+            crop_size=config.crop_size,
+            augment=False,
+            eval_crop=config.eval_crop,
+            s3=config.s3,
+            on_corrupt=config.on_corrupt,
+        ):
             if report.note(row):
                 yield row
 
 
-def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport | None = None,
-                    dataset: DatasetHandle | None = None) -> Iterator[dict]:
+def evaluation_rows(
+    config: DataConfig, split: str = "val", report: StreamReport | None = None, dataset: DatasetHandle | None = None
+) -> Iterator[dict]:
     """Every sample of ``split`` once, in manifest order (deterministic: full images or fixed central crops)."""
     import ray
 
@@ -388,7 +457,17 @@ def evaluation_rows(config: DataConfig, split: str = "val", report: StreamReport
 
 
 __all__ = [
-    "CorruptSampleError", "DataConfig", "StreamReport", "crop_cached_row", "decode_shard", "decode_shard_images",
-    "evaluation_rows", "iterate_rows", "local_evaluation_rows", "read_split", "split_tasks", "training_batches",
+    "CorruptSampleError",
+    "DataConfig",
+    "StreamReport",
+    "crop_cached_row",
+    "decode_shard",
+    "decode_shard_images",
+    "evaluation_rows",
+    "iterate_rows",
+    "local_evaluation_rows",
+    "read_split",
+    "split_tasks",
+    "training_batches",
     "use_decoded_cache",
-]  # fmt: skip
+]

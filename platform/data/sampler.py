@@ -137,8 +137,10 @@ class BalancedBatcher:
                 else:
                     self._held.append(batch)
         if produced < num_batches and not any(self._fresh[t] or self._seen[t] for t in self.tasks):
-            raise ValueError("this worker received no training sample in a whole pass; the dataset has fewer samples "
-                             "than workers, or every sample was damaged (see the skipped-sample warnings)")
+            raise ValueError(
+                "this worker received no training sample in a whole pass; the dataset has fewer samples "
+                "than workers, or every sample was damaged (see the skipped-sample warnings)"
+            )
         while produced < num_batches:
             yield self._fill_batch()
             produced += 1
@@ -156,8 +158,11 @@ class BalancedBatcher:
         missing = [t for t in self.tasks if not self._fresh[t] and not self._seen[t]]
         if missing and not self._warned_missing:
             self._warned_missing = True
-            log.warning("no sample of task(s) %s reached this worker yet; their places in the batch are filled with "
-                        "samples of the other tasks", missing)  # fmt: skip
+            log.warning(
+                "no sample of task(s) %s reached this worker yet; their places in the batch are filled with "
+                "samples of the other tasks",
+                missing,
+            )
         pool = [r for t in self.tasks for r in self._seen[t]] + [r for t in self.tasks for r in self._fresh[t]]
         batch = []
         for task in self.tasks:

@@ -321,8 +321,15 @@ class DatasetWriter(_CommitOnSuccess):
             if writer is None:
                 continue
             for info in writer.close():
-                shards.append(ShardEntry(path=f"{split}/{info.url.rsplit('/', 1)[-1]}", sha256=info.sha256,
-                                         samples=info.samples, bytes=info.bytes, split=split))
+                shards.append(
+                    ShardEntry(
+                        path=f"{split}/{info.url.rsplit('/', 1)[-1]}",
+                        sha256=info.sha256,
+                        samples=info.samples,
+                        bytes=info.bytes,
+                        split=split,
+                    )
+                )
             counts.update(writer.counts)
         self.manifest = Manifest(
             name=self.name,
@@ -501,7 +508,7 @@ def _end_problem(tar: tarfile.TarFile, reader: _TailReader) -> str | None:
         return f"shard truncated at byte {reader.total} (ends after a member, no end-of-archive marker)"
     if remaining > len(reader.tail):
         return damaged
-    trailing = reader.tail[len(reader.tail) - remaining:]
+    trailing = reader.tail[len(reader.tail) - remaining :]
     if any(trailing[: tarfile.BLOCKSIZE]):
         if remaining < tarfile.BLOCKSIZE:
             return f"shard truncated at byte {reader.total} (inside a tar header)"
@@ -531,6 +538,7 @@ def _iter_shard(
     def fail(key: str | None, reason: str) -> None:
         if owned(key):
             report_problem(key, reason)
+
     try:
         raw = storage.open_input_stream(url, s3)
     except FileNotFoundError as exc:

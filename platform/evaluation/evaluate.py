@@ -45,7 +45,12 @@ from datprl.platform.data.pipeline import (
 )
 from datprl.platform.evaluation.metrics import PAPER, MetricProtocol, ct_hu_metrics, psnr, selection_nmi, ssim
 from datprl.platform.evaluation.report import (
-    _METRICS, HU_METRICS, PSNR_CAP, EvalResult, side_by_side_markdown, write_outputs,
+    _METRICS,
+    HU_METRICS,
+    PSNR_CAP,
+    EvalResult,
+    side_by_side_markdown,
+    write_outputs,
 )
 from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, ray_session, resolve_device
 from datprl.platform.storage import atomic_write_bytes
@@ -64,15 +69,21 @@ class EvalConfig(StrictModel):
     """Evaluate a restoration network (exported weights, or a fresh variant for smoke runs) on dataset splits."""
 
     weights: str | None = Field(
-        "auto", description=f"a .safetensors file written by save_model (its .json beside it); 'auto' = "
-        f"{TRAINED_WEIGHTS} (what `python jobs/train.py` exports) unless `variant` is given")
+        "auto",
+        description=f"a .safetensors file written by save_model (its .json beside it); 'auto' = "
+        f"{TRAINED_WEIGHTS} (what `python jobs/train.py` exports) unless `variant` is given",
+    )
     variant: str | None = Field(None, description="evaluate a freshly initialised variant instead (smoke runs)")
     data: DataConfig = Field(default_factory=DataConfig, description="the dataset (eval_crop applies)")
-    splits: Annotated[list[str], NoRepeats] = Field(["val", "test"], min_length=1,
-                              description="splits of the dataset's manifest to evaluate, compared side by side")
+    splits: Annotated[list[str], NoRepeats] = Field(
+        ["val", "test"], min_length=1, description="splits of the dataset's manifest to evaluate, compared side by side"
+    )
     split: str | None = Field(None, description="old spelling of splits=[NAME] (one split); kept as an alias")
-    out_dir: Path = Field(Path("outputs/eval"), description="summary.md and config.yaml here; each split's metrics, "
-                          "grids and prompt heatmap in <out_dir>/<split>/")
+    out_dir: Path = Field(
+        Path("outputs/eval"),
+        description="summary.md and config.yaml here; each split's metrics, "
+        "grids and prompt heatmap in <out_dir>/<split>/",
+    )
     y_channel: bool = Field(False, description="PSNR/SSIM on the BT.601 Y channel (the paper uses RGB)")
     crop_border: int = Field(0, ge=0, description="pixels removed from each side before the metrics (paper: 0)")
     tasks: list[str] | None = Field(None, description="evaluate only these tasks; None = every task of the split")
@@ -87,18 +98,23 @@ class EvalConfig(StrictModel):
         if not isinstance(data, dict) or data.get("split") is None:
             return data
         if data.get("splits") is not None:
-            raise ValueError(f"give splits=[...] only: split={data['split']} is the old spelling of "
-                             f"splits=[{data['split']}]")
+            raise ValueError(
+                f"give splits=[...] only: split={data['split']} is the old spelling of splits=[{data['split']}]"
+            )
         return {**data, "splits": [data["split"]], "split": None}
 
     @model_validator(mode="after")
     def _one_model(self) -> "EvalConfig":
         if self.weights is None and self.variant is None:
-            raise ValueError("nothing to evaluate: give weights=path/to/model.safetensors (trained), weights=auto "
-                             f"({TRAINED_WEIGHTS}) or variant=NAME (a freshly initialised network, for smoke runs)")
+            raise ValueError(
+                "nothing to evaluate: give weights=path/to/model.safetensors (trained), weights=auto "
+                f"({TRAINED_WEIGHTS}) or variant=NAME (a freshly initialised network, for smoke runs)"
+            )
         if self.weights not in (None, "auto") and self.variant is not None:
-            raise ValueError("give exactly one of weights=path/to/model.safetensors (trained) or variant=NAME "
-                             "(a freshly initialised network, for smoke runs)")
+            raise ValueError(
+                "give exactly one of weights=path/to/model.safetensors (trained) or variant=NAME "
+                "(a freshly initialised network, for smoke runs)"
+            )
         return self
 
     def resolved_weights(self) -> str | None:
@@ -111,7 +127,6 @@ class EvalConfig(StrictModel):
     @property
     def protocol(self) -> MetricProtocol:
         return MetricProtocol(y_channel=self.y_channel, crop_border=self.crop_border)
-
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -172,11 +187,19 @@ class _UsageCounter:
     def add(self, pool: str, selection: Any, task: str, domain: str) -> None:
         size = int(selection.similarities.shape[-1])
         indices = selection.indices.detach().reshape(-1).cpu().tolist()
-        entry = self.pools.setdefault(pool, {
-            "size": size, "top_k": int(selection.indices.shape[-1]), "total": [0] * size,
-            "by_task": defaultdict(lambda: [0] * size), "by_domain": defaultdict(lambda: [0] * size),
-            "images": 0, "images_by_task": Counter(), "images_by_domain": Counter(),
-        })  # fmt: skip
+        entry = self.pools.setdefault(
+            pool,
+            {
+                "size": size,
+                "top_k": int(selection.indices.shape[-1]),
+                "total": [0] * size,
+                "by_task": defaultdict(lambda: [0] * size),
+                "by_domain": defaultdict(lambda: [0] * size),
+                "images": 0,
+                "images_by_task": Counter(),
+                "images_by_domain": Counter(),
+            },
+        )
         for i in indices:
             entry["total"][i] += 1
             entry["by_task"][task][i] += 1
@@ -188,8 +211,10 @@ class _UsageCounter:
     def result(self) -> dict | None:
         if not self.pools:
             return None
-        result = {name: {k: (dict(sorted(v.items())) if isinstance(v, (dict, Counter)) else v) for k, v in e.items()}
-                  for name, e in self.pools.items()}  # fmt: skip
+        result = {
+            name: {k: (dict(sorted(v.items())) if isinstance(v, (dict, Counter)) else v) for k, v in e.items()}
+            for name, e in self.pools.items()
+        }
         for entry in result.values():  # how much the selection depends on the task and on the domain
             entry["nmi_task"] = selection_nmi(entry["by_task"])
             entry["nmi_domain"] = selection_nmi(entry["by_domain"])
@@ -254,8 +279,10 @@ def evaluate(
                 lq = torch.from_numpy(np.array(row["lq"], dtype=np.float32))[None]
                 gt = torch.from_numpy(np.array(row["gt"], dtype=np.float32))[None]
                 if lq.shape != gt.shape:
-                    raise ValueError(f"sample {row['key']} ({domain}/{task}): input {tuple(lq.shape[1:])} and target "
-                                     f"{tuple(gt.shape[1:])} differ in size; evaluation needs aligned pairs")
+                    raise ValueError(
+                        f"sample {row['key']} ({domain}/{task}): input {tuple(lq.shape[1:])} and target "
+                        f"{tuple(gt.shape[1:])} differ in size; evaluation needs aligned pairs"
+                    )
                 x = lq.to(target_device, dtype)
                 out = net(x, return_aux=True) if with_aux else net(x)
                 restored = out if isinstance(out, torch.Tensor) else out.image
@@ -267,20 +294,27 @@ def evaluate(
                         selection = getattr(out, pool, None)
                         if selection is not None:
                             usage.add(pool, selection, task, domain)
-                images.append({
-                    "key": str(row["key"]), "domain": domain, "task": task, "source_id": str(row["source_id"]),
-                    "input_psnr": float(psnr(lq, gt, protocol)[0]), "input_ssim": float(ssim(lq, gt, protocol)[0]),
-                    "output_psnr": float(psnr(restored, gt, protocol)[0]),
-                    "output_ssim": float(ssim(restored, gt, protocol)[0]),
-                })  # fmt: skip
+                images.append(
+                    {
+                        "key": str(row["key"]),
+                        "domain": domain,
+                        "task": task,
+                        "source_id": str(row["source_id"]),
+                        "input_psnr": float(psnr(lq, gt, protocol)[0]),
+                        "input_ssim": float(ssim(lq, gt, protocol)[0]),
+                        "output_psnr": float(psnr(restored, gt, protocol)[0]),
+                        "output_ssim": float(ssim(restored, gt, protocol)[0]),
+                    }
+                )
                 if row.get("units") == "HU":  # CT also in physical units: the display metrics above hide HU errors
                     for name, image in (("input", lq), ("output", restored)):
                         mae, window_psnr = ct_hu_metrics(image, gt, float(row["white"]))
                         images[-1][f"{name}_hu_mae"], images[-1][f"{name}_hu_psnr"] = mae, window_psnr
                 if out_dir is not None and grids_per_task[task] < max_grids_per_task:
                     grids_per_task[task] += 1
-                    grid = np.concatenate([_to_uint8(row["lq"]), _to_uint8(restored[0].numpy()),
-                                           _to_uint8(row["gt"])], axis=1)  # fmt: skip
+                    grid = np.concatenate(
+                        [_to_uint8(row["lq"]), _to_uint8(restored[0].numpy()), _to_uint8(row["gt"])], axis=1
+                    )
                     grids.append((domain, task, str(row["key"]), grid))
     finally:
         if target_device != home:
@@ -289,18 +323,27 @@ def evaluate(
 
     if not images:
         what = f"tasks {sorted(wanted)}" if wanted is not None else "any task"
-        raise ValueError(f"the {split!r} split of {data.dataset} gave no images of {what}"
-                         + (f" ({len(report.corrupt)} damaged samples skipped)" if report.corrupt else ""))
+        raise ValueError(
+            f"the {split!r} split of {data.dataset} gave no images of {what}"
+            + (f" ({len(report.corrupt)} damaged samples skipped)" if report.corrupt else "")
+        )
 
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for im in images:
         groups[(im["domain"], im["task"])].append(im)
     rows = []
     for (domain, task), group in sorted(groups.items()):
-        rows.append({"domain": domain, "task": task, "zero_shot": task in zero_shot, "n": len(group),
-                     **_means(group),
-                     "input_exact": sum(math.isinf(im["input_psnr"]) for im in group),
-                     "output_exact": sum(math.isinf(im["output_psnr"]) for im in group)})  # fmt: skip
+        rows.append(
+            {
+                "domain": domain,
+                "task": task,
+                "zero_shot": task in zero_shot,
+                "n": len(group),
+                **_means(group),
+                "input_exact": sum(math.isinf(im["input_psnr"]) for im in group),
+                "output_exact": sum(math.isinf(im["output_psnr"]) for im in group),
+            }
+        )
     all_tasks = sorted({im["task"] for im in images})
     mean = _headline(images, all_tasks)
     seen = [t for t in all_tasks if t not in zero_shot]
@@ -311,10 +354,17 @@ def evaluate(
             mean["seen"] = _headline(images, seen)
 
     result = EvalResult(
-        rows=rows, mean=mean, protocol=protocol.describe(), prompt_usage=usage.result(), split=split,
-        dataset=str(data.dataset), zero_shot_tasks=unseen, model_config=_model_config(net), images=images,
+        rows=rows,
+        mean=mean,
+        protocol=protocol.describe(),
+        prompt_usage=usage.result(),
+        split=split,
+        dataset=str(data.dataset),
+        zero_shot_tasks=unseen,
+        model_config=_model_config(net),
+        images=images,
         skipped=list(report.corrupt),
-    )  # fmt: skip
+    )
     if out_dir is not None:
         write_outputs(result, Path(out_dir), grids, metadata)
     return result
@@ -328,19 +378,25 @@ def _open_dataset(config: EvalConfig) -> tuple[DatasetHandle | None, str | None]
     try:
         handle = DatasetHandle.open(dataset, config.data.s3)
     except FileNotFoundError:
-        return None, (f"no dataset at {dataset} (no manifest.json there): build one with `python jobs/build_dataset.py "
-                      f"output={dataset}` (`python jobs/train.py` builds the default corpus when it is missing), or "
-                      "set data.dataset=path/or/s3/prefix")
+        return None, (
+            f"no dataset at {dataset} (no manifest.json there): build one with `python jobs/build_dataset.py "
+            f"output={dataset}` (`python jobs/train.py` builds the default corpus when it is missing), or "
+            "set data.dataset=path/or/s3/prefix"
+        )
     for split in config.splits:
         present = handle.tasks(split)
         if not present:
             splits = ", ".join(handle.splits()) or "none"
-            return None, (f"split {split!r} has no samples in {dataset} (its splits: {splits}); "
-                          "set splits=[...] to those you want")
+            return None, (
+                f"split {split!r} has no samples in {dataset} (its splits: {splits}); "
+                "set splits=[...] to those you want"
+            )
         missing = sorted(set(config.tasks or ()) - set(present))
         if missing:
-            return None, (f"tasks {missing} have no {split!r} samples in {dataset}; present: {present}; "
-                          "drop them from tasks=[...] or the split from splits=[...]")
+            return None, (
+                f"tasks {missing} have no {split!r} samples in {dataset}; present: {present}; "
+                "drop them from tasks=[...] or the split from splits=[...]"
+            )
     return handle, None
 
 
@@ -376,17 +432,22 @@ def main(argv: Sequence[str]) -> int:
     if weights is not None:
         if not Path(weights).exists():
             if config.weights == "auto":
-                message = (f"no trained weights at {weights}. Run `python jobs/train.py` first (it trains the "
-                           "network and exports its weights there), or give weights=path/to/model.safetensors, or "
-                           "variant=paper_tiny for a smoke run of an untrained network")
+                message = (
+                    f"no trained weights at {weights}. Run `python jobs/train.py` first (it trains the "
+                    "network and exports its weights there), or give weights=path/to/model.safetensors, or "
+                    "variant=paper_tiny for a smoke run of an untrained network"
+                )
             else:
                 message = f"weights file {weights} not found; give weights=path/to/model.safetensors"
             print(f"evaluate.py: error: {message}", file=sys.stderr)
             return 2
         trained_on = _training_dataset(weights)
         if trained_on is not None and not _same_dataset(trained_on, config.data.dataset):
-            print(f"[evaluate] note: {weights} was trained on {trained_on}; evaluating on {config.data.dataset} "
-                  f"(set data.dataset={trained_on} for the training dataset)", flush=True)
+            print(
+                f"[evaluate] note: {weights} was trained on {trained_on}; evaluating on {config.data.dataset} "
+                f"(set data.dataset={trained_on} for the training dataset)",
+                flush=True,
+            )
     dataset, problem = _open_dataset(config)
     if problem is not None:
         print(f"evaluate.py: error: {problem}", file=sys.stderr)
@@ -410,16 +471,26 @@ def main(argv: Sequence[str]) -> int:
         for split in config.splits:
             print(f"[evaluate] {label}: split {split} of {config.data.dataset}", flush=True)
             results[split] = evaluate(
-                model, config.data, split=split, out_dir=config.out_dir / split, protocol=config.protocol,
-                tasks=config.tasks, max_grids_per_task=config.max_grids_per_task, device=device,
-                zero_shot_tasks=config.zero_shot_tasks, metadata=metadata, dataset=dataset,
-            )  # fmt: skip
+                model,
+                config.data,
+                split=split,
+                out_dir=config.out_dir / split,
+                protocol=config.protocol,
+                tasks=config.tasks,
+                max_grids_per_task=config.max_grids_per_task,
+                device=device,
+                zero_shot_tasks=config.zero_shot_tasks,
+                metadata=metadata,
+                dataset=dataset,
+            )
     summary = side_by_side_markdown(results, model=label)
     atomic_write_bytes(str(config.out_dir / "summary.md"), summary.encode("utf-8"))
     save_resolved_config(config, config.out_dir / "config.yaml")
     print(summary)
     for split, result in results.items():
-        print(f"wrote {config.out_dir / split}/: metrics.md, metrics.csv, metrics.json, grids/"
-              + (", prompt_usage.png" if result.prompt_usage else ""))
+        print(
+            f"wrote {config.out_dir / split}/: metrics.md, metrics.csv, metrics.json, grids/"
+            + (", prompt_usage.png" if result.prompt_usage else "")
+        )
     print(f"wrote {config.out_dir}/summary.md, config.yaml")
     return 0

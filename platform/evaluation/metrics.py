@@ -75,13 +75,17 @@ def _prepare(pred: torch.Tensor, target: torch.Tensor, protocol: MetricProtocol,
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a float tensor in [0, 1]; got dtype {x.dtype}. Use x.float() / 255.")
     if pred.shape != target.shape:
-        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}; "
-                         "resize or crop them to the same (B, C, H, W).")
+        raise ValueError(
+            f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}; "
+            "resize or crop them to the same (B, C, H, W)."
+        )
     c, h, w = pred.shape[1:]
     b = protocol.crop_border
     if h - 2 * b < min_size or w - 2 * b < min_size:
-        raise ValueError(f"image {h}x{w} with crop_border={b} leaves {h - 2 * b}x{w - 2 * b} pixels, fewer than the "
-                         f"{min_size}x{min_size} needed; use larger images or a smaller crop_border.")
+        raise ValueError(
+            f"image {h}x{w} with crop_border={b} leaves {h - 2 * b}x{w - 2 * b} pixels, fewer than the "
+            f"{min_size}x{min_size} needed; use larger images or a smaller crop_border."
+        )
     if protocol.y_channel and c not in (1, 3):
         raise ValueError(f"y_channel=True needs RGB (C=3) or grey (C=1) images; got C={c}. Use y_channel=False.")
 
@@ -92,7 +96,7 @@ def _prepare(pred: torch.Tensor, target: torch.Tensor, protocol: MetricProtocol,
         if protocol.quantize:
             x = x.round()  # half-to-even, like torch/numpy rounding used when saving images
         if b:
-            x = x[..., b:h - b, b:w - b]
+            x = x[..., b : h - b, b : w - b]
         if protocol.y_channel and c == 3:
             wy = x.new_tensor(_Y_WEIGHTS).view(1, 3, 1, 1)
             x = (x * wy).sum(1, keepdim=True) / _L + 16.0  # weights are for [0,1] RGB, hence the / 255
@@ -176,8 +180,9 @@ def selection_nmi(counts_by_label: dict[str, list[int]]) -> float | None:
     return max(0.0, min(1.0, mutual / entropy))
 
 
-def ct_hu_metrics(pred: torch.Tensor, target: torch.Tensor, white: float,
-                  window: tuple[float, float] = CT_EVAL_WINDOW) -> tuple[float, float]:  # fmt: skip
+def ct_hu_metrics(
+    pred: torch.Tensor, target: torch.Tensor, white: float, window: tuple[float, float] = CT_EVAL_WINDOW
+) -> tuple[float, float]:
     """(MAE in HU over the whole image, PSNR in dB over ``window``) of one CT image pair in model units.
 
     ``pred`` and ``target`` are in [0, 1] (stored value / ``white``; ``pred`` is clamped there first), so

@@ -17,8 +17,14 @@ from datprl.platform.data.conventions import CT_EVAL_WINDOW
 from datprl.platform.storage import atomic_write_bytes
 
 
-__all__ = ["EvalResult", "PSNR_CAP", "prompt_usage_png", "selection_dependence_line", "side_by_side_markdown",
-           "write_outputs"]
+__all__ = [
+    "EvalResult",
+    "PSNR_CAP",
+    "prompt_usage_png",
+    "selection_dependence_line",
+    "side_by_side_markdown",
+    "write_outputs",
+]
 
 PSNR_CAP = 100.0
 """PSNR (dB) assigned to an exactly restored image (MSE 0, i.e. +inf) before averaging."""
@@ -30,13 +36,20 @@ HU_METRICS = ("input_hu_mae", "output_hu_mae", "input_hu_psnr", "output_hu_psnr"
 
 def ct_hu_line(rows: Sequence[dict], prefix: str = "") -> str | None:
     """One line with the CT rows' HU metrics (input -> output), or None when there are no CT rows."""
-    parts = [f"{r['task']} ({r['domain']}) MAE {r['input_hu_mae']:.1f} -> {r['output_hu_mae']:.1f} HU, PSNR "
-             f"{r['input_hu_psnr']:.2f} -> {r['output_hu_psnr']:.2f} dB" for r in rows if "output_hu_mae" in r]
+    parts = [
+        f"{r['task']} ({r['domain']}) MAE {r['input_hu_mae']:.1f} -> {r['output_hu_mae']:.1f} HU, PSNR "
+        f"{r['input_hu_psnr']:.2f} -> {r['output_hu_psnr']:.2f} dB"
+        for r in rows
+        if "output_hu_mae" in r
+    ]
     if not parts:
         return None
     low, high = CT_EVAL_WINDOW
-    return (f"{prefix}CT in Hounsfield units, input -> output: " + "; ".join(parts)
-            + f" (MAE over the whole slice; PSNR over the window [{low}, {high}] HU, data range {high - low} HU)")
+    return (
+        f"{prefix}CT in Hounsfield units, input -> output: "
+        + "; ".join(parts)
+        + f" (MAE over the whole slice; PSNR over the window [{low}, {high}] HU, data range {high - low} HU)"
+    )
 
 
 @dataclass
@@ -71,6 +84,7 @@ class EvalResult:
 
     def markdown(self) -> str:
         """The results table (one row per domain and task, then the mean over tasks) and the metric protocol."""
+
         def pair(p: float, s: float) -> str:
             return f"{p:.2f} / {s:.4f}"
 
@@ -84,15 +98,22 @@ class EvalResult:
         ]
         for r in self.rows:
             task = r["task"] + (" (zero-shot)" if r["zero_shot"] else "")
-            lines.append(f"| {r['domain']} | {task} | {r['n']} | {pair(r['input_psnr'], r['input_ssim'])} | "
-                         f"{pair(r['output_psnr'], r['output_ssim'])} | {r['delta_psnr']:+.2f} |")
-        for label, m in (("seen tasks", self.mean.get("seen")), ("zero-shot tasks", self.mean.get("zero_shot")),
-                         ("all tasks", self.mean)):  # fmt: skip
+            lines.append(
+                f"| {r['domain']} | {task} | {r['n']} | {pair(r['input_psnr'], r['input_ssim'])} | "
+                f"{pair(r['output_psnr'], r['output_ssim'])} | {r['delta_psnr']:+.2f} |"
+            )
+        for label, m in (
+            ("seen tasks", self.mean.get("seen")),
+            ("zero-shot tasks", self.mean.get("zero_shot")),
+            ("all tasks", self.mean),
+        ):
             if m is None:
                 continue
-            lines.append(f"| **Mean** | {label} ({m['n_tasks']}) | {m['n_images']} | "
-                         f"{pair(m['input_psnr'], m['input_ssim'])} | {pair(m['output_psnr'], m['output_ssim'])} | "
-                         f"{m['delta_psnr']:+.2f} |")
+            lines.append(
+                f"| **Mean** | {label} ({m['n_tasks']}) | {m['n_images']} | "
+                f"{pair(m['input_psnr'], m['input_ssim'])} | {pair(m['output_psnr'], m['output_ssim'])} | "
+                f"{m['delta_psnr']:+.2f} |"
+            )
         lines += [
             "",
             "Mean = mean over tasks of the per-task means (the paper's headline). Input = the degraded image itself "
@@ -110,8 +131,10 @@ class EvalResult:
         """Everything as a JSON-compatible dict (infinite per-image PSNRs become null)."""
         data = asdict(self)
         data["n_images"] = self.n_images
-        data["images"] = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in im.items()}
-                          for im in self.images]
+        data["images"] = [
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in im.items()}
+            for im in self.images
+        ]
         return data
 
 
@@ -195,10 +218,14 @@ def selection_dependence_line(usage: dict) -> str:
     def shown(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    pools = "; ".join(f"{name} pool: task {shown(entry.get('nmi_task'))}, domain {shown(entry.get('nmi_domain'))}"
-                      for name, entry in usage.items())  # fmt: skip
-    return ("Prompt selection vs labels, NMI = I(label; prompt) / H(label) (0: the same prompts for every label, "
-            f"1: the prompts determine the label): {pools}")
+    pools = "; ".join(
+        f"{name} pool: task {shown(entry.get('nmi_task'))}, domain {shown(entry.get('nmi_domain'))}"
+        for name, entry in usage.items()
+    )
+    return (
+        "Prompt selection vs labels, NMI = I(label; prompt) / H(label) (0: the same prompts for every label, "
+        f"1: the prompts determine the label): {pools}"
+    )
 
 
 def prompt_usage_png(usage: dict) -> bytes:
@@ -210,15 +237,17 @@ def prompt_usage_png(usage: dict) -> bytes:
     pools = list(usage)
     n_rows = max(max(len(usage[p]["by_task"]), len(usage[p]["by_domain"])) for p in pools)
     max_size = max(usage[p]["size"] for p in pools)
-    fig = Figure(figsize=(2.5 + 2 * max(4.0, 0.45 * max_size), 1.2 + len(pools) * (0.9 + 0.4 * n_rows)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(2.5 + 2 * max(4.0, 0.45 * max_size), 1.2 + len(pools) * (0.9 + 0.4 * n_rows)), layout="constrained"
+    )
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(pools), 2, squeeze=False)
     image = None
     for row, pool in enumerate(pools):
         entry = usage[pool]
-        for col, (by, counts_key, label) in enumerate((("task", "by_task", "images_by_task"),
-                                                         ("domain", "by_domain", "images_by_domain"))):
+        for col, (by, counts_key, label) in enumerate(
+            (("task", "by_task", "images_by_task"), ("domain", "by_domain", "images_by_domain"))
+        ):
             ax = axes[row][col]
             names = list(entry[counts_key])
             freq = np.array([[c / max(entry[label][n], 1) for c in entry[counts_key][n]] for n in names])
@@ -230,16 +259,21 @@ def prompt_usage_png(usage: dict) -> bytes:
             ax.tick_params(axis="x", labelsize=7)
             if entry["size"] <= 24 and len(names) <= 24:
                 for (i, j), v in np.ndenumerate(freq):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                            color="black" if v > 0.6 else "white")
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="black" if v > 0.6 else "white"
+                    )
     fig.colorbar(image, ax=axes, shrink=0.8, label="fraction of images selecting the prompt")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
 
 
-def write_outputs(result: EvalResult, out_dir: Path, grids: Sequence[tuple[str, str, str, np.ndarray]] = (),
-                  metadata: dict | None = None) -> None:
+def write_outputs(
+    result: EvalResult,
+    out_dir: Path,
+    grids: Sequence[tuple[str, str, str, np.ndarray]] = (),
+    metadata: dict | None = None,
+) -> None:
     """Write metrics.md/.csv/.json, the comparison grids and (with pools) prompt_usage.png, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "metrics.md", result.markdown().encode("utf-8"))
@@ -250,14 +284,22 @@ def write_outputs(result: EvalResult, out_dir: Path, grids: Sequence[tuple[str, 
     writer.writeheader()
     writer.writerows(result.rows)
     m = result.mean
-    writer.writerow({"domain": "mean", "task": f"all ({m['n_tasks']} tasks)", "zero_shot": "", "n": m["n_images"],
-                     **{k: m[k] for k in (*_METRICS, "delta_psnr")}})
+    writer.writerow(
+        {
+            "domain": "mean",
+            "task": f"all ({m['n_tasks']} tasks)",
+            "zero_shot": "",
+            "n": m["n_images"],
+            **{k: m[k] for k in (*_METRICS, "delta_psnr")},
+        }
+    )
     atomic_write_bytes(out_dir / "metrics.csv", buffer.getvalue().encode("utf-8"))
 
     data = result.to_json()
     data["metadata"] = metadata or {}
-    atomic_write_bytes(out_dir / "metrics.json",
-                       (json.dumps(data, indent=1, allow_nan=False, default=str) + "\n").encode("utf-8"))
+    atomic_write_bytes(
+        out_dir / "metrics.json", (json.dumps(data, indent=1, allow_nan=False, default=str) + "\n").encode("utf-8")
+    )
 
     for domain, task, key, grid in grids:
         name = "__".join(_safe_name(p) for p in (domain, task, key)) + ".png"

@@ -56,8 +56,19 @@ from datprl.platform.config import (
 from datprl.platform.storage import atomic_write_bytes
 from datprl.platform.train.config import TrainConfig
 
-__all__ = ["AblationArm", "AblationConfig", "ArmStats", "DEFAULT_ARMS", "Score", "Stats", "aggregate", "main",
-           "ordering_sentence", "run_config", "run_dir"]  # fmt: skip
+__all__ = [
+    "AblationArm",
+    "AblationConfig",
+    "ArmStats",
+    "DEFAULT_ARMS",
+    "Score",
+    "Stats",
+    "aggregate",
+    "main",
+    "ordering_sentence",
+    "run_config",
+    "run_dir",
+]
 
 NO_POOLS_NOTE = (
     "no_pools (restormer_tiny) stands for both the paper's own backbone without pools (paper_backbone) and the plain "
@@ -73,8 +84,11 @@ class AblationArm(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="label in the tables; names the run's folder"
     )
     variant: VariantName = Field(description="registered variant (datprl.models.VARIANTS)")
-    priors: bool = Field(False, description="align the domain prompts with the descriptions' text embeddings "
-                         "(train.text_embeddings, L_align and L_psel); false = text_embeddings=null")  # fmt: skip
+    priors: bool = Field(
+        False,
+        description="align the domain prompts with the descriptions' text embeddings "
+        "(train.text_embeddings, L_align and L_psel); false = text_embeddings=null",
+    )
 
     @field_validator("priors")
     @classmethod
@@ -101,16 +115,23 @@ DEFAULT_ARMS: tuple[AblationArm, ...] = (
 class AblationConfig(StrictModel):
     """The ablation job: every arm x seed trained with the same recipe, evaluated on the cross-source test split."""
 
-    name: str = Field("ablation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="prefix of the runs' names (<name>-<arm>-s<seed>, in train.storage)")  # fmt: skip
+    name: str = Field(
+        "ablation",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="prefix of the runs' names (<name>-<arm>-s<seed>, in train.storage)",
+    )
     train: TrainConfig = Field(
         TrainConfig(),
         description="the recipe every run shares (defaults: the training job's); name, model, seed, output_dir and "
         "cross_source_split are set per run",
     )
     # validate_default: the default arms include one with priors, which must be checked against train too.
-    arms: list[AblationArm] = Field(default_factory=lambda: list(DEFAULT_ARMS), min_length=1, validate_default=True,
-                                    description="the arms: name, variant, priors")  # fmt: skip
+    arms: list[AblationArm] = Field(
+        default_factory=lambda: list(DEFAULT_ARMS),
+        min_length=1,
+        validate_default=True,
+        description="the arms: name, variant, priors",
+    )
     seeds: Annotated[list[int], NoRepeats] = Field([0, 1, 2], min_length=1, description="seeds every arm is run with")
     split: str = Field("test", min_length=1, description="split the table reports (the cross-source test split)")
     output_dir: str = Field(
@@ -121,8 +142,9 @@ class AblationConfig(StrictModel):
     @classmethod
     def _no_model_in_recipe(cls, train: TrainConfig) -> TrainConfig:
         if train.model != ModelSpec():
-            raise ValueError("each arm names its network (arms[i].variant): leave train.model unset "
-                             f"(got {train.model.describe()})")  # fmt: skip
+            raise ValueError(
+                f"each arm names its network (arms[i].variant): leave train.model unset (got {train.model.describe()})"
+            )
         return train
 
     @field_validator("arms")
@@ -135,14 +157,25 @@ class AblationConfig(StrictModel):
         train = info.data.get("train")
         with_priors = [arm.name for arm in arms if arm.priors]
         if train is not None and train.text_embeddings is None and with_priors:
-            raise ValueError(f"arms {with_priors} use priors but train.text_embeddings is null; set it (auto = the "
-                             "dataset's descriptions) or set priors=false")  # fmt: skip
+            raise ValueError(
+                f"arms {with_priors} use priors but train.text_embeddings is null; set it (auto = the "
+                "dataset's descriptions) or set priors=false"
+            )
         return arms
 
     def dry_run_documents(self) -> dict[str, dict]:
         """Extra YAML document ``--dry-run`` prints: the runs this config trains."""
-        runs = [{"run": run_config(self, arm, seed).name, "variant": arm.variant, "priors": arm.priors, "seed": seed,
-                 "output_dir": str(run_dir(self, arm, seed))} for seed in self.seeds for arm in self.arms]  # fmt: skip
+        runs = [
+            {
+                "run": run_config(self, arm, seed).name,
+                "variant": arm.variant,
+                "priors": arm.priors,
+                "seed": seed,
+                "output_dir": str(run_dir(self, arm, seed)),
+            }
+            for seed in self.seeds
+            for arm in self.arms
+        ]
         return {"runs": {"count": len(runs), "runs": runs}}
 
 
@@ -204,8 +237,10 @@ class Score:
 def read_scores(path: Path, split: str, arm: str, seed: int) -> list[Score]:
     """The per-task rows of a ``metrics.json`` written by the evaluation (:meth:`EvalResult.to_json`)."""
     data = json.loads(path.read_text())
-    return [Score(split, arm, seed, r["domain"], r["task"], int(r["n"]), float(r["input_psnr"]),
-                  float(r["output_psnr"])) for r in data["rows"]]  # fmt: skip
+    return [
+        Score(split, arm, seed, r["domain"], r["task"], int(r["n"]), float(r["input_psnr"]), float(r["output_psnr"]))
+        for r in data["rows"]
+    ]
 
 
 @dataclass(frozen=True)
@@ -264,14 +299,17 @@ def aggregate(scores: Sequence[Score], arms: Sequence[str] | None = None) -> lis
             )
             for seed, rows in by_seed.items()
         }
-        result.append(ArmStats(
-            arm=arm, seeds=seeds,
-            delta={k: Stats.of([by_seed[seed][k].delta_psnr for seed in seeds]) for k in keys},
-            output={k: Stats.of([by_seed[seed][k].output_psnr for seed in seeds]) for k in keys},
-            mean_delta=Stats.of([seed_means[seed][0] for seed in seeds]),
-            mean_output=Stats.of([seed_means[seed][1] for seed in seeds]),
-            seed_means=seed_means,
-        ))  # fmt: skip
+        result.append(
+            ArmStats(
+                arm=arm,
+                seeds=seeds,
+                delta={k: Stats.of([by_seed[seed][k].delta_psnr for seed in seeds]) for k in keys},
+                output={k: Stats.of([by_seed[seed][k].output_psnr for seed in seeds]) for k in keys},
+                mean_delta=Stats.of([seed_means[seed][0] for seed in seeds]),
+                mean_output=Stats.of([seed_means[seed][1] for seed in seeds]),
+                seed_means=seed_means,
+            )
+        )
     return result
 
 
@@ -335,8 +373,11 @@ def ablation_markdown(config: AblationConfig, stats: dict[str, list[ArmStats]]) 
         lines += ["", f"## `{split}` ({role})", "", *_delta_table(split_stats), "", ordering_sentence(split_stats)]
         if split != config.split:
             continue
-        lines += ["", "| arm | variant | priors | mean delta PSNR | min..max over seeds | mean output PSNR |",
-                  "| --- | --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            "| arm | variant | priors | mean delta PSNR | min..max over seeds | mean output PSNR |",
+            "| --- | --- | --- | ---: | ---: | ---: |",
+        ]
         for s in split_stats:
             arm = arms.get(s.arm)
             variant, priors = (arm.variant, "yes" if arm.priors else "no") if arm is not None else ("?", "?")
@@ -355,9 +396,27 @@ def ablation_markdown(config: AblationConfig, stats: dict[str, list[ArmStats]]) 
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ["kind", "split", "arm", "variant", "priors", "seed", "domain", "task", "n", "input_psnr",
-               "output_psnr", "delta_psnr", "n_seeds", "delta_psnr_std", "delta_psnr_min", "delta_psnr_max",
-               "output_psnr_std", "output_psnr_min", "output_psnr_max"]  # fmt: skip
+CSV_COLUMNS = [
+    "kind",
+    "split",
+    "arm",
+    "variant",
+    "priors",
+    "seed",
+    "domain",
+    "task",
+    "n",
+    "input_psnr",
+    "output_psnr",
+    "delta_psnr",
+    "n_seeds",
+    "delta_psnr_std",
+    "delta_psnr_min",
+    "delta_psnr_max",
+    "output_psnr_std",
+    "output_psnr_min",
+    "output_psnr_max",
+]
 
 
 def ablation_csv(config: AblationConfig, scores: Sequence[Score], stats: dict[str, list[ArmStats]]) -> str:
@@ -374,9 +433,20 @@ def ablation_csv(config: AblationConfig, scores: Sequence[Score], stats: dict[st
         return {"arm": name, "variant": arm.variant if arm else "", "priors": arm.priors if arm else ""}
 
     for s in scores:
-        writer.writerow({"kind": "raw", "split": s.split, **arm_fields(s.arm), "seed": s.seed, "domain": s.domain,
-                         "task": s.task, "n": s.n, "input_psnr": f"{s.input_psnr:.6f}",
-                         "output_psnr": f"{s.output_psnr:.6f}", "delta_psnr": f"{s.delta_psnr:.6f}"})  # fmt: skip
+        writer.writerow(
+            {
+                "kind": "raw",
+                "split": s.split,
+                **arm_fields(s.arm),
+                "seed": s.seed,
+                "domain": s.domain,
+                "task": s.task,
+                "n": s.n,
+                "input_psnr": f"{s.input_psnr:.6f}",
+                "output_psnr": f"{s.output_psnr:.6f}",
+                "delta_psnr": f"{s.delta_psnr:.6f}",
+            }
+        )
     for split, split_stats in stats.items():
         for a in split_stats:
             for seed, (delta, output) in a.seed_means.items():
@@ -393,13 +463,24 @@ def ablation_csv(config: AblationConfig, scores: Sequence[Score], stats: dict[st
                 )
             entries = [(k, a.delta[k], a.output[k]) for k in a.delta] + [(("", "mean"), a.mean_delta, a.mean_output)]
             for (domain, task), delta, output in entries:
-                writer.writerow({
-                    "kind": "aggregate", "split": split, **arm_fields(a.arm), "domain": domain, "task": task,
-                    "n_seeds": delta.n, "output_psnr": f"{output.mean:.6f}", "delta_psnr": f"{delta.mean:.6f}",
-                    "delta_psnr_std": f"{delta.std:.6f}", "delta_psnr_min": f"{delta.min:.6f}",
-                    "delta_psnr_max": f"{delta.max:.6f}", "output_psnr_std": f"{output.std:.6f}",
-                    "output_psnr_min": f"{output.min:.6f}", "output_psnr_max": f"{output.max:.6f}",
-                })  # fmt: skip
+                writer.writerow(
+                    {
+                        "kind": "aggregate",
+                        "split": split,
+                        **arm_fields(a.arm),
+                        "domain": domain,
+                        "task": task,
+                        "n_seeds": delta.n,
+                        "output_psnr": f"{output.mean:.6f}",
+                        "delta_psnr": f"{delta.mean:.6f}",
+                        "delta_psnr_std": f"{delta.std:.6f}",
+                        "delta_psnr_min": f"{delta.min:.6f}",
+                        "delta_psnr_max": f"{delta.max:.6f}",
+                        "output_psnr_std": f"{output.std:.6f}",
+                        "output_psnr_min": f"{output.min:.6f}",
+                        "output_psnr_max": f"{output.max:.6f}",
+                    }
+                )
     return buffer.getvalue()
 
 
@@ -521,8 +602,10 @@ def run_ablation(config: AblationConfig) -> int:
                             f"{folder} holds results of another config ({'; '.join(stale)}); use another "
                             "output_dir, or delete that folder to train the run again"
                         )
-                    print(f"[ablation] run {i}/{len(plan)} {run.name}: reused the results in {folder} (not "
-                          "retrained)", flush=True)  # fmt: skip
+                    print(
+                        f"[ablation] run {i}/{len(plan)} {run.name}: reused the results in {folder} (not retrained)",
+                        flush=True,
+                    )
                 else:
                     print(
                         f"[ablation] run {i}/{len(plan)} {run.name}: {arm.variant}, priors "
@@ -543,8 +626,9 @@ def run_ablation(config: AblationConfig) -> int:
     markdown = ablation_markdown(config, stats)
     atomic_write_bytes(out / "ablation.md", markdown.encode("utf-8"))
     atomic_write_bytes(out / "ablation.csv", ablation_csv(config, scores, stats).encode("utf-8"))
-    title = (f"Ablation on `{config.split}`: delta PSNR, mean ± std over {len(config.seeds)} seeds, "
-             f"{train.steps} steps each")  # fmt: skip
+    title = (
+        f"Ablation on `{config.split}`: delta PSNR, mean ± std over {len(config.seeds)} seeds, {train.steps} steps each"
+    )
     atomic_write_bytes(out / "ablation.png", ablation_png(stats[config.split], title))
     print(markdown)
     print(f"[ablation] wrote {out / 'ablation.md'}, ablation.csv, ablation.png", flush=True)

@@ -44,10 +44,14 @@ class TrainConfig(StrictModel):
     # optimiser steps, which the tiny network needs more than larger batches (measured in tuning runs on the default
     # corpus: 48 px crops and 9-sample batches gave the best validation PSNR in a fixed time).
     data: DataConfig = DataConfig(crop_size=48, per_task_batch=1)
-    build_dataset_if_missing: bool = Field(True, description="build the embedded default corpus when data.dataset "
-                                           "has no manifest")
-    model: ModelSpec = Field(ModelSpec(), description="the network: a registered variant plus typed overrides, e.g. "
-                             "model.variant=paper model.task_pool.top_k=4 model.domain_pool=null")
+    build_dataset_if_missing: bool = Field(
+        True, description="build the embedded default corpus when data.dataset has no manifest"
+    )
+    model: ModelSpec = Field(
+        ModelSpec(),
+        description="the network: a registered variant plus typed overrides, e.g. "
+        "model.variant=paper model.task_pool.top_k=4 model.domain_pool=null",
+    )
     # Input-relative L_pix/L_fft in the embedded default: with the paper's plain L1 the low-PSNR tasks (haze, cloud,
     # CT) carry the gradient, and a tiny network trained for minutes then applies their global corrections to the
     # natural and remote-sensing SR and deblurring inputs it cannot tell apart: -0.5 dB on natural SR of unseen sources
@@ -57,8 +61,10 @@ class TrainConfig(StrictModel):
     # ones; README, "The main job's recipe, measured").
     loss: LossWeights = LossWeights(input_relative="task")
     optim: OptimConfig = OptimConfig(lr=2e-3, ema_decay=0.995)
-    compute: ComputeConfig = Field(ComputeConfig(), description="precision, torch.compile, channels-last, Adam "
-                                   "implementation (datprl.platform.compute)")
+    compute: ComputeConfig = Field(
+        ComputeConfig(),
+        description="precision, torch.compile, channels-last, Adam implementation (datprl.platform.compute)",
+    )
     steps: int = Field(1000, ge=1)
     num_workers: int | tuple[int, int] = Field(1, description="workers, or (min, max) for elastic training")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -73,15 +79,25 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=0, description="worker failures survived (restart from the last checkpoint)")
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(50, ge=1)
-    torch_threads: int | None = Field(2, ge=1, description="torch CPU threads per worker; None = Ray's default "
-                                      "(cpus_per_worker). 2: the embedded default's 2-CPU machine, where the "
-                                      "worker holds 1 CPU and the decoded-cache reads leave the other mostly idle "
-                                      "(1000 steps in 6 min instead of 13)")
-    text_embeddings: str | None = Field("auto", description="Parquet of the descriptions' text embeddings keyed by "
-                                        "source_id (jobs/describe.py), aligned with the domain prompts by L_align; "
-                                        "auto = <data.dataset>/priors/descriptions.parquet; null = L_align off")
-    text_centering: bool = Field(True, description="subtract the table's mean text embedding before L_align (the "
-                                 "descriptions' shared template otherwise rewards a constant domain prompt)")
+    torch_threads: int | None = Field(
+        2,
+        ge=1,
+        description="torch CPU threads per worker; None = Ray's default "
+        "(cpus_per_worker). 2: the embedded default's 2-CPU machine, where the "
+        "worker holds 1 CPU and the decoded-cache reads leave the other mostly idle "
+        "(1000 steps in 6 min instead of 13)",
+    )
+    text_embeddings: str | None = Field(
+        "auto",
+        description="Parquet of the descriptions' text embeddings keyed by "
+        "source_id (jobs/describe.py), aligned with the domain prompts by L_align; "
+        "auto = <data.dataset>/priors/descriptions.parquet; null = L_align off",
+    )
+    text_centering: bool = Field(
+        True,
+        description="subtract the table's mean text embedding before L_align (the "
+        "descriptions' shared template otherwise rewards a constant domain prompt)",
+    )
     domain_key_init: Literal["random", "descriptions", "domains"] = Field(
         "domains",
         description="how the domain pool's keys start: random (the published init, N(0, 0.02^2)), or descriptions = "
@@ -90,42 +106,64 @@ class TrainConfig(StrictModel):
         "takes its keys from the checkpoint); domains = each domain's mean description embedding, shared by "
         "pool size // domains keys (the table's domain column), so top-k picks one domain's group",
     )
-    describe_if_missing: bool = Field(True, description="with text_embeddings=auto: describe the training images "
-                                      "first when the table is missing (metadata describer; seconds)")
-    zero_shot_tasks: list[str] = Field(default_factory=list, description="tasks held out of training, evaluated "
-                                       "zero-shot (marked in the tables)")
-    zero_shot_domains: list[str] = Field(default_factory=list, description="domains held out of training: all their "
-                                         "tasks are evaluated zero-shot")
-    evaluate_split: str | None = Field("val", description="split evaluated after training (and by validate_every); "
-                                       "None = skip")
+    describe_if_missing: bool = Field(
+        True,
+        description="with text_embeddings=auto: describe the training images "
+        "first when the table is missing (metadata describer; seconds)",
+    )
+    zero_shot_tasks: list[str] = Field(
+        default_factory=list, description="tasks held out of training, evaluated zero-shot (marked in the tables)"
+    )
+    zero_shot_domains: list[str] = Field(
+        default_factory=list, description="domains held out of training: all their tasks are evaluated zero-shot"
+    )
+    evaluate_split: str | None = Field(
+        "val", description="split evaluated after training (and by validate_every); None = skip"
+    )
     cross_source_split: str | None = Field(
         "test",
         description="split evaluated after training next to evaluate_split: in the default corpus the cross-source "
         "test (whole packages and volumes never trained on); None, or a dataset without it, = skip",
     )
-    validate_every: int | None = Field(250, ge=1, description="validate on evaluate_split every this many steps "
-                                       "(rank 0; PSNR per task in the reports and the log); None = only at the end")
+    validate_every: int | None = Field(
+        250,
+        ge=1,
+        description="validate on evaluate_split every this many steps "
+        "(rank 0; PSNR per task in the reports and the log); None = only at the end",
+    )
     validate_cross_source: bool = Field(
-        False, description="periodic validation also scores cross_source_split (report keys cross_psnr, "
+        False,
+        description="periodic validation also scores cross_source_split (report keys cross_psnr, "
         "cross_delta_psnr = mean PSNR gain over tasks, cross_delta_psnr/<task>; the tune job's metric); doubles "
         "its cost",
     )
     validation_crop: int | None = Field(
-        128, ge=8, description="periodic validation scores central crops of this size (a quarter of a 256 px tile's "
+        128,
+        ge=8,
+        description="periodic validation scores central crops of this size (a quarter of a 256 px tile's "
         "cost; the final evaluation uses full images); None = full images",
     )
     output_dir: str = Field("outputs/train", description="exported weights, evaluation tables and pictures")
     seed: int = 0
-    resume: bool = Field(True, description="continue the run of this name from its last checkpoint; false = delete "
-                         "its checkpoints and start over")
-    verbose: bool = Field(False, description="show Ray's own INFO logs (Ray Data plans, Train reports) and plain "
-                          "step lines instead of the progress bar")
+    resume: bool = Field(
+        True,
+        description="continue the run of this name from its last checkpoint; false = delete "
+        "its checkpoints and start over",
+    )
+    verbose: bool = Field(
+        False,
+        description="show Ray's own INFO logs (Ray Data plans, Train reports) and plain "
+        "step lines instead of the progress bar",
+    )
 
     #: Keys of earlier versions of this config: where they live now (None: removed, with the message saying why).
     moved_keys: ClassVar[dict[str, tuple[str | None, str]]] = {
         "variant": ("model.variant", "the model section is typed now"),
-        "model_overrides": (None, "its untyped dict was merged shallowly (a partial pool lost the variant's other "
-                            "values); set typed fields instead, e.g. model.task_pool.size=20 model.prompt_dim=128"),
+        "model_overrides": (
+            None,
+            "its untyped dict was merged shallowly (a partial pool lost the variant's other "
+            "values); set typed fields instead, e.g. model.task_pool.size=20 model.prompt_dim=128",
+        ),
     }
 
     def dry_run_documents(self) -> dict[str, dict]:

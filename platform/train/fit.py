@@ -139,8 +139,14 @@ def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
 
     data = config.data.model_copy(update={"dataset": absolute(config.data.dataset)})
     text_embeddings = config.text_embeddings if config.text_embeddings == AUTO else absolute(config.text_embeddings)
-    return config.model_copy(update={"data": data, "text_embeddings": text_embeddings,
-                                     "storage": absolute(config.storage), "output_dir": absolute(config.output_dir)})
+    return config.model_copy(
+        update={
+            "data": data,
+            "text_embeddings": text_embeddings,
+            "storage": absolute(config.storage),
+            "output_dir": absolute(config.output_dir),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -196,21 +202,32 @@ def build_trainer(run: PreparedRun, callbacks: Sequence = ()):
     if cached:
         print("[train] train split: decoding it once into the object store, then cropping every pass", flush=True)
     else:
-        print("[train] train split: decoding every pass (data.cache_decoded=false, or too large for the object "
-              "store)", flush=True)  # fmt: skip
+        print(
+            "[train] train split: decoding every pass (data.cache_decoded=false, or too large for the object store)",
+            flush=True,
+        )
     train_split = read_split(config.data.model_copy(update={"cache_decoded": cached}), "train", dataset=dataset)
     metrics_path = Path(config.output_dir) / "metrics.jsonl"
     if run.status.kind == "new" and (moved := set_aside_metrics_log(metrics_path)) is not None:
-        print(f"[train] {metrics_path} held an earlier run's reports: kept as {moved.name}, and this run's start a new "
-              "file", flush=True)  # fmt: skip
+        print(
+            f"[train] {metrics_path} held an earlier run's reports: kept as {moved.name}, and this run's start a new "
+            "file",
+            flush=True,
+        )
     return TorchTrainer(
         train_loop_per_worker,
         # model_dump, not config_to_dict: the JSON dump masks S3 secrets ("**********"), which workers need.
-        train_loop_config={"config": config.model_dump(), "tasks": run.tasks,
-                           "counts": dataset.samples_per_task("train"), "held_out": run.held_out,
-                           "manifest_sha256": dataset.manifest_sha256},
+        train_loop_config={
+            "config": config.model_dump(),
+            "tasks": run.tasks,
+            "counts": dataset.samples_per_task("train"),
+            "held_out": run.held_out,
+            "manifest_sha256": dataset.manifest_sha256,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": config.cpus_per_worker},
+            num_workers=config.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
             placement_strategy=config.placement_strategy,
         ),
         datasets={"train": train_split},
@@ -241,8 +258,12 @@ def fit(config: TrainConfig | PreparedRun):
     if run.held_out:
         print(f"[train] held out of training (zero-shot): {run.held_out}", flush=True)
     trainer = build_trainer(run)
-    with TrainingProgress(Path(config.output_dir) / "metrics.jsonl", total_steps=config.steps,
-                          start_step=run.status.step, enabled=not config.verbose):  # fmt: skip
+    with TrainingProgress(
+        Path(config.output_dir) / "metrics.jsonl",
+        total_steps=config.steps,
+        start_step=run.status.step,
+        enabled=not config.verbose,
+    ):
         return trainer.fit()
 
 
@@ -277,15 +298,21 @@ def train_and_evaluate(config: TrainConfig) -> int:
     weights_path = output_dir / "model.safetensors"
     if run.status.kind == "complete":
         exported = f"its weights: {weights_path}" if weights_path.exists() else f"no exported weights at {weights_path}"
-        print(f"[train] run {config.name!r} is already complete ({run.status.step}/{config.steps} steps) at "
-              f"{run.status.url}; {exported}. Nothing to do: train another run with name=<new name>, or this one "
-              "again with resume=false.", flush=True)
+        print(
+            f"[train] run {config.name!r} is already complete ({run.status.step}/{config.steps} steps) at "
+            f"{run.status.url}; {exported}. Nothing to do: train another run with name=<new name>, or this one "
+            "again with resume=false.",
+            flush=True,
+        )
         return 0
     if run.status.kind == "resume":
         print(f"[train] resuming run {config.name!r} from step {run.status.step}/{config.steps}", flush=True)
         if run.status.previous_steps is not None:
-            print(f"[train] steps changed from {run.status.previous_steps} to {config.steps}: the learning-rate "
-                  f"schedule now decays over {config.steps} steps", flush=True)
+            print(
+                f"[train] steps changed from {run.status.previous_steps} to {config.steps}: the learning-rate "
+                f"schedule now decays over {config.steps} steps",
+                flush=True,
+            )
     from datprl.platform.evaluation.evaluate import evaluate
     from datprl.platform.evaluation.report import side_by_side_markdown
     from datprl.platform.train.provenance import build_provenance
@@ -302,18 +329,32 @@ def train_and_evaluate(config: TrainConfig) -> int:
             if cross and cross != config.evaluate_split and cross in run.dataset.splits():
                 splits[cross] = f"eval-{cross}"
             for split, folder in splits.items():
-                evaluations[split] = evaluate(model, config.data, split=split, out_dir=output_dir / folder,
-                                              zero_shot_tasks=run.held_out, dataset=run.dataset,
-                                              metadata={"weights": str(weights_path), "run": config.name})  # fmt: skip
+                evaluations[split] = evaluate(
+                    model,
+                    config.data,
+                    split=split,
+                    out_dir=output_dir / folder,
+                    zero_shot_tasks=run.held_out,
+                    dataset=run.dataset,
+                    metadata={"weights": str(weights_path), "run": config.name},
+                )
             evaluation = evaluations.get(config.evaluate_split) if config.evaluate_split else None
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (runtime.Stopped; Ray turns one that interrupts fit() into this)
         # ray_session has stopped the local Ray by now; nothing is evaluated or exported from an unfinished run.
-        print(f"\n[train] stopped before the end; run {config.name!r} keeps its checkpoints at {run.status.url}: the "
-              "same command resumes it from the last one", file=sys.stderr, flush=True)
+        print(
+            f"\n[train] stopped before the end; run {config.name!r} keeps its checkpoints at {run.status.url}: the "
+            "same command resumes it from the last one",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
-    provenance = build_provenance(config_to_dict(config), model_spec=config.model.describe(), steps=config.steps,
-                                  manifest_sha256=run.dataset.manifest_sha256,
-                                  evaluation=evaluation.to_json() if evaluation is not None else None)  # fmt: skip
+    provenance = build_provenance(
+        config_to_dict(config),
+        model_spec=config.model.describe(),
+        steps=config.steps,
+        manifest_sha256=run.dataset.manifest_sha256,
+        evaluation=evaluation.to_json() if evaluation is not None else None,
+    )
     weights = save_model(model, output_dir / "model", provenance=provenance)
     print(f"[train] exported {weights}", flush=True)
     if len(evaluations) > 1:

@@ -28,7 +28,11 @@ from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
 from datprl.platform.data.pipeline import StreamReport, training_batches
 from datprl.platform.train.config import OptimConfig, TrainConfig
 from datprl.platform.train.priors import (
-    description_prototypes, domain_prototypes, load_description_domains, load_text_embeddings, resolve_text_embeddings,
+    description_prototypes,
+    domain_prototypes,
+    load_description_domains,
+    load_text_embeddings,
+    resolve_text_embeddings,
 )
 from datprl.platform.train.runs import CONFIG_FILE, PROGRESS_FILE
 
@@ -62,8 +66,12 @@ def scaled_lr(optim: OptimConfig, world: int) -> float:
 def build_optimizer(params, config: TrainConfig, world: int, device: torch.device):
     """(Adam, its cosine schedule, the fp16 GradScaler or None) of a run: the paper's Adam with the learning rate
     for ``world`` workers (:func:`scaled_lr`) and ``config.compute``'s Adam implementation."""
-    optimizer = torch.optim.Adam(params, lr=scaled_lr(config.optim, world), betas=config.optim.betas,
-                                 **adam_options(config.compute.adam_impl, device))
+    optimizer = torch.optim.Adam(
+        params,
+        lr=scaled_lr(config.optim, world),
+        betas=config.optim.betas,
+        **adam_options(config.compute.adam_impl, device),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
     return optimizer, scheduler, grad_scaler(config.compute.precision, device)
 
@@ -84,22 +92,31 @@ def build_training_state(config: TrainConfig, device: torch.device, world: int =
         # use_buffers: the pools' running query centres are averaged with the weights (without it the EMA copy would
         # keep the centres it was created with).
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
-    return dict(model=model, net=net, params=params, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                criterion=DATPRLLoss(config.loss).to(device), ema=ema)  # fmt: skip
+    return dict(
+        model=model,
+        net=net,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        criterion=DATPRLLoss(config.loss).to(device),
+        ema=ema,
+    )
 
 
 def describe_setup(config: TrainConfig, tasks: int, world: int, device: torch.device) -> str:
     """The line rank 0 logs at start: global batch, learning rate and its scaling, numerics, DDP."""
     per_worker = config.data.per_task_batch * tasks
     compute = config.compute
-    parts = [f"global batch {per_worker * world} ({config.data.per_task_batch}/task x {tasks} tasks per worker x "
-             f"{world} worker{'s' if world > 1 else ''})",
-             f"lr {scaled_lr(config.optim, world):g} (optim.lr {config.optim.lr:g}, "
-             f"lr_scaling={config.optim.lr_scaling})",
-             f"{device.type} {resolve_precision(compute.precision, device)}",
-             f"compile {'on (' + compute.compile_mode + ')' if compute.compile else 'off'}",
-             f"channels_last {'on' if compute.channels_last else 'off'}",
-             f"Adam {resolve_adam_impl(compute.adam_impl, device)}"]
+    parts = [
+        f"global batch {per_worker * world} ({config.data.per_task_batch}/task x {tasks} tasks per worker x "
+        f"{world} worker{'s' if world > 1 else ''})",
+        f"lr {scaled_lr(config.optim, world):g} (optim.lr {config.optim.lr:g}, lr_scaling={config.optim.lr_scaling})",
+        f"{device.type} {resolve_precision(compute.precision, device)}",
+        f"compile {'on (' + compute.compile_mode + ')' if compute.compile else 'off'}",
+        f"channels_last {'on' if compute.channels_last else 'off'}",
+        f"Adam {resolve_adam_impl(compute.adam_impl, device)}",
+    ]
     if world > 1:
         parts.append("DDP gradient averaging, find_unused_parameters off")
     return "[train] " + "; ".join(parts)
@@ -128,8 +145,7 @@ def _start_domain_keys(pool, embeddings: dict, config: TrainConfig, url: str, ra
     if rank == 0:
         rest = pool.size - len(prototypes)
         kept = f"; {rest} keep their random start" if rest else ""
-        _worker_print(f"[train] domain prompt keys start at {what} (domain_key_init={config.domain_key_init})"
-                      f"{kept}")  # fmt: skip
+        _worker_print(f"[train] domain prompt keys start at {what} (domain_key_init={config.domain_key_init}){kept}")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -172,9 +188,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _start_domain_keys(model.domain_pool, loaded, config, url, rank)
     pool = model.domain_pool
     if rank == 0 and pool is not None and pool.fixed_keys and (texts is None or config.domain_key_init == "random"):
-        _worker_print("[train] warning: the domain pool's keys are fixed (model.domain_pool.fixed_keys) and stay at "
-                      "their random start: set them from the descriptions (text embeddings with domain_key_init="
-                      "domains), or train them (model.domain_pool.fixed_keys=false)")  # fmt: skip
+        _worker_print(
+            "[train] warning: the domain pool's keys are fixed (model.domain_pool.fixed_keys) and stay at "
+            "their random start: set them from the descriptions (text embeddings with domain_key_init="
+            "domains), or train them (model.domain_pool.fixed_keys=false)"
+        )
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()
@@ -204,10 +222,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window: list[dict[str, float]] = []  # loss terms of the steps since the last report
     started = time.perf_counter()
     while step < config.steps:
-        for batch in training_batches(shard, tasks, config.data.per_task_batch, config.data.shuffle_buffer, report,
-                                      num_batches=steps_per_pass, batcher=batcher):  # fmt: skip
-            terms = train_step(net, model, batch, criterion, optimizer, scheduler, params, config, device, texts,
-                               scaler)
+        for batch in training_batches(
+            shard,
+            tasks,
+            config.data.per_task_batch,
+            config.data.shuffle_buffer,
+            report,
+            num_batches=steps_per_pass,
+            batcher=batcher,
+        ):
+            terms = train_step(
+                net, model, batch, criterion, optimizer, scheduler, params, config, device, texts, scaler
+            )
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
@@ -215,22 +241,40 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 crash_at(step)
             window.append(terms)
             last = step >= config.steps
-            validate = bool(config.validate_every and config.evaluate_split
-                            and (step % config.validate_every == 0 or last))
+            validate = bool(
+                config.validate_every and config.evaluate_split and (step % config.validate_every == 0 or last)
+            )
             if step % config.log_every == 0 or step % config.checkpoint_every == 0 or validate or last:
                 batch_size = batch["lq"].shape[0]
                 means = {k: sum(t[k] for t in window) / len(window) for k in window[-1]}
-                metrics = {"step": step, "resumed_from_step": start_step, "loss": means["total"],
-                           "lr": scheduler.get_last_lr()[0], "passes": passes,
-                           "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
-                           "corrupt_samples": len(report.corrupt),
-                           **{f"loss_{k}": v for k, v in means.items()}}  # fmt: skip
+                metrics = {
+                    "step": step,
+                    "resumed_from_step": start_step,
+                    "loss": means["total"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "passes": passes,
+                    "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
+                    "corrupt_samples": len(report.corrupt),
+                    **{f"loss_{k}": v for k, v in means.items()},
+                }
                 if validate:
                     metrics.update(_validate(model, ema, config, loop_config["held_out"], device, rank))
                 window, started = [], time.perf_counter()
                 if step % config.checkpoint_every == 0 or last:
-                    _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, scaler, step, passes, config,
-                                            rank, loop_config.get("manifest_sha256"), criterion)
+                    _report_with_checkpoint(
+                        metrics,
+                        model,
+                        optimizer,
+                        scheduler,
+                        ema,
+                        scaler,
+                        step,
+                        passes,
+                        config,
+                        rank,
+                        loop_config.get("manifest_sha256"),
+                        criterion,
+                    )
                 else:
                     ray.train.report(metrics)
                 # No step line here: the driver shows every report (progress bar, or step lines with verbose=true).
@@ -258,8 +302,9 @@ def train_step(
     text, mask = _text_batch(texts, batch["source_id"], device) if texts is not None else (None, None)
     with autocast(config.compute.precision, device):
         output = net(lq, return_aux=True)
-    loss, terms = criterion(output, gt, model=net, text_embedding=text, text_mask=mask, degraded=lq,
-                            tasks=batch.get("task"))
+    loss, terms = criterion(
+        output, gt, model=net, text_embedding=text, text_mask=mask, degraded=lq, tasks=batch.get("task")
+    )
     optimizer.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()
     if config.optim.grad_clip:
@@ -293,8 +338,9 @@ def _validate(model, ema, config: TrainConfig, held_out: list[str], device, rank
         splits[cross] = "cross"
     metrics: dict[str, float] = {}
     for split, prefix in splits.items():
-        result = evaluate(net, data, split=split, max_grids_per_task=0, device=device, zero_shot_tasks=held_out,
-                          read_in_process=True)  # fmt: skip
+        result = evaluate(
+            net, data, split=split, max_grids_per_task=0, device=device, zero_shot_tasks=held_out, read_in_process=True
+        )
         metrics.update(_validation_metrics(result, prefix))
     return metrics  # printed by the driver, which shows every report (datprl.platform.train.progress)
 
@@ -303,8 +349,11 @@ def _validation_metrics(result, prefix: str) -> dict[str, float]:
     """One split's validation numbers as report keys: ``<prefix>_psnr`` (output) and ``<prefix>_input_psnr`` (the
     degraded input), each the mean over tasks of the per-task means; ``<prefix>_delta_psnr``, their difference (the mean
     PSNR gain over tasks); ``<prefix>_delta_psnr/<task>`` per task."""
-    metrics = {f"{prefix}_psnr": result.mean["output_psnr"], f"{prefix}_input_psnr": result.mean["input_psnr"],
-               f"{prefix}_delta_psnr": result.mean["delta_psnr"]}  # fmt: skip
+    metrics = {
+        f"{prefix}_psnr": result.mean["output_psnr"],
+        f"{prefix}_input_psnr": result.mean["input_psnr"],
+        f"{prefix}_delta_psnr": result.mean["delta_psnr"],
+    }
     for row in result.rows:
         metrics[f"{prefix}_delta_psnr/{row['task']}"] = row["delta_psnr"]
     return metrics
@@ -341,20 +390,37 @@ def _clamp_temperatures(model: torch.nn.Module) -> None:
                 pool.temperature.clamp_(*pool.temperature_range)
 
 
-def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, scaler, step, passes, config, rank,
-                            manifest_sha256: str | None = None, criterion=None) -> None:
+def _report_with_checkpoint(
+    metrics,
+    model,
+    optimizer,
+    scheduler,
+    ema,
+    scaler,
+    step,
+    passes,
+    config,
+    rank,
+    manifest_sha256: str | None = None,
+    criterion=None,
+) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:  # one copy of the replicated state; every worker still reports
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(),
-                     "ema": ema.state_dict() if ema is not None else None,
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "input_error": criterion.input_error.state_dict()
-                     if criterion is not None and criterion.input_error is not None else None,
-                     "step": step, "passes": passes}  # fmt: skip
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "input_error": criterion.input_error.state_dict()
+                if criterion is not None and criterion.input_error is not None
+                else None,
+                "step": step,
+                "passes": passes,
+            }
             torch.save(state, Path(folder) / "state.pt")
             # config.json and progress.json let the driver check a run before resuming it (datprl.platform.train.runs)
             (Path(folder) / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=1))

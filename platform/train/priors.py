@@ -26,9 +26,14 @@ AUTO = "auto"
 PRIORS_FOLDER = "priors"  # next to the dataset's manifest.json
 
 __all__ = [
-    "AUTO", "description_prototypes", "domain_prototypes", "ensure_text_embeddings", "load_description_domains",
-    "load_text_embeddings", "resolve_text_embeddings",
-]  # fmt: skip
+    "AUTO",
+    "description_prototypes",
+    "domain_prototypes",
+    "ensure_text_embeddings",
+    "load_description_domains",
+    "load_text_embeddings",
+    "resolve_text_embeddings",
+]
 
 
 def resolve_text_embeddings(text_embeddings: str | None, dataset: str) -> str | None:
@@ -54,8 +59,11 @@ def ensure_text_embeddings(url: str | None, dataset: str, s3: S3Settings | None,
     from datprl.priors.job import DescribeConfig, run
 
     output = posixpath.dirname(url)
-    print(f"[train] no domain priors at {url}: describing the training images first (metadata describer, "
-          "all-MiniLM-L6-v2 text encoder; python jobs/describe.py makes them on its own)", flush=True)  # fmt: skip
+    print(
+        f"[train] no domain priors at {url}: describing the training images first (metadata describer, "
+        "all-MiniLM-L6-v2 text encoder; python jobs/describe.py makes them on its own)",
+        flush=True,
+    )
     result = run(DescribeConfig(dataset=dataset, output=output, s3=s3))  # the train split
     print(f"[train] described {result.rows} source images -> {result.table_url}", flush=True)
     return True
@@ -99,9 +107,15 @@ def load_text_embeddings(url: str, s3: S3Settings | None, dim: int, centre: bool
     64 in the tiny default) and of its published checkpoints, while the encoder is a choice of the priors job (CLIP's
     text tower gives 1024-d, all-MiniLM-L6-v2 384-d); the alignment compares directions only, so the projection loses
     nothing of what L_align uses when D >= 384 and little when D is smaller (Johnson-Lindenstrauss)."""
-    table = _read_columns(url, s3, ["source_id", "embedding"], lambda err: (
-        f"text_embeddings={url} is not a table with columns source_id and embedding ({err}); make it with python "
-        "jobs/describe.py"))  # fmt: skip
+    table = _read_columns(
+        url,
+        s3,
+        ["source_id", "embedding"],
+        lambda err: (
+            f"text_embeddings={url} is not a table with columns source_id and embedding ({err}); make it with python "
+            "jobs/describe.py"
+        ),
+    )
     ids = table.column("source_id").to_pylist()
     vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
     if vectors.ndim != 2 or len(ids) == 0:
@@ -137,9 +151,15 @@ def description_prototypes(embeddings: dict[str, np.ndarray], count: int, seed: 
 
 def load_description_domains(url: str, s3: S3Settings | None) -> dict[str, str]:
     """source_id -> the domain the describe job recorded for it (the table's ``domain`` column)."""
-    table = _read_columns(url, s3, ["source_id", "domain"], lambda err: (
-        f"text_embeddings={url} has no domain column; domain_key_init=domains needs it: remake the table with python "
-        "jobs/describe.py, or use domain_key_init=descriptions"))  # fmt: skip
+    table = _read_columns(
+        url,
+        s3,
+        ["source_id", "domain"],
+        lambda err: (
+            f"text_embeddings={url} has no domain column; domain_key_init=domains needs it: remake the table with "
+            "python jobs/describe.py, or use domain_key_init=descriptions"
+        ),
+    )
     return dict(zip(table.column("source_id").to_pylist(), table.column("domain").to_pylist()))
 
 

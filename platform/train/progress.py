@@ -58,8 +58,10 @@ class TrainingProgress:
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps}: a run has at least one step (TrainConfig.steps >= 1)")
         if not 0 <= start_step <= total_steps:
-            raise ValueError(f"start_step={start_step} is outside 0..total_steps={total_steps}; pass the step of the "
-                             "checkpoint the run resumes from, or 0")  # fmt: skip
+            raise ValueError(
+                f"start_step={start_step} is outside 0..total_steps={total_steps}; pass the step of the "
+                "checkpoint the run resumes from, or 0"
+            )
         self.metrics_path = Path(metrics_path)
         self.total_steps, self.start_step, self.enabled = total_steps, start_step, enabled
         self.step = start_step
@@ -91,8 +93,16 @@ class TrainingProgress:
             self._offset = 0
         self._entered = time.monotonic()
         if self.enabled and _is_terminal(self._stream):
-            self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", unit="step",
-                             file=self._stream, bar_format=BAR_FORMAT, dynamic_ncols=True, leave=True)  # fmt: skip
+            self._bar = tqdm(
+                total=self.total_steps,
+                initial=self.start_step,
+                desc="train",
+                unit="step",
+                file=self._stream,
+                bar_format=BAR_FORMAT,
+                dynamic_ncols=True,
+                leave=True,
+            )
             self._bar.set_postfix_str("starting", refresh=True)
         self._thread = threading.Thread(target=self._follow, name="training-progress", daemon=True)
         self._thread.start()
@@ -154,15 +164,21 @@ class TrainingProgress:
         except (ValueError, KeyError, TypeError) as err:
             self._bad_lines += 1
             if self._bad_lines == 1:
-                log.warning("training progress: skipping a line of %s that is not a report (%s): %.200r",
-                            self.metrics_path, err, raw)  # fmt: skip
+                log.warning(
+                    "training progress: skipping a line of %s that is not a report (%s): %.200r",
+                    self.metrics_path,
+                    err,
+                    raw,
+                )
             return
         now = time.monotonic()
         resumed = report.get("resumed_from_step")
         if isinstance(resumed, int) and resumed != self._attempt_start:
             if self.last is not None:  # a new attempt during this block: Ray Train restarted the worker group
-                self._say(f"[train] training restarted from the checkpoint of step {resumed} (the previous attempt "
-                          f"reached step {self.step}; Ray Train restarts the workers after a failure)")  # fmt: skip
+                self._say(
+                    f"[train] training restarted from the checkpoint of step {resumed} (the previous attempt "
+                    f"reached step {self.step}; Ray Train restarts the workers after a failure)"
+                )
             self._attempt_start, self._rate_base, self._rate = resumed, None, None
         if self._rate_base is None:
             self._rate_base = (step, now)
@@ -212,9 +228,16 @@ class TrainingProgress:
     def _write_line(self) -> None:
         """The bar as one whole line, for a console that is not a terminal."""
         stream = self._stream
-        text = tqdm.format_meter(min(self.step, self.total_steps), self.total_steps, time.monotonic() - self._entered,
-                                 prefix="train", bar_format=BAR_FORMAT, postfix=self._postfix(),
-                                 initial=self.start_step, ascii=not _unicode(stream))  # fmt: skip
+        text = tqdm.format_meter(
+            min(self.step, self.total_steps),
+            self.total_steps,
+            time.monotonic() - self._entered,
+            prefix="train",
+            bar_format=BAR_FORMAT,
+            postfix=self._postfix(),
+            initial=self.start_step,
+            ascii=not _unicode(stream),
+        )
         stream.write(text + "\n")
         stream.flush()
         self._line_at, self._line_step = time.monotonic(), self.step

@@ -55,10 +55,15 @@ def evaluation_summary(evaluation: dict) -> dict:
         if isinstance(mean.get(part), dict):
             summary[f"mean_{part}"] = {key: _number(mean[part].get(key)) for key in _SUMMARY_METRICS}
     summary["tasks"] = [
-        {"domain": row["domain"], "task": row["task"], "zero_shot": bool(row.get("zero_shot", False)),
-         "n": row.get("n"), "delta_psnr": _number(row.get("delta_psnr"))}
+        {
+            "domain": row["domain"],
+            "task": row["task"],
+            "zero_shot": bool(row.get("zero_shot", False)),
+            "n": row.get("n"),
+            "delta_psnr": _number(row.get("delta_psnr")),
+        }
         for row in evaluation["rows"]
-    ]  # fmt: skip
+    ]
     return summary
 
 
@@ -71,8 +76,9 @@ def git_state(path: str | Path | None = None) -> tuple[str | None, bool | None]:
 
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=GIT_TIMEOUT_S,
-                                  check=False)  # fmt: skip
+            done = subprocess.run(
+                ["git", *args], cwd=folder, capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

@@ -142,8 +142,9 @@ def check_run(config: TrainConfig, manifest_sha256: str | None = None) -> RunSta
     saved, step, trained_on = latest
     diffs = differences(saved, config_to_dict(config))
     if manifest_sha256 and trained_on and trained_on != manifest_sha256:  # same path, other content: rebuilt since
-        diffs.append((f"dataset content (sha256 of {config.data.dataset}/manifest.json)", trained_on[:12],
-                      manifest_sha256[:12]))  # fmt: skip
+        diffs.append(
+            (f"dataset content (sha256 of {config.data.dataset}/manifest.json)", trained_on[:12], manifest_sha256[:12])
+        )
     if diffs:
         shown = "\n".join(f"  {field}: {old!r} in the run, {new!r} asked for" for field, old, new in diffs[:12])
         more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""

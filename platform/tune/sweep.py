@@ -138,8 +138,12 @@ def check_resources(config: TuneConfig, cpus: float) -> None:
     held = search.max_concurrent_trials * per_trial
     if cpus - held < search.data_cpus - 1e-9:
         fit = max(0, math.floor((cpus - search.data_cpus) / per_trial + 1e-9))
-        fix = (f"use search.max_concurrent_trials={fit} or fewer" if fit else "not even one trial fits: use smaller "
-               "train.cpus_per_worker / search.trial_cpus, or more CPUs (local_cpus, or a larger cluster)")  # fmt: skip
+        fix = (
+            f"use search.max_concurrent_trials={fit} or fewer"
+            if fit
+            else "not even one trial fits: use smaller "
+            "train.cpus_per_worker / search.trial_cpus, or more CPUs (local_cpus, or a larger cluster)"
+        )
         raise SweepError(
             f"{search.max_concurrent_trials} concurrent trials x {per_trial:g} CPUs (search.trial_cpus "
             f"{search.trial_cpus:g} + {workers} worker(s) x train.cpus_per_worker {train.cpus_per_worker:g}) hold "
