@@ -1,5 +1,6 @@
-"""The linter: CI runs `ruff check` after setting up and before the tests, and the rules in pyproject.toml catch what
-they promise (undefined names, unused imports, lines over 120) on a file written here."""
+"""The linter and the formatter: CI runs `ruff check .` and `ruff format --check .` over the whole tree after setting
+up and before the tests, and the rules in pyproject.toml catch what they promise (undefined names, unused imports,
+lines over 120) on a file written here."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ def _ruff() -> Path:
 def test_ci_lints_after_setup_and_before_the_tests(repo_root):
     lines = [line.strip() for line in (repo_root / ".ci" / "run").read_text().splitlines()]
     setup, lint = lines.index("bash infra/setup.sh"), lines.index(".venv/bin/ruff check .")
-    tests = lines.index("bash infra/setup.sh && .venv/bin/python -m pytest")
-    assert setup < lint < tests
+    fmt = lines.index(".venv/bin/ruff format --check .")  # the whole tree, no per-file list
+    tests = next(i for i, line in enumerate(lines) if line.startswith("bash infra/setup.sh test"))
+    assert setup < lint < tests and setup < fmt < tests
     tomllib = pytest.importorskip("tomllib", reason="the standard library reads TOML from Python 3.11")
     project = tomllib.loads((repo_root / "pyproject.toml").read_text())
     assert any(dep.startswith("ruff") for dep in project["project"]["optional-dependencies"]["dev"])
