@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a GPU lent for a few minutes: bash infra/gpu-check.sh OUT_DIR [config.yaml]
-# [key=value ...]. Writes OUT_DIR/gpu-check.json and OUT_DIR/gpu-check.md (the summary the README's "GPU" section is
-# filled in from) and each step's log under OUT_DIR/steps/. Fits about 8 minutes (total_budget_s); each step runs in a
+# [key=value ...]. Writes OUT_DIR/gpu-check.json and OUT_DIR/gpu-check.md (the summary that
+# docs/benchmarks.md, "GPU", is filled in from) and each step's log under OUT_DIR/steps/. Fits about 8 minutes
+# (total_budget_s); each step runs in a
 # process of its own within its budget, and one that fails or runs out of time is reported while the others run.
 # Exit status: 0 every step ran (ok or skipped), 1 a step failed, 2 a bad option, 3 no CUDA device (a one-line message,
 # within seconds: nothing else is started). The CPU test mode: bash infra/gpu-check.sh OUT infra/gpu-check-cpu.yaml

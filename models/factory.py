@@ -50,7 +50,7 @@ _SMALL = dict(
 #: 9 prompts and composes 3 (the paper's ratio, 5 of 15), so three domains can each own a distinct set of prompts, and
 #: its domain query reads the first encoder level (``domain_query_features``). Its domain keys are fixed (training sets
 #: them, ``domain_key_init=domains``: each domain's mean description, three keys per domain) and its domain query is
-#: not centred, so top-k picks one domain's group (README "Domain priors and prompt selection").
+#: not centred, so top-k picks one domain's group (docs/priors.md).
 #: ``paper_small``: ``paper_tiny``'s design at twice the width and about twice the depth (infra/train-quality.yaml,
 #: the longer CPU recipe), with the domain pool ``paper_tiny`` had before the fixed keys (trained keys, centred query;
 #: the fixed keys are not measured at this size).

@@ -269,7 +269,7 @@ def prior_selection_loss(
     same ones. Why it exists: L_align reaches the selection only through the softmax weights of the prompts already
     selected (top-k has no gradient). Measured on the embedded default (paper_tiny, 1000 steps): the domain pool's
     NMI with the domain was 0.30 / 0.22 on val (seeds 0 / 1) without it and 0.22 / 0.54 / 0.59 (seeds 0 / 1 / 2) with
-    it, at some cost in validation PSNR (README, "Domain priors and prompt selection"). mask: (B,) bool, rows
+    it, at some cost in validation PSNR (docs/experiments/prompt-selection.md). mask: (B,) bool, rows
     without a description are ignored; with none left the loss is 0, still attached to the graph.
     """
     if similarities.ndim != 2 or text_embedding.ndim != 2 or keys.ndim != 2:

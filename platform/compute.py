@@ -4,7 +4,7 @@ channels-last memory format and the Adam implementation. One :class:`ComputeConf
 
 Defaults: bf16 autocast on a CUDA device that supports it (``precision: auto``), fp32 on CPU; compile and
 channels-last off and Adam fused on CUDA, foreach on CPU. The CPU ones were checked with ``jobs/benchmark_compute.py``
-(README "Benchmarks"); the CUDA ones are the framework's recommendations until ``infra/gpu-check.sh`` has measured
+(docs/benchmarks.md); the CUDA ones are the framework's recommendations until ``infra/gpu-check.sh`` has measured
 them on a GPU.
 """
 

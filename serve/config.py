@@ -104,7 +104,7 @@ class ServeConfig(StrictModel):
         ge=1,
         description="large images (above tile_above_pixels, tiled or not) decoded and restored at once per "
         "replica; the slot is taken before decoding, so a replica's image memory is about this many large requests' "
-        "buffers (README 'Large images') plus the bodies of the requests waiting and one forward's activations",
+        "buffers (docs/serving.md) plus the bodies of the requests waiting and one forward's activations",
     )
     max_batch_size: int = Field(8, ge=1, description="@serve.batch: most requests (or tiles) in one forward")
     max_batch_pixels: int = Field(
@@ -113,7 +113,7 @@ class ServeConfig(StrictModel):
         description="most pixels (padded, summed over the batch) in one forward: a batch above it is "
         "split into several forwards, and a tiled image sends this many pixels of tiles at a time; one image or tile "
         "always goes through. Bounds the network's activation memory (paper_tiny fp32 on CPU: ~2.2 KB per pixel, "
-        "0.56 GB for one 512x512 tile); on CPU larger batches are not faster (README 'Large images'), on a GPU "
+        "0.56 GB for one 512x512 tile); on CPU larger batches are not faster (docs/serving.md), on a GPU "
         "raise it",
     )
     request_memory_budget_bytes: int | None = Field(
@@ -136,7 +136,7 @@ class ServeConfig(StrictModel):
         description="glibc: allocations of at least this many bytes get their own mapping, returned to "
         "the system when freed, so a replica's memory falls back after each forward (glibc's dynamic threshold "
         "otherwise rises to 32 MB and freed activations stay in per-thread heaps: +0.3 GB at the peak of a "
-        "1024x1024 image, README 'Large images'); null = glibc's default",
+        "1024x1024 image, docs/serving.md, 'Large images'); null = glibc's default",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

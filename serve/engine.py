@@ -288,7 +288,7 @@ class Engine:
         self.stats["batches"] += 1
         for shape, group in groups.items():
             # At most max_batch_pixels per forward: activation memory grows with the pixels of a forward, and on
-            # CPU a larger batch is no faster (README "Large images").
+            # CPU a larger batch is no faster (docs/serving.md, "Large images").
             per_forward = tiles_per_forward(shape[0] * shape[1], len(group), self.max_batch_pixels)
             for start in range(0, len(group), per_forward):
                 self._forward_members(units, group[start : start + per_forward], results)

@@ -58,7 +58,7 @@ class TrainConfig(StrictModel):
     # in the in-process runs of this recipe, -2 to -9 dB on external images. Divided by its task's mean input error
     # (TaskInputError), a task the network cannot yet restore costs the same as doing nothing, and within a task the
     # crops weigh by their error (dividing each crop by its own error weighed nearly clean crops as much as degraded
-    # ones; README, "The main job's recipe, measured").
+    # ones; docs/experiments/main-job-recipe.md).
     loss: LossWeights = LossWeights(input_relative="task")
     optim: OptimConfig = OptimConfig(lr=2e-3, ema_decay=0.995)
     compute: ComputeConfig = Field(

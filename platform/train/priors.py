@@ -139,7 +139,7 @@ def description_prototypes(embeddings: dict[str, np.ndarray], count: int, seed: 
     Used to start the domain pool's keys (``TrainConfig.domain_key_init=descriptions``; ours). Why: top-k selection
     has no gradient, so which prompts an image's description picks (L_psel's targets) is decided by where the random
     keys happen to start, and with random keys the descriptions of different domains shared prompts in a
-    seed-dependent way (README, "Domain priors and prompt selection"). Centroids of the centred embeddings start each
+    seed-dependent way (docs/experiments/prompt-selection.md). Centroids of the centred embeddings start each
     key on one group of similar descriptions."""
     from sklearn.cluster import KMeans
 
@@ -170,8 +170,8 @@ def domain_prototypes(embeddings: dict[str, np.ndarray], domains: dict[str, str]
     Why (ours): with keys at k-means centroids of the descriptions, an image whose domain the query is unsure of sits
     between the groups, and top-k then mixes keys of several domains the same way for every image (natural photos
     and remote sensing both picked two natural keys and one remote-sensing key). Keys that coincide within a domain make
-    top-k choose a whole domain's group, so the selection follows the query's best guess of the domain (README, "Domain
-    priors and prompt selection")."""
+    top-k choose a whole domain's group, so the selection follows the query's best guess of the domain
+    (docs/experiments/prompt-selection.md, cause 5)."""
     groups: dict[str, list[np.ndarray]] = {}
     for source, vector in embeddings.items():
         if source in domains:
