@@ -1,4 +1,4 @@
-"""Ray Serve application serving the restoration network over HTTP (README, "Serving").
+"""Ray Serve application serving the restoration network over HTTP (docs/serving.md).
 
 Modules (importing this package imports none of them, so the codecs and the engine never pull in Ray):
 

@@ -14,7 +14,8 @@ from datprl.platform.runtime import loopback_only
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-OFFICIAL_CHECKPOINT = FIXTURES / "official-checkpoint"  # the published network's layout and a tiny fixture (README)
+# The published network's layout and a tiny fixture (docs/testing.md).
+OFFICIAL_CHECKPOINT = FIXTURES / "official-checkpoint"
 
 # Ray must only ever talk to loopback in tests (single node): with this, a local Ray binds every port to 127.0.0.1.
 loopback_only()

@@ -40,7 +40,7 @@ SETTINGS = dict(
     max_batch_size=8,
     max_batch_pixels=8 * 64 * 64,  # a group of 8 tiles per forward
     batch_wait_timeout_s=0.02,
-    # The memory budget (README "Large images"), with a fixed activation figure so that which request fits does not
+    # The memory budget (docs/serving.md), with a fixed activation figure so that which request fits does not
     # depend on a measurement: 150x140 untiled (~44 MB) and 8 tiles of 64x64 (~66 MB) fit, 200x200 untiled (~82 MB)
     # does not.
     request_memory_budget_bytes=72 * 2**20,
@@ -49,7 +49,7 @@ SETTINGS = dict(
     torch_threads=1,
     autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
 )
-# Tiled vs untiled with 64-pixel tiles (README "Serving", "Large images"): measured 39.7 dB PSNR, mean |diff| 0.0056
+# Tiled vs untiled with 64-pixel tiles (docs/serving.md): measured 39.7 dB PSNR, mean |diff| 0.0056
 # on a 150x140 photo; the network's channel attention and prompt queries see the whole input, so tiles differ a little.
 TILE_MIN_PSNR = 36.0
 TILE_MAX_MEAN_ABS = 0.012

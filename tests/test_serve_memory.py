@@ -26,7 +26,7 @@ from datprl.serve.pipeline import plan_request, tile_group_size
 from datprl.serve.samples import encode_pil, photo
 from datprl.serve.tiling import StripBlender, axis_weights, blend_window, tile_grid, tiled_apply, tiles_per_forward
 
-# bf16 against fp32 (README "Large images"): a randomly initialised non-identity paper_tiny on a 96x96 photo differs by
+# bf16 against fp32 (docs/serving.md): a randomly initialised non-identity paper_tiny on a 96x96 photo differs by
 # at most 0.006 (mean 0.0006-0.0011, PSNR 57-62 dB) over three seeds; the stated tolerance leaves 3x of margin.
 BF16_MAX_ABS = 0.02
 BF16_MEAN_ABS = 0.004
@@ -304,7 +304,7 @@ def test_activation_measurement_is_plausible_for_paper_tiny():
     if measured is None:
         pytest.skip("no /proc here")
     print(f"paper_tiny fp32 activations at 192x192: {measured:.0f} bytes/pixel")
-    assert 1000 < measured < 8000  # ~2.2-2.6 KB/pixel measured at 256-512 px (README "Large images")
+    assert 1000 < measured < 8000  # ~2.2-2.6 KB/pixel measured at 256-512 px (docs/serving.md, "Memory budget")
 
 
 # --- the memory estimate and the budget --------------------------------------------------------------------------

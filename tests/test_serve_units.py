@@ -24,7 +24,7 @@ from datprl.serve.engine import Restored, load_engine
 from datprl.serve.samples import encode_pil, photo, png_bomb
 from datprl.serve.tiling import blend_window, tile_grid, tiled_apply
 
-# Tolerance of tiled against untiled inference (README "Serving"): the network's channel attention and its prompt
+# Tolerance of tiled against untiled inference (docs/serving.md): the network's channel attention and its prompt
 # queries see the whole input, so tiles differ slightly from one pass. Measured on a real photo with a randomly
 # initialised non-identity paper_tiny: PSNR 42.7-45.8 dB, mean |diff| 0.0036-0.0053, max |diff| 0.04-0.06.
 TILE_MIN_PSNR = 40.0
