@@ -9,6 +9,6 @@ size's peak against the 1024x1024 one's (target: 1.5x at most).
 import sys
 
 if __name__ == "__main__":
-    from datprl.serve.large_images import main
+    from datprl.platform.bench.large_images import main
 
     raise SystemExit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ replica process's set-up before its first request: :func:`configure_process_memo
 :func:`activation_bytes_per_pixel` (the figure of the memory estimate).
 
 The deployment (``datprl.serve.app``) runs it with its ``@serve.batch`` queue as the forward; the large-image
-benchmark (``datprl.serve.large_images``) with direct engine calls, so both measure the same code.
+benchmark (``datprl.platform.bench.large_images``) with direct engine calls, so both measure the same code.
 """
 
 from __future__ import annotations

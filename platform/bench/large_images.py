@@ -149,7 +149,14 @@ def measure_request(size: int, config: LargeImageBenchmarkConfig) -> dict[str, A
 
 
 def _replica_path(size: int, config: LargeImageBenchmarkConfig) -> dict[str, Any]:
-    command = [sys.executable, "-m", "datprl.serve.large_images", "--worker", str(size), config.model_dump_json()]
+    command = [
+        sys.executable,
+        "-m",
+        "datprl.platform.bench.large_images",
+        "--worker",
+        str(size),
+        config.model_dump_json(),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=config.timeout_s)
     if out.returncode != 0:
         raise RuntimeError(f"the {size}x{size} worker failed ({out.returncode}): {out.stderr[-3000:]}")
