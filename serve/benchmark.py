@@ -29,10 +29,10 @@ from pydantic import Field
 from datprl.platform.config import StrictModel, parse_cli
 from datprl.platform.runtime import free_loopback_port as free_port
 
-__all__ = ["BenchmarkConfig", "run_benchmark", "main"]
+__all__ = ["ServeBenchmarkConfig", "run_benchmark", "main"]
 
 
-class BenchmarkConfig(StrictModel):
+class ServeBenchmarkConfig(StrictModel):
     """Latency and throughput of the restoration endpoint against in-process model calls (same images, one run)."""
 
     url: str | None = Field(None, description="a running app (e.g. http://127.0.0.1:8000); None = start one here")
@@ -49,7 +49,7 @@ class BenchmarkConfig(StrictModel):
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the one replica of the app started here")
 
 
-def _images(config: BenchmarkConfig) -> list[np.ndarray]:
+def _images(config: ServeBenchmarkConfig) -> list[np.ndarray]:
     """Real photo crops (scikit-image samples), config.size square, RGB uint8."""
     import skimage.data
 
@@ -82,7 +82,7 @@ def _stats(latencies: list[float], wall: float, errors: int = 0) -> dict[str, An
     }
 
 
-def _in_process(config: BenchmarkConfig, images: list[np.ndarray]) -> dict[str, Any]:
+def _in_process(config: ServeBenchmarkConfig, images: list[np.ndarray]) -> dict[str, Any]:
     import torch
 
     from datprl.serve.config import ServeConfig
@@ -108,7 +108,7 @@ def _in_process(config: BenchmarkConfig, images: list[np.ndarray]) -> dict[str, 
         torch.set_num_threads(previous)
 
 
-def _endpoint(config: BenchmarkConfig, url: str, images: list[np.ndarray]) -> dict[str, Any]:
+def _endpoint(config: ServeBenchmarkConfig, url: str, images: list[np.ndarray]) -> dict[str, Any]:
     import requests
     from PIL import Image
 
@@ -150,7 +150,7 @@ def _endpoint(config: BenchmarkConfig, url: str, images: list[np.ndarray]) -> di
     return result
 
 
-def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
+def run_benchmark(config: ServeBenchmarkConfig) -> dict[str, Any]:
     """Both measurements on the same images; starts (and stops) a local Ray + app when ``config.url`` is None."""
     images = _images(config)
     started_here = False
@@ -230,7 +230,7 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    config = parse_cli(BenchmarkConfig, argv, prog="benchmark_serve.py")
+    config = parse_cli(ServeBenchmarkConfig, argv, prog="benchmark_serve.py")
     result = run_benchmark(config)
     print(_table(result))
     print(json.dumps(result, default=float))

@@ -9,7 +9,7 @@ import pytest
 
 from datprl.platform.bench import common
 from datprl.platform.bench.data import DataBenchmarkConfig
-from datprl.platform.bench.model import BenchmarkConfig
+from datprl.platform.bench.model import ModelBenchmarkConfig
 from datprl.platform.config import ConfigError, load_config
 from datprl.platform.data import build as builder
 
@@ -72,8 +72,8 @@ def test_save_report_writes_readable_json_atomically(tmp_path, capsys):
     "schema,override,message",
     [
         (DataBenchmarkConfig, "consumers=[iterate_rows,iterate_rows]", "must not repeat"),
-        (BenchmarkConfig, "dtypes=[fp32,fp32]", "must not repeat"),
-        (BenchmarkConfig, "variants=[restormer,restormer]", "must not repeat"),
+        (ModelBenchmarkConfig, "dtypes=[fp32,fp32]", "must not repeat"),
+        (ModelBenchmarkConfig, "variants=[restormer,restormer]", "must not repeat"),
         (DataBenchmarkConfig, "dataset=s3://bucket/ds", "local dataset folder"),
     ],
 )

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from datprl.platform.bench.model import BenchmarkConfig, format_report, main, run_benchmark
+from datprl.platform.bench.model import ModelBenchmarkConfig, format_report, main, run_benchmark
 from datprl.platform.config import ConfigError, load_config
 
 TINY = dict(variants=["paper_tiny", "restormer_tiny"], size=16, batch=1, warmup=0, rounds=1, device="cpu")
 
 
 def test_tiny_run_reports_throughput_and_ratio() -> None:
-    report = run_benchmark(BenchmarkConfig(**TINY))
+    report = run_benchmark(ModelBenchmarkConfig(**TINY))
     rows = report["results"]
     assert [r["variant"] for r in rows] == ["paper_tiny", "restormer_tiny"]
     for r in rows:
@@ -40,7 +40,7 @@ def test_cli_writes_json(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("override", ["variants=[nope]", "dtypes=[fp16]", "variants=[paper,paper]"])
 def test_bad_options_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError):
-        load_config(BenchmarkConfig, overrides=[override])
+        load_config(ModelBenchmarkConfig, overrides=[override])
 
 
 def test_compute_benchmark_times_every_arm_against_the_first(tmp_path, capsys) -> None:

@@ -28,7 +28,7 @@ from datprl.platform.runtime import resolve_device
 from datprl.platform.config import NoRepeats, StrictModel, config_to_dict, parse_cli
 
 __all__ = [
-    "BenchmarkConfig",
+    "ModelBenchmarkConfig",
     "Mode",
     "PEAK_TFLOPS",
     "run_step",
@@ -43,7 +43,7 @@ __all__ = [
 Mode = Literal["train", "inference"]
 
 
-class BenchmarkConfig(StrictModel):
+class ModelBenchmarkConfig(StrictModel):
     """Forward+backward throughput of model variants (images/s), interleaved rounds, median per variant."""
 
     variants: Annotated[list[str], NoRepeats] = Field(
@@ -169,7 +169,7 @@ def peak_tflops(device_name: str, dtype: str, override: float | None = None) -> 
     return None, f"no peak known for {device_name!r}: set it in the config"
 
 
-def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
+def run_benchmark(config: ModelBenchmarkConfig) -> dict[str, Any]:
     """Time every variant x dtype of ``config`` and return a JSON-ready dict.
 
     ``results`` has one row per (dtype, variant): ``variant, params, batch, size, device, dtype, img_per_s`` (median
@@ -269,7 +269,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``jobs/benchmark_model.py``: parse ``key=value`` options, run, print, optionally save JSON."""
-    config = parse_cli(BenchmarkConfig, argv, prog="benchmark_model.py")
+    config = parse_cli(ModelBenchmarkConfig, argv, prog="benchmark_model.py")
     try:
         resolve_device(config.device)  # fail with a message, not a traceback, when CUDA is asked for but absent
     except RuntimeError as err:
