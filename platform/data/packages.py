@@ -62,6 +62,17 @@ class DataPackage:
         return f"{self.name}=={self.version}" if self.registry == "pypi" else f"{self.name}={self.version} (Debian)"
 
 
+#: The GCompris activities whose Qt resource archive (``GCOMPRIS_RCC/<activity>.rcc``) holds photos we use (read by
+#: :mod:`datprl.platform.data.sources_natural`): the only ones fetched.
+GCOMPRIS_ACTIVITIES = (
+    "erase",
+    "explore_monuments",
+    "explore_world_animals",
+    "explore_farm_animals",
+    "explore_world_music",
+)
+GCOMPRIS_RCC = "usr/share/gcompris-qt/rcc"
+
 #: Every data-only package the default corpus may read. Versions are pinned: a new version is a new corpus.
 PACKAGES: dict[str, DataPackage] = {
     p.name: p
@@ -74,16 +85,7 @@ PACKAGES: dict[str, DataPackage] = {
             "debian",
             "3.1-2",
             "GPL-3+ (photos: per-file CC-BY(-SA)/CC0/PD)",
-            tuple(
-                f"usr/share/gcompris-qt/rcc/{a}.rcc"
-                for a in (
-                    "erase",
-                    "explore_monuments",
-                    "explore_world_animals",
-                    "explore_farm_animals",
-                    "explore_world_music",
-                )
-            ),
+            tuple(f"{GCOMPRIS_RCC}/{activity}.rcc" for activity in GCOMPRIS_ACTIVITIES),
         ),
         DataPackage("tuxpaint-data", "debian", "1:0.9.28-sdl2-1", "GPL-2+", ("usr/share/tuxpaint/templates/*.jpg",)),
         DataPackage(

@@ -46,22 +46,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datprl.platform.data.packages import PACKAGES, PackageMissing, package_root
+from datprl.platform.data.packages import GCOMPRIS_ACTIVITIES, GCOMPRIS_RCC, PACKAGES, PackageMissing, package_root
 from datprl.platform.data.qt_resources import QtResources, QtResourceError
 from datprl.platform.data.sources import MissingSource, SourceImage
 
 MAX_SIDE = 1024  # longest side after downscaling
 MIN_SIDE = 256  # shortest side a stored photo may have
 PREPROCESSING = "EXIF orientation applied, RGB, halved (2x2 means), or Lanczos-resized to 1024 px on the long side"
-
-GCOMPRIS_ACTIVITIES = (
-    "erase",
-    "explore_monuments",
-    "explore_world_animals",
-    "explore_farm_animals",
-    "explore_world_music",
-)
-_GCOMPRIS_RCC = "usr/share/gcompris-qt/rcc"
 
 #: Photos of the fetched files that are *not* sources, by the id they would have, with the reason.
 EXCLUDED: dict[str, str] = {
@@ -247,7 +238,7 @@ def _gcompris() -> list[SourceImage | MissingSource]:
         return [_missing(package, str(error))]
     out: list[SourceImage | MissingSource] = []
     for activity in GCOMPRIS_ACTIVITIES:
-        path = root / _GCOMPRIS_RCC / f"{activity}.rcc"
+        path = root / GCOMPRIS_RCC / f"{activity}.rcc"
         try:
             archive = _archive(str(path))
             entries = archive.names()
@@ -275,7 +266,7 @@ def _gcompris() -> list[SourceImage | MissingSource]:
                     licence, author, source = table[relative]
             note = (
                 f"GCompris '{activity}' photo by {author or 'unknown'} ({source or 'no source given'}); "
-                f"{_GCOMPRIS_RCC}/{activity}.rcc:/{name} (WebP)"
+                f"{GCOMPRIS_RCC}/{activity}.rcc:/{name} (WebP)"
             )
             out.append(
                 _photo(
