@@ -110,86 +110,35 @@ def minilm_path() -> str:
     return path
 
 
-class MiniLMEncoder:
-    """all-MiniLM-L6-v2 on CPU (or ``device``): texts -> float32 (N, 384), L2-normalised rows.
+class _FrozenTextEncoder:
+    """What the text encoders share: a frozen model on ``device``, and :meth:`encode`'s checks and batching (texts
+    tokenised ``batch_size`` at a time, padded and truncated to ``max_length``, under inference mode); a subclass
+    gives :meth:`_embed`, a tokenised batch's L2-normalised embeddings."""
 
-    Loaded from ``model_path`` (default: :func:`minilm_path`) with ``local_files_only=True``, i.e. what
-    ``HF_HUB_OFFLINE=1`` gives: nothing is downloaded. The model is frozen (eval mode, no gradients)."""
+    dim: int
+    max_length: int
+    tokenizer: Any
 
-    name = ENCODER_NAME
-    dim = EMBEDDING_DIM
-
-    def __init__(
-        self, model_path: str | None = None, device: str = "cpu", batch_size: int = 64, max_length: int = 256
-    ) -> None:
+    def __init__(self, device: str, batch_size: int) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        if batch_size < 1 or max_length < 8:
-            raise ValueError(f"batch_size must be >= 1 and max_length >= 8, got {batch_size} and {max_length}")
-        self.path = model_path or minilm_path()
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(self.device).eval()
-        self.model.requires_grad_(False)
-        hidden = int(self.model.config.hidden_size)
-        if hidden != EMBEDDING_DIM:
-            raise ValueError(f"{self.path} is not all-MiniLM-L6-v2: hidden size {hidden}, expected {EMBEDDING_DIM}")
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts``: attention-masked mean of the last hidden states, L2-normalised; float32 (N, 384)."""
-        import torch
-
-        if isinstance(texts, str):
-            raise TypeError("encode() takes a list of texts, not one string")
-        if any(not isinstance(text, str) or not text.strip() for text in texts):
-            raise ValueError("every text to encode must be a non-empty string")
-        out = np.zeros((len(texts), EMBEDDING_DIM), np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    list(texts[start : start + self.batch_size]),
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[start : start + len(pooled)] = pooled.float().cpu().numpy()
-        return out
-
-
-class CLIPTextEncoder:
-    """CLIP's text tower: texts -> float32 (N, projection_dim), the L2-normalised ``text_embeds`` of
-    ``CLIPTextModelWithProjection`` (what CLIP compares with image embeddings), on CPU (or ``device``).
-
-    Loaded with transformers from a local folder or a hub id (``revision``), safetensors weights only (nothing is
-    unpickled); a full CLIP checkpoint's text tower and projection load as well as a text-only one. Frozen."""
-
-    def __init__(self, model: str, revision: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
-        import torch
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name, self.revision = model, revision
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
-        self.model = CLIPTextModelWithProjection.from_pretrained(model, revision=revision, use_safetensors=True)
-        self.model = self.model.to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.dim = int(self.model.config.projection_dim)
-        # CLIP's position table is its hard limit (77 tokens); tokenizers may declare a larger model_max_length.
-        self.max_length = min(int(self.tokenizer.model_max_length), int(self.model.config.max_position_embeddings))
+
+    def _frozen(self, model: Any) -> Any:
+        """``model`` on this encoder's device, in eval mode, without gradients."""
+        model = model.to(self.device).eval()
+        model.requires_grad_(False)
+        return model
+
+    def _embed(self, batch: Any) -> Any:
+        """The L2-normalised embeddings (B, dim) of one tokenised batch (a torch tensor)."""
+        raise NotImplementedError
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts`` (truncated to CLIP's 77 tokens): L2-normalised ``text_embeds``, float32 (N, dim)."""
+        """Embed ``texts`` (non-empty strings, truncated to ``max_length`` tokens): float32 (N, dim), unit rows."""
         import torch
 
         if isinstance(texts, str):
@@ -206,10 +155,72 @@ class CLIPTextEncoder:
                     max_length=self.max_length,
                     return_tensors="pt",
                 ).to(self.device)
-                embeds = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
-                embeds = torch.nn.functional.normalize(embeds.float(), p=2, dim=1)
-                out[start : start + len(embeds)] = embeds.cpu().numpy()
+                embeds = self._embed(batch)
+                out[start : start + len(embeds)] = embeds.float().cpu().numpy()
         return out
+
+
+class MiniLMEncoder(_FrozenTextEncoder):
+    """all-MiniLM-L6-v2 on CPU (or ``device``): texts -> float32 (N, 384), L2-normalised rows: the attention-masked
+    mean of the last hidden states.
+
+    Loaded from ``model_path`` (default: :func:`minilm_path`) with ``local_files_only=True``, i.e. what
+    ``HF_HUB_OFFLINE=1`` gives: nothing is downloaded. The model is frozen (eval mode, no gradients)."""
+
+    name = ENCODER_NAME
+    dim = EMBEDDING_DIM
+
+    def __init__(
+        self, model_path: str | None = None, device: str = "cpu", batch_size: int = 64, max_length: int = 256
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if batch_size < 1 or max_length < 8:
+            raise ValueError(f"batch_size must be >= 1 and max_length >= 8, got {batch_size} and {max_length}")
+        super().__init__(device, batch_size)
+        self.path = model_path or minilm_path()
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.model = self._frozen(AutoModel.from_pretrained(self.path, local_files_only=True))
+        hidden = int(self.model.config.hidden_size)
+        if hidden != EMBEDDING_DIM:
+            raise ValueError(f"{self.path} is not all-MiniLM-L6-v2: hidden size {hidden}, expected {EMBEDDING_DIM}")
+
+    def _embed(self, batch: Any) -> Any:
+        import torch
+
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+class CLIPTextEncoder(_FrozenTextEncoder):
+    """CLIP's text tower: texts -> float32 (N, projection_dim), the L2-normalised ``text_embeds`` of
+    ``CLIPTextModelWithProjection`` (what CLIP compares with image embeddings), on CPU (or ``device``); texts are
+    truncated to CLIP's 77 tokens.
+
+    Loaded with transformers from a local folder or a hub id (``revision``), safetensors weights only (nothing is
+    unpickled); a full CLIP checkpoint's text tower and projection load as well as a text-only one. Frozen."""
+
+    def __init__(self, model: str, revision: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        super().__init__(device, batch_size)
+        self.name, self.revision = model, revision
+        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        self.model = self._frozen(
+            CLIPTextModelWithProjection.from_pretrained(model, revision=revision, use_safetensors=True)
+        )
+        self.dim = int(self.model.config.projection_dim)
+        # CLIP's position table is its hard limit (77 tokens); tokenizers may declare a larger model_max_length.
+        self.max_length = min(int(self.tokenizer.model_max_length), int(self.model.config.max_position_embeddings))
+
+    def _embed(self, batch: Any) -> Any:
+        import torch
+
+        embeds = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
+        return torch.nn.functional.normalize(embeds.float(), p=2, dim=1)
 
 
 def _clip_dim(model: str, revision: str | None) -> int:
