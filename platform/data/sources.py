@@ -52,7 +52,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata as metadata
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,132 +195,118 @@ _SKIMAGE = (
 _SKLEARN = (("china", "china.jpg", "Chinese temple"), ("flower", "flower.jpg", "flower close-up"))
 
 
+def _natural_rgb8(
+    sid: str,
+    modality: str,
+    package: str,
+    files: Sequence[str],
+    load: Callable[[], np.ndarray],
+    note: str,
+    licence: str,
+    readers: tuple[str, ...] = (),
+    check: Callable[[], None] | None = None,
+) -> SourceImage | MissingSource:
+    """A natural 8-bit RGB source that ``package`` ships as ``files`` (paths in the installed distribution, which must
+    be there; ``check``: a further requirement, e.g. a decoder), or the :class:`MissingSource` that says what is not."""
+    try:
+        version = _version(package)
+        for relpath in files:
+            _package_file(package, relpath)
+        if check is not None:
+            check()
+    except _Unavailable as exc:
+        return MissingSource(sid, "natural", modality, package, str(exc))
+    return SourceImage(
+        sid, "natural", modality, package, version, load, 8, None, None, note, readers=readers, licence=licence
+    )
+
+
 def _natural() -> list[SourceImage | MissingSource]:
     out: list[SourceImage | MissingSource] = []
 
     for name, func, filename, modality, note in _SKIMAGE:
-        sid = f"skimage/{name}"
-        try:
-            version = _version("scikit-image")
-            _package_file("scikit-image", f"skimage/data/{filename}")  # shipped in the wheel: never downloads
 
-            def load(func: str = func) -> np.ndarray:
-                import skimage.data
+        def load(func: str = func) -> np.ndarray:
+            import skimage.data
 
-                image = getattr(skimage.data, func)()
-                if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
-                    image = image[0]
-                return _rgb8(image)
+            image = getattr(skimage.data, func)()
+            if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+                image = image[0]
+            return _rgb8(image)
 
-            out.append(
-                SourceImage(
-                    sid,
-                    "natural",
-                    modality,
-                    "scikit-image",
-                    version,
-                    load,
-                    8,
-                    None,
-                    None,
-                    f"{note}; skimage.data.{func}()" + ("[0]" if func == "stereo_motorcycle" else ""),
-                    licence="public domain or CC0 per image, as each skimage.data function's docstring states",
-                )
+        out.append(
+            _natural_rgb8(
+                f"skimage/{name}",
+                modality,
+                "scikit-image",
+                [f"skimage/data/{filename}"],  # shipped in the wheel: never downloads
+                load,
+                f"{note}; skimage.data.{func}()" + ("[0]" if func == "stereo_motorcycle" else ""),
+                licence="public domain or CC0 per image, as each skimage.data function's docstring states",
             )
-        except _Unavailable as exc:
-            out.append(MissingSource(sid, "natural", modality, "scikit-image", str(exc)))
+        )
 
     for name, filename, note in _SKLEARN:
-        sid = f"sklearn/{name}"
-        try:
-            version = _version("scikit-learn")
-            _package_file("scikit-learn", f"sklearn/datasets/images/{filename}")
 
-            def load(filename: str = filename) -> np.ndarray:
-                from sklearn.datasets import load_sample_image
+        def load_sklearn(filename: str = filename) -> np.ndarray:
+            from sklearn.datasets import load_sample_image
 
-                return _rgb8(load_sample_image(filename))
-
-            out.append(
-                SourceImage(
-                    sid,
-                    "natural",
-                    "photo",
-                    "scikit-learn",
-                    version,
-                    load,
-                    8,
-                    None,
-                    None,
-                    f"{note}; sklearn.datasets.load_sample_image({filename!r})",
-                    readers=("pillow",),
-                    licence="CC-BY-2.0 (sklearn/datasets/images/README.txt)",
-                )
-            )
-        except _Unavailable as exc:
-            out.append(MissingSource(sid, "natural", "photo", "scikit-learn", str(exc)))
-
-    sid = "matplotlib/grace_hopper"
-    try:
-        version = _version("matplotlib")
-        _package_file("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg")
-
-        def load_hopper() -> np.ndarray:
-            from matplotlib import cbook
-            from PIL import Image
-
-            with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
-                return _rgb8(np.asarray(im.convert("RGB")))
+            return _rgb8(load_sample_image(filename))
 
         out.append(
-            SourceImage(
-                sid,
-                "natural",
+            _natural_rgb8(
+                f"sklearn/{name}",
                 "photo",
-                "matplotlib",
-                version,
-                load_hopper,
-                8,
-                None,
-                None,
-                "portrait of Grace Hopper; matplotlib.cbook.get_sample_data('grace_hopper.jpg')",
+                "scikit-learn",
+                [f"sklearn/datasets/images/{filename}"],
+                load_sklearn,
+                f"{note}; sklearn.datasets.load_sample_image({filename!r})",
                 readers=("pillow",),
-                licence="public domain (US Navy photograph)",
+                licence="CC-BY-2.0 (sklearn/datasets/images/README.txt)",
             )
         )
-    except _Unavailable as exc:
-        out.append(MissingSource(sid, "natural", "photo", "matplotlib", str(exc)))
 
-    sid = "glymur/nemo"
-    try:
-        version = _version("glymur")  # installed with --no-deps: used only as a data carrier, never imported
-        path = _package_file("glymur", "glymur/data/nemo.jp2")
-        _require_jpeg2000()
+    def load_hopper() -> np.ndarray:
+        from matplotlib import cbook
+        from PIL import Image
 
-        def load_nemo(path: Path = path) -> np.ndarray:
-            from PIL import Image
+        with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+            return _rgb8(np.asarray(im.convert("RGB")))
 
-            with Image.open(path) as im:
-                return _rgb8(np.asarray(im.convert("RGB")))
-
-        out.append(
-            SourceImage(
-                sid,
-                "natural",
-                "photo",
-                "glymur",
-                version,
-                load_nemo,
-                8,
-                None,
-                None,
-                "underwater photo (clownfish), 1456x2592 JPEG 2000 file glymur/data/nemo.jp2 read with Pillow",
-                readers=("pillow",),
-                licence="MIT (glymur package)",
-            )
+    out.append(
+        _natural_rgb8(
+            "matplotlib/grace_hopper",
+            "photo",
+            "matplotlib",
+            ["matplotlib/mpl-data/sample_data/grace_hopper.jpg"],
+            load_hopper,
+            "portrait of Grace Hopper; matplotlib.cbook.get_sample_data('grace_hopper.jpg')",
+            readers=("pillow",),
+            licence="public domain (US Navy photograph)",
         )
-    except _Unavailable as exc:
-        out.append(MissingSource(sid, "natural", "photo", "glymur", str(exc)))
+    )
+
+    nemo = "glymur/data/nemo.jp2"
+
+    def load_nemo() -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(_package_file("glymur", nemo)) as im:
+            return _rgb8(np.asarray(im.convert("RGB")))
+
+    out.append(
+        _natural_rgb8(
+            "glymur/nemo",
+            "photo",
+            "glymur",  # installed with --no-deps: used only as a data carrier, never imported
+            [nemo],
+            load_nemo,
+            "underwater photo (clownfish), 1456x2592 JPEG 2000 file glymur/data/nemo.jp2 read with Pillow",
+            readers=("pillow",),
+            licence="MIT (glymur package)",
+            check=_require_jpeg2000,
+        )
+    )
     return out
 
 
