@@ -12,6 +12,6 @@ Modules (importing this package imports none of them, so the codecs and the engi
 * ``pipeline``: one request's path after its body is read (plan and memory budget, restore, encode) and the replica
   process's memory set-up, shared by the deployment and the large-image benchmark.
 * ``app``: the Serve deployment with its FastAPI ingress and ``build_app``, the application builder.
-* ``launch``: ``jobs/serve.py``; ``benchmark``: ``jobs/benchmark_serve.py``; ``large_images``:
-  ``jobs/benchmark_large_images.py``; ``samples``: sample inputs and helpers shared by the benchmark and the tests.
+* ``launch``: ``jobs/serve.py``; ``benchmark``: ``jobs/benchmark_serve.py``. The large-image benchmark
+  (``jobs/benchmark_large_images.py``) is ``datprl.platform.bench.large_images``.
 """

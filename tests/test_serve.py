@@ -22,10 +22,10 @@ from PIL import Image
 from datprl.models.factory import create_model, save_model, weights_digest
 from datprl.serve.config import ServeConfig
 from datprl.serve.engine import load_engine
-from datprl.serve.samples import encode_pil as _encode_pil
 from datprl.platform.runtime import free_loopback_port as _free_port
-from datprl.serve.samples import photo as _photo
-from datprl.serve.samples import png_bomb
+from serve_samples import encode_pil as _encode_pil
+from serve_samples import photo as _photo
+from serve_samples import png_bomb
 
 pytestmark = pytest.mark.ray
 
@@ -466,10 +466,10 @@ def test_concurrent_load_has_no_errors_and_batches(served):
 
 
 def test_benchmark_against_the_running_app(served):
-    from datprl.serve.benchmark import BenchmarkConfig, run_benchmark
+    from datprl.serve.benchmark import ServeBenchmarkConfig, run_benchmark
 
     result = run_benchmark(
-        BenchmarkConfig(
+        ServeBenchmarkConfig(
             url=served.url, requests=16, clients=4, size=48, warmup=2, weights=str(served.weights), torch_threads=1
         )
     )

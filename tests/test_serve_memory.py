@@ -23,8 +23,8 @@ from datprl.platform.compute import resolve_precision
 from datprl.serve.config import ServeConfig
 from datprl.serve.engine import Engine, ModelInfo, load_engine
 from datprl.serve.pipeline import plan_request, tile_group_size
-from datprl.serve.samples import encode_pil, photo
 from datprl.serve.tiling import StripBlender, axis_weights, blend_window, tile_grid, tiled_apply, tiles_per_forward
+from serve_samples import encode_pil, photo
 
 # bf16 against fp32 (docs/serving.md): a randomly initialised non-identity paper_tiny on a 96x96 photo differs by
 # at most 0.006 (mean 0.0006-0.0011, PSNR 57-62 dB) over three seeds; the stated tolerance leaves 3x of margin.

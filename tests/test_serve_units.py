@@ -21,8 +21,8 @@ from datprl.models.factory import create_model, save_model, weights_digest
 from datprl.serve.codec import DecodedImage, RequestError, check_content_type, decode, encode, sniff
 from datprl.serve.config import ServeConfig, config_from_args, replica_config
 from datprl.serve.engine import Restored, load_engine
-from datprl.serve.samples import encode_pil, photo, png_bomb
 from datprl.serve.tiling import blend_window, tile_grid, tiled_apply
+from serve_samples import encode_pil, photo, png_bomb
 
 # Tolerance of tiled against untiled inference (docs/serving.md): the network's channel attention and its prompt
 # queries see the whole input, so tiles differ slightly from one pass. Measured on a real photo with a randomly

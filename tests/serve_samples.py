@@ -1,5 +1,5 @@
-"""Small sample inputs and helpers shared by the serving benchmark and the serving tests (no Ray):
-real photo crops, image bytes in any Pillow format, a PNG decompression-bomb header."""
+"""Small sample inputs shared by the serving tests (no Ray): real photo crops, image bytes in any Pillow format, a PNG
+decompression-bomb header. A plain module of the tests (``from serve_samples import photo``), as ``tiny_models``."""
 
 from __future__ import annotations
 
