@@ -12,6 +12,13 @@ placement-group cleaner asks its state API whether the Train controller is alive
 Ray's dashboard on the same machine would answer for it), and Ray's token authentication left on (Ray 2.60's default:
 the local cluster writes ``~/.ray/auth_token`` and clients present it). A Ray this process only joined is never
 shut down by it.
+
+Stopping. The processes of a local Ray (GCS, raylet, dashboard, monitors; the raylet's agents and workers inherit
+theirs) are started in process groups of their own, so a signal sent to the job's process group -- what ``timeout``,
+a terminal's Ctrl-C and many supervisors send -- reaches only the driver, which then shuts Serve and Ray down in order
+(a raylet that got the same SIGTERM used to die first and leave the driver hanging on a dead Ray). Whatever the Ray
+processes got, :func:`shutdown_ray` is bounded: past :data:`SHUTDOWN_DEADLINE_S` it kills what is left of the Ray
+this process started, and a job stopped by a signal exits with ``128 + signal`` (:func:`stop_exit_code`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -109,23 +117,59 @@ def init_ray(
     if local.worker_niceness is not None:
         os.environ["RAY_worker_niceness"] = str(local.worker_niceness)  # read by the raylet that ray.init starts
     try:
-        ray.init(
-            num_cpus=cpus,
-            object_store_memory=local.object_store_bytes,
-            include_dashboard=local.dashboard,
-            dashboard_host="127.0.0.1",
-            dashboard_port=free_loopback_port() if local.dashboard else None,
-            log_to_driver=local.log_to_driver,
-            configure_logging=not quiet,
-            runtime_env=runtime_env,
-            logging_level=logging.WARNING if quiet else logging.INFO,
-        )
+        with _ray_processes_in_own_process_groups():
+            ray.init(
+                num_cpus=cpus,
+                object_store_memory=local.object_store_bytes,
+                include_dashboard=local.dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=free_loopback_port() if local.dashboard else None,
+                log_to_driver=local.log_to_driver,
+                configure_logging=not quiet,
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING if quiet else logging.INFO,
+            )
     finally:
         if previous is None:
             os.environ.pop("RAY_worker_niceness", None)
         else:
             os.environ["RAY_worker_niceness"] = previous
     return RaySession(started_here=True, address=None)
+
+
+@contextlib.contextmanager
+def _ray_processes_in_own_process_groups() -> Iterator[None]:
+    """For the block (the ``ray.init`` that starts a local Ray): every process Ray's node start-up spawns (GCS, raylet,
+    dashboard, monitors; what the raylet spawns inherits the raylet's group) starts in a process group of its own.
+
+    Why: those processes are otherwise in the driver's process group, so a SIGTERM sent to the group reaches the
+    raylet and GCS together with the driver; they die (or start dying) before the driver has stopped Serve and Ray,
+    and the driver then waits on a dead Ray (measured: Serve's controller "failed to shut down within 30 s", the
+    driver still alive 40 s after the signal). ``ray.init`` offers no option for this; Ray 2.60 spawns them all
+    through ``ray._private.services.ConsolePopen`` (a ``subprocess.Popen``), which this swaps for a subclass that
+    adds ``process_group=0`` (``setpgid(0, 0)`` in the child) for the block. They stay in the driver's session, and
+    Ray's kernel fate-sharing (``PR_SET_PDEATHSIG``) still kills them if the driver is killed. A Ray whose layout
+    differs is started as it is, with a warning (tests/test_shutdown.py checks the groups)."""
+    try:
+        from ray._private import services
+    except ImportError:
+        services = None
+    original = getattr(services, "ConsolePopen", None)
+    if sys.platform == "win32" or not isinstance(original, type) or sys.version_info < (3, 11):
+        log.warning("Ray's processes start in the driver's process group (no known hook in this Ray or Python)")
+        yield
+        return
+
+    class OwnProcessGroupPopen(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnProcessGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
 
 
 #: Ray Data reads its logging configuration from the file this variable names, in every process that imports it
@@ -249,7 +293,18 @@ class Stopped(KeyboardInterrupt):
     """Raised in the main thread when SIGTERM arrives, so ``finally`` blocks shut down what the job started.
 
     A signal that interrupts a blocking Ray call (``ray.get``, so also ``trainer.fit()``) surfaces as a plain
-    KeyboardInterrupt: Ray turns an interrupted wait into one. Catch KeyboardInterrupt, not Stopped, to handle both."""
+    KeyboardInterrupt: Ray turns an interrupted wait into one. Catch KeyboardInterrupt, not Stopped, to handle both;
+    :func:`stop_exit_code` tells which signal it was."""
+
+
+#: The last stop signal :func:`stop_on_signals` handled in this process (None: none since :func:`ray_session` began).
+_stop_signal: int | None = None
+
+
+def stop_exit_code() -> int:
+    """The exit status of a job stopped by a signal: ``128 + signal number``, as a shell reports a process the signal
+    ended -- 143 for SIGTERM, 130 for SIGINT (Ctrl-C, and any KeyboardInterrupt no handler recorded)."""
+    return 128 + (_stop_signal if _stop_signal is not None else signal.SIGINT)
 
 
 def _main_thread() -> bool:
@@ -266,18 +321,22 @@ def _restore_handler(signum: int, handler) -> None:
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGTERM (what a service manager or Kubernetes sends) into :class:`Stopped` and SIGINT into
     KeyboardInterrupt for the duration of the block -- SIGINT too because a process started in the background by a
-    shell inherits it ignored -- and put the previous handlers back afterwards. Outside the main thread, where no
-    handler can be installed, the block runs as it is."""
+    shell inherits it ignored -- recording which one came (:func:`stop_exit_code`), and put the previous handlers back
+    afterwards. Outside the main thread, where no handler can be installed, the block runs as it is."""
     if not _main_thread():
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
-    def on_term(signum, frame):  # noqa: ARG001 - signal handler signature
+    def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+        global _stop_signal
+        _stop_signal = signum
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Stopped(f"signal {signal.Signals(signum).name}")
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         yield
     finally:
@@ -290,8 +349,11 @@ def ray_session(
     address: str | None = None, local: LocalRaySettings = LocalRaySettings(), *, quiet: bool = True, serve: bool = False
 ) -> Iterator[RaySession]:
     """:func:`init_ray`, and on leaving the block -- normally, on an error, on Ctrl-C or on SIGTERM, also one that
-    arrives while Ray is starting -- shut down what this process started: Ray Serve (with ``serve``) and a local Ray.
-    A joined cluster is left alone (a Serve application deployed to it keeps running)."""
+    arrives while Ray is starting -- shut down what this process started: Ray Serve (with ``serve``) and a local Ray,
+    within :data:`SHUTDOWN_DEADLINE_S` (:func:`shutdown_ray`). A joined cluster is left alone (a Serve application
+    deployed to it keeps running). A job that catches the KeyboardInterrupt of a stop returns :func:`stop_exit_code`."""
+    global _stop_signal
+    _stop_signal = None
     ray_module = sys.modules.get("ray")  # not imported yet: init_ray imports it (after loopback_only)
     starts_local = cluster_address(address) is None and not (ray_module is not None and ray_module.is_initialized())
     session: RaySession | None = None
@@ -333,23 +395,210 @@ def _signals_ignored() -> Iterator[None]:
             _restore_handler(signum, handler)
 
 
-def shutdown_ray(serve: bool = False) -> None:
+#: The longest :func:`shutdown_ray` waits for Serve and a local Ray to stop in order (about 5 s when Ray is sound)
+#: before it kills what is left of that Ray; with the kill and the exit it keeps a stop within 30 s.
+SHUTDOWN_DEADLINE_S = 20.0
+#: After that kill, how long the main thread gets to come back from the Ray call it was stuck in before the process
+#: exits without it (:func:`os._exit`, status :func:`stop_exit_code` after a stop signal, else 1).
+SHUTDOWN_EXIT_GRACE_S = 5.0
+#: How long the processes of a local Ray get to exit after ``ray.shutdown`` returned before they are killed.
+SHUTDOWN_REAP_S = 5.0
+
+
+class _LocalRayProcesses:
+    """The processes of the local Ray this process started: those Ray's node start-up spawned (GCS, raylet,
+    dashboard, monitors), all their descendants (the raylet's agents and workers) and, with ``orphans``, the workers
+    of a raylet that died (re-parented, so no longer its descendants; found by the ``RAY_RAYLET_PID`` Ray gives every
+    worker). Remembered as they are seen; a pid reused by another process is not taken for one of them (psutil
+    checks the start time)."""
+
+    def __init__(self, node) -> None:
+        self._node = node
+        self._known: dict[int, object] = {}  # pid -> psutil.Process
+        self._raylet_pids: set[str] = set()  # kept: ray.shutdown empties the node's table
+        self._lock = threading.Lock()
+
+    def refresh(self, orphans: bool = False) -> None:
+        """Add the processes of the node running now (with ``orphans``: also its dead raylets' workers)."""
+        import psutil
+
+        from ray._private import ray_constants
+
+        found = []
+        for infos in list(self._node.all_processes.values()):
+            for info in infos:
+                try:
+                    root = psutil.Process(info.process.pid)
+                    found += [root, *root.children(recursive=True)]
+                except psutil.Error:  # exited meanwhile
+                    continue
+        raylets = self._node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])
+        self._raylet_pids |= {str(info.process.pid) for info in raylets}
+        if orphans:
+            found += _workers_of(self._raylet_pids)
+        with self._lock:
+            for process in found:
+                self._known.setdefault(process.pid, process)
+
+    def core_alive(self) -> bool:
+        """Whether the node's GCS and raylet both still run (a Ray that can still be shut down in order)."""
+        from ray._private import ray_constants
+
+        for kind in (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET):
+            for info in self._node.all_processes.get(kind, []):
+                if info.process.poll() is not None:
+                    return False
+        return True
+
+    def alive(self) -> list:
+        """Those of the known processes still running (zombies count as exited)."""
+        import psutil
+
+        with self._lock:
+            known = list(self._known.values())
+        running = []
+        for process in known:
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+            except psutil.Error:
+                continue
+        return running
+
+    def kill(self) -> list[str]:
+        """SIGKILL every known process still running; returns their names."""
+        import psutil
+
+        killed = []
+        for process in self.alive():
+            try:
+                name = process.name()
+                process.kill()  # psutil: refuses a pid now used by another process
+                killed.append(f"{name} ({process.pid})")
+            except psutil.Error:
+                continue
+        return killed
+
+
+def _workers_of(raylet_pids: set[str]) -> list:
+    """This user's processes that Ray started for one of the raylets ``raylet_pids`` (their ``RAY_RAYLET_PID``) and
+    that were created after this process (as the raylet was: a later process reusing a dead raylet's pid is not
+    ours)."""
+    import psutil
+
+    me = psutil.Process()
+    since, uid = me.create_time(), os.getuid()
+    found = []
+    for process in psutil.process_iter(["uids", "create_time"]):
+        try:
+            if process.pid == me.pid or process.info["uids"].real != uid or process.info["create_time"] < since:
+                continue
+            if process.environ().get("RAY_RAYLET_PID") in raylet_pids:
+                found.append(process)
+        except (psutil.Error, AttributeError):  # exited, not ours to read, or no uids (not Linux)
+            continue
+    return found
+
+
+def _local_node():
+    """The Ray node this process started (its processes are this process's to stop), or None."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return None
+    node = getattr(worker, "_global_node", None)
+    return node if node is not None and getattr(node, "head", False) and hasattr(node, "all_processes") else None
+
+
+@contextlib.contextmanager
+def _bounded_by(processes: _LocalRayProcesses | None, deadline_s: float) -> Iterator[None]:
+    """Run the block (the orderly shutdown) with a watchdog thread: it keeps ``processes`` up to date, and if the
+    block is still running after ``deadline_s`` -- Serve's and Ray's shutdown calls wait (30 s and more) on a GCS or
+    raylet that died -- it kills them, gives the block :data:`SHUTDOWN_EXIT_GRACE_S` to come back, and otherwise
+    ends this process with :func:`os._exit` (a stop must not hang)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + deadline_s
+        while not done.wait(0.5):
+            if processes is not None:
+                processes.refresh()
+            if time.monotonic() < deadline:
+                continue
+            if processes is not None:
+                processes.refresh(orphans=True)
+            killed = processes.kill() if processes is not None else []
+            log.error(
+                "Serve and Ray did not shut down within %.0f s; killed what was left of the local Ray: %s",
+                deadline_s,
+                ", ".join(killed) or "nothing",
+            )
+            if not done.wait(SHUTDOWN_EXIT_GRACE_S):
+                code = stop_exit_code() if _stop_signal is not None else 1
+                log.error("the shutdown is still stuck in a Ray call; exiting now with status %d", code)
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(code)
+            return
+
+    watchdog = threading.Thread(target=watch, name="datprl-shutdown-watchdog", daemon=True)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watchdog.join(1.0)
+
+
+def shutdown_ray(serve: bool = False, deadline_s: float = SHUTDOWN_DEADLINE_S) -> None:
     """Stop Serve (when asked) and the Ray this process started; every step is attempted even if one fails.
 
     SIGTERM and SIGINT are ignored meanwhile: a second Ctrl-C (or a SIGTERM after the first) must not interrupt the
-    shutdown half-way and leave the local cluster's processes running. The previous handlers come back afterwards."""
+    shutdown half-way and leave the local cluster's processes running. The previous handlers come back afterwards.
+
+    Bounded: a local Ray whose GCS or raylet has already exited (they got the signal too, e.g. every process of a
+    cgroup does under systemd's default KillMode) cannot stop Serve, so Serve is not asked and the rest of that Ray is
+    killed at once; one whose shutdown passes ``deadline_s`` is killed then (see :func:`_bounded_by`). Any process of
+    the local Ray still running :data:`SHUTDOWN_REAP_S` after ``ray.shutdown`` is killed too."""
     import ray
 
     with _signals_ignored():
         _cancel_abort_watchdog()
-        if serve and ray.is_initialized():  # without Ray, serve.shutdown() would start a local Ray to look for Serve
-            try:
-                from ray import serve as ray_serve
+        node = _local_node()
+        processes = _LocalRayProcesses(node) if node is not None else None
+        if processes is not None:
+            processes.refresh()
+        with _bounded_by(processes, deadline_s):
+            core_alive = processes is None or processes.core_alive()
+            if not core_alive:
+                processes.refresh(orphans=True)
+                killed = processes.kill()
+                log.warning("the local Ray's GCS or raylet had already exited; killed the rest: %s", ", ".join(killed))
+            # Without Ray, serve.shutdown() would start a local Ray to look for Serve; without its GCS and raylet it
+            # waits 30 s for a controller it cannot reach.
+            if serve and ray.is_initialized() and core_alive:
+                try:
+                    from ray import serve as ray_serve
 
-                ray_serve.shutdown()
-            except Exception as err:  # noqa: BLE001 - still shut Ray down below
-                log.warning("serve.shutdown failed: %s", err)
-        ray.shutdown()
+                    ray_serve.shutdown()
+                except Exception as err:  # noqa: BLE001 - still shut Ray down below
+                    log.warning("serve.shutdown failed: %s", err)
+            ray.shutdown()
+        if processes is not None:
+            _reap(processes)
+
+
+def _reap(processes: _LocalRayProcesses) -> None:
+    """Wait up to :data:`SHUTDOWN_REAP_S` for the local Ray's processes to exit after ``ray.shutdown`` (the raylet
+    stops its workers as it exits), then kill those left: none may outlive the job."""
+    processes.refresh(orphans=True)  # Ray's node is down: no raylet can be starting workers any more
+    deadline = time.monotonic() + SHUTDOWN_REAP_S
+    while processes.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = processes.kill()
+    if killed:
+        log.warning("killed processes of the local Ray that outlived its shutdown: %s", ", ".join(killed))
 
 
 def resolve_device(name: str = "auto"):

@@ -19,7 +19,13 @@ from typing import Any
 from pydantic import Field
 
 from datprl.platform.config import config_to_dict, parse_cli
-from datprl.platform.runtime import SMALL_OBJECT_STORE_BYTES, LocalRaySettings, cluster_address, ray_session
+from datprl.platform.runtime import (
+    SMALL_OBJECT_STORE_BYTES,
+    LocalRaySettings,
+    cluster_address,
+    ray_session,
+    stop_exit_code,
+)
 from datprl.serve.config import LISTEN_FIELDS, ServeConfig
 
 
@@ -75,7 +81,8 @@ def _smoke(url: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Entry point of ``jobs/serve.py``: 0 when served until stopped (Ctrl-C, SIGTERM), deployed, or smoke-checked."""
+    """Entry point of ``jobs/serve.py``: 0 when deployed to a cluster or smoke-checked; a local server runs until
+    stopped and then returns ``128 + signal`` (143 for SIGTERM, 130 for Ctrl-C) once Serve and its Ray are down."""
     config = parse_cli(ServeJobConfig, argv, prog="serve.py")
     serve_config = config.serve_config()
     weights = serve_config.absolute_weights()  # what the replicas load: build_app resolves it the same way, here
@@ -88,10 +95,12 @@ def main(argv: Sequence[str]) -> int:
         with ray_session(config.ray_address, local, quiet=not config.verbose, serve=True) as session:
             return _serve(config, serve_config, weights, session.started_here)
     except KeyboardInterrupt:  # SIGTERM (Stopped) or Ctrl-C: ray_session has shut down what it started
-        # Not told apart: a signal that interrupts a blocking Ray call reaches here as a plain KeyboardInterrupt.
+        # A signal that interrupts a blocking Ray call reaches here as a plain KeyboardInterrupt: stop_exit_code knows
+        # which signal it was.
         done = "the cluster is left as it is" if joined else "Serve and the local Ray of this process are shut down"
-        print(f"[serve] stopped (SIGTERM or Ctrl-C); {done}", flush=True)
-        return 0
+        code = stop_exit_code()
+        print(f"[serve] stopped (SIGTERM or Ctrl-C); {done}; exit status {code}", flush=True)
+        return code
 
 
 def _serve(config: ServeJobConfig, serve_config: ServeConfig, weights: str | None, started_here: bool) -> int:

@@ -31,7 +31,7 @@ from datprl.platform.config import config_to_dict, parse_cli, save_resolved_conf
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.pipeline import read_split, split_tasks, use_decoded_cache
 from datprl.platform.storage import atomic_write_bytes, filesystem, is_s3
-from datprl.platform.runtime import init_ray, ray_session
+from datprl.platform.runtime import init_ray, ray_session, stop_exit_code
 from datprl.platform.train.config import TrainConfig
 from datprl.platform.train.loop import train_loop_per_worker
 from datprl.platform.train.priors import AUTO, ensure_text_embeddings, resolve_text_embeddings
@@ -347,7 +347,7 @@ def train_and_evaluate(config: TrainConfig) -> int:
             file=sys.stderr,
             flush=True,
         )
-        return 130
+        return stop_exit_code()  # 143 after SIGTERM, 130 after Ctrl-C
     provenance = build_provenance(
         config_to_dict(config),
         model_spec=config.model.describe(),

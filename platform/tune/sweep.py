@@ -284,7 +284,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 def run_sweep(config: TuneConfig) -> int:
     """Check, run (or resume) the sweep, write its outputs to ``output_dir``; returns the exit code."""
-    from datprl.platform.runtime import LocalRaySettings, ray_session
+    from datprl.platform.runtime import LocalRaySettings, ray_session, stop_exit_code
     from datprl.platform.train.fit import ensure_priors
     from datprl.platform.tune import report
     from datprl.platform.tune.console import TrialLines
@@ -334,13 +334,13 @@ def run_sweep(config: TuneConfig) -> int:
         return _fail(str(err))
     except KeyboardInterrupt:
         print(f"\n[tune] stopped; the same command resumes sweep {config.name!r}", file=sys.stderr, flush=True)
-        return 130
+        return stop_exit_code()  # 143 after SIGTERM, 130 after Ctrl-C
     written = report.write_outputs(config, rows, elapsed_s=time.monotonic() - started)
     print(written.markdown)
     print(f"[tune] wrote {', '.join(str(p) for p in written.paths)}", flush=True)
     if interrupted:
         print(f"[tune] interrupted; the same command resumes sweep {config.name!r}", file=sys.stderr, flush=True)
-        return 130
+        return stop_exit_code()  # 143 after SIGTERM, 130 after Ctrl-C
     return 0
 
 
