@@ -214,23 +214,169 @@ def session_processes(session: int, table: dict[int, ProcessInfo] | None = None)
     return found
 
 
-def stop_session(session: int, term_grace: float, kill_grace: float = 10) -> list[str]:
-    """Stop every process of ``session`` (see :func:`session_processes`): SIGTERM, SIGKILL to what is left after
-    ``term_grace`` seconds, then assert that none is left after ``kill_grace`` more. Returns the names of the processes
-    that outlived SIGTERM. Only that session is touched: other Ray instances on the machine keep running."""
-    outlived: list[str] = []
-    for sig, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, kill_grace)):
-        for pid in session_processes(session):
+def running_in_session(session: int, table: dict[int, ProcessInfo] | None = None) -> set[int]:
+    """:func:`session_processes` that still run: zombies (exited, waiting to be reaped) left out."""
+    table = process_table() if table is None else table
+    return {pid for pid in session_processes(session, table) if table[pid].state != "Z"}
+
+
+def stop_session(
+    session: int, term_grace: float, kill_grace: float = 10, first: signal.Signals | None = signal.SIGTERM
+) -> list[str]:
+    """Stop every process of ``session`` (see :func:`session_processes`): ``first`` (SIGTERM; None: no signal, the
+    processes end on their own), SIGKILL to what is left after ``term_grace`` seconds, then assert that none is left
+    after ``kill_grace`` more. Returns the names of the processes that outlived the first ``term_grace`` seconds.
+    Zombies count as ended (only their exit status is left). Only that session is touched: other Ray instances on the
+    machine keep running."""
+
+    def send(sig: signal.Signals, pids: set[int]) -> None:
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace
-        while session_processes(session) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if sig == signal.SIGTERM:
-            table = process_table()
-            outlived = sorted(table[p].name for p in session_processes(session, table))
-    left = session_processes(session)
-    assert not left, f"processes of session {session} survived SIGKILL: {sorted(left)}"
+
+    if first is not None:
+        send(first, running_in_session(session))
+    deadline = time.monotonic() + term_grace
+    while running_in_session(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    table = process_table()  # one snapshot at a time: a process may exit between two reads of /proc
+    outlived = sorted(table[pid].name for pid in running_in_session(session, table))
+    deadline = time.monotonic() + kill_grace
+    while (left := running_in_session(session, table)) and time.monotonic() < deadline:
+        send(signal.SIGKILL, left)  # each round: a process forked just before its parent was killed is killed too
+        time.sleep(0.2)
+        table = process_table()
+    left = running_in_session(session, table)
+    described = ", ".join(f"{pid} {table[pid].name} ({table[pid].state})" for pid in sorted(left))
+    assert not left, f"processes of session {session} survived SIGKILL: {described}"
     return outlived
+
+
+def ray_cli(name: str) -> list[str]:
+    """The command line of Ray's console script ``name`` (``ray``, ``serve``): next to this interpreter first, else on
+    PATH. A Python script is run by this interpreter, not by its shebang's: every process of a head runs the Python
+    that ran `ray start`, and this one's editable install is this checkout's datprl."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.exists() else shutil.which(name)
+    if path is None:
+        pytest.skip(f"no `{name}` command next to {sys.executable} or on PATH")
+    with open(path, "rb") as f:
+        first = f.readline()
+    return [sys.executable, path] if first.startswith(b"#!") and b"python" in first else [path]
+
+
+class RayHead:
+    """A Ray head node of a test's own: `ray start --head` on free loopback ports with token auth on (a fresh token of
+    its own, never ~/.ray/auth_token), in a temp dir of its own, started in a session of its own (setsid) and stopped
+    by :func:`stop_session` on exactly that session's processes (never `ray stop`, which stops every Ray on the
+    machine). It never touches the test session's in-process Ray. A context manager: started on entry, stopped on
+    exit (and when starting fails).
+
+    ``env``: variables for every process (the head's and the CLI calls'); ``start_env``: for the head's processes
+    only; ``term_grace``: seconds between SIGTERM and SIGKILL on stop. ``self.env`` is the CLI calls' environment
+    (RAY_API_SERVER_ADDRESS set to :attr:`dashboard`), ``self.token`` the token."""
+
+    def __init__(
+        self,
+        num_cpus: int = 2,
+        object_store_mib: int = 256,
+        *,
+        num_gpus: int | None = None,
+        prefix: str = "drh-",
+        env: dict[str, str] | None = None,
+        start_env: dict[str, str] | None = None,
+        term_grace: float = 15,
+    ):
+        import secrets
+        import tempfile
+
+        from datprl.platform.runtime import free_loopback_port
+
+        # A short temp dir: Ray's Unix socket paths under it must stay below 108 bytes.
+        self.temp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.token = secrets.token_hex(32)
+        token_file = self.temp / "auth_token"
+        token_file.write_text(self.token)
+        token_file.chmod(0o600)
+        drop = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS")
+        self.env = {k: v for k, v in os.environ.items() if k not in drop}
+        self.env.update(
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # bind every port to 127.0.0.1
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(token_file),
+            **(env or {}),
+        )
+        # The head's processes get RAY_ADDRESS: they find their cluster by it, else by /tmp/ray/ray_current_cluster (not
+        # the one in our --temp-dir), else by scanning for GCS processes, which fails while other Ray instances run on
+        # the machine (Ray Train's PlacementGroupCleaner died of "Found multiple active Ray instances" without it).
+        # The CLI calls must not see it: RAY_ADDRESS overrides `ray job submit --address` (RAY_API_SERVER_ADDRESS
+        # overrides both, so it is set to the same dashboard URL).
+        gcs_port, dashboard_port = free_loopback_port(), free_loopback_port()
+        self.dashboard = f"http://127.0.0.1:{dashboard_port}"
+        self.start_env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", **(start_env or {})}
+        self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
+        self.args = [
+            "--head",
+            f"--num-cpus={num_cpus}",
+            *([] if num_gpus is None else [f"--num-gpus={num_gpus}"]),
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_loopback_port()}",
+            f"--ray-client-server-port={free_loopback_port()}",
+            f"--object-store-memory={object_store_mib * 2**20}",
+            f"--temp-dir={self.temp}",
+            "--disable-usage-stats",
+        ]
+        self.term_grace = term_grace
+        self.session: int | None = None
+        self.outlived_sigterm: list[str] = []  # names of the processes that stop() had to SIGKILL
+
+    def start(self) -> None:
+        import subprocess
+
+        # start_new_session: `ray start` becomes a session leader; the daemons it spawns (GCS, raylet, dashboard, ...)
+        # and the workers the raylet forks keep that session id, which is how stop() finds exactly them.
+        proc = subprocess.Popen(
+            [*ray_cli("ray"), "start", *self.args],
+            env=self.start_env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.session = proc.pid
+        assert self.session != os.getsid(0)
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        assert proc.returncode == 0, f"ray start failed:\n{out[-4000:]}"
+
+    def stop(self) -> None:
+        """SIGTERM to every process of the head's session, SIGKILL to what is left after ``term_grace`` seconds (some
+        Ray processes outlive SIGTERM; the head's state goes with its temp dir), then assert that none is left."""
+        import shutil
+
+        if self.session is not None:
+            self.outlived_sigterm = stop_session(self.session, term_grace=self.term_grace)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,20 +1,17 @@
 """Cluster submission: the cluster configs validate, and jobs/train.py runs through `ray job submit` on a separately
 started Ray head node with token authentication on, ending in a checkpoint and exported weights.
 
-The head is started by `ray start --head` in its own session (setsid), with its own temp dir, free loopback ports and
-its own token, so it never touches the test session's in-process Ray. It is stopped by signalling exactly the
-processes of that session and their descendants: `ray stop` would stop every Ray on the machine.
+The head (tests/conftest.py's RayHead) is started by `ray start --head` in its own session (setsid), with its own temp
+dir, free loopback ports and its own token, so it never touches the test session's in-process Ray. It is stopped by
+signalling exactly the processes of that session and their descendants: `ray stop` would stop every Ray on the machine.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,9 +22,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import stop_session
+from conftest import RayHead, ray_cli
 from datprl.platform.config import load_config
-from datprl.platform.runtime import free_loopback_port
 from datprl.platform.train.config import TrainConfig
 from datprl.priors.job import DescribeConfig
 
@@ -83,73 +79,17 @@ def test_ray_cluster_launcher_config():
 # A local head node of our own
 
 
-class LocalHead:
-    """`ray start --head` on loopback ports with token auth on (a fresh token of its own, never ~/.ray/auth_token)."""
+class LocalHead(RayHead):
+    """A head of the test's own (:class:`conftest.RayHead`) whose jobs run this venv's `python`, plus the `ray` CLI."""
 
     def __init__(self, num_cpus: int = 2, object_store_mib: int = 256):
-        # A short temp dir: Ray's Unix socket paths under it must stay below 108 bytes.
-        self.temp = Path(tempfile.mkdtemp(prefix="drc-", dir="/tmp"))
-        token = self.temp / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
         venv_bin = Path(sys.executable).parent  # the job's `python` is the head's: this venv's, where datprl lives
-        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-        self.env.update(
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # bind every port to 127.0.0.1
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(token),
-            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-            PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        # The head's processes get RAY_ADDRESS: they find their cluster by it, else by /tmp/ray/ray_current_cluster (not
-        # the one in our --temp-dir), else by scanning for GCS processes, which fails while other Ray instances run on
-        # the machine (Ray Train's PlacementGroupCleaner died of "Found multiple active Ray instances" without it).
-        # The CLI calls must not see it: RAY_ADDRESS overrides `ray job submit --address` (RAY_API_SERVER_ADDRESS
-        # overrides both, so it is set to the same dashboard URL).
-        gcs_port, self.dashboard_port = free_loopback_port(), free_loopback_port()
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.start_env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
-        self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
-        self.ray_bin = str(venv_bin / "ray")
-        self.args = [
-            "--head",
-            f"--num-cpus={num_cpus}",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={free_loopback_port()}",
-            f"--ray-client-server-port={free_loopback_port()}",
-            f"--object-store-memory={object_store_mib * MiB}",
-            f"--temp-dir={self.temp}",
-            "--disable-usage-stats",
-        ]
-        self.session: int | None = None
-
-    def start(self) -> None:
-        # start_new_session: `ray start` becomes a session leader; the daemons it spawns (GCS, raylet, dashboard, ...)
-        # and the workers the raylet forks keep that session id, which is how stop() finds exactly them.
-        proc = subprocess.Popen(
-            [self.ray_bin, "start", *self.args],
-            env=self.start_env,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.session = proc.pid
-        assert self.session != os.getsid(0)
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        assert proc.returncode == 0, f"ray start failed:\n{out[-4000:]}"
+        env = dict(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+        super().__init__(num_cpus, object_store_mib, prefix="drc-", env=env, term_grace=15)
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [self.ray_bin, *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+            [*ray_cli("ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
         )
 
     def submit(self, job_id: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
@@ -164,22 +104,6 @@ class LocalHead:
                 break
             time.sleep(5)
         return done
-
-    def stop(self) -> None:
-        if self.session is not None:
-            stop_session(self.session, term_grace=15)
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-    def __enter__(self) -> LocalHead:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _tail(text: str, lines: int = 60) -> str:

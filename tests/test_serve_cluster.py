@@ -8,20 +8,16 @@ loop runs drops no request and the responses switch to the new weights' hash; a 
 deployment from 1 to 2 replicas and, once it stops, back to 1 (replica states from the Serve REST API, token header);
 the test stops only the head it started and no process of that head is left.
 
-The head runs in its own session (setsid) with its own temp dir, token file (RAY_AUTH_TOKEN_PATH) and free loopback
-ports, as in tests/test_cluster_submit.py; it is stopped by signalling exactly that session's processes (never
-`ray stop`, which would stop every Ray on the machine). The observed timeline is printed (run with -s to see it).
+The head (tests/conftest.py's RayHead, as in tests/test_cluster_submit.py) runs in its own session (setsid) with its
+own temp dir, token file (RAY_AUTH_TOKEN_PATH) and free loopback ports; it is stopped by signalling exactly that
+session's processes (never `ray stop`, which would stop every Ray on the machine). The observed timeline is printed
+(run with -s to see it).
 """
 
 from __future__ import annotations
 
 import io
-import os
-import secrets
-import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -34,15 +30,14 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import session_processes, stop_session
+from conftest import RayHead, ray_cli, running_in_session
 from datprl.models.factory import create_model, save_model, weights_digest
 from datprl.platform.runtime import free_loopback_port
 from datprl.serve.app import _TOLERANT_CONTROLLER_ENV
-from datprl.serve.samples import encode_pil, photo
+from serve_samples import encode_pil, photo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_YAML = REPO_ROOT / "infra" / "serve.yaml"
-MiB = 1024**2
 APP, DEPLOYMENT = "datprl", "Restorer"
 
 # Autoscaling for the test copy: target 2 ongoing requests per replica, so the single client of the redeploy phase
@@ -67,82 +62,19 @@ pytestmark = [
 ]
 
 
-def _cli(name: str) -> list[str]:
-    """The command line of Ray's console script ``name``: next to this interpreter first, else on PATH. A Python
-    script is run by this interpreter, not by its shebang's: every process of the head (replicas included) runs the
-    Python that ran `ray start`, and this one's editable install is this checkout's datprl."""
-    beside = Path(sys.executable).parent / name
-    path = str(beside) if beside.exists() else shutil.which(name)
-    if path is None:
-        pytest.skip(f"no `{name}` command next to {sys.executable} or on PATH")
-    with open(path, "rb") as f:
-        first = f.readline()
-    return [sys.executable, path] if first.startswith(b"#!") and b"python" in first else [path]
-
-
-class ServeHead:
-    """`ray start --head` on free loopback ports with token auth on (a fresh token of its own, never
-    ~/.ray/auth_token), plus the `serve` CLI and the Serve REST API against its dashboard."""
+class ServeHead(RayHead):
+    """A head of the test's own (:class:`conftest.RayHead`, no GPU) plus the `serve` CLI and the Serve REST API
+    against its dashboard. Serve's controller gets the proxy timeouts that tolerate a busy machine (what
+    datprl.serve.app.start_serve gives a controller it starts; `serve deploy` starts it from the dashboard)."""
 
     def __init__(self, num_cpus: int = 2, object_store_mib: int = 256):
-        # A short temp dir: Ray's Unix socket paths under it must stay below 108 bytes.
-        self.temp = Path(tempfile.mkdtemp(prefix="drs-", dir="/tmp"))
-        self.token = secrets.token_hex(32)
-        token_file = self.temp / "auth_token"
-        token_file.write_text(self.token)
-        token_file.chmod(0o600)
-        drop = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS")
-        self.env = {k: v for k, v in os.environ.items() if k not in drop}
-        self.env.update(
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file)
+        super().__init__(
+            num_cpus, object_store_mib, num_gpus=0, prefix="drs-", start_env=_TOLERANT_CONTROLLER_ENV, term_grace=5
         )
-        gcs_port, dashboard_port = free_loopback_port(), free_loopback_port()
-        self.dashboard = f"http://127.0.0.1:{dashboard_port}"
-        # The head's processes find their cluster by RAY_ADDRESS (other Ray instances may run on the machine; see
-        # test_cluster_submit.py), and Serve's controller gets the proxy timeouts that tolerate a busy machine (what
-        # datprl.serve.app.start_serve gives a controller it starts; `serve deploy` starts it from the dashboard).
-        self.start_env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", **_TOLERANT_CONTROLLER_ENV}
-        self.args = [
-            "--head",
-            f"--num-cpus={num_cpus}",
-            "--num-gpus=0",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--dashboard-agent-listen-port={free_loopback_port()}",
-            f"--ray-client-server-port={free_loopback_port()}",
-            f"--object-store-memory={object_store_mib * MiB}",
-            f"--temp-dir={self.temp}",
-            "--disable-usage-stats",
-        ]
-        self.session: int | None = None
-        self.outlived_sigterm: list[str] = []  # names of the processes that stop() had to SIGKILL
-
-    def start(self) -> None:
-        # start_new_session: `ray start` leads a session of its own; the daemons and the workers the raylet forks keep
-        # that session id, which is how stop() finds exactly them.
-        proc = subprocess.Popen(
-            [*_cli("ray"), "start", *self.args],
-            env=self.start_env,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.session = proc.pid
-        assert self.session != os.getsid(0)
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        assert proc.returncode == 0, f"ray start failed:\n{out[-4000:]}"
 
     def serve(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [*_cli("serve"), *args, "--address", self.dashboard],
+            [*ray_cli("serve"), *args, "--address", self.dashboard],
             env=self.env,
             capture_output=True,
             text=True,
@@ -180,24 +112,6 @@ class ServeHead:
             return None, Counter()
         deployment = app.get("deployments", {}).get(DEPLOYMENT) or {}
         return app.get("status"), Counter(r["state"] for r in deployment.get("replicas", []))
-
-    def stop(self) -> None:
-        """SIGTERM to every process of the head's session, SIGKILL to what is left after 5 s (some Ray processes
-        outlive SIGTERM; the head's state goes with its temp dir), then assert that none is left."""
-        if self.session is not None:
-            self.outlived_sigterm = stop_session(self.session, term_grace=5)
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-    def __enter__(self) -> ServeHead:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _weights(folder: Path, seed: int) -> Path:
@@ -417,7 +331,7 @@ def test_serve_deploy_redeploy_and_autoscale_on_a_local_head(tmp_path):
         session = head.session
         mark("stopping the head (SIGTERM, then SIGKILL, to its session's processes)")
     # ServeHead.stop() asserted that no process of the head's session is left; check once more from here.
-    assert session is not None and not session_processes(session)
+    assert session is not None and not running_in_session(session)
     total = mark(f"head stopped, none of its processes left (SIGKILLed: {head.outlived_sigterm or 'none'})")
     print(
         "[serve-cluster] timeline: deployed at {:.1f} s ({:.1f} s after serve deploy), redeploy switched at {:.1f} s "

@@ -32,7 +32,7 @@ from datprl.platform.tune.report import (
 )
 from datprl.platform.tune.sweep import DefineByRun, SweepError, check_resources, main, prepare_sweep
 
-from conftest import REPO_ROOT, process_table, session_processes
+from conftest import REPO_ROOT, stop_session
 
 TASKS = [("natural", "sr_x4"), ("remote_sensing", "haze")]
 
@@ -284,31 +284,12 @@ def _launch(config_path: Path, log: Path, env: dict) -> subprocess.Popen:
 
 
 def _kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL the driver, then whatever of its session (its local Ray) is still alive a few seconds later, and wait
-    until none of it is left: a Ray of the killed driver that outlived it would make the next driver's Ray Train fail
-    with "Found multiple active Ray instances" and hang on leaked trial resources."""
+    """SIGKILL the driver, then whatever of its session (its local Ray) is still alive 15 s later, and wait until none
+    of it is left (conftest's :func:`stop_session`): a Ray of the killed driver that outlived it would make the next
+    driver's Ray Train fail with "Found multiple active Ray instances" and hang on leaked trial resources."""
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    started = time.monotonic()
-    while True:
-        # One snapshot of the process table: a process may exit between two reads of it (a KeyError in CI).
-        table = process_table()
-        left = {pid for pid in session_processes(process.pid, table) if table[pid].state != "Z"}
-        if not left:
-            return
-        waited = time.monotonic() - started
-        assert waited < 60, f"processes of the killed driver outlived SIGKILL: {_describe(left, table)}"
-        if waited > 15:  # 15 s for them to end on their own, then SIGKILL
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(1)
-
-
-def _describe(pids: set[int], table: dict) -> str:
-    return ", ".join(f"{pid} {table[pid].name} ({table[pid].state})" for pid in sorted(pids))
+    stop_session(process.pid, term_grace=15, kill_grace=45, first=None)
 
 
 def _wait_for(process: subprocess.Popen, log: Path, timeout_s: float) -> int:
