@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datprl.platform.data.build import BuildConfig, build
+from conftest import small_corpus
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.pipeline import DataConfig
 from datprl.platform.train.ablation import (
@@ -38,9 +38,7 @@ SEEDS = [0, 1]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ablation-corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False))
-    return out
+    return small_corpus(tmp_path_factory.mktemp("ablation-corpus") / "default")
 
 
 def _config(dataset: Path, root: Path, steps: int = 3) -> AblationConfig:

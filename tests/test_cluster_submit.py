@@ -118,13 +118,11 @@ def _tail(text: str, lines: int = 60) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="stopping only our head reads /proc (Linux)")
 def test_train_job_submitted_to_a_local_head(tmp_path, ray_local):
-    from datprl.models import load_model
-    from datprl.platform.data.build import BuildConfig, build
+    from conftest import small_corpus
 
-    dataset, runs, out = tmp_path / "data", tmp_path / "runs", tmp_path / "out"
-    build(
-        BuildConfig(output=str(dataset), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False)
-    )
+    from datprl.models import load_model
+
+    dataset, runs, out = small_corpus(tmp_path / "data"), tmp_path / "runs", tmp_path / "out"
     local = load_config(TrainConfig, INFRA / "train-local.yaml")
 
     with LocalHead() as head:

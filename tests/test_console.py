@@ -182,6 +182,7 @@ RAY_CHATTER = (
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_train_job_console_has_the_bar_and_the_table_but_no_ray_chatter(repo_root, tmp_path):
     """``python jobs/train.py`` as a person runs it (its own local Ray, output captured: not a terminal): the bar's
     final state, the validation lines and the evaluation table are there; Ray's INFO logs and deprecation warnings

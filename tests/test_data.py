@@ -18,7 +18,7 @@ from datprl.platform.data.pipeline import (
     training_batches,
     use_decoded_cache,
 )
-from datprl.platform.data.build import BuildConfig, build
+from conftest import small_corpus
 from datprl.platform.data.format import manifest_shard_urls, read_manifest
 from datprl.platform.storage import S3Settings
 
@@ -27,19 +27,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """The embedded default corpus at a small size (64-pixel tiles, one per source), 2 samples per shard."""
-    out = tmp_path_factory.mktemp("corpus") / "default"
-    build(
-        BuildConfig(
-            output=str(out),
-            tile=64,
-            max_tiles_per_source=1,
-            max_sources_per_group=2,
-            contact_sheet=False,
-            max_samples_per_shard=16,
-        )
-    )
-    return out
+    """The embedded default corpus at a small size (conftest.small_corpus), 16 samples per shard."""
+    return small_corpus(tmp_path_factory.mktemp("corpus") / "default", max_samples_per_shard=16)
 
 
 def _count(manifest, split):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from datprl.models import create_model, save_model
 from datprl.platform.data.pipeline import DataConfig, evaluation_rows
-from datprl.platform.data.build import BuildConfig, build
+from conftest import small_corpus
 from datprl.platform.data.format import SampleRecord
 from datprl.platform.data.shards import DatasetWriter
 from datprl.platform.evaluation.metrics import selection_nmi
@@ -38,9 +38,7 @@ class Identity(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval-corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False))
-    return out
+    return small_corpus(tmp_path_factory.mktemp("eval-corpus") / "default")
 
 
 @pytest.fixture(scope="module")

