@@ -399,8 +399,10 @@ def _signals_ignored() -> Iterator[None]:
 #: before it kills what is left of that Ray; with the kill and the exit it keeps a stop within 30 s.
 SHUTDOWN_DEADLINE_S = 20.0
 #: After that kill, how long the main thread gets to come back from the Ray call it was stuck in before the process
-#: exits without it (:func:`os._exit`, status :func:`stop_exit_code` after a stop signal, else 1).
+#: exits without it (:func:`os._exit`, status :func:`stop_exit_code`) -- when a stop signal came. A job that ends on
+#: its own still has work to do after Ray (a training run exports its weights): it gets longer, then exits with 1.
 SHUTDOWN_EXIT_GRACE_S = 5.0
+SHUTDOWN_EXIT_GRACE_UNSIGNALLED_S = 60.0
 #: How long the processes of a local Ray get to exit after ``ray.shutdown`` returned before they are killed.
 SHUTDOWN_REAP_S = 5.0
 
@@ -420,25 +422,19 @@ class _LocalRayProcesses:
 
     def refresh(self, orphans: bool = False) -> None:
         """Add the processes of the node running now (with ``orphans``: also its dead raylets' workers)."""
-        import psutil
-
         from ray._private import ray_constants
 
-        found = []
-        for infos in list(self._node.all_processes.values()):
-            for info in infos:
-                try:
-                    root = psutil.Process(info.process.pid)
-                    found += [root, *root.children(recursive=True)]
-                except psutil.Error:  # exited meanwhile
-                    continue
+        roots = {info.process.pid for infos in list(self._node.all_processes.values()) for info in infos}
+        found = _descendants(roots)
         raylets = self._node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])
         self._raylet_pids |= {str(info.process.pid) for info in raylets}
         if orphans:
             found += _workers_of(self._raylet_pids)
         with self._lock:
             for process in found:
-                self._known.setdefault(process.pid, process)
+                known = self._known.get(process.pid)
+                if known is None or not known.is_running():  # new, or a pid reused after a known process exited
+                    self._known[process.pid] = process
 
     def core_alive(self) -> bool:
         """Whether the node's GCS and raylet both still run (a Ray that can still be shut down in order)."""
@@ -480,6 +476,24 @@ class _LocalRayProcesses:
         return killed
 
 
+def _descendants(roots: set[int]) -> list:
+    """``roots`` and all their descendants that run now, as psutil processes (one pass over the process table)."""
+    import psutil
+
+    processes = {}
+    for process in psutil.process_iter(["ppid"]):
+        processes[process.pid] = process
+    children: dict[int, list[int]] = {}
+    for pid, process in processes.items():
+        children.setdefault(process.info["ppid"], []).append(pid)
+    found, todo = [], [pid for pid in roots if pid in processes]
+    while todo:
+        pid = todo.pop()
+        found.append(processes[pid])
+        todo += children.get(pid, [])
+    return found
+
+
 def _workers_of(raylet_pids: set[str]) -> list:
     """This user's processes that Ray started for one of the raylets ``raylet_pids`` (their ``RAY_RAYLET_PID``) and
     that were created after this process (as the raylet was: a later process reusing a dead raylet's pid is not
@@ -515,12 +529,12 @@ def _bounded_by(processes: _LocalRayProcesses | None, deadline_s: float) -> Iter
     """Run the block (the orderly shutdown) with a watchdog thread: it keeps ``processes`` up to date, and if the
     block is still running after ``deadline_s`` -- Serve's and Ray's shutdown calls wait (30 s and more) on a GCS or
     raylet that died -- it kills them, gives the block :data:`SHUTDOWN_EXIT_GRACE_S` to come back, and otherwise
-    ends this process with :func:`os._exit` (a stop must not hang)."""
+    ends this process with :func:`os._exit` (a stop must not hang; see :data:`SHUTDOWN_EXIT_GRACE_UNSIGNALLED_S`)."""
     done = threading.Event()
 
     def watch() -> None:
         deadline = time.monotonic() + deadline_s
-        while not done.wait(0.5):
+        while not done.wait(1.0):
             if processes is not None:
                 processes.refresh()
             if time.monotonic() < deadline:
@@ -533,8 +547,9 @@ def _bounded_by(processes: _LocalRayProcesses | None, deadline_s: float) -> Iter
                 deadline_s,
                 ", ".join(killed) or "nothing",
             )
-            if not done.wait(SHUTDOWN_EXIT_GRACE_S):
-                code = stop_exit_code() if _stop_signal is not None else 1
+            signalled = _stop_signal is not None
+            if not done.wait(SHUTDOWN_EXIT_GRACE_S if signalled else SHUTDOWN_EXIT_GRACE_UNSIGNALLED_S):
+                code = stop_exit_code() if signalled else 1
                 log.error("the shutdown is still stuck in a Ray call; exiting now with status %d", code)
                 for stream in (sys.stdout, sys.stderr):
                     with contextlib.suppress(Exception):

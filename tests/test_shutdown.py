@@ -310,11 +310,13 @@ def test_train_job_stopped_by_a_group_sigterm_resumes_from_its_checkpoint(repo_r
     args = [str(repo_root / "jobs/train.py"), *_train_args(dataset, tmp_path, "resumed", RESUME_STEPS, RESUME_EVERY)]
     out = tmp_path / "out"
     log = tmp_path / "first.log"
+    started = time.monotonic()
     job = _start(args, tmp_path, log)
     seen: dict[int, ProcessInfo] = {}
     try:
         checkpointed = lambda: any(row["checkpoint"] for row in _metrics(out))  # noqa: E731
         _watch(job, seen, log, checkpointed, "first checkpoint", 300)
+        print(f"first checkpoint after {time.monotonic() - started:.1f} s")
         _assert_ray_outside_the_driver_group(job, seen)
         _stop_and_check(job, signal.SIGTERM, seen, log, "group")
         assert job.returncode == 143, log.read_text()[-3000:]
@@ -329,10 +331,12 @@ def test_train_job_stopped_by_a_group_sigterm_resumes_from_its_checkpoint(repo_r
     last_reported = max(row["step"] for row in first if row["checkpoint"])
 
     log = tmp_path / "second.log"
+    started = time.monotonic()
     job = _start(args, tmp_path, log)
     seen = {}
     try:
         job.wait(300)
+        print(f"the resumed run took {time.monotonic() - started:.1f} s")
     except subprocess.TimeoutExpired:
         pytest.fail(f"the resumed run did not finish within 300 s:\n{log.read_text()[-3000:]}")
     finally:
@@ -348,6 +352,7 @@ def test_train_job_stopped_by_a_group_sigterm_resumes_from_its_checkpoint(repo_r
     second = [row for row in _metrics(out)[len(first) :] if row["resumed_from_step"] == resumed]
     assert second and second[0]["step"] == resumed + RESUME_EVERY and second[-1]["step"] == RESUME_STEPS, second
     assert (out / "model.safetensors").exists(), output[-3000:]
+    print(f"resumed from step {resumed}; samples/s {[round(row['samples_per_s'], 1) for row in second]}")
 
 
 @pytest.mark.timeout(240)
