@@ -327,8 +327,13 @@ def run_sweep(config: TuneConfig) -> int:
             try:
                 grid = tuner.fit()
             except KeyboardInterrupt:
+                # SIGTERM (or a Ctrl-C that Tune's own handler did not take) cut fit() off: Tune may have no results
+                # to give then, and the sweep's state on disk is what the same command resumes.
                 interrupted = True
-                grid = tuner.get_results()
+                try:
+                    grid = tuner.get_results()
+                except RuntimeError:
+                    raise KeyboardInterrupt from None  # handled below, after ray_session has stopped Ray
             rows = report.trial_rows(config, grid)
     except SweepError as err:
         return _fail(str(err))
