@@ -66,3 +66,56 @@ def test_tiny_run_times_equal_work(ray_local, tiny_dataset, tmp_path, capsys):
 def test_bad_options_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError):
         load_config(TrainBenchmarkConfig, overrides=[override])
+
+
+@pytest.mark.e2e  # no Ray, but 40 s on a busy 2-core machine (every arm builds, trains and validates a network)
+def test_recipes_are_timed_interleaved_on_equal_steps(tiny_dataset, tmp_path, capsys):
+    """The recipe benchmark on the tiny corpus (no Ray, no priors table: every arm without text embeddings): each
+    arm takes the same timed steps in windows, validation is timed where the arm validates, the ratios divide by the
+    baseline and the costs subtract from the reference."""
+    from datprl.platform.bench.recipes import main as recipes_main
+
+    out = tmp_path / "recipes.json"
+    arms = (
+        "arms={today: [data.crop_size=16, text_embeddings=null, evaluate_split=train, validation_crop=16, "
+        "validate_every=10], "
+        "first_release: [data.crop_size=16, text_embeddings=null, loss.input_relative=none, model.domain_pool.size=6, "
+        "model.domain_pool.fixed_keys=false, torch_threads=null, evaluate_split=train, validation_crop=16, "
+        "validate_every=10], no_validation: [data.crop_size=16, text_embeddings=null, validate_every=null]}"
+    )
+    argv = [f"dataset={tiny_dataset}", arms, "steps=4", "window=2", "warmup_steps=0", "validations=1"]
+    assert recipes_main([*argv, f"json_out={out}"]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["arm"]: r for r in report["results"]}
+    assert list(rows) == ["today", "first_release", "no_validation"]
+    for row in rows.values():
+        assert row["timed_steps"] == 4 and len(row["step_ms_windows"]) == 2 and np.isfinite(row["last_loss"])
+        assert row["samples_per_s"] == pytest.approx(1000 * row["batch_size"] / row["ms_per_step"])
+    assert rows["first_release"]["threads"] == 1 and rows["today"]["threads"] == 2
+    assert len(rows["today"]["validation_ms_runs"]) == 1 and rows["no_validation"]["validation_ms_runs"] == []
+    assert rows["today"]["validation_ms_per_step"] == pytest.approx(rows["today"]["validation_ms"] / 10)
+    assert rows["first_release"]["ratio"] == pytest.approx(1.0)
+    assert rows["today"]["ratio"] == pytest.approx(
+        rows["today"]["samples_per_s"] / rows["first_release"]["samples_per_s"]
+    )
+    assert rows["no_validation"]["cost_ms_per_step"] == pytest.approx(
+        rows["today"]["ms_per_step"] - rows["no_validation"]["ms_per_step"]
+    )
+    printed = capsys.readouterr().out
+    assert f"today/first_release samples/s ratio: {rows['today']['ratio']:.2f}" in printed
+
+
+@pytest.mark.parametrize("override", ["steps=7", "baseline=nope", "reference=nope", "window=0", "validations=-1"])
+def test_bad_recipe_options_are_config_errors(override: str) -> None:
+    from datprl.platform.bench.recipes import RecipeBenchmarkConfig
+
+    with pytest.raises(ConfigError):
+        load_config(RecipeBenchmarkConfig, overrides=[override])
+
+
+def test_a_bad_arm_override_names_the_arm(tiny_dataset) -> None:
+    from datprl.platform.bench.recipes import RecipeBenchmarkConfig, arm_config
+
+    config = load_config(RecipeBenchmarkConfig, overrides=[f"dataset={tiny_dataset}"])
+    with pytest.raises(ConfigError, match="arm 'x'.*nope"):
+        arm_config(config, "x", ["loss.nope=1"])

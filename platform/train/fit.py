@@ -33,7 +33,7 @@ from datprl.platform.data.pipeline import read_split, split_tasks, use_decoded_c
 from datprl.platform.storage import atomic_write_bytes, filesystem, is_s3
 from datprl.platform.runtime import init_ray, ray_session, stop_exit_code
 from datprl.platform.train.config import TrainConfig
-from datprl.platform.train.loop import train_loop_per_worker
+from datprl.platform.train.loop import train_loop_per_worker, worker_env_vars
 from datprl.platform.train.priors import AUTO, ensure_text_embeddings, resolve_text_embeddings
 from datprl.platform.train.runs import RunMismatch, RunStatus, check_run, delete_run, run_url
 
@@ -238,6 +238,7 @@ def build_trainer(run: PreparedRun, callbacks: Sequence = ()):
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_metrics_log(metrics_path), *callbacks],
+            worker_runtime_env={"env_vars": worker_env_vars()},  # OMP_WAIT_POLICY before torch's import
             # Ray Train sets up its controller's and workers' loggers from this level itself (no variable reaches
             # them): WARNING keeps worker-group start-up and checkpoint notes out of the console unless verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),

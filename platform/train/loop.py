@@ -122,6 +122,19 @@ def describe_setup(config: TrainConfig, tasks: int, world: int, device: torch.de
     return "[train] " + "; ".join(parts)
 
 
+def worker_env_vars() -> dict[str, str]:
+    """Environment variables of the Ray Train workers (``RunConfig.worker_runtime_env``; they must be set before the
+    worker imports torch): ``OMP_WAIT_POLICY=PASSIVE`` unless the driver's environment sets the policy.
+
+    Why: with libgomp's default policy every torch thread spins for a while at the end of each parallel region,
+    waiting for a partner thread; with ``torch_threads=2`` on a 2-core machine the partner shares the cores with Ray
+    Data's crop tasks, Ray's own processes and anything else running, and the spinning thread burns the time the
+    other one needs (measured in-process on a loaded 2-core machine: a step of the main job took 6.4 s and 4.2 CPU-s
+    on 2 threads with the default policy, against 0.6 s on 1 thread; docs/experiments/2026-12-07-main-job-time.md).
+    The policy changes scheduling only, never the numbers computed."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def _worker_print(*parts: object) -> None:
     # Only notes the reports cannot carry (a missing input, a resume, the test hook): steps and validation results
     # reach the console through the driver's progress display, from the reports themselves.
@@ -146,6 +159,34 @@ def _start_domain_keys(pool, embeddings: dict, config: TrainConfig, url: str, ra
         rest = pool.size - len(prototypes)
         kept = f"; {rest} keep their random start" if rest else ""
         _worker_print(f"[train] domain prompt keys start at {what} (domain_key_init={config.domain_key_init}){kept}")
+
+
+def setup_priors(model, config: TrainConfig, rank: int = 0) -> dict[str, torch.Tensor] | None:
+    """The domain priors of a worker before its first step: the text embeddings L_align and L_psel read (source_id ->
+    (D,) tensor; None when L_align is off, the network has no domain pool or ``text_embeddings`` is null), with the
+    domain pool's keys started from them as ``domain_key_init`` says. The benchmarks set up their in-process
+    networks the same way."""
+    texts = None
+    if config.loss.align and model.domain_pool is not None:
+        if config.text_embeddings is None:
+            if rank == 0:
+                _worker_print("[train] text_embeddings=null: the alignment loss L_align is off")
+        else:
+            url = resolve_text_embeddings(config.text_embeddings, config.data.dataset)
+            loaded = load_text_embeddings(url, config.data.s3, model.config.prompt_dim, centre=config.text_centering)
+            texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
+            if rank == 0:
+                _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from {url}")
+            if config.domain_key_init != "random":
+                _start_domain_keys(model.domain_pool, loaded, config, url, rank)
+    pool = model.domain_pool
+    if rank == 0 and pool is not None and pool.fixed_keys and (texts is None or config.domain_key_init == "random"):
+        _worker_print(
+            "[train] warning: the domain pool's keys are fixed (model.domain_pool.fixed_keys) and stay at "
+            "their random start: set them from the descriptions (text embeddings with domain_key_init="
+            "domains), or train them (model.domain_pool.fixed_keys=false)"
+        )
+    return texts
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -173,26 +214,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer, scheduler, scaler, ema = state["optimizer"], state["scheduler"], state["scaler"], state["ema"]
     if rank == 0:
         _worker_print(describe_setup(config, len(tasks), world, device))
-    texts = None
-    if config.loss.align and model.domain_pool is not None:
-        if config.text_embeddings is None:
-            if rank == 0:
-                _worker_print("[train] text_embeddings=null: the alignment loss L_align is off")
-        else:
-            url = resolve_text_embeddings(config.text_embeddings, config.data.dataset)
-            loaded = load_text_embeddings(url, config.data.s3, model.config.prompt_dim, centre=config.text_centering)
-            texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
-            if rank == 0:
-                _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from {url}")
-            if config.domain_key_init != "random":
-                _start_domain_keys(model.domain_pool, loaded, config, url, rank)
-    pool = model.domain_pool
-    if rank == 0 and pool is not None and pool.fixed_keys and (texts is None or config.domain_key_init == "random"):
-        _worker_print(
-            "[train] warning: the domain pool's keys are fixed (model.domain_pool.fixed_keys) and stay at "
-            "their random start: set them from the descriptions (text embeddings with domain_key_init="
-            "domains), or train them (model.domain_pool.fixed_keys=false)"
-        )
+    texts = setup_priors(model, config, rank)
 
     step, passes = 0, 0
     checkpoint = ray.train.get_checkpoint()
