@@ -569,7 +569,7 @@ def _train_one(run: TrainConfig, splits: Sequence[str]) -> int:
 
 def run_ablation(config: AblationConfig) -> int:
     """Train (or reuse) every run, aggregate, write ablation.md/.csv/.png to ``output_dir``; returns the exit code."""
-    from datprl.platform.runtime import ray_session
+    from datprl.platform.runtime import ray_session, stop_exit_code
     from datprl.platform.train.fit import open_dataset
 
     config = _absolute(config)
@@ -619,7 +619,7 @@ def run_ablation(config: AblationConfig) -> int:
                     scores += read_scores(metrics_file(run, split), split, arm.name, seed)
     except KeyboardInterrupt:
         print("\n[ablation] stopped; the same command resumes it (finished runs are reused)", file=sys.stderr)
-        return 130
+        return stop_exit_code()  # 143 after SIGTERM, 130 after Ctrl-C, as the training job
 
     names = [arm.name for arm in config.arms]
     stats = {split: aggregate([s for s in scores if s.split == split], names) for split in splits}
