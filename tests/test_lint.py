@@ -20,7 +20,7 @@ def _ruff() -> Path:
 
 def test_ci_lints_after_setup_and_before_the_tests(repo_root):
     lines = [line.strip() for line in (repo_root / ".ci" / "run").read_text().splitlines()]
-    setup, lint = lines.index("bash infra/setup.sh"), lines.index(".venv/bin/ruff check .")
+    setup, lint = lines.index("bash infra/setup.sh test"), lines.index(".venv/bin/ruff check .")
     fmt = lines.index(".venv/bin/ruff format --check .")  # the whole tree, no per-file list
     tests = next(i for i, line in enumerate(lines) if line.startswith("bash infra/setup.sh test"))
     assert setup < lint < tests and setup < fmt < tests
