@@ -93,12 +93,14 @@ venv_pip() {
 if [ "$INSTALLER" = uv ] && ! [ -x "$VENV/bin/uv" ]; then
   venv_pip install "uv>=0.5" || { echo "[setup] uv could not be installed: using pip"; INSTALLER=pip; }
 fi
+# uv reads neither pip's configuration nor PIP_* variables: a machine whose pip is set up with local indexes or a
+# constraint file, or a uv that fails for any reason, gets the same install from pip.
 install() {
   if [ "$INSTALLER" = uv ]; then
-    "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" "$@"
-  else
-    venv_pip install "$@"
+    "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" "$@" && return 0
+    echo "[setup] uv could not install $*: trying pip"
   fi
+  venv_pip install "$@"
 }
 uninstall() {
   if [ "$INSTALLER" = uv ]; then

@@ -126,7 +126,9 @@ def small_corpus(destination: Path, **overrides) -> Path:
     (each a pytest session) of a run shares one build, and a change to the data code builds it anew. The cache is
     ``$DATPRL_TEST_CACHE`` or ``~/.cache/datprl/test-corpus``; each caller gets its own copy, free to add to (priors,
     runs) without touching another's."""
+    import contextlib
     import hashlib
+    import importlib.metadata
     import json
     import shutil
     import tempfile
@@ -138,20 +140,24 @@ def small_corpus(destination: Path, **overrides) -> Path:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for source in sorted((REPO_ROOT / "platform" / "data").glob("*.py")):
         digest.update(source.name.encode() + source.read_bytes())
-    packages = cache_dir()
+    packages = cache_dir()  # data packages: their folders name package and version
     digest.update("\n".join(sorted(p.name for p in packages.iterdir()) if packages.is_dir() else []).encode())
+    # Python packages whose images or code make up the corpus: an upgrade builds it anew.
+    for name in ("numpy", "scikit-image", "pillow", "pydicom", "pydicom-data", "nilearn", "rasterio", "scipy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            digest.update(f"{name}=={importlib.metadata.version(name)}".encode())
     cache = Path(os.environ.get("DATPRL_TEST_CACHE") or Path.home() / ".cache" / "datprl" / "test-corpus")
     built = cache / digest.hexdigest()[:16]
     if not (built / "manifest.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         # Built aside and renamed into place: a run killed mid-build leaves no half corpus under the key.
         staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
-        build(BuildConfig(output=str(staging / "default"), **settings), command=["tests", "small_corpus"])
         try:
-            (staging / "default").rename(built)
-        except OSError:  # another session put the same build there first
-            pass
-        shutil.rmtree(staging, ignore_errors=True)
+            build(BuildConfig(output=str(staging / "default"), **settings), command=["tests", "small_corpus"])
+            with contextlib.suppress(OSError):  # OSError: another session put the same build there first
+                (staging / "default").rename(built)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(built, destination)
     return destination
 

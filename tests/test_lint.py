@@ -22,7 +22,7 @@ def test_ci_lints_after_setup_and_before_the_tests(repo_root):
     lines = [line.strip() for line in (repo_root / ".ci" / "run").read_text().splitlines()]
     setup, lint = lines.index("bash infra/setup.sh test"), lines.index(".venv/bin/ruff check .")
     fmt = lines.index(".venv/bin/ruff format --check .")  # the whole tree, no per-file list
-    tests = next(i for i, line in enumerate(lines) if line.startswith("bash infra/setup.sh test"))
+    tests = lines.index("bash infra/setup.sh test && .venv/bin/python -m pytest")
     assert setup < lint < tests and setup < fmt < tests
     tomllib = pytest.importorskip("tomllib", reason="the standard library reads TOML from Python 3.11")
     project = tomllib.loads((repo_root / "pyproject.toml").read_text())
