@@ -238,7 +238,7 @@ def build_trainer(run: PreparedRun, callbacks: Sequence = ()):
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_metrics_log(metrics_path), *callbacks],
-            worker_runtime_env={"env_vars": worker_env_vars()},  # OMP_WAIT_POLICY before torch's import
+            worker_runtime_env={"env_vars": worker_env_vars()},  # libgomp's spin, before torch's import
             # Ray Train sets up its controller's and workers' loggers from this level itself (no variable reaches
             # them): WARNING keeps worker-group start-up and checkpoint notes out of the console unless verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),

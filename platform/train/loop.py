@@ -122,17 +122,24 @@ def describe_setup(config: TrainConfig, tasks: int, world: int, device: torch.de
     return "[train] " + "; ".join(parts)
 
 
+#: libgomp's spin before a waiting torch thread sleeps (iterations; its default is 300,000).
+WORKER_GOMP_SPINCOUNT = "10000"
+
+
 def worker_env_vars() -> dict[str, str]:
     """Environment variables of the Ray Train workers (``RunConfig.worker_runtime_env``; they must be set before the
-    worker imports torch): ``OMP_WAIT_POLICY=PASSIVE`` unless the driver's environment sets the policy.
+    worker imports torch): ``GOMP_SPINCOUNT=10000``, a short spin, unless the driver's environment sets
+    ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (those are passed on instead).
 
-    Why: with libgomp's default policy every torch thread spins for a while at the end of each parallel region,
-    waiting for a partner thread; with ``torch_threads=2`` on a 2-core machine the partner shares the cores with Ray
-    Data's crop tasks, Ray's own processes and anything else running, and the spinning thread burns the time the
-    other one needs (measured in-process on a loaded 2-core machine: a step of the main job took 6.4 s and 4.2 CPU-s
-    on 2 threads with the default policy, against 0.6 s on 1 thread; docs/experiments/2026-12-07-main-job-time.md).
-    The policy changes scheduling only, never the numbers computed."""
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    Why: at the end of each parallel region a torch thread waits for its partner. With libgomp's default it spins
+    300,000 times first; on a busy 2-core machine (Ray Data's crop tasks, Ray's own processes, anything else) the
+    partner is often not running and the spin burns the time it needs: a step of the main job took 2.1 s on 2 threads
+    against 0.76 s on 1 thread with two CPU hogs running. ``OMP_WAIT_POLICY=PASSIVE`` (no spin) fixes that but makes
+    every wake-up slow: on an idle machine 0.48 s a step against 0.30 s with the default. A 10,000-iteration spin keeps
+    both: 0.30 s idle, 0.93 s beside the hogs (PASSIVE 0.89 s) (docs/experiments/2026-12-07-main-job-time.md). It
+    changes scheduling only, never the numbers computed."""
+    passed = {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in os.environ}
+    return passed or {"GOMP_SPINCOUNT": WORKER_GOMP_SPINCOUNT}
 
 
 def _worker_print(*parts: object) -> None:
