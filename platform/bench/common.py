@@ -75,6 +75,15 @@ def ray_worker_settings() -> dict[str, Any]:
     return {"niceness": niceness, "omp_wait_policy": policy}
 
 
+def warn_if_busy(load: dict[str, Any], consequence: str) -> None:
+    """Print a warning when the load average before or after a benchmark (``load["before"]``/``["after"]``, as
+    :func:`os.getloadavg` gives them) exceeded the CPUs: other work then competed with the timed sides;
+    ``consequence`` says what that makes unreliable."""
+    busy = max(load["before"][0], load["after"][0])
+    if busy > (os.cpu_count() or 1):
+        print(f"warning: load average {busy:.1f} on {os.cpu_count()} CPUs: other work competes with {consequence}")
+
+
 def save_report(report: dict[str, Any], path: Path | None) -> None:
     """Write a benchmark's JSON-ready results to ``path`` (atomically) and say so; nothing when ``path`` is None."""
     if path is None:

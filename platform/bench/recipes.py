@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from datprl.platform.bench.common import LocalDataset, ensure_dataset, save_report
+from datprl.platform.bench.common import LocalDataset, ensure_dataset, save_report, warn_if_busy
 from datprl.platform.config import ConfigError, StrictModel, config_to_dict, load_config, parse_cli
 
 __all__ = ["ARMS", "RecipeBenchmarkConfig", "arm_config", "format_report", "main", "run_benchmark"]
@@ -353,12 +353,10 @@ def main(argv: Sequence[str]) -> int:
         f"validating arm; OMP_WAIT_POLICY {report['omp_wait_policy']}; load average {load['before'][0]:.1f} -> "
         f"{load['after'][0]:.1f} on {report['cpu_count']} CPUs"
     )
-    busy = max(load["before"][0], load["after"][0])
-    if busy > (os.cpu_count() or 1):
-        print(
-            f"warning: load average {busy:.1f} on {os.cpu_count()} CPUs: other work competes with every arm; the "
-            "interleaving spreads it over them, but absolute times (and the thread arms) are unreliable"
-        )
+    warn_if_busy(
+        load,
+        "every arm; the interleaving spreads it over them, but absolute times (and the thread arms) are unreliable",
+    )
     print(format_report(report))
     print(f"total {time.perf_counter() - start:.1f} s (batches read in {report['read_s']:.1f} s)")
     save_report(report, config.json_out)

@@ -75,7 +75,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from datprl.platform.bench.common import LocalDataset, ensure_dataset, ray_worker_settings, save_report, start_ray
+from datprl.platform.bench.common import (
+    LocalDataset,
+    ensure_dataset,
+    ray_worker_settings,
+    save_report,
+    start_ray,
+    warn_if_busy,
+)
 from datprl.platform.runtime import LOCAL_OBJECT_STORE_BYTES, loopback_only, resolve_device
 from datprl.platform.config import StrictModel, config_to_dict, parse_cli
 
@@ -538,12 +545,7 @@ def main(argv: Sequence[str]) -> int:
         f"{nice['ray_workers']}, bare {nice['bare']}; OMP_WAIT_POLICY: Ray workers {omp['ray_workers']}, bare "
         f"{omp['bare']}; load average {load['before'][0]:.1f} -> {load['after'][0]:.1f}"
     )
-    busy = max(load["before"][0], load["after"][0])
-    if busy > (os.cpu_count() or 1):
-        print(
-            f"warning: load average {busy:.1f} on {os.cpu_count()} CPUs: other work competes with both sides and "
-            "the timings (and the ratio) are unreliable"
-        )
+    warn_if_busy(load, "both sides and the timings (and the ratio) are unreliable")
     print(format_report(report))
     print(
         f"Ray fit() outside the report windows (start-up, final checkpoint, shutdown): "
