@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,6 +74,19 @@ def ray_worker_settings() -> dict[str, Any]:
     probe = ray.remote(num_cpus=0)(lambda: (os.nice(0), os.environ.get("OMP_WAIT_POLICY", "default")))
     niceness, policy = ray.get(probe.remote())
     return {"niceness": niceness, "omp_wait_policy": policy}
+
+
+def set_omp_wait_policy(policy: str | None) -> str:
+    """Put ``policy`` in this process's environment, where libgomp reads it when torch is first imported (and the
+    workers of a Ray started afterwards inherit it); returns the policy this process's torch runs with. When torch is
+    already imported and the environment already holds ``policy`` (a parent process set it, as the GPU check does),
+    torch read that value."""
+    imported = "torch" in sys.modules
+    if policy is not None and not imported:
+        os.environ["OMP_WAIT_POLICY"] = policy
+    current = os.environ.get("OMP_WAIT_POLICY", "default")
+    late = imported and policy is not None and current != policy
+    return f"{current} (torch was imported before the benchmark set it)" if late else current
 
 
 def warn_if_busy(load: dict[str, Any], consequence: str) -> None:

@@ -353,10 +353,11 @@ def starvation_step(config: GpuCheckConfig, record: Recorder) -> None:
     ``train_step``. The real loop does not synchronise, so it may fetch the next batch while the device finishes the
     optimiser's kernels: the measured fraction is an upper bound."""
     from datprl.platform.bench import train as bench_train
+    from datprl.platform.bench.common import set_omp_wait_policy
 
     bench = config.training.benchmark
     _require_dataset(bench.dataset)
-    omp = bench_train._set_omp_wait_policy(bench.omp_wait_policy)  # before torch's first import, as the benchmark
+    omp = set_omp_wait_policy(bench.omp_wait_policy)  # before torch's first import, as the benchmark
     import torch
 
     from datprl.platform.bench.common import start_ray

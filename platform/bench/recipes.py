@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from datprl.platform.bench.common import LocalDataset, ensure_dataset, save_report, warn_if_busy
+from datprl.platform.bench.common import LocalDataset, ensure_dataset, save_report, set_omp_wait_policy, warn_if_busy
 from datprl.platform.config import ConfigError, StrictModel, config_to_dict, load_config, parse_cli
 
 __all__ = ["ARMS", "RecipeBenchmarkConfig", "arm_config", "format_report", "main", "run_benchmark"]
@@ -226,18 +226,12 @@ class _Arm:
         )
 
 
-def _set_omp_wait_policy(policy: str | None) -> str:
-    from datprl.platform.bench.train import _set_omp_wait_policy as set_policy
-
-    return set_policy(policy)
-
-
 def run_benchmark(config: RecipeBenchmarkConfig) -> dict[str, Any]:
     """Run every arm interleaved and return a JSON-ready dict: ``results`` (one row per arm, in ``arms`` order: see
     :meth:`_Arm.result`, plus ``ratio`` = its samples/s over the baseline's, and ``cost_ms_per_step`` = the reference
     arm's ms/step minus this arm's, what the part this arm switches off costs), ``batches`` (how the shared batches
     were read), the machine's load before and after."""
-    policy = _set_omp_wait_policy(config.omp_wait_policy)
+    policy = set_omp_wait_policy(config.omp_wait_policy)
     import torch
 
     from datprl.platform.bench.train import bare_batches

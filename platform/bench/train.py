@@ -80,6 +80,7 @@ from datprl.platform.bench.common import (
     ensure_dataset,
     ray_worker_settings,
     save_report,
+    set_omp_wait_policy,
     start_ray,
     warn_if_busy,
 )
@@ -378,19 +379,6 @@ def _start_ray(cpus: int, niceness: int | None) -> tuple[bool, int, float]:
     return start_ray(cpus, niceness, dashboard=True, object_store_bytes=LOCAL_OBJECT_STORE_BYTES)
 
 
-def _set_omp_wait_policy(policy: str | None) -> str:
-    """Put ``policy`` in this process's environment, where libgomp reads it when torch is first imported (and the
-    workers of a Ray started afterwards inherit it); returns the policy this process's torch runs with. When torch is
-    already imported and the environment already holds ``policy`` (a parent process set it, as the GPU check does),
-    torch read that value."""
-    imported = "torch" in sys.modules
-    if policy is not None and not imported:
-        os.environ["OMP_WAIT_POLICY"] = policy
-    current = os.environ.get("OMP_WAIT_POLICY", "default")
-    late = imported and policy is not None and current != policy
-    return f"{current} (torch was imported before the benchmark set it)" if late else current
-
-
 def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
     """Run ``config.rounds`` interleaved rounds of both sides and return a JSON-ready dict.
 
@@ -402,7 +390,7 @@ def run_benchmark(config: TrainBenchmarkConfig) -> dict[str, Any]:
     ``ratio`` is the Ray side's median steps/s over the bare side's.
     """
     previous_policy = os.environ.get("OMP_WAIT_POLICY")
-    bare_policy = _set_omp_wait_policy(config.omp_wait_policy)
+    bare_policy = set_omp_wait_policy(config.omp_wait_policy)
     try:
         loopback_only()
         import ray
