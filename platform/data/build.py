@@ -134,6 +134,13 @@ class BuildConfig(StrictModel):
         "sources the model never saw in training",
     )
     max_samples_per_shard: int = Field(256, ge=1)
+    png_compress_level: int = Field(
+        1,
+        ge=0,
+        le=9,
+        description="zlib level of the shards' PNGs (lossless at every level): 1 writes the default corpus's 3,054 "
+        "images in about a third of the CPU time of PIL's default 6, for files about 9 % larger",
+    )
     max_sources_per_group: int | None = Field(
         None,
         ge=1,
@@ -519,6 +526,7 @@ def build(config: BuildConfig, command: list[str] | None = None) -> dict:
         name,
         config.max_samples_per_shard,
         config.s3,
+        compress_level=config.png_compress_level,
         command=command,
         package_versions={**default_package_versions(), **versions},
         metadata={"config": config.model_dump(mode="json"), "source_licences": licences},
