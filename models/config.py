@@ -23,6 +23,13 @@ class PromptPoolConfig(BaseModel):
         "trained: stored as a buffer under the same name, so checkpoints load either way (ours; the published keys "
         "are trained)",
     )
+    routing: Literal["unsupervised", "task_labels"] = Field(
+        "unsupervised",
+        description="how the pool learns which prompts an image selects: unsupervised (the paper's, Sec. 3: only "
+        "through the restoration and pool losses), or task_labels (ours, beyond the paper; task pool only): "
+        "training adds L_tsel, which pulls each image's query to the keys of its recorded degradation task "
+        "(key j belongs to task j mod T), so at inference the image alone routes to its task's prompts",
+    )
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> "PromptPoolConfig":
@@ -90,6 +97,11 @@ class ModelConfig(BaseModel):
             raise ValueError(f"fusion_heads={self.fusion_heads} must divide prompt_dim={self.prompt_dim}")
         if self.domain_pool is not None and self.task_pool is None:
             raise ValueError("a domain pool needs a task pool (the domain representation conditions the task one)")
+        if self.domain_pool is not None and self.domain_pool.routing != "unsupervised":
+            raise ValueError(
+                "domain_pool.routing: task-label routing applies to the task pool only (the domain pool follows the "
+                "descriptions through L_align and L_psel); set domain_pool.routing=unsupervised"
+            )
         return self
 
     @property

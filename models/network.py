@@ -94,7 +94,14 @@ class DATPRLIR(nn.Module):
 
         def pool(spec) -> PromptPool:
             centering = config.query_centering if spec.query_centering is None else spec.query_centering
-            return PromptPool(spec.size, spec.top_k, **pool_args, query_centering=centering, fixed_keys=spec.fixed_keys)
+            return PromptPool(
+                spec.size,
+                spec.top_k,
+                **pool_args,
+                query_centering=centering,
+                fixed_keys=spec.fixed_keys,
+                routing=spec.routing,
+            )
 
         self.task_query = self.task_pool = None
         self.domain_query = self.domain_pool = self.fusion = None

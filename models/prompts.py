@@ -87,8 +87,11 @@ class PromptPool(nn.Module):
         query_centering: bool = False,
         center_momentum: float = 0.1,
         fixed_keys: bool = False,
+        routing: str = "unsupervised",
     ) -> None:
         super().__init__()
+        #: "unsupervised" (the paper's) or "task_labels": the training loss adds L_tsel (datprl.models.losses)
+        self.routing = routing
         self.top_k = top_k
         self.center_momentum = center_momentum
         self.noise_std = noise_std

@@ -35,6 +35,9 @@ class PoolOverride(BaseModel):
     fixed_keys: bool | None = Field(
         None, description="keys set from outside, never trained (PromptPoolConfig); None = the variant's"
     )
+    routing: Literal["unsupervised", "task_labels"] | None = Field(
+        None, description="unsupervised (the paper's) or task_labels (L_tsel; PromptPoolConfig); None = the variant's"
+    )
 
 
 def _scalar_overrides() -> dict[str, Any]:

@@ -20,6 +20,8 @@ from datprl.models.losses import (
     fft_loss,
     pixel_loss,
     prior_selection_loss,
+    task_key_mask,
+    task_selection_loss,
 )
 
 
@@ -376,3 +378,45 @@ def test_per_task_division_needs_the_tasks_and_earlier_boolean_configs_still_loa
     assert LossWeights(input_relative=False).input_relative == "none"
     with pytest.raises(ValueError, match="input_relative"):
         LossWeights(input_relative="batch")
+
+
+# --- L_tsel: routing by the task label ----------------------------------------------------------------------------
+def test_task_key_mask_gives_each_task_its_own_keys_or_shares_them_when_the_pool_is_smaller():
+    own = task_key_mask(6, torch.tensor([0, 2]), num_tasks=3)  # 2 keys a task: task i owns keys i and i + 3
+    assert own.tolist() == [[True, False, False, True, False, False], [False, False, True, False, False, True]]
+    shared = task_key_mask(2, torch.tensor([0, 1, 2]), num_tasks=3)
+    assert shared.tolist() == [[True, False], [False, True], [True, False]]
+
+
+def test_task_selection_loss_is_low_when_the_query_picks_its_tasks_keys_and_pulls_towards_them():
+    ids = torch.tensor([0, 1])
+    right = torch.tensor([[5.0, -5.0, 5.0, -5.0], [-5.0, 5.0, -5.0, 5.0]])
+    assert task_selection_loss(right, ids, 2) < 1e-3 < 9 < task_selection_loss(-right, ids, 2)
+    sims = torch.zeros(2, 4, requires_grad=True)
+    task_selection_loss(sims, ids, 2).backward()
+    positive = task_key_mask(4, ids, 2)
+    assert (sims.grad[positive] < 0).all() and (sims.grad[~positive] > 0).all()  # descent raises the task's keys
+
+
+def test_task_selection_term_applies_to_a_label_routed_task_pool_only_and_needs_the_tasks():
+    torch.manual_seed(0)
+    routed = create_model("paper_tiny", task_pool={"size": 4, "top_k": 2, "routing": "task_labels"}).train()
+    out, target = _run(routed)
+    weights = LossWeights(align=0, prior_selection=0)
+    with pytest.raises(ValueError, match="tasks="):
+        DATPRLLoss(weights)(out, target, model=routed, tasks=["haze", "cloud"])
+    with pytest.raises(ValueError, match="not among the training tasks"):
+        DATPRLLoss(weights, tasks=["haze", "cloud"])(out, target, model=routed, tasks=["haze", "derain"])
+    total, logs = DATPRLLoss(weights, tasks=["haze", "cloud"])(out, target, model=routed, tasks=["haze", "cloud"])
+    assert logs["task_selection"] > 0
+    total.backward()
+    assert routed.task_pool.prompt_keys.grad.abs().sum() > 0 and routed.task_query.mapper[8].weight.grad.abs().sum() > 0
+    # the paper's unsupervised pool gets no L_tsel, whatever the weight
+    plain = create_model("paper_tiny").train()
+    out, target = _run(plain)
+    assert "task_selection" not in DATPRLLoss(weights, tasks=["haze", "cloud"])(out, target, model=plain)[1]
+
+
+def test_label_routing_is_for_the_task_pool_only():
+    with pytest.raises(ValueError, match="domain_pool.routing"):
+        create_model("paper_tiny", domain_pool={"size": 9, "top_k": 3, "routing": "task_labels"})

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -76,7 +77,9 @@ def build_optimizer(params, config: TrainConfig, world: int, device: torch.devic
     return optimizer, scheduler, grad_scaler(config.compute.precision, device)
 
 
-def build_training_state(config: TrainConfig, device: torch.device, world: int = 1, wrap=None) -> dict:
+def build_training_state(
+    config: TrainConfig, device: torch.device, world: int = 1, wrap=None, tasks: Sequence[str] | None = None
+) -> dict:
     """What a worker builds before its first step (the caller seeds torch first): the network ``model`` on
     ``device`` and ``net``, what runs it (:func:`~datprl.platform.compute.prepare_module`: memory format, ``wrap``
     such as Ray Train's ``prepare_model`` for DDP, ``torch.compile``), its trainable ``params``, the ``optimizer``,
@@ -99,7 +102,7 @@ def build_training_state(config: TrainConfig, device: torch.device, world: int =
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
-        criterion=DATPRLLoss(config.loss).to(device),
+        criterion=DATPRLLoss(config.loss, tasks=tasks).to(device),
         ema=ema,
     )
 
@@ -216,7 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # On the worker's device, DDP when world > 1 (no find_unused_parameters: every trainable parameter takes part in
     # every step), compiled when compute.compile.
-    state = build_training_state(config, device, world, wrap=ray.train.torch.prepare_model)
+    state = build_training_state(config, device, world, wrap=ray.train.torch.prepare_model, tasks=tasks)
     model, net, params, criterion = state["model"], state["net"], state["params"], state["criterion"]
     optimizer, scheduler, scaler, ema = state["optimizer"], state["scheduler"], state["scaler"], state["ema"]
     if rank == 0:
