@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import datprl.platform.train.fit as fit_module
 from datprl.models import config_from_published, create_model, load_published, save_model, weights_digest
 from datprl.models.losses import LossWeights
-from datprl.models.network import in_parts
+from datprl.models.network import PARTS, in_parts
 from datprl.platform.config import ConfigError, config_to_dict, load_config
 from datprl.platform.train.config import OptimConfig, TrainConfig
 from datprl.platform.train.init_weights import check_init, read_init_weights
@@ -198,6 +198,18 @@ def test_train_only_freezes_the_other_parts(export):
     assert not torch.equal(after["refinement.0.ffn.project_out.weight"], weights["refinement.0.ffn.project_out.weight"])
 
 
+def test_the_parts_cover_the_network_and_prompts_is_the_prompt_path():
+    names = [name for name, _ in create_model("paper_tiny").named_parameters()]
+    stages = ["encoder", "bottleneck", "decoder", "refinement", "output", "queries", "pools", "fusion"]
+    assert [n for n in names if not in_parts(n, stages)] == []
+    assert all(any(in_parts(n, [part]) for n in names) for part in PARTS)  # no part is empty in paper_tiny
+    prompt_path = {n for n in names if in_parts(n, ["queries", "pools", "fusion", "gates"])}
+    assert prompt_path == {n for n in names if in_parts(n, ["prompts"])}
+    gates = {n for n in names if in_parts(n, ["gates"])}
+    assert "latent.0.prompt_norm.weight" in gates and "refinement.0.feature_weight" in gates
+    assert not any(".attn." in n or ".ffn." in n or n.startswith("encoder") for n in gates)
+
+
 def test_loaded_lr_gives_a_second_group_on_its_own_cosine(export):
     path, weights = export
     # A new task-pool size: its keys and values start fresh at optim.lr, the loaded rest at loaded_lr.
@@ -331,7 +343,8 @@ def test_bad_init_fields_are_named(overrides, field, words):
 @pytest.mark.e2e
 def test_train_job_starts_from_an_export_and_records_it(repo_root, tmp_path, export):
     """``python jobs/train.py init.weights=<export> steps=4``: the driver names the weights, the workers start from
-    them, and the exported sidecar's provenance carries their SHA-256."""
+    them, and the exported sidecar's provenance carries their SHA-256; the same run continued to 6 steps resumes from
+    its checkpoint instead."""
     from conftest import write_tiny_dataset
 
     path, _ = export
@@ -367,3 +380,16 @@ def test_train_job_starts_from_an_export_and_records_it(repo_root, tmp_path, exp
     assert sidecar["provenance"]["init"]["sha256"] == weights_digest(path)
     reports = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert reports[-1]["step"] == 4 and "lr_loaded" in reports[-1]
+
+    # Continued for 2 more steps: the worker resumes from the checkpoint (its two optimiser groups rebuilt from
+    # init_loaded), init.weights is not applied again, and the new export still records what the run started from.
+    more = [*(a for a in args if not a.startswith("steps=")), "steps=6"]
+    job = subprocess.run(
+        [sys.executable, "jobs/train.py", *more], cwd=repo_root, env=env, capture_output=True, text=True, timeout=540
+    )
+    console = job.stdout + job.stderr
+    assert job.returncode == 0, console[-4000:]
+    assert "init.weights not applied: run 'init' resumes from its checkpoint at step 4" in console
+    assert "resumed from step 4" in console
+    sidecar = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert sidecar["provenance"]["init"]["sha256"] == weights_digest(path) and sidecar["provenance"]["steps"] == 6
