@@ -9,15 +9,17 @@ from datprl.models.factory import (
     create_model,
     load_model,
     load_published,
+    match_state,
     save_model,
     variant_config,
     weights_digest,
 )
-from datprl.models.network import DATPRLIR, RestorationOutput, unwrap_model
+from datprl.models.network import DATPRLIR, PARTS, RestorationOutput, in_parts, unwrap_model
 from datprl.models.prompts import PoolSelection
 
 __all__ = [
     "DATPRLIR",
+    "PARTS",
     "VARIANTS",
     "ModelConfig",
     "PoolSelection",
@@ -27,8 +29,10 @@ __all__ = [
     "convert_published_state_dict",
     "count_parameters",
     "create_model",
+    "in_parts",
     "load_model",
     "load_published",
+    "match_state",
     "save_model",
     "unwrap_model",
     "variant_config",

@@ -7,6 +7,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,28 +212,66 @@ def load_published(config: Mapping[str, Any], state_dict: Mapping[str, torch.Ten
     return model
 
 
-def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error message that names missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mismatched:
+@dataclass(frozen=True)
+class StateMatch:
+    """How a state dict fits a network: the keys that load (same name and shape), and the ``missing`` (the network's,
+    absent from the state), ``unexpected`` (the state's, unknown to the network) and ``mismatched`` ones (both have
+    them, with other shapes; ``shapes`` gives (state's, network's) for each)."""
+
+    matched: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def exact(self) -> bool:
+        """Every key of the network is provided, with its shape, and nothing else is."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 3) -> str:
+        """The misfits, ``limit`` keys of each kind named: ``missing 2 (e.g. [...]); 1 with other shapes (...)``."""
         details = []
-        if missing:
-            details.append(f"missing {len(missing)} (e.g. {missing[:3]})")
-        if unexpected:
-            details.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
-        if mismatched:
-            k = mismatched[0]
-            details.append(
-                f"{len(mismatched)} with other shapes (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
-            )
-        raise ValueError(
-            f"{source} does not fit the network built from its config: {'; '.join(details)}. "
-            "Check that the config belongs to these weights."
-        )
+        if self.missing:
+            details.append(f"missing {len(self.missing)} (e.g. {self.missing[:limit]})")
+        if self.unexpected:
+            details.append(f"unexpected {len(self.unexpected)} (e.g. {self.unexpected[:limit]})")
+        if self.mismatched:
+            shown = ", ".join(f"{k}: {self.shapes[k][0]} vs {self.shapes[k][1]}" for k in self.mismatched[:limit])
+            details.append(f"{len(self.mismatched)} with other shapes (e.g. {shown})")
+        return "; ".join(details)
+
+
+def match_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> StateMatch:
+    """Compare ``state`` with ``model.state_dict()`` key by key and shape by shape (nothing is loaded)."""
+    own = model.state_dict()
+    common = set(own) & set(state)
+    shapes = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in common}
+    mismatched = sorted(k for k in common if shapes[k][0] != shapes[k][1])
+    return StateMatch(
+        matched=sorted(common - set(mismatched)),
+        missing=sorted(set(own) - set(state)),
+        unexpected=sorted(set(state) - set(own)),
+        mismatched=mismatched,
+        shapes={k: shapes[k] for k in mismatched},
+    )
+
+
+def load_state_strict(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    hint: str = "Check that the config belongs to these weights.",
+    network: str = "the network built from its config",
+) -> StateMatch:
+    """``load_state_dict(strict=True)`` with an error message that names missing, unexpected and mis-shaped keys
+    (:func:`match_state`), says which ``network`` they were loaded into and ends with ``hint`` (what to do about it);
+    returns the (exact) match."""
+    match = match_state(model, state)
+    if not match.exact:
+        raise ValueError(f"{source} does not fit {network}: {match.describe()}. {hint}")
     model.load_state_dict(state, strict=True)
+    return match
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -326,8 +365,11 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
     return _provenance(_read_sidecar(config_file), config_file)
 
 
-def weights_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a weights file (reported by serving and recorded in manifests)."""
+def weights_digest(path: str | os.PathLike | bytes) -> str:
+    """SHA-256 of a weights file (reported by serving and recorded in manifests and provenance), or of its contents
+    already read (``bytes``, e.g. a file read from s3://)."""
+    if isinstance(path, bytes):
+        return hashlib.sha256(path).hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

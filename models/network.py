@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +147,34 @@ class DATPRLIR(nn.Module):
         if return_aux:
             return RestorationOutput(restored, task, domain, prompt)
         return restored
+
+
+# The Adaptive Gated Fusion layers of a prompt-conditioned block (GatedFusionBlock), e.g. latent.0.prompt_norm.weight.
+_GATES = r"[a-z_0-9]+\.\d+\.(feature_weight|prompt_weight|prompt_norm\.|cross_attn_)"
+
+#: Named parts of the network by parameter name (regular expressions matched at the start of a name), for training
+#: only some of them (``init.train_only`` of the training job). ``gates`` are the Adaptive Gated Fusion layers inside
+#: the prompt-conditioned blocks of the bottleneck, decoder and refinement (a fused block's own attention and
+#: feed-forward belong to its stage); ``prompts`` is the whole prompt path: queries, pools, domain-task fusion and
+#: those gates. Parts overlap (``prompts`` holds ``pools``); a selection is their union.
+PARTS: dict[str, str] = {
+    "encoder": r"(patch_embed|encoder_level\d|down\d_\d)\.",
+    "bottleneck": r"latent\.",
+    "decoder": r"(up\d_\d|reduce_chan_level\d|decoder_level\d)\.",
+    "refinement": r"refinement\.",
+    "output": r"output\.",
+    "queries": r"(task|domain)_query\.",
+    "pools": r"(task|domain)_pool\.",
+    "fusion": r"fusion\.",
+    "gates": _GATES,
+    "prompts": rf"((task|domain)_(query|pool)|fusion)\.|{_GATES}",
+}
+
+
+def in_parts(name: str, parts: Iterable[str]) -> bool:
+    """Whether the parameter ``name`` (a key of the network's state dict) belongs to one of ``parts`` (keys of
+    :data:`PARTS`)."""
+    return any(re.match(PARTS[part], name) for part in parts)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -114,7 +114,13 @@ def test_dry_run_prints_the_resolved_config_and_starts_nothing(repo_root):
     assert time.perf_counter() - started < 10
     config_doc, network_doc = yaml.safe_load_all(out.stdout)
     assert config_doc["model"]["variant"] == "paper_tiny" and config_doc["model"]["task_pool"]["top_k"] == 4
-    assert network_doc["task_pool"] == {"size": 6, "top_k": 4, "query_centering": None, "fixed_keys": False}
+    assert network_doc["task_pool"] == {
+        "size": 6,
+        "top_k": 4,
+        "query_centering": None,
+        "fixed_keys": False,
+        "routing": "unsupervised",
+    }
     assert "Started a local Ray" not in out.stdout + out.stderr
 
 

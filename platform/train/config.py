@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from datprl.models.losses import LossWeights
+from datprl.models.network import PARTS
 from datprl.models.spec import ModelSpec
 from datprl.platform.compute import ComputeConfig
-from datprl.platform.config import StrictModel
+from datprl.platform.config import NoRepeats, StrictModel
 from datprl.platform.data.pipeline import DataConfig
 from datprl.platform.storage import S3Settings
 
@@ -30,6 +31,61 @@ class OptimConfig(StrictModel):
         "times the workers): none = lr as given for any global batch; linear/sqrt = lr x workers or x sqrt(workers), "
         "lr then being the 1-worker value. The training log states the global batch and the lr used",
     )
+
+
+#: A named part of the network (``datprl.models.network.PARTS``), checked when the config is parsed.
+PartName = Literal[tuple(PARTS)]  # type: ignore[valid-type]
+
+#: File suffixes ``init.weights`` reads: our export (safetensors + .json sidecar), or a published-layout state dict.
+INIT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+class InitConfig(StrictModel):
+    """Start a *new* run from existing weights instead of a fresh network (``platform/train/init.py``). A run that
+    already has a checkpoint resumes from it and ignores this section; ``train_only`` and ``loaded_lr`` define the
+    training and must stay the same when a run is resumed."""
+
+    weights: str | None = Field(
+        None,
+        description="weights to start from (local path or s3://): our export <stem>.safetensors (its .json sidecar "
+        "beside it), or a published-layout state dict (.pth/.pt, read with torch.load(weights_only=True), optionally "
+        "nested under 'params'; or a .safetensors without our sidecar), renamed to our keys; null = train from scratch",
+    )
+    strict: bool = Field(
+        True,
+        description="every key of the configured network must be in the weights with its shape, and nothing else "
+        "(else the run stops before Ray starts, naming the keys); false = load the keys whose names and shapes "
+        "match, keep the rest freshly initialised, and report them (e.g. another pool size)",
+    )
+    train_only: Annotated[list[PartName], NoRepeats] = Field(
+        default_factory=list,
+        description=f"train only these parts of the network, the rest frozen ({', '.join(PARTS)}; "
+        "datprl.models.network.PARTS); empty = train everything",
+    )
+    loaded_lr: float | None = Field(
+        None,
+        gt=0,
+        description="learning rate of the parameters loaded from weights (a second optimiser group, same cosine "
+        "schedule and lr_scaling; decays to min(optim.min_lr, loaded_lr)); null = optim.lr for all",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _readable_kind(cls, weights: str | None) -> str | None:
+        if weights is not None and not weights.endswith(INIT_SUFFIXES):
+            raise ValueError(
+                f"{weights!r} is neither our export (.safetensors with its .json sidecar) nor a published "
+                f"checkpoint (.pth/.pt): the file name must end with one of {', '.join(INIT_SUFFIXES)}"
+            )
+        return weights
+
+    @model_validator(mode="after")
+    def _needs_weights(self) -> "InitConfig":
+        if self.weights is None:
+            for name in ("train_only", "loaded_lr"):
+                if getattr(self, name):
+                    raise ValueError(f"init.{name} applies to weights loaded by init.weights, which is null; set both")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -61,6 +117,11 @@ class TrainConfig(StrictModel):
     # ones; docs/experiments/main-job-recipe.md).
     loss: LossWeights = LossWeights(input_relative="task")
     optim: OptimConfig = OptimConfig(lr=2e-3, ema_decay=0.995)
+    init: InitConfig = Field(
+        InitConfig(),
+        description="start a new run from existing weights (export or published checkpoint): strict or partial "
+        "load, parts to train, their own lr; a resumed run takes its checkpoint instead",
+    )
     compute: ComputeConfig = Field(
         ComputeConfig(),
         description="precision, torch.compile, channels-last, Adam implementation (datprl.platform.compute)",

@@ -33,6 +33,7 @@ from datprl.platform.data.pipeline import read_split, split_tasks, use_decoded_c
 from datprl.platform.storage import atomic_write_bytes, filesystem, is_s3
 from datprl.platform.runtime import init_ray, ray_session, stop_exit_code
 from datprl.platform.train.config import TrainConfig
+from datprl.platform.train.init_weights import check_init
 from datprl.platform.train.loop import train_loop_per_worker, worker_env_vars
 from datprl.platform.train.priors import AUTO, ensure_text_embeddings, resolve_text_embeddings
 from datprl.platform.train.runs import RunMismatch, RunStatus, check_run, delete_run, run_url
@@ -142,6 +143,7 @@ def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
     return config.model_copy(
         update={
             "data": data,
+            "init": config.init.model_copy(update={"weights": absolute(config.init.weights)}),
             "text_embeddings": text_embeddings,
             "storage": absolute(config.storage),
             "output_dir": absolute(config.output_dir),
@@ -152,26 +154,40 @@ def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
 @dataclass(frozen=True)
 class PreparedRun:
     """A training run checked on the driver before Ray starts: its config with absolute local paths, its dataset
-    (manifest read once), the tasks it trains and holds out, and what launching it does (new, resume, complete)."""
+    (manifest read once), the tasks it trains and holds out, what launching it does (new, resume, complete), and the
+    record of the weights it starts from (``init``: checked now for a new run, read from the checkpoint of a resumed
+    one; None when it started from scratch)."""
 
     config: TrainConfig
     dataset: DatasetHandle
     tasks: list[str]
     held_out: list[str]
     status: RunStatus
+    init: dict | None = None
 
 
 def prepare(config: TrainConfig) -> PreparedRun:
     """Everything that can be checked without Ray: paths, the run's existing checkpoint against ``config`` (raises
     :class:`~datprl.platform.train.runs.RunMismatch`; ``resume=false`` deletes the old run first), the dataset (built
-    if missing) and its tasks."""
+    if missing) and its tasks, and for a new run the ``init`` weights against the configured network
+    (:func:`~datprl.platform.train.init_weights.check_init`: ValueError naming the keys that do not fit,
+    FileNotFoundError)."""
     config = _absolute_local_paths(config)
     if not config.resume and delete_run(config):
         print(f"[train] resume=false: deleted the checkpoints of run {config.name!r} at {run_url(config)}", flush=True)
     dataset = open_dataset(config)
     status = check_run(config, dataset.manifest_sha256)
     tasks, held_out = training_tasks(config, dataset)
-    return PreparedRun(config, dataset, tasks, held_out, status)
+    init = status.init
+    if status.kind == "new":
+        init = check_init(config)
+    elif config.init.weights is not None and status.kind == "resume":
+        print(
+            f"[train] init.weights not applied: run {config.name!r} resumes from its checkpoint at step {status.step} "
+            "(init starts a new run only)",
+            flush=True,
+        )
+    return PreparedRun(config, dataset, tasks, held_out, status, init)
 
 
 def ensure_priors(config: TrainConfig) -> None:
@@ -223,6 +239,7 @@ def build_trainer(run: PreparedRun, callbacks: Sequence = ()):
             "counts": dataset.samples_per_task("train"),
             "held_out": run.held_out,
             "manifest_sha256": dataset.manifest_sha256,
+            "init": run.init,  # recorded in every checkpoint's progress.json (provenance after a resume)
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
@@ -355,6 +372,7 @@ def train_and_evaluate(config: TrainConfig) -> int:
         steps=config.steps,
         manifest_sha256=run.dataset.manifest_sha256,
         evaluation=evaluation.to_json() if evaluation is not None else None,
+        init=run.init,
     )
     weights = save_model(model, output_dir / "model", provenance=provenance)
     print(f"[train] exported {weights}", flush=True)

@@ -28,6 +28,7 @@ from datprl.platform.config import config_to_dict
 from datprl.platform.data.sampler import BalancedBatcher, batches_per_pass
 from datprl.platform.data.pipeline import StreamReport, training_batches
 from datprl.platform.train.config import OptimConfig, TrainConfig
+from datprl.platform.train.init_weights import apply_init, freeze_parts
 from datprl.platform.train.priors import (
     description_prototypes,
     domain_prototypes,
@@ -46,12 +47,15 @@ def _text_batch(table: dict[str, torch.Tensor], source_ids: list[str], device) -
     return rows.to(device), torch.tensor(mask, device=device)
 
 
-def _schedule(optim: OptimConfig, steps: int):
+def _schedule(optim: OptimConfig, steps: int, lr: float | None = None):
+    """The cosine schedule's factor per step of a group whose base lr is ``optim.lr`` (``lr`` None) or ``lr`` (the
+    loaded parameters' ``init.loaded_lr``: it decays to ``min_lr`` too, or stays put when it is lower already)."""
+    floor = optim.min_lr / optim.lr if lr is None else min(1.0, optim.min_lr / lr)
+
     def factor(step: int) -> float:
         if step < optim.warmup_steps:
             return (step + 1) / optim.warmup_steps
         progress = min(1.0, (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps))
-        floor = optim.min_lr / optim.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -64,31 +68,62 @@ def scaled_lr(optim: OptimConfig, world: int) -> float:
     return optim.lr * factor
 
 
-def build_optimizer(params, config: TrainConfig, world: int, device: torch.device):
+def build_optimizer(params, config: TrainConfig, world: int, device: torch.device, loaded=None):
     """(Adam, its cosine schedule, the fp16 GradScaler or None) of a run: the paper's Adam with the learning rate
-    for ``world`` workers (:func:`scaled_lr`) and ``config.compute``'s Adam implementation."""
+    for ``world`` workers (:func:`scaled_lr`) and ``config.compute``'s Adam implementation.
+
+    With ``init.loaded_lr`` set, two parameter groups: the ``params`` not in ``loaded`` (those loaded from
+    ``init.weights``) at the scaled ``optim.lr``, then the ``loaded`` ones at ``loaded_lr`` scaled alike, each on its
+    own cosine schedule (:func:`_schedule`). Both groups always exist, one possibly empty, so a resumed run's
+    optimiser state fits whatever was loaded."""
+    lr = scaled_lr(config.optim, world)
+    groups, lambdas = params, _schedule(config.optim, config.steps)
+    loaded_lr = config.init.loaded_lr
+    if loaded_lr is not None:
+        loaded_ids = {id(p) for p in loaded or ()}
+        groups = [
+            {"params": [p for p in params if id(p) not in loaded_ids]},
+            {"params": [p for p in params if id(p) in loaded_ids], "lr": loaded_lr * lr / config.optim.lr},
+        ]
+        lambdas = [lambdas, _schedule(config.optim, config.steps, lr=loaded_lr)]
     optimizer = torch.optim.Adam(
-        params,
-        lr=scaled_lr(config.optim, world),
-        betas=config.optim.betas,
-        **adam_options(config.compute.adam_impl, device),
+        groups, lr=lr, betas=config.optim.betas, **adam_options(config.compute.adam_impl, device)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.optim, config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return optimizer, scheduler, grad_scaler(config.compute.precision, device)
 
 
 def build_training_state(
-    config: TrainConfig, device: torch.device, world: int = 1, wrap=None, tasks: Sequence[str] | None = None
+    config: TrainConfig,
+    device: torch.device,
+    world: int = 1,
+    wrap=None,
+    resumed: dict | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> dict:
     """What a worker builds before its first step (the caller seeds torch first): the network ``model`` on
     ``device`` and ``net``, what runs it (:func:`~datprl.platform.compute.prepare_module`: memory format, ``wrap``
     such as Ray Train's ``prepare_model`` for DDP, ``torch.compile``), its trainable ``params``, the ``optimizer``,
     ``scheduler`` and fp16 ``scaler`` (:func:`build_optimizer`), the loss (``criterion``) and the ``ema`` copy when
-    ``optim.ema_decay`` is set (else None). The benchmarks build the same state in their own process."""
-    model = create_model(config.model.resolve()).to(device)
+    ``optim.ema_decay`` is set (else None). The benchmarks build the same state in their own process.
+
+    ``init`` (a new run, ``resumed`` None): ``init.weights`` are loaded first, so the EMA copy starts from them;
+    ``init_loaded`` names the loaded entries (None without ``init.weights``). ``resumed``, the training state of the
+    run's checkpoint (loaded by the caller afterwards), replaces ``init``: the weights are not loaded again, and its
+    ``init_loaded`` sets the optimiser's groups as the run began. ``init.train_only`` freezes the other parts."""
+    model = create_model(config.model.resolve())
+    if resumed is None:
+        result = apply_init(model, config)
+        init_loaded = result.loaded if result is not None else None
+    else:
+        init_loaded = resumed.get("init_loaded")
+    freeze_parts(model, config.init.train_only)
+    model = model.to(device)
     net = prepare_module(model, config.compute, wrap=wrap)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer, scheduler, scaler = build_optimizer(params, config, world, device)
+    names = set(init_loaded or ())
+    loaded = [p for name, p in model.named_parameters() if p.requires_grad and name in names]
+    optimizer, scheduler, scaler = build_optimizer(params, config, world, device, loaded=loaded)
     ema = None
     if config.optim.ema_decay:
         ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(config.optim.ema_decay)
@@ -104,6 +139,7 @@ def build_training_state(
         scaler=scaler,
         criterion=DATPRLLoss(config.loss, tasks=tasks).to(device),
         ema=ema,
+        init_loaded=init_loaded,
     )
 
 
@@ -171,11 +207,13 @@ def _start_domain_keys(pool, embeddings: dict, config: TrainConfig, url: str, ra
         _worker_print(f"[train] domain prompt keys start at {what} (domain_key_init={config.domain_key_init}){kept}")
 
 
-def setup_priors(model, config: TrainConfig, rank: int = 0) -> dict[str, torch.Tensor] | None:
+def setup_priors(
+    model, config: TrainConfig, rank: int = 0, keep_domain_keys: bool = False
+) -> dict[str, torch.Tensor] | None:
     """The domain priors of a worker before its first step: the text embeddings L_align and L_psel read (source_id ->
     (D,) tensor; None when L_align is off, the network has no domain pool or ``text_embeddings`` is null), with the
-    domain pool's keys started from them as ``domain_key_init`` says. The benchmarks set up their in-process
-    networks the same way."""
+    domain pool's keys started from them as ``domain_key_init`` says, unless ``keep_domain_keys`` (keys loaded from
+    ``init.weights``). The benchmarks set up their in-process networks the same way."""
     texts = None
     if config.loss.align and model.domain_pool is not None:
         if config.text_embeddings is None:
@@ -187,10 +225,16 @@ def setup_priors(model, config: TrainConfig, rank: int = 0) -> dict[str, torch.T
             texts = {source: torch.from_numpy(vector) for source, vector in loaded.items()}
             if rank == 0:
                 _worker_print(f"[train] L_align on: text embeddings of {len(texts)} source images from {url}")
-            if config.domain_key_init != "random":
+            if keep_domain_keys:
+                if rank == 0:
+                    _worker_print(
+                        "[train] domain prompt keys kept as loaded from init.weights (domain_key_init unused)"
+                    )
+            elif config.domain_key_init != "random":
                 _start_domain_keys(model.domain_pool, loaded, config, url, rank)
     pool = model.domain_pool
-    if rank == 0 and pool is not None and pool.fixed_keys and (texts is None or config.domain_key_init == "random"):
+    random_keys = not keep_domain_keys and (texts is None or config.domain_key_init == "random")
+    if rank == 0 and pool is not None and pool.fixed_keys and random_keys:
         _worker_print(
             "[train] warning: the domain pool's keys are fixed (model.domain_pool.fixed_keys) and stay at "
             "their random start: set them from the descriptions (text embeddings with domain_key_init="
@@ -217,20 +261,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(config.torch_threads)
     device = ray.train.torch.get_device()
 
-    # On the worker's device, DDP when world > 1 (no find_unused_parameters: every trainable parameter takes part in
-    # every step), compiled when compute.compile.
-    state = build_training_state(config, device, world, wrap=ray.train.torch.prepare_model, tasks=tasks)
-    model, net, params, criterion = state["model"], state["net"], state["params"], state["criterion"]
-    optimizer, scheduler, scaler, ema = state["optimizer"], state["scheduler"], state["scaler"], state["ema"]
-    if rank == 0:
-        _worker_print(describe_setup(config, len(tasks), world, device))
-    texts = setup_priors(model, config, rank)
-
-    step, passes = 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    # The checkpoint first: a resumed run takes its weights from it, never from init.weights again, and its
+    # optimiser groups from what init loaded when the run began.
+    checkpoint, resumed = ray.train.get_checkpoint(), None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+            resumed = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=True)
+    # On the worker's device, DDP when world > 1 (no find_unused_parameters: every trainable parameter takes part in
+    # every step), compiled when compute.compile.
+    built = build_training_state(
+        config, device, world, wrap=ray.train.torch.prepare_model, resumed=resumed, tasks=tasks
+    )
+    model, net, params, criterion = built["model"], built["net"], built["params"], built["criterion"]
+    optimizer, scheduler, scaler, ema = built["optimizer"], built["scheduler"], built["scaler"], built["ema"]
+    init_loaded = built["init_loaded"]
+    if rank == 0:
+        _worker_print(describe_setup(config, len(tasks), world, device))
+        if resumed is None and init_loaded is not None:
+            _worker_print(f"[train] loaded {len(init_loaded)} entries of init.weights {config.init.weights}")
+    # Domain keys loaded from init.weights are trained ones: domain_key_init must not overwrite them.
+    keep_keys = init_loaded is not None and "domain_pool.prompt_keys" in init_loaded
+    texts = setup_priors(model, config, rank, keep_domain_keys=keep_keys)
+
+    step, passes = 0, 0
+    if resumed is not None:
+        state = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -284,6 +339,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "resumed_from_step": start_step,
                     "loss": means["total"],
                     "lr": scheduler.get_last_lr()[0],
+                    **({"lr_loaded": scheduler.get_last_lr()[1]} if config.init.loaded_lr is not None else {}),
                     "passes": passes,
                     "samples_per_s": len(window) * batch_size * world / (time.perf_counter() - started),
                     "corrupt_samples": len(report.corrupt),
@@ -306,6 +362,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         rank,
                         loop_config.get("manifest_sha256"),
                         criterion,
+                        init_loaded,
+                        loop_config.get("init"),
                     )
                 else:
                     ray.train.report(metrics)
@@ -435,6 +493,8 @@ def _report_with_checkpoint(
     rank,
     manifest_sha256: str | None = None,
     criterion=None,
+    init_loaded: list[str] | None = None,
+    init_record: dict | None = None,
 ) -> None:
     import ray.train
 
@@ -452,11 +512,14 @@ def _report_with_checkpoint(
                 else None,
                 "step": step,
                 "passes": passes,
+                "init_loaded": init_loaded,  # the optimiser groups of init.loaded_lr, rebuilt on resume
             }
             torch.save(state, Path(folder) / "state.pt")
             # config.json and progress.json let the driver check a run before resuming it (datprl.platform.train.runs)
             (Path(folder) / CONFIG_FILE).write_text(json.dumps(config_to_dict(config), indent=1))
             progress = {"step": step, "steps": config.steps, "dataset_manifest_sha256": manifest_sha256}
+            if init_record is not None:  # the weights the run started from, for the export's provenance after a resume
+                progress["init"] = init_record
             (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress))
             weights = ema.module if ema is not None else model
             save_model(weights, Path(folder) / "model")

@@ -105,15 +105,24 @@ def _package_version() -> str | None:
 
 
 def build_provenance(
-    config_dict: dict, *, model_spec: str, steps: int, manifest_sha256: str | None, evaluation: dict | None
+    config_dict: dict,
+    *,
+    model_spec: str,
+    steps: int,
+    manifest_sha256: str | None,
+    evaluation: dict | None,
+    init: dict | None = None,
 ) -> dict:
     """The provenance record of weights exported after training (JSON-compatible).
 
     ``config_dict``: the resolved training config (``config_to_dict(TrainConfig)``). ``model_spec``: the network as
     a string (e.g. ``"paper_tiny (task_pool.top_k=4)"``). ``steps``: optimisation steps trained. ``manifest_sha256``:
     SHA-256 of the dataset's manifest (None when unknown). ``evaluation``: ``EvalResult.to_json()`` of the final
-    validation, summarised by :func:`evaluation_summary`, or None. Adds the git commit (and whether tracked files
-    were modified) of the code when it runs from a git checkout, the UTC creation time and the package version.
+    validation, summarised by :func:`evaluation_summary`, or None. ``init``: the weights training started from (the
+    ``init`` section: path, sha256, kind export/published, strict, key counts; from
+    :func:`datprl.platform.train.init_weights.check_init`), None for a network trained from scratch. Adds the git
+    commit (and whether tracked files were modified) of the code when it runs from a git checkout, the UTC creation
+    time and the package version.
     """
     if not isinstance(config_dict, dict):
         raise TypeError(f"config_dict must be a dict (config_to_dict(config)), not {type(config_dict).__name__}")
@@ -130,6 +139,11 @@ def build_provenance(
             f"manifest_sha256 must be 64 lower-case hex digits (hashlib.sha256(...).hexdigest()) or "
             f"None, got {manifest_sha256!r}"
         )
+    if init is not None and (not isinstance(init, dict) or not _SHA256.fullmatch(str(init.get("sha256")))):
+        raise ValueError(
+            f"init must be the record of the weights training started from (check_init(config): a dict with their "
+            f"sha256) or None, got {init!r}"
+        )
     commit, dirty = git_state()
     return {
         "trained": True,
@@ -138,6 +152,7 @@ def build_provenance(
         "steps": steps,
         "dataset_manifest_sha256": manifest_sha256,
         "evaluation": None if evaluation is None else evaluation_summary(evaluation),
+        "init": None if init is None else json.loads(json.dumps(init)),
         "git_commit": commit,
         "git_dirty": dirty,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -43,6 +43,7 @@ class RunStatus:
     step: int = 0
     steps: int = 0
     previous_steps: int | None = None  # the run's own total when ``steps`` was raised to continue it
+    init: dict[str, Any] | None = None  # the weights the run started from (init section), as its checkpoint records
 
 
 def run_url(config: TrainConfig) -> str:
@@ -75,6 +76,10 @@ def identity(saved: dict[str, Any]) -> dict[str, Any]:
     fields = flatten({"model": _model_of(saved)}, "")
     fields.update(flatten({"data": {k: saved.get("data", {}).get(k) for k in IDENTITY_DATA_FIELDS}}, ""))
     fields.update(flatten({k: saved.get(k) for k in IDENTITY_FIELDS}, ""))
+    # init.weights only starts a new run (a resume takes the checkpoint), but what trains and at which lr defines the
+    # training, and the resumed optimiser's groups must match; configs from before the section had neither.
+    init = saved.get("init") or {}
+    fields.update({"init.train_only": init.get("train_only") or [], "init.loaded_lr": init.get("loaded_lr")})
     return fields
 
 
@@ -84,9 +89,9 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _latest_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], int, str | None] | None:
-    """(saved config, step, dataset manifest SHA-256 or None) of the run's furthest checkpoint, or None when the run
-    has none."""
+def _latest_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], int, str | None, dict | None] | None:
+    """(saved config, step, dataset manifest SHA-256 or None, the init record or None) of the run's furthest
+    checkpoint, or None when the run has none."""
     fs, root = filesystem(run_url(config), config.s3)
     import pyarrow.fs as pafs
 
@@ -94,28 +99,29 @@ def _latest_checkpoint(config: TrainConfig) -> tuple[dict[str, Any], int, str | 
         entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    steps: list[tuple[int, str]] = []
+    steps: list[tuple[int, str | None, dict | None, str]] = []
     for entry in entries:
         if entry.type == pafs.FileType.Directory and posixpath.basename(entry.path).startswith("checkpoint_"):
             try:
                 steps.append((*_checkpoint_progress(fs, entry.path), entry.path))
             except (FileNotFoundError, OSError, ValueError, KeyError):
                 continue  # an incomplete checkpoint (interrupted upload): Ray does not resume from it either
-    for step, manifest_sha256, folder in sorted(steps, key=lambda item: item[0], reverse=True):
+    for step, manifest_sha256, init, folder in sorted(steps, key=lambda item: item[0], reverse=True):
         try:  # the furthest checkpoint whose config can be read
             with fs.open_input_stream(posixpath.join(folder, CONFIG_FILE)) as f:
-                return json.loads(f.read()), step, manifest_sha256
+                return json.loads(f.read()), step, manifest_sha256, init
         except (FileNotFoundError, OSError, ValueError):
             continue
     return None
 
 
-def _checkpoint_progress(fs, folder: str) -> tuple[int, str | None]:
-    """(step, SHA-256 of the dataset manifest it trained on, None for checkpoints from before it was recorded)."""
+def _checkpoint_progress(fs, folder: str) -> tuple[int, str | None, dict | None]:
+    """(step, SHA-256 of the dataset manifest it trained on, the record of the init weights the run started from),
+    the last two None when not recorded (older checkpoints; runs started from scratch)."""
     try:
         with fs.open_input_stream(posixpath.join(folder, PROGRESS_FILE)) as f:
             progress = json.loads(f.read())
-        return int(progress["step"]), progress.get("dataset_manifest_sha256")
+        return int(progress["step"]), progress.get("dataset_manifest_sha256"), progress.get("init")
     except FileNotFoundError:
         # Checkpoints written before progress.json existed: the step is in the training state.
         import io
@@ -124,7 +130,7 @@ def _checkpoint_progress(fs, folder: str) -> tuple[int, str | None]:
 
         with fs.open_input_stream(posixpath.join(folder, "state.pt")) as f:
             state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        return int(state["step"]), None
+        return int(state["step"]), None, None
 
 
 def check_run(config: TrainConfig, manifest_sha256: str | None = None) -> RunStatus:
@@ -139,7 +145,7 @@ def check_run(config: TrainConfig, manifest_sha256: str | None = None) -> RunSta
     latest = _latest_checkpoint(config)
     if latest is None:
         return RunStatus("new", url, steps=config.steps)
-    saved, step, trained_on = latest
+    saved, step, trained_on, init = latest
     diffs = differences(saved, config_to_dict(config))
     if manifest_sha256 and trained_on and trained_on != manifest_sha256:  # same path, other content: rebuilt since
         diffs.append(
@@ -160,6 +166,7 @@ def check_run(config: TrainConfig, manifest_sha256: str | None = None) -> RunSta
         step=step,
         steps=config.steps,
         previous_steps=previous if previous != config.steps else None,
+        init=init,
     )
 
 
