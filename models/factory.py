@@ -39,6 +39,15 @@ _SMALL = dict(
     fusion_heads=4,
 )
 
+# paper_tiny's fields, shared with paper_tiny_routed (which differs in its task pool only).
+_PAPER_TINY = dict(
+    **_TINY,
+    task_pool=PromptPoolConfig(size=6, top_k=3),
+    domain_pool=PromptPoolConfig(size=9, top_k=3, query_centering=False, fixed_keys=True),
+    query_centering=True,
+    domain_query_features="encoder1",
+)
+
 #: Every registered variant.
 #: ``paper``: the multi-domain network of the paper (53,133,552 parameters).
 #: ``task_only``: its natural-image variant, task pool only (42,563,115).
@@ -52,6 +61,9 @@ _SMALL = dict(
 #: its domain query reads the first encoder level (``domain_query_features``). Its domain keys are fixed (training sets
 #: them, ``domain_key_init=domains``: each domain's mean description, three keys per domain) and its domain query is
 #: not centred, so top-k picks one domain's group (docs/priors.md).
+#: ``paper_tiny_routed`` (ours, beyond the paper): ``paper_tiny`` with a task pool of 18 prompts, top-2, routed by the
+#: recorded degradation task (``routing=task_labels``: training adds L_tsel, key j belongs to task j mod T), so each of
+#: the default corpus's 9 tasks owns two keys. The paper-faithful unsupervised selection stays ``paper_tiny``.
 #: ``paper_small``: ``paper_tiny``'s design at twice the width and about twice the depth (infra/train-quality.yaml,
 #: the longer CPU recipe), with the domain pool ``paper_tiny`` had before the fixed keys (trained keys, centred query;
 #: the fixed keys are not measured at this size).
@@ -61,12 +73,9 @@ VARIANTS: dict[str, ModelConfig] = {
     "task_only": ModelConfig(domain_pool=None),
     "restormer": ModelConfig(task_pool=None, domain_pool=None, decoder_blocks=(4, 6, 6)),
     "paper_backbone": ModelConfig(task_pool=None, domain_pool=None),
-    "paper_tiny": ModelConfig(
-        **_TINY,
-        task_pool=PromptPoolConfig(size=6, top_k=3),
-        domain_pool=PromptPoolConfig(size=9, top_k=3, query_centering=False, fixed_keys=True),
-        query_centering=True,
-        domain_query_features="encoder1",
+    "paper_tiny": ModelConfig(**_PAPER_TINY),
+    "paper_tiny_routed": ModelConfig(
+        **{**_PAPER_TINY, "task_pool": PromptPoolConfig(size=18, top_k=2, routing="task_labels")}
     ),
     "paper_small": ModelConfig(
         **_SMALL,

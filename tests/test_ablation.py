@@ -6,24 +6,32 @@ the end-to-end tests; Ray Train start-up dominates its cost (about a minute on 2
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from PIL import Image
+
 from conftest import small_corpus
+from datprl.platform.config import load_config
 from datprl.platform.data.handle import DatasetHandle
 from datprl.platform.data.pipeline import DataConfig
 from datprl.platform.train.ablation import (
+    LABEL_HEIGHT,
+    PANEL_GAP,
     AblationArm,
     AblationConfig,
     Score,
     aggregate,
     main,
+    metrics_file,
     ordering_sentence,
     run_ablation,
     run_config,
+    write_reports,
 )
 from datprl.platform.train.config import TrainConfig
 
@@ -212,3 +220,97 @@ def test_aggregate_on_hand_made_numbers():
 
     with pytest.raises(ValueError, match="seed 1 reports tasks"):
         aggregate(_scores("a", {0: {"x": 1.0, "y": 1.0}, 1: {"x": 1.0}}))
+
+
+# --- reports from finished runs (fake run folders: no training) ----------------------------------------------------
+ROUTING_ARMS = [
+    AblationArm(name="paper_selection", variant="paper_tiny", priors=True),
+    AblationArm(name="no_pools", variant="restormer_tiny"),  # no pools: no heatmap, no NMI
+    AblationArm(name="task_label_routing", variant="paper_tiny_routed", priors=True),
+]
+# (width, height) of each arm's prompt_usage.png: different, so the composition's layout is checked.
+PANEL_SIZES = {"paper_selection": (120, 70), "task_label_routing": (150, 90)}
+NMI = {  # arm -> seed -> (task pool NMI with the task, domain pool NMI with the domain)
+    "paper_selection": {0: (0.1, 0.8), 1: (0.3, 0.9)},
+    "task_label_routing": {0: (0.9, 0.7), 1: (0.7, 0.9)},
+}
+
+
+def _fake_run(config: AblationConfig, arm: AblationArm, seed: int, splits: list[str]) -> None:
+    """What a finished run leaves in its folder for each split: a ``metrics.json`` (two tasks, and with pools the
+    selection NMIs as the evaluation stores them) and, with pools, a ``prompt_usage.png``."""
+    run = run_config(config, arm, seed)
+    for split in splits:
+        path = metrics_file(run, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [
+            {"domain": "natural", "task": task, "n": 4, "input_psnr": 20.0, "output_psnr": 20.0 + delta + seed / 10}
+            for task, delta in (("haze", 1.0), ("sr_x4", 0.5))
+        ]
+        usage = None
+        if arm.name in NMI:
+            task_nmi, domain_nmi = NMI[arm.name][seed]
+            usage = {
+                "task": {"nmi_task": task_nmi, "nmi_domain": 0.0},
+                "domain": {"nmi_task": 0.0, "nmi_domain": domain_nmi},
+            }
+            colour = (200, 30, 30) if split == "test" else (30, 30, 200)
+            Image.new("RGB", PANEL_SIZES[arm.name], colour).save(path.with_name("prompt_usage.png"))
+        path.write_text(json.dumps({"rows": rows, "prompt_usage": usage}))
+
+
+def test_reports_compose_the_heatmaps_and_list_the_nmis(tmp_path):
+    splits = ["test", "val"]
+    config = AblationConfig(arms=ROUTING_ARMS, seeds=[0, 1], output_dir=str(tmp_path / "out"))
+    for seed in config.seeds:
+        for arm in config.arms:
+            _fake_run(config, arm, seed, splits)
+
+    markdown = write_reports(config, splits)
+    out = tmp_path / "out"
+    assert (out / "ablation.md").read_text() == markdown
+    panels = [PANEL_SIZES["paper_selection"], PANEL_SIZES["task_label_routing"]]  # no_pools has none
+    for split in splits:
+        with Image.open(out / f"prompt_usage_{split}.png") as figure:
+            image = np.asarray(figure.convert("RGB"))
+        assert image.shape[1] == sum(w for w, _ in panels) + PANEL_GAP * (len(panels) - 1)
+        assert image.shape[0] == LABEL_HEIGHT + max(h for _, h in panels)
+        # each panel pasted in the arms' order below the label band, its own split's heatmap
+        colour = (200, 30, 30) if split == "test" else (30, 30, 200)
+        assert tuple(image[LABEL_HEIGHT + 1, 1]) == colour
+        assert tuple(image[LABEL_HEIGHT + 1, panels[0][0] + PANEL_GAP + 1]) == colour
+        assert tuple(image[LABEL_HEIGHT + 1, panels[0][0] + 1]) == (255, 255, 255)  # the gap
+        assert (image[:LABEL_HEIGHT] < 128).any()  # the arm labels
+        assert f"[prompt_usage_{split}.png](prompt_usage_{split}.png)" in markdown
+        section = markdown.split(f"## `{split}`", 1)[1].split("\n## ", 1)[0]
+        assert "without a heatmap (their runs wrote none: no prompt pools): no_pools" in section
+        nmi_rows = [line for line in section.splitlines() if line.startswith("| ") and "NMI" not in line]
+        assert "| paper_selection | 0.20 ± 0.14 | 0.85 ± 0.07 |" in nmi_rows
+        assert "| task_label_routing | 0.80 ± 0.14 | 0.80 ± 0.14 |" in nmi_rows
+        assert "| no_pools | - | - |" in nmi_rows
+    # the delta tables are the ones without the NMIs: mean over seeds 0 and 1 of +1.0 / +1.1 and +0.5 / +0.6
+    assert _markdown_cells(markdown, "test")["no_pools"] == ["+1.05 ± 0.07", "+0.55 ± 0.07", "+0.80 ± 0.07"]
+
+
+def test_reports_without_any_heatmap_say_so(tmp_path):
+    config = AblationConfig(arms=ROUTING_ARMS[1:2], seeds=[0], output_dir=str(tmp_path / "out"))
+    _fake_run(config, config.arms[0], 0, ["test", "val"])
+    markdown = write_reports(config, ["test", "val"])
+    assert not list((tmp_path / "out").glob("prompt_usage_*.png"))
+    assert "No prompt-usage heatmaps: no run of seed 0 wrote one" in markdown
+    assert "NMI" not in markdown  # no run reports one: no NMI table
+
+
+def test_routing_config_parses_with_its_two_arms(repo_root):
+    config = load_config(AblationConfig, repo_root / "infra" / "ablate-routing.yaml")
+    assert [(a.name, a.variant, a.priors) for a in config.arms] == [
+        ("paper_selection", "paper_tiny", True),
+        ("task_label_routing", "paper_tiny_routed", True),
+    ]
+    assert config.seeds == [0, 1, 2] and config.output_dir == "outputs/ablation-routing"
+    routed = run_config(config, config.arms[1], seed=0).model.resolve()
+    assert routed.task_pool.routing == "task_labels" and (routed.task_pool.size, routed.task_pool.top_k) == (18, 2)
+    assert run_config(config, config.arms[0], seed=0).model.resolve().task_pool.routing == "unsupervised"
+    assert (
+        "python jobs/ablate.py infra/ablate-routing.yaml" in (repo_root / "infra" / "ablate-routing.yaml").read_text()
+    )

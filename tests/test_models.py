@@ -33,7 +33,8 @@ from datprl.models import (
 )
 from datprl.models.backbone import GatedFusionBlock
 
-TINY_VARIANTS = sorted(name for name in VARIANTS if name.endswith(("_tiny", "_small")))  # the CPU-sized ones
+# The CPU-sized ones: a "tiny" or "small" part anywhere in the name (paper_tiny_routed is one too).
+TINY_VARIANTS = sorted(name for name in VARIANTS if {"tiny", "small"} & set(name.split("_")))
 OFFICIAL_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "official-checkpoint"
 KEYS_TSV = OFFICIAL_CHECKPOINT / "paper-6task-keys.tsv"
 INERT = re.compile(r"\.cross_attn_[qk]\.(weight|bias)$")

@@ -8,7 +8,10 @@ trained on) and, when the recipe has one, on its ``evaluate_split`` too, and wri
 - ``runs/<arm>_s<seed>/``: each run's outputs as ``jobs/train.py`` writes them (weights, ``eval*/metrics.json``);
   its checkpoints live in ``train.storage`` under the run name ``<name>-<arm>-s<seed>``;
 - ``ablation.md``: per arm and task, the delta PSNR (output - input) as mean +- std over seeds, the arms ordered by
-  their mean, the budget; ``ablation.csv``: every run's raw numbers and the aggregates; ``ablation.png``: grouped bars;
+  their mean, the budget and, when the evaluations carry them, the prompt-selection NMIs (task pool with the task,
+  domain pool with the domain); ``ablation.csv``: every run's raw numbers and the aggregates; ``ablation.png``: grouped
+  bars; ``prompt_usage_<split>.png``: the prompt-usage heatmaps of the first seed's runs side by side, one column per
+  arm with pools;
 - ``config.yaml``: the resolved ablation config.
 
 The default arms (:data:`DEFAULT_ARMS`):
@@ -61,13 +64,18 @@ __all__ = [
     "AblationConfig",
     "ArmStats",
     "DEFAULT_ARMS",
+    "Heatmaps",
     "Score",
+    "Selection",
     "Stats",
     "aggregate",
+    "compose_side_by_side",
     "main",
     "ordering_sentence",
     "run_config",
     "run_dir",
+    "write_prompt_usage",
+    "write_reports",
 ]
 
 NO_POOLS_NOTE = (
@@ -234,6 +242,31 @@ class Score:
         return self.output_psnr - self.input_psnr
 
 
+@dataclass(frozen=True)
+class Selection:
+    """How much one run's prompt selection on a split depends on the labels (``prompt_usage`` of its
+    ``metrics.json``): the task pool's NMI with the task and the domain pool's NMI with the domain; None where the
+    network has no such pool or the NMI is undefined (a single label)."""
+
+    split: str
+    arm: str
+    seed: int
+    task_nmi: float | None
+    domain_nmi: float | None
+
+
+def read_selection(path: Path, split: str, arm: str, seed: int) -> Selection:
+    """The selection NMIs of a ``metrics.json`` (``nmi_task`` of its ``task`` pool entry, ``nmi_domain`` of its
+    ``domain`` one, as the evaluation stores them in ``EvalResult.prompt_usage``)."""
+    usage = json.loads(path.read_text()).get("prompt_usage") or {}
+
+    def nmi(pool: str, key: str) -> float | None:
+        value = (usage.get(pool) or {}).get(key)
+        return None if value is None else float(value)
+
+    return Selection(split, arm, seed, nmi("task", "nmi_task"), nmi("domain", "nmi_domain"))
+
+
 def read_scores(path: Path, split: str, arm: str, seed: int) -> list[Score]:
     """The per-task rows of a ``metrics.json`` written by the evaluation (:meth:`EvalResult.to_json`)."""
     data = json.loads(path.read_text())
@@ -355,9 +388,63 @@ def _delta_table(stats: Sequence[ArmStats]) -> list[str]:
     return lines
 
 
-def ablation_markdown(config: AblationConfig, stats: dict[str, list[ArmStats]]) -> str:
+@dataclass(frozen=True)
+class Heatmaps:
+    """The composed prompt-usage figure of one split: ``file`` (its name in ``output_dir``; None when no arm's run
+    has a heatmap), the ``seed`` whose runs it shows, the ``arms`` in its columns and the ``missing`` ones (their run
+    wrote no ``prompt_usage.png``: a network without prompt pools)."""
+
+    file: str | None
+    seed: int
+    arms: list[str]
+    missing: list[str]
+
+
+def _selection_lines(
+    split: str, arms: Sequence[str], selections: Sequence[Selection], heatmaps: Heatmaps | None
+) -> list[str]:
+    """The NMI table of ``split`` (only when some run reports an NMI) and the line linking its heatmaps."""
+    lines = []
+    mine = [s for s in selections if s.split == split]
+    if any(s.task_nmi is not None or s.domain_nmi is not None for s in mine):
+
+        def cell(arm: str, field: str) -> str:
+            values = [getattr(s, field) for s in mine if s.arm == arm and getattr(s, field) is not None]
+            return _cell(Stats.of(values), signed=False) if values else "-"
+
+        lines += [
+            "",
+            "| arm | task pool NMI with the task | domain pool NMI with the domain |",
+            "| --- | ---: | ---: |",
+            *(f"| {arm} | {cell(arm, 'task_nmi')} | {cell(arm, 'domain_nmi')} |" for arm in arms),
+            "",
+            "NMI = I(label; selected prompt) / H(label) (`prompt_usage` in each run's metrics.json; 0: the same "
+            "prompts whatever the label, 1: the prompts determine it), mean ± std over seeds; -: no such pool (or "
+            "a single label).",
+        ]
+    if heatmaps is not None:
+        if heatmaps.file is None:
+            lines += ["", f"No prompt-usage heatmaps: no run of seed {heatmaps.seed} wrote one (no prompt pools)."]
+        else:
+            lines += ["", f"Prompt usage, seed {heatmaps.seed}, one column per arm: [{heatmaps.file}]({heatmaps.file})"]
+            if heatmaps.missing:
+                lines[-1] += (
+                    f"; without a heatmap (their runs wrote none: no prompt pools): {', '.join(heatmaps.missing)}"
+                )
+            lines[-1] += "."
+    return lines
+
+
+def ablation_markdown(
+    config: AblationConfig,
+    stats: dict[str, list[ArmStats]],
+    selections: Sequence[Selection] = (),
+    heatmaps: dict[str, Heatmaps] | None = None,
+) -> str:
     """The report: per split (``split`` first) the delta-PSNR table (rows = arms, columns = tasks + mean), the
-    ordering sentence and a summary per arm (spread min..max, output PSNR), then the budget and the footnotes."""
+    ordering sentence and a summary per arm (spread min..max, output PSNR), the prompt-selection NMIs per arm when the
+    runs report them (``selections``) and the link to the split's heatmaps (``heatmaps``, by split), then the budget
+    and the footnotes."""
     train = config.train
     arms = {arm.name: arm for arm in config.arms}
     seeds = ", ".join(str(s) for s in config.seeds)
@@ -371,20 +458,21 @@ def ablation_markdown(config: AblationConfig, stats: dict[str, list[ArmStats]]) 
     for split, split_stats in stats.items():
         role = "cross-source test split" if split == config.split else "validation split"
         lines += ["", f"## `{split}` ({role})", "", *_delta_table(split_stats), "", ordering_sentence(split_stats)]
-        if split != config.split:
-            continue
-        lines += [
-            "",
-            "| arm | variant | priors | mean delta PSNR | min..max over seeds | mean output PSNR |",
-            "| --- | --- | --- | ---: | ---: | ---: |",
-        ]
-        for s in split_stats:
-            arm = arms.get(s.arm)
-            variant, priors = (arm.variant, "yes" if arm.priors else "no") if arm is not None else ("?", "?")
-            lines.append(
-                f"| {s.arm} | {variant} | {priors} | {_cell(s.mean_delta)} | "
-                f"{s.mean_delta.min:+.2f}..{s.mean_delta.max:+.2f} | {_cell(s.mean_output, signed=False)} |"
-            )
+        if split == config.split:
+            lines += [
+                "",
+                "| arm | variant | priors | mean delta PSNR | min..max over seeds | mean output PSNR |",
+                "| --- | --- | --- | ---: | ---: | ---: |",
+            ]
+            for s in split_stats:
+                arm = arms.get(s.arm)
+                variant, priors = (arm.variant, "yes" if arm.priors else "no") if arm is not None else ("?", "?")
+                lines.append(
+                    f"| {s.arm} | {variant} | {priors} | {_cell(s.mean_delta)} | "
+                    f"{s.mean_delta.min:+.2f}..{s.mean_delta.max:+.2f} | {_cell(s.mean_output, signed=False)} |"
+                )
+        arm_names = [s.arm for s in split_stats]
+        lines += _selection_lines(split, arm_names, selections, (heatmaps or {}).get(split))
     lines += [
         "",
         "Mean = mean over the table's tasks of the per-task means, taken per seed; ± = sample standard deviation "
@@ -512,6 +600,84 @@ def ablation_png(stats: Sequence[ArmStats], title: str) -> bytes:
     return buffer.getvalue()
 
 
+#: Pixels of the label band above each heatmap and of the white gap between two columns of the composed figure.
+LABEL_HEIGHT = 28
+PANEL_GAP = 16
+
+
+def compose_side_by_side(panels: Sequence[tuple[str, bytes]]) -> bytes:
+    """One PNG of ``panels`` (label, PNG bytes) side by side, left to right, top-aligned on white, each labelled above:
+    ``LABEL_HEIGHT`` + the tallest panel high, the panels' widths plus ``PANEL_GAP`` between neighbours wide. The
+    panels are pasted at their own resolution (no rescaling: their text stays readable)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not panels:
+        raise ValueError("compose_side_by_side needs at least one panel")
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for _, data in panels]
+    width = sum(image.width for image in images) + PANEL_GAP * (len(images) - 1)
+    canvas = Image.new("RGB", (width, LABEL_HEIGHT + max(image.height for image in images)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=16)
+    x = 0
+    for (label, _), image in zip(panels, images):
+        canvas.paste(image, (x, LABEL_HEIGHT))
+        draw.text((x + 8, 5), label, fill="black", font=font)
+        x += image.width + PANEL_GAP
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_prompt_usage(config: AblationConfig, splits: Sequence[str]) -> dict[str, Heatmaps]:
+    """Per split, ``prompt_usage_<split>.png`` in ``output_dir``: the ``prompt_usage.png`` the evaluation wrote for
+    each arm's run of ``seeds[0]``, side by side in the arms' order (:func:`compose_side_by_side`); arms whose run
+    has none (no prompt pools) are left out. Returns what each split's figure shows."""
+    out = Path(config.output_dir)
+    seed = config.seeds[0]
+    result = {}
+    for split in splits:
+        panels, missing = [], []
+        for arm in config.arms:
+            heatmap = metrics_file(run_config(config, arm, seed), split).with_name("prompt_usage.png")
+            if heatmap.exists():
+                panels.append((arm.name, heatmap.read_bytes()))
+            else:
+                missing.append(arm.name)
+        name = f"prompt_usage_{split}.png"
+        if panels:
+            atomic_write_bytes(out / name, compose_side_by_side(panels))
+        else:
+            (out / name).unlink(missing_ok=True)  # an earlier figure in this folder would show other runs
+        result[split] = Heatmaps(name if panels else None, seed, [label for label, _ in panels], missing)
+    return result
+
+
+def write_reports(config: AblationConfig, splits: Sequence[str]) -> str:
+    """Read every run's evaluation of ``splits`` (``split`` first) and write ablation.md, ablation.csv, ablation.png
+    and the prompt-usage figures to ``output_dir``; returns the markdown."""
+    out = Path(config.output_dir)
+    scores: list[Score] = []
+    selections: list[Selection] = []
+    for seed in config.seeds:
+        for arm in config.arms:
+            run = run_config(config, arm, seed)
+            for split in splits:
+                scores += read_scores(metrics_file(run, split), split, arm.name, seed)
+                selections.append(read_selection(metrics_file(run, split), split, arm.name, seed))
+    names = [arm.name for arm in config.arms]
+    stats = {split: aggregate([s for s in scores if s.split == split], names) for split in splits}
+    heatmaps = write_prompt_usage(config, splits)
+    markdown = ablation_markdown(config, stats, selections, heatmaps)
+    atomic_write_bytes(out / "ablation.md", markdown.encode("utf-8"))
+    atomic_write_bytes(out / "ablation.csv", ablation_csv(config, scores, stats).encode("utf-8"))
+    title = (
+        f"Ablation on `{config.split}`: delta PSNR, mean ± std over {len(config.seeds)} seeds, "
+        f"{config.train.steps} steps each"
+    )
+    atomic_write_bytes(out / "ablation.png", ablation_png(stats[config.split], title))
+    return markdown
+
+
 # --- the job ------------------------------------------------------------------------------------------------------
 def _fail(message: str, code: int = 2) -> int:
     print(f"ablate.py: error: {message}", file=sys.stderr)
@@ -589,7 +755,6 @@ def run_ablation(config: AblationConfig) -> int:
     # Seed-major: an ablation stopped half-way has every arm at the same number of seeds, so its partial table is
     # still a comparison at equal budget.
     plan = [(arm, seed, run_config(config, arm, seed)) for seed in config.seeds for arm in config.arms]
-    scores: list[Score] = []
     try:
         with ray_session(train.ray_address, quiet=not train.verbose):
             for i, (arm, seed, run) in enumerate(plan, 1):
@@ -615,23 +780,14 @@ def run_ablation(config: AblationConfig) -> int:
                     code = _train_one(run, splits)
                     if code:
                         return code
-                for split in splits:
-                    scores += read_scores(metrics_file(run, split), split, arm.name, seed)
     except KeyboardInterrupt:
         print("\n[ablation] stopped; the same command resumes it (finished runs are reused)", file=sys.stderr)
         return stop_exit_code()  # 143 after SIGTERM, 130 after Ctrl-C, as the training job
 
-    names = [arm.name for arm in config.arms]
-    stats = {split: aggregate([s for s in scores if s.split == split], names) for split in splits}
-    markdown = ablation_markdown(config, stats)
-    atomic_write_bytes(out / "ablation.md", markdown.encode("utf-8"))
-    atomic_write_bytes(out / "ablation.csv", ablation_csv(config, scores, stats).encode("utf-8"))
-    title = (
-        f"Ablation on `{config.split}`: delta PSNR, mean ± std over {len(config.seeds)} seeds, {train.steps} steps each"
-    )
-    atomic_write_bytes(out / "ablation.png", ablation_png(stats[config.split], title))
+    markdown = write_reports(config, splits)
     print(markdown)
-    print(f"[ablation] wrote {out / 'ablation.md'}, ablation.csv, ablation.png", flush=True)
+    figures = "".join(f", prompt_usage_{split}.png" for split in splits if (out / f"prompt_usage_{split}.png").exists())
+    print(f"[ablation] wrote {out / 'ablation.md'}, ablation.csv, ablation.png{figures}", flush=True)
     return 0
 
 
