@@ -43,14 +43,7 @@ INERT = re.compile(r"\.cross_attn_[qk]\.(weight|bias)$")
 SIZES = [(2, 37, 45), (2, 8, 8), (1, 64, 33)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tiny networks' ops are far too small to gain from intra-op threads; on a shared 2-core machine the thread
-    # pool's contention made them ~30x slower (3.7 s vs 0.1 s per forward). Restore the setting for other modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_tiny_variants_registered():

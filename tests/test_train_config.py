@@ -20,6 +20,8 @@ from datprl.platform.train import fit as fit_module
 from datprl.platform.train.config import TrainConfig
 from datprl.platform.train.runs import RunMismatch, check_run, differences
 
+from conftest import forbid_ray
+
 
 def _resolved(*overrides: str):
     return load_config(TrainConfig, None, list(overrides)).model.resolve()
@@ -204,11 +206,7 @@ def test_a_checkpoint_from_before_the_typed_section_is_compared_by_its_network(t
 
 
 def test_main_stops_before_ray_on_a_mismatch_and_on_a_complete_run(tmp_path, monkeypatch, capsys):
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray must not start")
-
-    monkeypatch.setattr(fit_module, "ray_session", no_ray)
-    monkeypatch.setattr(fit_module, "init_ray", no_ray)
+    forbid_ray(monkeypatch, fit_module)
     from conftest import write_tiny_dataset
 
     dataset = write_tiny_dataset(tmp_path / "data")

@@ -29,19 +29,13 @@ from datprl.platform.train.loop import build_training_state, train_step
 from datprl.platform.train.provenance import build_provenance
 from datprl.platform.train.runs import RunMismatch, check_run
 
-from conftest import OFFICIAL_CHECKPOINT
+from conftest import OFFICIAL_CHECKPOINT, forbid_ray
 
 CPU = torch.device("cpu")
 PUBLISHED_WEIGHTS = OFFICIAL_CHECKPOINT / "tiny.weights.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny networks gain nothing from intra-op threads, and the machine is shared (as in test_models.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -162,11 +156,7 @@ def test_a_shape_mismatch_names_the_key_and_loads_partially_when_asked(published
 def test_the_job_stops_before_ray_with_exit_2_naming_the_keys(published, tmp_path, monkeypatch, capsys):
     from conftest import write_tiny_dataset
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray must not start")
-
-    monkeypatch.setattr(fit_module, "ray_session", no_ray)
-    monkeypatch.setattr(fit_module, "init_ray", no_ray)
+    forbid_ray(monkeypatch, fit_module)
     dataset = write_tiny_dataset(tmp_path / "data")
     args = [
         f"storage={tmp_path / 'runs'}",

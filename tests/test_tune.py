@@ -32,7 +32,7 @@ from datprl.platform.tune.report import (
 )
 from datprl.platform.tune.sweep import DefineByRun, SweepError, check_resources, main, prepare_sweep
 
-from conftest import REPO_ROOT, stop_session
+from conftest import REPO_ROOT, forbid_ray, stop_session
 
 TASKS = [("natural", "sr_x4"), ("remote_sensing", "haze")]
 
@@ -99,11 +99,7 @@ def test_bad_search_is_refused_naming_the_field(override, expected):
 def test_unknown_field_fails_in_the_cli_before_ray_starts(capsys, monkeypatch):
     import datprl.platform.runtime as runtime
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started for a config that does not load")
-
-    monkeypatch.setattr(runtime, "ray_session", no_ray)
-    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    forbid_ray(monkeypatch, runtime, message="Ray was started for a config that does not load")
     with pytest.raises(SystemExit) as exit_info:
         main(["space.task_pool.topk=3"])
     assert exit_info.value.code == 2
