@@ -255,10 +255,10 @@ class Selection:
     domain_nmi: float | None
 
 
-def read_selection(path: Path, split: str, arm: str, seed: int) -> Selection:
-    """The selection NMIs of a ``metrics.json`` (``nmi_task`` of its ``task`` pool entry, ``nmi_domain`` of its
+def read_selection(metrics: dict, split: str, arm: str, seed: int) -> Selection:
+    """The selection NMIs of a parsed ``metrics.json`` (``nmi_task`` of its ``task`` pool entry, ``nmi_domain`` of its
     ``domain`` one, as the evaluation stores them in ``EvalResult.prompt_usage``)."""
-    usage = json.loads(path.read_text()).get("prompt_usage") or {}
+    usage = metrics.get("prompt_usage") or {}
 
     def nmi(pool: str, key: str) -> float | None:
         value = (usage.get(pool) or {}).get(key)
@@ -267,12 +267,11 @@ def read_selection(path: Path, split: str, arm: str, seed: int) -> Selection:
     return Selection(split, arm, seed, nmi("task", "nmi_task"), nmi("domain", "nmi_domain"))
 
 
-def read_scores(path: Path, split: str, arm: str, seed: int) -> list[Score]:
-    """The per-task rows of a ``metrics.json`` written by the evaluation (:meth:`EvalResult.to_json`)."""
-    data = json.loads(path.read_text())
+def read_scores(metrics: dict, split: str, arm: str, seed: int) -> list[Score]:
+    """The per-task rows of a parsed ``metrics.json`` written by the evaluation (:meth:`EvalResult.to_json`)."""
     return [
         Score(split, arm, seed, r["domain"], r["task"], int(r["n"]), float(r["input_psnr"]), float(r["output_psnr"]))
-        for r in data["rows"]
+        for r in metrics["rows"]
     ]
 
 
@@ -662,8 +661,10 @@ def write_reports(config: AblationConfig, splits: Sequence[str]) -> str:
         for arm in config.arms:
             run = run_config(config, arm, seed)
             for split in splits:
-                scores += read_scores(metrics_file(run, split), split, arm.name, seed)
-                selections.append(read_selection(metrics_file(run, split), split, arm.name, seed))
+                # one parse per file: with per-image scores a metrics.json is the largest thing read here
+                metrics = json.loads(metrics_file(run, split).read_text())
+                scores += read_scores(metrics, split, arm.name, seed)
+                selections.append(read_selection(metrics, split, arm.name, seed))
     names = [arm.name for arm in config.arms]
     stats = {split: aggregate([s for s in scores if s.split == split], names) for split in splits}
     heatmaps = write_prompt_usage(config, splits)
